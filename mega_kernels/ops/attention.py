@@ -1,0 +1,92 @@
+"""Functional chunked gated attention with backend dispatch (contract: DESIGN.md "Functional contracts").
+
+    attention(q, k, v, rel_bias, *, activation="softmax", chunk_size=None, causal=False,
+              key_padding_mask=None, backend="auto") -> (B, Lq, E)
+
+q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E), queries aligned to the end of the keys; rel_bias (2W - 1,) with
+W >= the block length (chunk_size when it cuts the keys, else Lk). Maths: `mega_kernels.reference.attention`.
+
+Kernel backends implement two torch.library ops with the schemas below (chunk_size 0 = none; `stats` is
+whatever per-row float32 tensor the forward keeps for the backward, e.g. the softmax log-sum-exp).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..reference.attention import ACTIVATIONS
+from . import backends
+
+Tensor = torch.Tensor
+
+ATTN_FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor rel_bias, str activation, int chunk_size, bool causal, "
+                   "Tensor? key_padding_mask) -> (Tensor, Tensor)")
+ATTN_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor rel_bias, Tensor out, Tensor stats, "
+                   "str activation, int chunk_size, bool causal, Tensor? key_padding_mask) "
+                   "-> (Tensor, Tensor, Tensor, Tensor)")
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def block_length(lk: int, chunk_size: Optional[int]) -> int:
+    """The attention block length W: chunk_size when it cuts the keys, else Lk."""
+    return chunk_size if chunk_size and chunk_size < lk else lk
+
+
+def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"attention: {name} must be a 3-d (B, L, X) tensor, got {getattr(t, 'shape', t)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"attention: {name} must be a float tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    bsz, lq, zdim = q.shape
+    if k.shape[0] != bsz or v.shape[0] != bsz:
+        raise ValueError(f"attention: batch sizes differ: q {bsz}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[2] != zdim:
+        raise ValueError(f"attention: q and k must share Z, got {zdim} and {k.shape[2]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"attention: k and v must share Lk, got {k.shape[1]} and {v.shape[1]}")
+    lk = k.shape[1]
+    if lq > lk:
+        raise ValueError(f"attention: Lq ({lq}) must not exceed Lk ({lk}); queries sit at the end of the keys")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"attention: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"attention: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if rel_bias.dim() != 1 or rel_bias.shape[0] % 2 != 1:
+        raise ValueError(f"attention: rel_bias must be a (2W - 1,) vector, got {tuple(rel_bias.shape)}")
+    width = (rel_bias.shape[0] + 1) // 2
+    if width < block_length(lk, chunk_size):
+        raise ValueError(f"attention: rel_bias covers blocks of {width} but the block length is "
+                         f"{block_length(lk, chunk_size)}; pass a bias of length 2 * {block_length(lk, chunk_size)} - 1")
+    if rel_bias.device != q.device:
+        raise ValueError(f"attention: rel_bias is on {rel_bias.device} but q is on {q.device}")
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (bsz, lk):
+            raise ValueError(f"attention: key_padding_mask must be (B, Lk) = ({bsz}, {lk}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
+              chunk_size: Optional[int] = None, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
+              backend: Optional[str] = "auto") -> Tensor:
+    """Chunked single-head attention with a Toeplitz bias: -> (B, Lq, E) in v's dtype.
+
+    key_padding_mask (B, Lk), True/1 = token (not padding).
+    """
+    _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    name = backends.resolve("attention", backend, q.device)
+    impl = backends.implementation("attention", name)
+    return impl(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
+                key_padding_mask=key_padding_mask)
+
+
+backends.register("attention", "reference", "mega_kernels.reference.attention", "attention",
+                  backends.probe_reference)

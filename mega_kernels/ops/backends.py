@@ -1,0 +1,135 @@
+"""Backend registry and resolution for the functional ops.
+
+Each op ("ema", "attention") has implementations registered under a backend name ("reference", "triton",
+"cuda", "cpu"). A backend module is imported lazily, the first time it is asked for, so importing the package
+never compiles or loads a kernel. `resolve(op, requested, device)` turns a request into a backend name:
+
+- an explicit name is used if available for that device, else a `BackendUnavailable` error says why;
+- "auto" (or None) takes `MEGA_KERNELS_BACKEND` when set, else the first available entry of `AUTO_ORDER`
+  for the device type, else "reference" (logged once per op and device).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("mega_kernels")
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+ENV_VAR = "MEGA_KERNELS_BACKEND"
+
+# auto's preference per (op, device type), fastest first. Each entry is justified by a measured benchmark
+# (benchmarks/NOTES.md); an op/device with no measured winner over the reference stays on the reference.
+AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    ("ema", "cuda"): ("triton", "cuda"),
+    ("ema", "cpu"): ("cpu",),
+    ("attention", "cuda"): ("triton",),
+    ("attention", "cpu"): (),
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why and what to do."""
+
+
+@dataclass
+class _Entry:
+    module: str                                   # module path holding the implementation
+    attr: str                                     # the callable in it
+    probe: Callable[[torch.device], Optional[str]]  # None if usable on this device, else the reason
+    _impl: Optional[Callable] = field(default=None, repr=False)
+
+    def load(self) -> Callable:
+        if self._impl is None:
+            self._impl = getattr(importlib.import_module(self.module), self.attr)
+        return self._impl
+
+
+_REGISTRY: Dict[str, Dict[str, _Entry]] = {}
+_LOGGED = set()
+
+
+def register(op: str, backend: str, module: str, attr: str, probe: Callable[[torch.device], Optional[str]]):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _REGISTRY.setdefault(op, {})[backend] = _Entry(module, attr, probe)
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
+    """None when `backend` can run `op` on `device`, else a sentence saying why not."""
+    entry = _REGISTRY.get(op, {}).get(backend)
+    if entry is None:
+        return f"no {backend!r} implementation of {op!r} exists"
+    try:
+        return entry.probe(torch.device(device))
+    except Exception as exc:  # a probe must never crash the caller
+        return f"{type(exc).__name__}: {exc}"
+
+
+def resolve(op: str, requested: Optional[str], device: torch.device) -> str:
+    device = torch.device(device)
+    name = requested or "auto"
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+        reason = unavailable_reason(op, name, device)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend {name!r} cannot run on {device.type}: {reason}. "
+                                     f"Use backend='auto' or 'reference', or fix the cause.")
+        return name
+    tried = []
+    for cand in AUTO_ORDER.get((op, device.type), ()):
+        reason = unavailable_reason(op, cand, device)
+        if reason is None:
+            return cand
+        tried.append(f"{cand}: {reason}")
+    key = (op, device.type)
+    if tried and key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.warning("mega_kernels %s on %s falls back to the reference (%s)", op, device.type, "; ".join(tried))
+    return "reference"
+
+
+def implementation(op: str, backend: str) -> Callable:
+    return _REGISTRY[op][backend].load()
+
+
+def available_backends(op: str, device: torch.device) -> Dict[str, Optional[str]]:
+    """{backend: None if available else reason} for every registered backend of `op`."""
+    return {name: unavailable_reason(op, name, device) for name in _REGISTRY.get(op, {})}
+
+
+# -- probes shared by the ops -------------------------------------------------------------------------
+
+def probe_reference(device: torch.device) -> Optional[str]:
+    return None
+
+
+def probe_triton(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({exc})"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if interpret:
+            return "TRITON_INTERPRET=1 is set, which runs Triton on the CPU only"
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        return None if interpret else "Triton runs on the CPU only under TRITON_INTERPRET=1 (for tests)"
+    return f"Triton does not support device {device.type!r}"
+
+
+def probe_extension(device: torch.device) -> Optional[str]:
+    from .. import _ext
+
+    return _ext.unavailable_reason(device)

@@ -1,0 +1,143 @@
+"""Functional EMA op with backend dispatch (contract: DESIGN.md "Functional contracts").
+
+    ema(x, delta, alpha, beta, gamma, omega, *, mask=None, bidirectional=False, truncation=None,
+        state=None, return_state=False, backend="auto")  -> y (B, L, D) [, state (B, D, N) float32]
+    ema_step(x, delta, alpha, beta, gamma, omega, state, *, mask=None, backend="auto") -> (y (B, D), state)
+
+The module parameters are turned into the recurrence coefficients (a, q, c) of
+`mega_kernels.reference.ema.ema_coefficients` here, in plain differentiable PyTorch on (kd, N) tensors, so
+every kernel works on (a, q, c) and returns their gradients; autograd carries them back to the parameters.
+
+Compiled and Triton backends expose two torch.library ops with one schema each
+(see `EMA_FWD_SCHEMA` / `EMA_BWD_SCHEMA`) and `register_ema_autograd` ties any such pair into one
+differentiable op, so all kernel backends share a single autograd definition.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..reference.ema import ema_coefficients
+from . import backends
+
+Tensor = torch.Tensor
+
+# Schemas every kernel backend implements (truncation 0 = none; final_state is empty unless return_state;
+# grad_state is empty unless a state was given). a, q, c are (kd, N) float32, omega (D,) float32.
+EMA_FWD_SCHEMA = ("(Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, Tensor? mask, Tensor? state, "
+                  "bool bidirectional, int truncation, bool return_state) -> (Tensor, Tensor)")
+EMA_BWD_SCHEMA = ("(Tensor grad_y, Tensor? grad_state, Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, "
+                  "Tensor? mask, Tensor? state, bool bidirectional, int truncation) "
+                  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+EMA_STEP_SCHEMA = ("(Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, Tensor state, Tensor? mask) "
+                   "-> (Tensor, Tensor)")
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def register_ema_autograd(fwd_op, bwd_op) -> Callable:
+    """Make `fwd_op` differentiable with `bwd_op`; return a callable with the backend signature
+    `(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)`."""
+
+    def setup_context(ctx, inputs, output):
+        x, a, q, c, omega, mask, state, bidirectional, truncation, return_state = inputs
+        ctx.save_for_backward(x, a, q, c, omega, mask, state)
+        ctx.flags = (bidirectional, truncation, return_state)
+
+    def backward(ctx, grad_y, grad_state):
+        x, a, q, c, omega, mask, state = ctx.saved_tensors
+        bidirectional, truncation, return_state = ctx.flags
+        gs = grad_state if return_state else None
+        gx, ga, gq, gc, gomega, gstate = bwd_op(grad_y.contiguous(), None if gs is None else gs.contiguous(),
+                                                x, a, q, c, omega, mask, state, bidirectional, truncation)
+        return gx, ga, gq, gc, gomega, None, (gstate if state is not None else None), None, None, None
+
+    torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+    def run(x, a, q, c, omega, *, mask=None, bidirectional=False, truncation=None, state=None,
+            return_state=False):
+        y, final = fwd_op(x.contiguous(), a.float().contiguous(), q.float().contiguous(),
+                          c.float().contiguous(), omega.float().contiguous(),
+                          None if mask is None else mask.to(torch.bool).contiguous(),
+                          None if state is None else state.float().contiguous(),
+                          bidirectional, truncation or 0, return_state)
+        return (y, final) if return_state else y
+
+    return run
+
+
+def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state):
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"ema: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"ema: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    bsz, length, dim = x.shape
+    kd = 2 * dim if bidirectional else dim
+    if gamma.dim() != 2 or gamma.shape[0] != kd:
+        raise ValueError(f"ema: gamma must be ({kd}, N) for D={dim}, bidirectional={bidirectional}; "
+                         f"got {tuple(gamma.shape)}")
+    ndim = gamma.shape[1]
+    for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta)):
+        if tuple(p.shape) != (kd, ndim, 1):
+            raise ValueError(f"ema: {name} must be ({kd}, {ndim}, 1), got {tuple(p.shape)}")
+    if tuple(omega.shape) != (dim,):
+        raise ValueError(f"ema: omega must be ({dim},), got {tuple(omega.shape)}")
+    for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega)):
+        if p.device != x.device:
+            raise ValueError(f"ema: {name} is on {p.device} but x is on {x.device}; move both to one device")
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"ema: {name} must be a floating tensor, got {p.dtype}")
+    if mask is not None:
+        if tuple(mask.shape) != (bsz, length):
+            raise ValueError(f"ema: mask must be (B, L) = ({bsz}, {length}), got {tuple(mask.shape)}")
+        if mask.device != x.device:
+            raise ValueError(f"ema: mask is on {mask.device} but x is on {x.device}")
+    if truncation is not None and (not isinstance(truncation, int) or truncation < 1):
+        raise ValueError(f"ema: truncation must be a positive int or None, got {truncation!r}")
+    if (state is not None or return_state) and bidirectional:
+        raise ValueError("ema: a state (state= or return_state=True) exists only for a unidirectional EMA; "
+                         "pass bidirectional=False or drop the state arguments")
+    if (state is not None or return_state) and truncation is not None and truncation < length + (state is not None):
+        raise ValueError("ema: a truncated EMA has no finite recurrent state; drop truncation= or keep the last "
+                         "`truncation` inputs and recompute (the models do this for cached decoding)")
+    if state is not None and tuple(state.shape) != (bsz, dim, ndim):
+        raise ValueError(f"ema: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
+
+
+def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, omega: Tensor, *,
+        mask: Optional[Tensor] = None, bidirectional: bool = False, truncation: Optional[int] = None,
+        state: Optional[Tensor] = None, return_state: bool = False, backend: Optional[str] = "auto"):
+    """silu(EMA(x * mask) + omega * x): x (B, L, D) -> (B, L, D) in x's dtype [, final state (B, D, N)].
+
+    delta, alpha, beta (kd, N, 1), gamma (kd, N), omega (D,) as `MegaMultiDimensionDampedEma` holds them
+    (kd = 2D when bidirectional). mask (B, L), True/1 = token. state (B, D, N) continues a previous call.
+    """
+    _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state)
+    if truncation is not None and truncation >= x.shape[1] + (state is not None):
+        truncation = None  # K >= L taps: the plain EMA
+    name = backends.resolve("ema", backend, x.device)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    impl = backends.implementation("ema", name)
+    return impl(x, a, q, c, omega, mask=mask, bidirectional=bidirectional, truncation=truncation, state=state,
+                return_state=return_state)
+
+
+def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, omega: Tensor,
+             state: Tensor, *, mask: Optional[Tensor] = None, backend: Optional[str] = "auto"):
+    """One decoding step of a unidirectional EMA: x (B, D), state (B, D, N) -> (y (B, D), new state float32).
+
+    mask (B,) True = token; a padded token leaves the state decaying without input.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
+    _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
+              state, True)
+    name = backends.resolve("ema", backend, x.device)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    impl = backends.implementation("ema_step", name)
+    return impl(x, a, q, c, omega, state, mask)
+
+
+backends.register("ema", "reference", "mega_kernels.reference.ema", "ema_fft", backends.probe_reference)
+backends.register("ema_step", "reference", "mega_kernels.reference.ema", "ema_step", backends.probe_reference)

@@ -1,0 +1,124 @@
+"""Reference chunked single-head attention with a Toeplitz bias (MEGA spec sections 3, 5.7-5.9).
+
+Queries q (B, Lq, Z) sit at the end of the keys k (B, Lk, Z): query i is at position P_i = Lk - Lq + i.
+With chunk_size C the positions are cut into blocks [0, C), [C, 2C), ... and a query sees only keys of its
+own block (block-diagonal attention); without chunking there is one block of Lk. Within a block, with
+i, j the positions of query and key:
+
+    bias[i, j] = rel_bias[W - 1 + j - i]            rel_bias (2W - 1,), W >= the block length
+    softmax:  s = (q . k) * Z^-0.5 + bias;  causal (j > i) and padded keys -> -inf, except that in a block
+              whose keys are all padding the padding is ignored (transformers' rule); rows with no visible
+              key give zeros (transformers gives NaN there, spec 9.5).
+    laplace / relu2:  s = (q . k) / n + bias, n = i + 1 (position in the block) when causal, else the number
+              of non-padded keys in the block (at least 1); p = act(s) * keep, keep = key not padded and
+              (not causal or j <= i). No normalisation.
+    out = p @ v   (B, Lq, E)
+
+laplace(x) = 0.5 * (1 + erf((x - mu) / (sigma sqrt 2))), mu = sqrt(1/2), sigma = sqrt(1/(4 pi));
+relu2(x) = relu(x)^2. Scores and probabilities are computed in float32 (float64 for float64 inputs).
+`attention_weights` gives the (B, Lq, Lk) matrix for output_attentions; `attention` the output.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+ACTIVATIONS = ("softmax", "laplace", "relu2")
+LAPLACE_MU = math.sqrt(0.5)
+LAPLACE_SIGMA = math.sqrt(0.25 / math.pi)
+
+
+def laplace(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf((x - LAPLACE_MU) / (LAPLACE_SIGMA * math.sqrt(2.0))))
+
+
+def relu2(x: Tensor) -> Tensor:
+    return torch.relu(x).square()
+
+
+def _blocks(lk: int, chunk_size: Optional[int]) -> int:
+    """Block length S: the chunk size when it cuts the keys, else the whole key length."""
+    return chunk_size if chunk_size and chunk_size < lk else lk
+
+
+def _to_blocks(t: Tensor, size: int, offset: int, total: int) -> Tensor:
+    """Place t (B, T, X) at positions [offset, offset + T) of a zero buffer of `total` positions, cut in blocks."""
+    bsz, length, width = t.shape
+    t = F.pad(t, (0, 0, offset, total - offset - length))
+    return t.reshape(bsz * (total // size), size, width)
+
+
+def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
+    """Blocked probabilities: returns (p (G, S, S), v blocks (G, S, E), shapes) with G = B * blocks."""
+    bsz, lq, zdim = q.shape
+    lk = k.shape[1]
+    size = _blocks(lk, chunk_size)
+    nblocks = -(-lk // size)
+    total = nblocks * size
+    width = (rel_bias.shape[0] + 1) // 2
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    qb = _to_blocks(q, size, lk - lq, total)
+    kb = _to_blocks(k, size, 0, total)
+    vb = _to_blocks(v, size, 0, total)
+    exists = torch.arange(total, device=q.device) < lk
+    keep = exists.expand(bsz, total)
+    if key_padding_mask is not None:
+        keep = keep & F.pad(key_padding_mask.to(torch.bool), (0, total - lk))
+    keep = keep.reshape(-1, size)                      # (G, S) key present and not padding
+    exists = exists.expand(bsz, total).reshape(-1, size)
+
+    pos = torch.arange(size, device=q.device)
+    bias = rel_bias.to(cd)[width - 1 + pos[None, :] - pos[:, None]]  # (S, S)
+    s = torch.matmul(qb, kb.transpose(1, 2)).to(cd)
+    visible = torch.ones(size, size, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = torch.tril(visible)
+
+    if activation == "softmax":
+        all_padded = ~keep.any(-1, keepdim=True) & exists.any(-1, keepdim=True)
+        key_ok = torch.where(all_padded, exists, keep)          # (G, S)
+        vis = visible[None] & key_ok[:, None, :]
+        row_any = vis.any(-1, keepdim=True)
+        vis = vis | ~row_any                                    # keep softmax finite; rows zeroed below
+        s = s * zdim ** -0.5 + bias
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1) * row_any
+    elif activation in ("laplace", "relu2"):
+        if causal:
+            n = (pos + 1).to(cd)[None, :, None]
+        else:
+            n = keep.sum(-1).clamp(min=1).to(cd)[:, None, None]
+        s = s / n + bias
+        act = laplace if activation == "laplace" else relu2
+        p = act(s) * (visible[None] & keep[:, None, :])
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return p, vb, (bsz, lq, lk, size, nblocks, total)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
+              chunk_size: Optional[int] = None, causal: bool = False,
+              key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Materialized chunked attention: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E) -> (B, Lq, E) in v's dtype."""
+    p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
+                                                          key_padding_mask)
+    out = torch.matmul(p.to(v.dtype), vb).reshape(bsz, total, -1)
+    return out[:, lk - lq: lk]
+
+
+def attention_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
+                      chunk_size: Optional[int] = None, causal: bool = False,
+                      key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """The attention matrix (B, Lq, Lk), zero outside each query's block (for output_attentions)."""
+    p, _, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
+                                                         key_padding_mask)
+    dense = p.new_zeros(bsz, nblocks, size, nblocks, size)
+    idx = torch.arange(nblocks, device=p.device)
+    dense[:, idx, :, idx, :] = p.reshape(bsz, nblocks, size, size).transpose(0, 1)
+    dense = dense.reshape(bsz, total, total)
+    return dense[:, lk - lq: lk, :lk]

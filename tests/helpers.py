@@ -1,0 +1,102 @@
+"""Shared test tools: the tolerance rule of DESIGN.md, random inputs and the case lists that every backend's
+tests use (never copy these into a test file)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mega_kernels.reference.ema import ema_coefficients
+
+# -- tolerance rule -----------------------------------------------------------------------------------
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def assert_close_to_reference(name, out, ref64, ref_lowp=None, factor=3.0):
+    """The kernel's error against the float64 reference must stay within `factor` times the reference's own
+    error in the input dtype (`ref_lowp`: the reference run in that dtype), plus a tiny atol scaled by the
+    output's magnitude."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
+    base = 0.0 if ref_lowp is None else (ref_lowp.double() - ref64.double()).abs().max().item()
+    scale = 1.0 + (ref64.abs().max().item() if ref64.numel() else 0.0)
+    bound = factor * base + ATOL[out.dtype] * scale
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference's own error {base:.3e})"
+
+
+def poisoned_like(t):
+    """A tensor of t's shape full of NaN: outputs a kernel must overwrite."""
+    return torch.full_like(t, float("nan"))
+
+
+# -- EMA ----------------------------------------------------------------------------------------------
+# (B, L, D, N) cases for every EMA backend's tests: odd sizes, L = 1, N = 1.
+EMA_CASES = [
+    (2, 1, 24, 3),
+    (2, 7, 1, 1),
+    (1, 7, 130, 16),
+    (3, 129, 24, 3),
+    (1, 129, 1, 16),
+    (2, 1000, 24, 16),
+]
+
+
+def ema_params(dim, ndim, bidirectional=False, dtype=torch.float64, device="cpu", requires_grad=False):
+    """Fresh module-shaped EMA parameters (delta, alpha, beta, gamma, omega) drawn like MEGA's init."""
+    kd = 2 * dim if bidirectional else dim
+    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(ndim)], dtype=dtype)
+    params = [
+        torch.randn(kd, ndim, 1, dtype=dtype) * 0.2,
+        torch.randn(kd, ndim, 1, dtype=dtype) * 0.2,
+        torch.randn(kd, ndim, 1, dtype=dtype) * 0.02 + sign.view(1, ndim, 1),
+        torch.randn(kd, ndim, dtype=dtype),
+        torch.randn(dim, dtype=dtype),
+    ]
+    return [p.to(device).requires_grad_(requires_grad) for p in params]
+
+
+def random_mask(bsz, length, device="cpu"):
+    """(B, L) bool mask with a full row, an empty row (when B >= 3), and random holes elsewhere."""
+    mask = torch.rand(bsz, length, device=device) > 0.3
+    mask[0] = True
+    if bsz >= 3:
+        mask[1] = False
+    return mask
+
+
+# -- attention ----------------------------------------------------------------------------------------
+# (B, Lq, Lk, Z, E, chunk_size) cases for every attention backend's tests.
+ATTN_CASES = [
+    (2, 1, 1, 16, 8, None),
+    (2, 17, 17, 24, 40, None),
+    (1, 17, 17, 16, 8, 5),
+    (2, 100, 100, 64, 40, 32),
+    (2, 1, 17, 24, 300, None),
+    (2, 1, 100, 16, 40, 32),
+]
+
+
+def attention_inputs(bsz, lq, lk, zdim, edim, chunk_size, dtype=torch.float64, device="cpu", requires_grad=False):
+    """q, k, v and a rel_bias vector sized for the block length, as the modules produce them."""
+    width = chunk_size if chunk_size and chunk_size < lk else lk
+    q = torch.randn(bsz, lq, zdim, dtype=dtype)
+    k = torch.randn(bsz, lk, zdim, dtype=dtype)
+    v = torch.randn(bsz, lk, edim, dtype=dtype)
+    bias = torch.randn(2 * width - 1, dtype=dtype) * 0.1
+    return [t.to(device).requires_grad_(requires_grad) for t in (q, k, v, bias)]
+
+
+def padding_masks(bsz, lk, chunk_size=None, device="cpu"):
+    """Key padding masks to test: none, right padding, left padding, and (when chunked) a wholly padded chunk."""
+    masks = {"none": None}
+    right = torch.ones(bsz, lk, dtype=torch.bool)
+    right[-1, lk - max(1, lk // 3):] = False
+    left = torch.ones(bsz, lk, dtype=torch.bool)
+    left[0, : max(1, lk // 3)] = False
+    masks["right"], masks["left"] = right, left
+    if chunk_size and chunk_size < lk:
+        whole = torch.ones(bsz, lk, dtype=torch.bool)
+        whole[0, :chunk_size] = False
+        masks["whole_chunk"] = whole
+    return {k: (None if v is None else v.to(device)) for k, v in masks.items()}
