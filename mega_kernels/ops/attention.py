@@ -90,3 +90,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
 
 backends.register("attention", "reference", "mega_kernels.reference.attention", "attention",
                   backends.probe_reference)
+backends.register("attention", "triton", "mega_kernels.ops.attention_triton", "attention", backends.probe_triton)

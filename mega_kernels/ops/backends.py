@@ -129,7 +129,17 @@ def probe_triton(device: torch.device) -> Optional[str]:
     return f"Triton does not support device {device.type!r}"
 
 
-def probe_extension(device: torch.device) -> Optional[str]:
+def probe_extension_cpu(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpu backend runs CPU tensors only (got {device.type}); use 'cuda' or 'triton' there"
+    from .. import _ext
+
+    return _ext.unavailable_reason(device)
+
+
+def probe_extension_cuda(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors only (got {device.type}); use 'cpu' there"
     from .. import _ext
 
     return _ext.unavailable_reason(device)

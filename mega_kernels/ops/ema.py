@@ -139,5 +139,9 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
     return impl(x, a, q, c, omega, state, mask)
 
 
-backends.register("ema", "reference", "mega_kernels.reference.ema", "ema_fft", backends.probe_reference)
-backends.register("ema_step", "reference", "mega_kernels.reference.ema", "ema_step", backends.probe_reference)
+for _op, _attr in (("ema", "ema"), ("ema_step", "ema_step")):
+    backends.register(_op, "reference", "mega_kernels.reference.ema", "ema_fft" if _op == "ema" else "ema_step",
+                      backends.probe_reference)
+    backends.register(_op, "triton", "mega_kernels.ops.ema_triton", _attr, backends.probe_triton)
+    backends.register(_op, "cpu", "mega_kernels.ops.ema_ext", _attr, backends.probe_extension_cpu)
+    backends.register(_op, "cuda", "mega_kernels.ops.ema_ext", _attr, backends.probe_extension_cuda)
