@@ -1,0 +1,155 @@
+"""One benchmark harness for every op: timing, peak memory, the copy floor, and the results schema.
+
+GPU timings are medians of `triton.testing.do_bench` (warm-up first, so autotuning is done before timing);
+CPU timings are medians of `torch.utils.benchmark.Timer.blocked_autorange`. Every row records what it was
+measured against in the same run (speedup vs the reference, fraction of a floor), and `save_rows` writes
+benchmarks/results/<name>-<device>.json with the device, versions and git commit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass
+class Row:
+    op: str
+    mode: str                      # fwd / bwd / fwd+bwd / step
+    shape: str                     # e.g. "B8 L4096 D1024 N16 uni"
+    dtype: str
+    backend: str
+    ms: Optional[float]            # None when the row could not run (see note)
+    speedup: Optional[float] = None         # reference ms / this ms, same run
+    floor_fraction: Optional[float] = None  # floor ms / this ms (memory or FLOP floor)
+    tflops: Optional[float] = None          # useful TFLOP/s
+    peak_mib: Optional[float] = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device, *, warmup: int = 25, rep: int = 100) -> float:
+    """Median wall time of fn() in milliseconds on `device` (fn is warmed up first)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    import torch.utils.benchmark as tb
+
+    fn()
+    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.5)
+    return m.median * 1e3
+
+
+def peak_mib(fn: Callable[[], object], device) -> Optional[float]:
+    """Peak memory allocated while running fn() once, above what was allocated before (CUDA only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def copy_ms(nbytes: int, device) -> float:
+    """Time of a device copy that reads nbytes/2 and writes nbytes/2 (the memory floor for that traffic)."""
+    n = max(1, nbytes // 2)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_ms(lambda: dst.copy_(src), device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def measure(rows: List[Row], fn: Callable[[], object], device, *, with_memory: bool = True, **row) -> Row:
+    """Time fn (and its peak memory) into a Row appended to rows; an OOM or error becomes a row with a note."""
+    try:
+        ms = time_ms(fn, device)
+        mem = peak_mib(fn, device) if with_memory else None
+        r = Row(ms=ms, peak_mib=mem, **row)
+    except Exception as exc:  # one failing row must not lose the others
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        r = Row(ms=None, note=("OOM" if is_oom(exc) else f"{type(exc).__name__}: {exc}")[:200], **row)
+    rows.append(r)
+    return r
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment(device) -> dict:
+    env = {"device": device_name(device), "torch": torch.__version__, "git_commit": _git_commit()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    return env
+
+
+def format_table(rows: List[Row]) -> str:
+    head = f"{'op':<10}{'mode':<9}{'shape':<34}{'dtype':<6}{'backend':<16}{'ms':>9}{'x ref':>8}{'floor':>7}{'TF/s':>7}{'MiB':>8}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{r.op:<10}{r.mode:<9}{r.shape:<34}{r.dtype:<6}{r.backend:<16}{f(r.ms, '9.3f'):>9}"
+                     f"{f(r.speedup, '8.1f'):>8}{f(r.floor_fraction, '7.2f'):>7}{f(r.tflops, '7.0f'):>7}"
+                     f"{f(r.peak_mib, '8.0f'):>8}  {r.note}")
+    return "\n".join(lines)
+
+
+def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None) -> str:
+    """Write rows + environment to <out_dir or benchmarks/results>/<name>-<device>.json, print the table."""
+    out_dir = out_dir or os.environ.get("MEGA_BENCH_OUT", RESULTS)
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment(device)
+    tag = env["device"].split(" (")[0].replace(" ", "_").replace("/", "_")
+    path = os.path.join(out_dir, f"{name}-{tag}.json")
+    with open(path, "w") as fh:
+        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    print(f"# {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']})")
+    print(format_table(rows))
+    print(f"# written to {path}")
+    return path
+
+
+def fill_speedups(rows: List[Row], reference: str = "reference"):
+    """Set each row's speedup against the reference row of the same op, mode, shape and dtype."""
+    ref = {(r.op, r.mode, r.shape, r.dtype): r.ms for r in rows if r.backend == reference and r.ms}
+    for r in rows:
+        base = ref.get((r.op, r.mode, r.shape, r.dtype))
+        if base and r.ms:
+            r.speedup = base / r.ms
