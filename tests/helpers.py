@@ -2,27 +2,11 @@
 tests use (never copy these into a test file)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from mega_kernels.reference.ema import ema_coefficients
 
-# -- tolerance rule -----------------------------------------------------------------------------------
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def assert_close_to_reference(name, out, ref64, ref_lowp=None, factor=3.0):
-    """The kernel's error against the float64 reference must stay within `factor` times the reference's own
-    error in the input dtype (`ref_lowp`: the reference run in that dtype), plus a tiny atol scaled by the
-    output's magnitude."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err = (out.double() - ref64.double()).abs().max().item() if out.numel() else 0.0
-    base = 0.0 if ref_lowp is None else (ref_lowp.double() - ref64.double()).abs().max().item()
-    scale = 1.0 + (ref64.abs().max().item() if ref64.numel() else 0.0)
-    bound = factor * base + ATOL[out.dtype] * scale
-    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference's own error {base:.3e})"
+# -- tolerance rule (lives in the package so `mega-kernels check` applies the same rule) ----------------
+from mega_kernels.testing import ATOL, assert_close_to_reference  # noqa: E402,F401
 
 
 def poisoned_like(t):
