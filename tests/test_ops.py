@@ -1,0 +1,77 @@
+"""The functional op layer: backend resolution and the errors for bad input (no kernel needed)."""
+import pytest
+import torch
+
+from helpers import attention_inputs, ema_params
+from mega_kernels import ops
+from mega_kernels.ops import backends
+from mega_kernels.reference.ema import ema_coefficients, ema_fft
+
+
+def test_reference_backend_matches_reference_function():
+    x = torch.randn(2, 9, 4, dtype=torch.float64)
+    params = ema_params(4, 3)
+    a, q, c = ema_coefficients(*params[:4])
+    got = ops.ema(x, *params, backend="reference")
+    torch.testing.assert_close(got, ema_fft(x, a, q, c, params[4]))
+
+
+def test_env_var_overrides_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "reference")
+    assert backends.resolve("ema", "auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
+    with pytest.raises(ValueError, match="backend must be"):
+        backends.resolve("ema", "auto", torch.device("cpu"))
+
+
+def test_unavailable_backend_raises_not_falls_back(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton",
+                        backends._Entry("x", "y", lambda d: "pretend it is missing"))
+    q, k, v, bias = attention_inputs(1, 3, 3, 4, 5, None)
+    with pytest.raises(backends.BackendUnavailable, match="pretend it is missing"):
+        ops.attention(q, k, v, bias, backend="triton")
+
+
+def test_auto_falls_back_to_reference(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton",
+                        backends._Entry("x", "y", lambda d: "pretend it is missing"))
+    assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(2, 3)), "must be a \\(B, L, D\\)"),
+    (dict(x=torch.randint(0, 3, (1, 3, 4))), "float16, bfloat16"),
+    (dict(omega=torch.randn(5)), "omega must be"),
+    (dict(mask=torch.ones(1, 4, dtype=torch.bool)), "mask must be"),
+    (dict(truncation=0), "truncation must be"),
+    (dict(bidirectional=True), "gamma must be"),
+    (dict(return_state=True, truncation=2), "truncated EMA"),
+    (dict(state=torch.zeros(1, 4, 2)), "state must be"),
+])
+def test_ema_bad_input(bad, match):
+    delta, alpha, beta, gamma, omega = ema_params(4, 3, dtype=torch.float32)
+    kw = dict(x=torch.randn(1, 3, 4), omega=omega)
+    kw.update(bad)
+    x, omega = kw.pop("x"), kw.pop("omega")
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.ema(x, delta, alpha, beta, gamma, omega, **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: dict(t, k=t["k"][..., :2]), "share Z"),
+    (lambda t: dict(t, v=t["v"][:, :2]), "share Lk"),
+    (lambda t: dict(t, q=t["q"].float()), "share a dtype"),
+    (lambda t: dict(t, rel_bias=t["rel_bias"][:4]), "rel_bias"),
+    (lambda t: dict(t, rel_bias=t["rel_bias"][:3]), "covers blocks of 2"),
+    (lambda t: dict(t, activation="gelu"), "activation must be"),
+    (lambda t: dict(t, key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), "key_padding_mask must be"),
+    (lambda t: dict(t, chunk_size=0), "chunk_size must be"),
+])
+def test_attention_bad_input(change, match):
+    q, k, v, bias = attention_inputs(2, 5, 5, 4, 3, None)
+    kw = change(dict(q=q, k=k, v=v, rel_bias=bias))
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("rel_bias"), **kw)
