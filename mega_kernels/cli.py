@@ -1,0 +1,226 @@
+"""`mega-kernels` command line: info, check, bench.
+
+    mega-kernels info              versions, devices, and which backend of each op can run here (or why not)
+    mega-kernels check [--device]  every available backend of every op against the float64 reference on fresh
+                                   random inputs, forward and gradients; a table; exit status 1 on any failure
+    mega-kernels bench NAME [...]  run benchmarks/bench_NAME.py from a source checkout (ema, attention, ...)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import runpy
+import sys
+from typing import Callable, List, Tuple
+
+import torch
+
+from . import __version__
+from .ops import backends
+from .reference.attention import attention as attention_ref
+from .reference.ema import ema_coefficients, ema_fft
+from .testing import error_and_bound
+
+OPS = ("ema", "attention")
+
+
+def _versions() -> List[Tuple[str, str]]:
+    rows = [("mega-kernels", __version__), ("python", platform.python_version()), ("torch", torch.__version__),
+            ("torch CUDA", str(torch.version.cuda))]
+    try:
+        import triton
+
+        rows.append(("triton", triton.__version__))
+    except Exception as exc:
+        rows.append(("triton", f"not importable ({type(exc).__name__})"))
+    return rows
+
+
+def _devices() -> List[torch.device]:
+    devs = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devs.append(torch.device("cuda"))
+    return devs
+
+
+def cmd_info(args) -> int:
+    for name, value in _versions():
+        print(f"{name:<14}{value}")
+    for dev in _devices():
+        print(f"\ndevice {dev}: {dev.type == 'cuda' and torch.cuda.get_device_name(dev) or platform.processor() or platform.machine()}")
+        for op in OPS:
+            auto = backends.resolve(op, "auto", dev)
+            for name, reason in backends.available_backends(op, dev).items():
+                status = "available" if reason is None else f"unavailable: {reason}"
+                mark = "  <- auto" if name == auto else ""
+                print(f"  {op:<10}{name:<10}{status}{mark}")
+    return 0
+
+
+# -- check ---------------------------------------------------------------------------------------------
+
+def _ema_case(device, dtype, bidirectional, bsz=2, length=67, dim=36, ndim=5):
+    gen = torch.Generator().manual_seed(1234 + bidirectional)
+    kd = 2 * dim if bidirectional else dim
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale + shift)
+
+    sign = torch.tensor([(-1.0) ** i for i in range(ndim)], dtype=torch.float64).view(1, ndim, 1)
+    params = [r(kd, ndim, 1, scale=0.2), r(kd, ndim, 1, scale=0.2), r(kd, ndim, 1, scale=0.02) + sign,
+              r(kd, ndim), r(dim)]
+    x = r(bsz, length, dim)
+    mask = torch.rand(bsz, length, generator=gen) > 0.2
+    mask[0] = True
+    grad = r(bsz, length, dim)
+    return x, params, mask, grad
+
+
+def _run_ema(backend, x, params, mask, grad, bidirectional):
+    x = x.detach().requires_grad_(True)
+    params = [p.detach().requires_grad_(True) for p in params]
+    if backend is None:  # the reference maths, called directly (any dtype)
+        a, q, c = ema_coefficients(*params[:4])
+        y = ema_fft(x, a, q, c, params[4], mask=mask, bidirectional=bidirectional)
+    else:
+        from .ops import ema
+
+        y = ema(x, *params, mask=mask, bidirectional=bidirectional, backend=backend)
+    grads = torch.autograd.grad((y.double() * grad).sum(), [x, *params])
+    return [y, *grads]
+
+
+def _attention_case(device, activation, causal, chunk, bsz=2, length=45, zdim=24, edim=40):
+    gen = torch.Generator().manual_seed(99)
+    q, k = (torch.randn(bsz, length, zdim, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(bsz, length, edim, generator=gen, dtype=torch.float64)
+    width = chunk if chunk and chunk < length else length
+    bias = torch.randn(2 * width - 1, generator=gen, dtype=torch.float64) * 0.1
+    mask = torch.ones(bsz, length, dtype=torch.bool)
+    mask[1, -7:] = False
+    grad = torch.randn(bsz, length, edim, generator=gen, dtype=torch.float64)
+    return (q, k, v, bias), mask, grad
+
+
+def _run_attention(backend, inputs, mask, grad, activation, causal, chunk):
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    kw = dict(activation=activation, chunk_size=chunk, causal=causal, key_padding_mask=mask)
+    if backend is None:
+        out = attention_ref(*inputs, **kw)
+    else:
+        from .ops import attention
+
+        out = attention(*inputs, **kw, backend=backend)
+    grads = torch.autograd.grad((out.double() * grad).sum(), inputs)
+    return [out, *grads]
+
+
+def _compare(label, run: Callable, to: Callable, dtype, device) -> List[Tuple[str, str, float, float, bool]]:
+    """Run `run` in dtype on device and the reference in float64 and in dtype; apply the tolerance rule."""
+    ref64 = [t.detach().cpu() for t in run(None, torch.float64, torch.device("cpu"))]
+    ref_low = [t.detach().cpu() for t in run(None, dtype, device)]
+    got = [t.detach().cpu() for t in to(dtype, device)]
+    names = ["out"] + [f"grad[{i}]" for i in range(len(got) - 1)]
+    rows = []
+    for name, g, r64, rl in zip(names, got, ref64, ref_low):
+        err, bound, _ = error_and_bound(g.to(torch.float64 if dtype == torch.float64 else g.dtype), r64, rl)
+        ok = bool(torch.isfinite(g).all()) and err <= bound
+        rows.append((label, name, err, bound, ok))
+    return rows
+
+
+def cmd_check(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [torch.float64])
+    results = []
+    skipped = []
+    for op in OPS:
+        for name, reason in backends.available_backends(op, device).items():
+            if name == "reference":
+                continue  # it is what the others are checked against
+            if reason is not None:
+                skipped.append(f"{op}/{name}: {reason}")
+                continue
+            for dtype in dtypes:
+                if dtype == torch.float64 and name not in ("reference", "cpu"):
+                    continue
+                try:
+                    results += _check_op(op, name, dtype, device)
+                except Exception as exc:
+                    results.append((f"{op}/{name}/{str(dtype)[6:]}", "error", float("nan"), float("nan"), False))
+                    print(f"{op}/{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    print(f"{'case':<46}{'worst tensor':<14}{'max err':>10}{'bound':>10}  result")
+    for label in dict.fromkeys(r[0] for r in results):
+        case = [r for r in results if r[0] == label]
+        worst = max(case, key=lambda r: (not r[-1], r[2] / r[3] if r[3] else float("inf")))
+        ok = all(r[-1] for r in case)
+        print(f"{label:<46}{worst[1]:<14}{worst[2]:>10.2e}{worst[3]:>10.2e}  {'ok' if ok else 'FAIL'}")
+    for line in skipped:
+        print(f"skipped {line}")
+    cases = len(dict.fromkeys(r[0] for r in results))
+    failed = len(dict.fromkeys(r[0] for r in results if not r[-1]))
+    print(f"\n{cases - failed} passed, {failed} failed on {device} (forward and gradients vs the float64 reference)")
+    if not results:
+        print("no kernel backend is available on this device; see `mega-kernels info`")
+    return 1 if failed else 0
+
+
+def _check_op(op, name, dtype, device):
+    rows = []
+    tag = str(dtype).replace("torch.", "")
+    if op == "ema":
+        for bidirectional in (False, True):
+            x, params, mask, grad = _ema_case(device, dtype, bidirectional)
+
+            def run(backend, dt, dev, x=x, params=params, mask=mask, grad=grad, bidirectional=bidirectional):
+                return _run_ema(backend, x.to(dev, dt), [p.to(dev) for p in params], mask.to(dev),
+                                grad.to(dev), bidirectional)
+
+            label = f"ema/{name}/{tag}/{'bi' if bidirectional else 'uni'}"
+            rows += _compare(label, run, lambda dt, dev: run(name, dt, dev), dtype, device)
+    else:
+        for activation in ("softmax", "laplace", "relu2"):
+            for causal, chunk in ((False, None), (True, 16)):
+                inputs, mask, grad = _attention_case(device, activation, causal, chunk)
+
+                def run(backend, dt, dev, inputs=inputs, mask=mask, grad=grad, a=activation, c=causal, ch=chunk):
+                    return _run_attention(backend, [t.to(dev, dt) for t in inputs], mask.to(dev), grad.to(dev),
+                                          a, c, ch)
+
+                label = f"attention/{name}/{tag}/{activation}/{'causal' if causal else 'full'}/C{chunk}"
+                rows += _compare(label, run, lambda dt, dev: run(name, dt, dev), dtype, device)
+    return rows
+
+
+def cmd_bench(args) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "benchmarks", f"bench_{args.name}.py")
+    if not os.path.exists(path):
+        print(f"no benchmark {args.name!r}: benchmarks/ ships with the source checkout only "
+              f"(looked for {path})", file=sys.stderr)
+        return 2
+    sys.path.insert(0, root)
+    sys.argv = [path, *args.rest]
+    runpy.run_module(f"benchmarks.bench_{args.name}", run_name="__main__")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mega-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices and backend availability").set_defaults(fn=cmd_info)
+    p = sub.add_parser("check", help="check every available backend against the reference")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
+    p.add_argument("name", help="ema, attention, ema_cpu, model_cpu, ...")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`mega-kernels` info / check: the table, and a non-zero exit when a backend is wrong."""
+import pytest
+import torch
+
+from mega_kernels import cli
+from mega_kernels.ops import backends
+from mega_kernels.reference.ema import ema_fft
+
+
+def _fake_backend(monkeypatch, impl):
+    entry = backends._Entry("unused", "unused", lambda d: None if d.type == "cpu" else "cpu only")
+    entry._impl = impl
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", entry)
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("reference", "triton", "cpu", "cuda"):
+        assert name in out
+    assert "torch" in out
+
+
+def test_check_passes_a_correct_backend(monkeypatch, capsys):
+    _fake_backend(monkeypatch, ema_fft)
+    assert cli.main(["check", "--device", "cpu"]) == 0
+    assert "ema/cpu/float32/uni" in capsys.readouterr().out
+
+
+def test_check_fails_a_wrong_backend(monkeypatch, capsys):
+    def wrong(x, a, q, c, omega, **kw):
+        return ema_fft(x, a, q, c, omega * 1.001, **kw)
+
+    _fake_backend(monkeypatch, wrong)
+    assert cli.main(["check", "--device", "cpu"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_bench_unknown_name_is_an_error(capsys):
+    assert cli.main(["bench", "no_such_benchmark"]) == 2
