@@ -135,10 +135,10 @@ def cmd_check(args) -> int:
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [torch.float64])
     results = []
     skipped = []
-    for op in OPS:
+    for op in args.op or OPS:
         for name, reason in backends.available_backends(op, device).items():
-            if name == "reference":
-                continue  # it is what the others are checked against
+            if name == "reference" or (args.backend and name not in args.backend):
+                continue  # the reference is what the others are checked against
             if reason is not None:
                 skipped.append(f"{op}/{name}: {reason}")
                 continue
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, devices and backend availability").set_defaults(fn=cmd_info)
     p = sub.add_parser("check", help="check every available backend against the reference")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
+    p.add_argument("--backend", action="append", choices=backends.BACKENDS[1:], help="only this backend (repeatable)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
     p.add_argument("name", help="ema, attention, ema_cpu, model_cpu, ...")

@@ -23,7 +23,7 @@ def test_info_lists_every_backend(capsys):
 
 def test_check_passes_a_correct_backend(monkeypatch, capsys):
     _fake_backend(monkeypatch, ema_fft)
-    assert cli.main(["check", "--device", "cpu"]) == 0
+    assert cli.main(["check", "--device", "cpu", "--op", "ema", "--backend", "cpu"]) == 0
     assert "ema/cpu/float32/uni" in capsys.readouterr().out
 
 
@@ -32,7 +32,7 @@ def test_check_fails_a_wrong_backend(monkeypatch, capsys):
         return ema_fft(x, a, q, c, omega * 1.001, **kw)
 
     _fake_backend(monkeypatch, wrong)
-    assert cli.main(["check", "--device", "cpu"]) == 1
+    assert cli.main(["check", "--device", "cpu", "--op", "ema", "--backend", "cpu"]) == 1
     assert "FAIL" in capsys.readouterr().out
 
 
