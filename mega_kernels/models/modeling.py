@@ -1,0 +1,304 @@
+"""`MegaPreTrainedModel` (init, checkpoints in transformers' format) and `MegaModel` (MEGA_SPEC.md section 7).
+
+Checkpoints: `save_pretrained(folder)` writes config.json and model.safetensors (pytorch_model.bin when
+safetensors is not importable) with transformers' key names, so transformers' `from_pretrained` reads it;
+`from_pretrained(folder)` reads either file and matches keys strictly (the tied output embedding may be absent,
+as transformers leaves it out). No import of transformers anywhere in this package.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import MegaConfig
+from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, MegaPooler, MegaRMSNorm,
+                       MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
+from ..modules.attention import MegaMovingAverageGatedAttention
+from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+Tensor = torch.Tensor
+SAFE_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
+def _safetensors():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        return None
+    return st
+
+
+def _compiling() -> bool:
+    return hasattr(torch, "compiler") and torch.compiler.is_compiling()
+
+
+class MegaPreTrainedModel(nn.Module):
+    """Base class: weight init of spec section 8, output-embedding tying, from_pretrained / save_pretrained."""
+
+    config_class = MegaConfig
+    base_model_prefix = "mega"
+    _output_embedding_name: Optional[str] = None  # "lm_head" / "mlm_head" in the LM heads
+
+    def __init__(self, config: MegaConfig):
+        super().__init__()
+        if not isinstance(config, MegaConfig):
+            raise TypeError(f"{type(self).__name__} needs a MegaConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+
+    # -- init and tying -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        c = self.config
+        if isinstance(module, MegaMultiDimensionDampedEma):
+            nn.init.normal_(module.damping_factor, 0.0, c.ema_delta_alpha_range)
+            nn.init.normal_(module.decay_factor, 0.0, c.ema_delta_alpha_range)
+            sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(c.ema_projection_size)])
+            module.ema_expansion_matrix.normal_(0.0, c.ema_beta_range).add_(sign.view(-1, 1))
+            nn.init.normal_(module.kernel_projection_matrix, 0.0, c.ema_gamma_omega_range)
+            nn.init.normal_(module.residual_weight, 0.0, c.ema_gamma_omega_range)
+        elif isinstance(module, MegaSimpleRelativePositionalBias):
+            nn.init.normal_(module.rel_pos_bias, 0.0, c.initializer_range)
+        elif isinstance(module, MegaRotaryRelativePositionalBias):
+            nn.init.normal_(module.alpha, 0.0, c.initializer_range)
+            nn.init.normal_(module.b_param, 0.0, c.initializer_range)
+        elif isinstance(module, MegaScaleNorm) and module.scalar is not None:
+            nn.init.constant_(module.scalar, 1.0)
+        elif isinstance(module, MegaRMSNorm) and module.weight is not None:
+            nn.init.constant_(module.weight, 1.0)
+        elif isinstance(module, MegaMovingAverageGatedAttention):
+            nn.init.normal_(module.qk_weight, 0.0, c.initializer_range)
+            nn.init.constant_(module.qk_bias, 0.0)
+        elif isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, c.initializer_range)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, c.initializer_range)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+
+    def post_init(self) -> None:
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def base_model(self) -> "MegaModel":
+        return getattr(self, self.base_model_prefix, self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model().embedding_layer.word_embeddings
+
+    def get_output_embeddings(self) -> Optional[nn.Linear]:
+        return None if self._output_embedding_name is None else getattr(self, self._output_embedding_name)
+
+    def _tied_keys(self):
+        if self._output_embedding_name is None or not self.config.tie_word_embeddings:
+            return set()
+        return {f"{self._output_embedding_name}.weight"}
+
+    def tie_weights(self) -> None:
+        out = self.get_output_embeddings()
+        if out is not None and self.config.tie_word_embeddings:
+            out.weight = self.get_input_embeddings().weight
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def save_pretrained(self, folder: str, safe_serialization: Optional[bool] = None) -> None:
+        """Write config.json + model.safetensors (or pytorch_model.bin) in transformers' format."""
+        os.makedirs(folder, exist_ok=True)
+        config = self.config.copy()
+        config.architectures = [type(self).__name__]
+        config.save_pretrained(folder)
+        st = _safetensors()
+        if safe_serialization is None:
+            safe_serialization = st is not None
+        if safe_serialization and st is None:
+            raise ImportError("save_pretrained(safe_serialization=True) needs the safetensors package; "
+                              "pip install safetensors or pass safe_serialization=False")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in self._tied_keys()}
+        if safe_serialization:
+            st.save_file(state, os.path.join(folder, SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            torch.save(state, os.path.join(folder, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, folder: str, config: Optional[MegaConfig] = None, torch_dtype=None, **overrides):
+        """Load a transformers-format folder (config.json + model.safetensors or pytorch_model.bin), strictly.
+
+        `overrides` change config attributes (e.g. kernel_backend="triton"). Returns the model in eval mode.
+        """
+        if config is None:
+            config = MegaConfig.from_pretrained(folder, **overrides)
+        elif overrides:
+            config = config.copy(**overrides)
+        model = cls(config)
+        safe, legacy = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
+        if os.path.isfile(safe):
+            st = _safetensors()
+            if st is None:
+                raise ImportError(f"{safe} needs the safetensors package to load; pip install safetensors")
+            state = st.load_file(safe)
+        elif os.path.isfile(legacy):
+            state = torch.load(legacy, map_location="cpu", weights_only=True)
+        else:
+            raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {folder!r}")
+        model.load_checkpoint_state(state)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model.eval()
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """load_state_dict with strict key matching, except that tied output weights may be missing."""
+        expected = set(self.state_dict())
+        missing = sorted(expected - set(state) - self._tied_keys())
+        unexpected = sorted(set(state) - expected)
+        if missing or unexpected:
+            hint = ""
+            if any(k.startswith(self.base_model_prefix + ".") for k in unexpected):
+                hint = " (the checkpoint is of a model with a head: load it with that head's class)"
+            raise KeyError(f"{type(self).__name__}.from_pretrained: state_dict keys do not match{hint}; "
+                           f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+                           f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
+        self.load_state_dict(state, strict=False)
+        self.tie_weights()
+
+
+class MegaModel(MegaPreTrainedModel):
+    """Embeddings -> MEGA blocks -> (pooler). Inputs batch-first; see `forward`."""
+
+    def __init__(self, config: MegaConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embedding_layer = MegaEmbeddings(config)
+        self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
+        self.pooler = MegaPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding_layer.word_embeddings = value
+
+    def _check_inputs(self, input_ids, inputs_embeds):
+        c = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MegaModel: pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
+                raise TypeError(f"input_ids must be an integer (B, L) tensor, got {input_ids.dtype} "
+                                f"{tuple(input_ids.shape)}; pass token ids (e.g. torch.long)")
+            if input_ids.numel() and not _compiling():
+                lo, hi = int(input_ids.min()), int(input_ids.max())
+                if lo < 0 or hi >= c.vocab_size:
+                    raise ValueError(f"input_ids out of range: values span [{lo}, {hi}] but vocab_size is "
+                                     f"{c.vocab_size}; ids must be in [0, {c.vocab_size - 1}]")
+            return input_ids.shape
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.hidden_size:
+            raise ValueError(f"inputs_embeds must be (B, L, {c.hidden_size}), got {tuple(inputs_embeds.shape)}")
+        if inputs_embeds.dtype != self.dtype:
+            raise TypeError(f"inputs_embeds is {inputs_embeds.dtype} but the model is {self.dtype}; "
+                            f"convert with inputs_embeds.to({self.dtype})")
+        return inputs_embeds.shape[:2]
+
+    def _check_token_types(self, token_type_ids, shape):
+        c = self.config
+        if token_type_ids is None or not c.add_token_type_embeddings:
+            return
+        if tuple(token_type_ids.shape) != tuple(shape) or token_type_ids.dtype.is_floating_point:
+            raise ValueError(f"token_type_ids must be an integer (B, L) = {tuple(shape)} tensor, got "
+                             f"{token_type_ids.dtype} {tuple(token_type_ids.shape)}")
+        if token_type_ids.numel() and not _compiling():
+            lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+            if lo < 0 or hi >= c.type_vocab_size:
+                raise ValueError(f"token_type_ids out of range [{lo}, {hi}]; type_vocab_size is {c.type_vocab_size}")
+
+    @staticmethod
+    def _bool_mask(name: str, mask: Optional[Tensor], shape: Tuple[int, int]) -> Optional[Tensor]:
+        if mask is None:
+            return None
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name} must be (B, L) = {tuple(shape)} (1 = token, 0 = padding), got "
+                             f"{tuple(mask.shape)}")
+        if mask.is_complex():
+            raise TypeError(f"{name} must be bool, integer or float 0/1, got {mask.dtype}")
+        return mask != 0
+
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
+                past_key_values: Optional[Tuple[Tuple[Tensor, ...], ...]] = None, use_cache: Optional[bool] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None):
+        """input_ids (B, L) or inputs_embeds (B, L, D); attention_mask (B, past + L), 1 = token;
+        token_type_ids (B, L); encoder_hidden_states (B, S, D) + encoder_attention_mask (B, S) for
+        cross-attention; past_key_values: one tuple per layer (layout in `mega_kernels.modules.block`).
+
+        Returns BaseModelOutputWithPoolingAndCrossAttentions (last_hidden_state (B, L, D), pooler_output (B, D),
+        hidden_states, past_key_values, attentions, cross_attentions), or with return_dict=False the tuple
+        (last_hidden_state, pooler_output, hidden_states, past_key_values, attentions, cross_attentions).
+        """
+        c = self.config
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = c.use_return_dict if return_dict is None else return_dict
+        bsz, length = self._check_inputs(input_ids, inputs_embeds)
+        self._check_token_types(token_type_ids, (bsz, length))
+        if c.is_decoder:
+            use_cache = c.use_cache if use_cache is None else use_cache
+        elif use_cache or past_key_values is not None:
+            raise ValueError("use_cache / past_key_values need a decoder: this model has is_decoder=False"
+                             f"{' and a bidirectional EMA (no incremental state)' if c.bidirectional else ''}; "
+                             "build it with is_decoder=True, bidirectional=False")
+        past = 0
+        if past_key_values is not None:
+            if len(past_key_values) != c.num_hidden_layers:
+                raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has "
+                                 f"{c.num_hidden_layers}; pass the past_key_values returned by this model")
+            past = int(past_key_values[0][3].max()) if past_key_values[0][3].numel() else 0
+        padding_mask = self._bool_mask("attention_mask", attention_mask, (bsz, past + length))
+        if c.add_cross_attention:
+            if encoder_hidden_states is None and past_key_values is None:
+                raise ValueError("this decoder has cross-attention: pass encoder_hidden_states (B, S, D)")
+            if encoder_hidden_states is not None and encoder_hidden_states.dtype != self.dtype:
+                raise TypeError(f"encoder_hidden_states is {encoder_hidden_states.dtype} but the model is "
+                                f"{self.dtype}; convert it with .to({self.dtype})")
+            if encoder_attention_mask is not None:
+                src = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else \
+                    past_key_values[0][4].shape[1]
+                encoder_attention_mask = self._bool_mask("encoder_attention_mask", encoder_attention_mask,
+                                                         (bsz, src))
+
+        hidden = self.embedding_layer(input_ids, token_type_ids, inputs_embeds)
+        all_hidden = (hidden,) if output_hidden_states else None
+        all_attn = () if output_attentions else None
+        all_cross = () if output_attentions and c.add_cross_attention else None
+        next_cache = () if use_cache else None
+        for i, layer in enumerate(self.layers):
+            hidden, self_w, cross_w, layer_cache = layer(
+                hidden, padding_mask, c.is_decoder, encoder_hidden_states, encoder_attention_mask,
+                None if past_key_values is None else past_key_values[i], output_attentions, bool(use_cache))
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            if output_attentions:
+                all_attn += (self_w,)
+                if all_cross is not None:
+                    all_cross += (cross_w,)
+            if use_cache:
+                next_cache += (layer_cache,)
+        pooled = self.pooler(hidden) if self.pooler is not None else None
+        if not return_dict:
+            return (hidden, pooled, all_hidden, next_cache, all_attn, all_cross)
+        return BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=hidden, pooler_output=pooled, hidden_states=all_hidden, past_key_values=next_cache,
+            attentions=all_attn, cross_attentions=all_cross)

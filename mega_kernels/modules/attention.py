@@ -1,0 +1,129 @@
+"""Moving-average gated attention (`mega_layer`, MEGA_SPEC.md section 5), batch-first.
+
+    residual = x;  x = norm(x) if normalize_before_mega
+    v  = act(v_proj(x))                                   (B, L, E)
+    mx = dropout(EMA(x, mask))                            `ops.ema` through MegaMultiDimensionDampedEma
+    u | zr | hx = mx_proj(mx)                             D | Z + E | D
+    u = sigmoid(u);  z | r = silu(zr)                     Z | E
+    q = z * qk_weight[0] + qk_bias[0];  k = z * qk_weight[1] + qk_bias[1]
+    h = attention(q, k, v, Toeplitz bias, chunks, causal, key padding)       `ops.attention`
+    out = dropout(act(hx + h_proj(h * r)))
+    y = residual + u * (out - residual);  y = norm(y) if not normalize_before_mega
+
+Chunking accepts any length: `ops.attention` cuts the keys in blocks of C and treats the last, shorter block
+as padding beyond the sequence end (spec 9.2); outputs keep the input length.
+
+Cache (decoders): (self_key (B, c, Z), self_value (B, c, E), ema cache); with chunking the K/V cache holds only
+the keys since the last chunk boundary (it restarts at each boundary), so queries at the end of the cached
+keys see exactly their chunk, as in the full causal pass.
+
+Attention weights (output_attentions) and attention dropout in training use the materialized
+`mega_kernels.reference.attention.attention_weights` (same maths as the op); otherwise only the op runs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops.attention import block_length
+from ..reference.attention import attention_weights
+from .common import MegaDropout, MegaSequenceNorm, get_activation
+from .ema import MegaMultiDimensionDampedEma
+from .embeddings import make_relative_bias
+
+Tensor = torch.Tensor
+
+
+def blocked_weights(weights: Tensor, chunk_size: Optional[int]) -> Tensor:
+    """Dense weights (B, Lq, Lk) -> transformers' layout: (B, n_chunks, C, C) when chunking cuts a square
+    input (padded to a multiple of C), else (B, 1, Lq, Lk)."""
+    bsz, lq, lk = weights.shape
+    if not chunk_size or chunk_size >= lk or lq != lk:
+        return weights.unsqueeze(1)
+    n = -(-lk // chunk_size)
+    total = n * chunk_size
+    dense = F.pad(weights, (0, total - lk, 0, total - lq)).view(bsz, n, chunk_size, n, chunk_size)
+    idx = torch.arange(n, device=weights.device)
+    return dense[:, idx, :, idx, :].transpose(0, 1)
+
+
+class MegaMovingAverageGatedAttention(nn.Module):
+    """One MEGA attention layer with transformers' parameter names (spec section 8)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        d, z, e = config.hidden_size, config.shared_representation_size, config.intermediate_size
+        self.dims = (d, z, e)
+        self.activation = get_activation(config.activation)
+        self.attention_activation = config.attention_activation
+        self.chunk_size = config.chunk_size if config.use_chunking else None
+        self.prenorm = config.normalize_before_mega
+        self.backend = config.kernel_backend
+        self.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
+        self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
+        self.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)
+        self.norm = MegaSequenceNorm(config.normalization_type, d, affine=config.norm_affine)
+        self.ema_gate = MegaMultiDimensionDampedEma(config)
+        self.v_proj = nn.Linear(d, e)
+        self.mx_proj = nn.Linear(d, z + e + 2 * d)
+        self.h_proj = nn.Linear(e, d)
+        self.qk_weight = nn.Parameter(torch.zeros(2, z))
+        self.qk_bias = nn.Parameter(torch.zeros(2, z))
+        self.rel_pos_bias = make_relative_bias(config)
+
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, causal: bool = False,
+                cache: Optional[Tuple[Tensor, Tensor, Tensor]] = None, output_attentions: bool = False,
+                use_cache: bool = False):
+        """x (B, L, D); padding_mask (B, c + L) bool, True = token, covering the cached keys too (c = cached
+        length). Returns (y (B, L, D), attention weights or None, new cache or None)."""
+        d, z, e = self.dims
+        bsz, length, _ = x.shape
+        residual = x
+        if self.prenorm:
+            x = self.norm(x)
+        value = self.activation(self.v_proj(x))
+        ema_mask = None if padding_mask is None else padding_mask[:, -length:]
+        mx, ema_cache = self.ema_gate(x, ema_mask, None if cache is None else cache[2], use_cache)
+        mx = self.dropout(mx)
+        u, zr, hx = torch.split(self.mx_proj(mx), [d, z + e, d], dim=-1)
+        u = torch.sigmoid(u)
+        qk, gate = torch.split(F.silu(zr), [z, e], dim=-1)
+        query = qk * self.qk_weight[0] + self.qk_bias[0]
+        key = qk * self.qk_weight[1] + self.qk_bias[1]
+        if cache is not None:
+            key = torch.cat([cache[0].to(key.dtype), key], dim=1)
+            value = torch.cat([cache[1].to(value.dtype), value], dim=1)
+        new_cache = None
+        if use_cache:
+            start = (key.shape[1] // self.chunk_size) * self.chunk_size if self.chunk_size else 0
+            new_cache = (key[:, start:], value[:, start:], ema_cache)
+        value = self.hidden_dropout(value)
+        h, weights = self._attend(query, key, value, padding_mask, causal, output_attentions)
+        out = self.dropout(self.activation(hx + self.h_proj(h * gate)))
+        y = torch.addcmul(residual, u, out - residual)
+        if not self.prenorm:
+            y = self.norm(y)
+        return y, weights, new_cache
+
+    def _attend(self, query, key, value, padding_mask, causal, output_attentions):
+        lk = key.shape[1]
+        kpm = None if padding_mask is None else padding_mask[:, -lk:]
+        bias = self.rel_pos_bias.vector(block_length(lk, self.chunk_size))
+        kwargs = dict(activation=self.attention_activation, chunk_size=self.chunk_size, causal=causal,
+                      key_padding_mask=kpm)
+        drop = self.training and self.attention_dropout.p > 0
+        weights = None
+        if output_attentions or drop:
+            weights = attention_weights(query, key, value, bias, **kwargs).to(value.dtype)
+        if drop:
+            h = torch.matmul(self.attention_dropout(weights), value)
+        else:
+            h = ops.attention(query, key, value, bias, backend=self.backend, **kwargs)
+        if output_attentions:
+            return h, blocked_weights(weights, self.chunk_size)
+        return h, None
