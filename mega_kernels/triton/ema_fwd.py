@@ -1,0 +1,390 @@
+"""Triton fused multi-dimensional damped EMA: the chunked scan (forward, and the sweeps the backward reuses).
+
+Maths (MEGA spec section 4; per channel d, expansion index n < N, coefficients (a, q, c) of
+`mega_kernels.reference.ema.ema_coefficients`):
+
+    h_t = q h_{t-1} + a u_t                       (u = x * mask; h_{-1} = the initial state S)
+    e_t = sum_n c h_t                             (the EMA, a causal convolution with k[l] = sum_n c a q^l)
+    y_t = silu(e_t + omega x_t)
+
+computed directly as this damped recurrence in float32, never as an FFT. Truncation to K < L taps is exact:
+h_t = q h_{t-1} + a (u_t - q^K u_{t-K}) removes the tap leaving the window. Bidirectional: rows [:D] of the
+coefficients run forward in time, rows [D:] backward in time (h'_t = q' h'_{t+1} + a' u_t) and both EMAs add.
+
+Carried state convention. The kernels carry s = q h ("pre-decayed" state): each step is
+h_t = s + a u_t, s <- q h_t. A caller's initial state S enters as s = q S; the backward's adjoint sweep
+(ema_bwd.py) enters the gradient of the final state g_S as s = g_S directly, with no division by q.
+
+Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
+(in the primary direction's time) and the chunks run in parallel. For a chunk, the end state is linear in its
+incoming state:  h_end = q^T s_in / q ... in the s-convention  s_out = q^T s_in + q * a * H_loc,  where
+H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}) is the chunk's own contribution from a zero state
+(one cheap sweep, H <- q H + u). Two ways to get every chunk's incoming state:
+
+- three passes (robust; the only way for bidirectional): `_chunk_state_kernel` computes every chunk's local
+  state in both directions, `_carry_kernel` runs the short scan across chunks (forward order for rows [:D],
+  backward order for rows [D:]) and leaves each chunk's incoming states in place, `_scan_out_kernel` rescans
+  each chunk from its incoming states and writes the output. Bidirectional chunks first sweep the backward
+  rows (storing their EMA in a float32 buffer, which is y itself for float32 outputs) then the forward rows.
+- decoupled look-back (unidirectional, one launch; x is read from DRAM once and re-read from L2): programs
+  take a ticket from an atomic counter (so chunk c-1 has always started before chunk c), compute the local
+  state, wait on the flag chunk c-1 publishes with its end state, publish their own end state, then sweep
+  their chunk writing y. Chunk 0 publishes after its sweep.
+
+`ema_scan` is the launcher; its epilogue selects what a sweep writes: the forward output silu(z), the
+backward's g = dL/dz = dL/dy * silu'(z) (float32), or the adjoint dx = omega g + mask * e (see ema_bwd.py).
+Shapes: x (B, L, D) contiguous; a, q, c (kd, N) float32, kd = 2D if bidirectional else D; omega (D,) float32;
+mask (B, L) bool or None; state (B, D, N) float32 or None.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+Tensor = torch.Tensor
+
+EPI_STORE, EPI_SILU, EPI_DSILU, EPI_DX = 0, 1, 2, 3  # what the primary sweep writes (see _sweep)
+INTERPRET = interpreting()
+DEFAULT_CHUNK = 256
+DEFAULT_BLOCK_D = 32
+
+
+@triton.jit
+def _coef(ptr, row0, offs_n, offs_d, N, D, other=0.0):
+    """(BLOCK_N, BLOCK_D) tile of a (kd, N) coefficient at rows row0 + offs_d; padding lanes are `other`."""
+    m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    return tl.load(ptr + (row0 + offs_d)[None, :] * N + offs_n[:, None], mask=m, other=other)
+
+
+@triton.jit
+def _powi(q, k):
+    """q ** k for q in [0, 1] (float32 tile) and an integer k >= 1."""
+    return tl.exp2(k.to(tl.float32) * tl.log2(q))
+
+
+@triton.jit
+def _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, valid, MASK_IN: tl.constexpr):
+    """Row t of batch b of u as float32, (BLOCK_D,): (raw, masked). `valid` (scalar) zeroes a missing row."""
+    t_c = tl.minimum(tl.maximum(t, 0), L - 1)
+    row = b.to(tl.int64) * L + t_c
+    raw = tl.load(u_ptr + row * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+    raw = tl.where(valid, raw, 0.0)
+    um = raw
+    if MASK_IN:
+        keep = tl.load(keep_ptr + row)
+        um = tl.where(keep != 0, raw, 0.0)
+    return raw, um
+
+
+@triton.jit
+def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
+                 MASK_IN: tl.constexpr, TRUNC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """H_loc = sum over the n steps t0, t0+step, ... of q^(steps to the end) (u_t - q^K u_{t - step K})."""
+    H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for i in tl.range(0, n):
+        t = t0 + i * step
+        _, um = _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
+        H = q * H + um[None, :]
+        if TRUNC:
+            td = t - step * K
+            _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+            H = H - qk * ud[None, :]
+    return H
+
+
+@triton.jit
+def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, t0, step, n, L, D, K, offs_d,
+           EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
+           TRUNC: tl.constexpr, STAGES: tl.constexpr):
+    """Run h = s + a (u_t - q^K u_{t-step K}), e = sum_n c h, s = q h over n steps from t0; return the last h.
+
+    EPI_STORE: acc[t] = e (float32).  EPI_SILU: out[t] = silu(z), z = e (+ acc[t]) + omega x_t.
+    EPI_DSILU: out[t] = gy[t] * silu'(z) (float32).  EPI_DX: out[t] = omega u_t + keep_t * (e (+ acc[t])).
+    """
+    dmask = offs_d < D
+    h = s
+    for i in tl.range(0, n, num_stages=STAGES):
+        t = t0 + i * step
+        raw, um = _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
+        h = s + a * um[None, :]
+        if TRUNC:
+            td = t - step * K
+            _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+            h = h - aqk * ud[None, :]
+        s = q * h
+        e = tl.sum(c * h, axis=0)
+        off = (b.to(tl.int64) * L + t) * D + offs_d
+        if ADD_ACC:
+            e += tl.load(acc_ptr + off, mask=dmask, other=0.0)
+        if EPI == 0:
+            tl.store(acc_ptr + off, e, mask=dmask)
+        elif EPI == 3:
+            if MASK_OUT:
+                keep = tl.load(keep_ptr + b.to(tl.int64) * L + t)
+                e = tl.where(keep != 0, e, 0.0)
+            tl.store(out_ptr + off, (omega * raw + e).to(out_ptr.dtype.element_ty), mask=dmask)
+        else:
+            z = e + omega * raw
+            sig = tl.sigmoid(z)
+            if EPI == 1:
+                tl.store(out_ptr + off, (z * sig).to(out_ptr.dtype.element_ty), mask=dmask)
+            else:
+                gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
+    return h
+
+
+@triton.jit
+def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, CHUNK, NDB,
+                        NDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr, TRUNC: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """buf[c, b, row, :] = a * H_loc of chunk c, for the rows [dirn * D, dirn * D + D) of direction dirn
+    (0: primary, 1: reversed), scanning the chunk in that direction."""
+    pid = tl.program_id(0)
+    per_chunk = B * NDIR * NDB
+    c = pid // per_chunk
+    rem = pid % per_chunk
+    b = rem // (NDIR * NDB)
+    rb = rem % (NDIR * NDB)
+    dirn = rb // NDB
+    offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    row0 = dirn * D
+    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, 1.0)
+    a = _coef(a_ptr, row0, offs_n, offs_d, N, D)
+    qk = _powi(q, K)
+    v0 = c * CHUNK
+    n = tl.minimum(CHUNK, L - v0)
+    if REVERSE:
+        low = L - v0 - n
+    else:
+        low = v0
+    fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
+    t0 = tl.where(fwd, low, low + n - 1)
+    step = tl.where(fwd, 1, -1)
+    H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D)
+    m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    ptr = buf_ptr + ((c * B + b).to(tl.int64) * NDIR * D + row0 + offs_d[None, :]) * N + offs_n[:, None]
+    tl.store(ptr, a * H, mask=m)
+
+
+@triton.jit
+def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
+                  HAS_S0: tl.constexpr, BLOCK: tl.constexpr):
+    """Scan across chunks: replace buf[c] (local states) by each chunk's incoming pre-decayed state s_in.
+
+    Rows [:D] go in chunk order 0..NC-1 starting from s0; rows [D:] in the order NC-1..0 starting from 0.
+    s_in(next) = q^T s_in + q * local.
+    """
+    b = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    em = e < KD * N
+    row = e // N
+    rev = row >= D
+    q = tl.load(q_ptr + e, mask=em, other=1.0)
+    s = tl.zeros((BLOCK,), tl.float32)
+    if HAS_S0:
+        s = tl.load(s0_ptr + b.to(tl.int64) * D * N + e, mask=em & (row < D), other=0.0)
+    for i in range(0, NC):
+        cc = tl.where(rev, NC - 1 - i, i)
+        ptr = buf_ptr + (cc * B + b).to(tl.int64) * KD * N + e
+        loc = tl.load(ptr, mask=em, other=0.0)
+        tl.store(ptr, s, mask=em)
+        s = _powi(q, tl.minimum(CHUNK, L - cc * CHUNK)) * s + q * loc
+
+
+@triton.jit
+def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s0_ptr, buf_ptr,
+                     final_ptr, flag_ptr, ticket_ptr, B, L, D, N, K, CHUNK, NDB,
+                     EPI: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr,
+                     MASK_OUT: tl.constexpr, TRUNC: tl.constexpr, HAS_S0: tl.constexpr, CARRY: tl.constexpr,
+                     LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr, STAGES: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
+    into acc, then the primary rows writing the epilogue. Incoming states come from buf (CARRY), from chunk c-1
+    by look-back (LOOKBACK), or are s0 / zero (a single chunk)."""
+    if LOOKBACK:
+        pid = tl.atomic_add(ticket_ptr, 1)
+    else:
+        pid = tl.program_id(0)
+    per_chunk = B * NDB
+    c = pid // per_chunk
+    rem = pid % per_chunk
+    b = rem // NDB
+    offs_d = (rem % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    nc = (L + CHUNK - 1) // CHUNK
+    kd = D * (2 if BIDIR else 1)
+    v0 = c * CHUNK
+    n = tl.minimum(CHUNK, L - v0)
+    if REVERSE:  # first physical step and direction of the primary sweep
+        tp0 = L - 1 - v0
+        step = -1
+    else:
+        tp0 = v0
+        step = 1
+    st_off = (offs_d[None, :] * N + offs_n[:, None])  # within a (D, N) state
+    # -- rows [D:] (bidirectional): reversed direction, from the chunk's far end --------------------------
+    if BIDIR:
+        a2 = _coef(a_ptr, D, offs_n, offs_d, N, D)
+        q2 = _coef(q_ptr, D, offs_n, offs_d, N, D, 1.0)
+        c2 = _coef(c_ptr, D, offs_n, offs_d, N, D)
+        s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        if CARRY:
+            s2 = tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D * N + st_off, mask=sm, other=0.0)
+        _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, a2 * _powi(q2, K), 0.0, s2, b,
+               tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
+               0, False, MASK_IN, False, TRUNC, STAGES)
+    # -- rows [:D]: primary direction -----------------------------------------------------------------------
+    a = _coef(a_ptr, 0, offs_n, offs_d, N, D)
+    q = _coef(q_ptr, 0, offs_n, offs_d, N, D, 1.0)
+    cc = _coef(c_ptr, 0, offs_n, offs_d, N, D)
+    omega = tl.load(omega_ptr + offs_d, mask=offs_d < D, other=0.0)
+    qk = _powi(q, K)
+    s = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if HAS_S0:
+        s = tl.load(s0_ptr + b.to(tl.int64) * D * N + st_off, mask=sm, other=0.0)
+    if CARRY:
+        s = tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + st_off, mask=sm, other=0.0)
+    if LOOKBACK:
+        pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + st_off  # this chunk's published end state
+        if c > 0:
+            H = _local_state(u_ptr, keep_ptr, q, qk, b, tp0, step, n, L, D, K, offs_d, MASK_IN, TRUNC,
+                             BLOCK_N, BLOCK_D)
+            flag = flag_ptr + (c - 1) * per_chunk + rem
+            ready = tl.atomic_add(flag, 0, sem="acquire")
+            while ready == 0:
+                ready = tl.atomic_add(flag, 0, sem="acquire")
+            s = tl.load(pub - per_chunk // NDB * D * N, mask=sm, other=0.0, volatile=True)
+            if c < nc - 1:
+                tl.store(pub, _powi(q, n) * s + q * a * H, mask=sm)
+                tl.debug_barrier()
+                tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
+    h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, a * qk, omega, s, b, tp0, step, n, L, D, K,
+               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES)
+    if LOOKBACK:
+        if (c == 0) & (nc > 1):
+            tl.store(pub, q * h, mask=sm)
+            tl.debug_barrier()
+            tl.atomic_xchg(flag_ptr + rem, 1, sem="release")
+    if WRITE_FINAL:
+        if c == nc - 1:
+            tl.store(final_ptr + b.to(tl.int64) * D * N + st_off, h, mask=sm)
+
+
+def _block_n(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
+
+
+def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
+             s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
+             out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
+             write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
+             block_d: int = DEFAULT_BLOCK_D, num_warps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run the chunked scan of u (B, L, D) and return (out (B, L, D) out_dtype, final h (B, D, N) or None).
+
+    a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
+    the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
+    state of the primary rows. reverse: the primary rows run backward in time. chunk: steps per chunk (None:
+    DEFAULT_CHUNK; >= L: one sequential program per channel block). lookback: single-pass look-back (default
+    for one direction on a GPU) instead of the three-pass carry.
+    """
+    bsz, length, dim = u.shape
+    ndim = q.shape[1]
+    chunk = int(chunk or DEFAULT_CHUNK)
+    nc = triton.cdiv(length, chunk)
+    ndb = triton.cdiv(dim, block_d)
+    if lookback is None:
+        lookback = not bidirectional and not INTERPRET
+    lookback = lookback and nc > 1 and not bidirectional
+    carry = nc > 1 and not lookback
+    num_warps = num_warps or max(1, block_d // 32)
+    stages = 1 if INTERPRET else 3
+    block_n = _block_n(ndim)
+    out = torch.empty(u.shape, dtype=out_dtype, device=u.device)
+    acc = None
+    if bidirectional:
+        acc = out if out_dtype == torch.float32 else torch.empty(u.shape, dtype=torch.float32, device=u.device)
+    final = torch.empty(bsz, dim, ndim, dtype=torch.float32, device=u.device) if write_final else None
+    kd = q.shape[0]
+    buf = flags = ticket = None
+    if carry:
+        buf = torch.empty(nc, bsz, kd, ndim, dtype=torch.float32, device=u.device)
+        ndir = 2 if bidirectional else 1
+        _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
+            u, keep, a, q, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
+            REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
+            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+        blk = 128
+        _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
+            buf, q, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
+    elif lookback:
+        buf = torch.empty(nc, bsz, dim, ndim, dtype=torch.float32, device=u.device)
+        flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
+        ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
+    _scan_out_kernel[(nc * bsz * ndb,)](
+        u, keep, out, acc, gy, a, q, c, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
+        chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
+        MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None and not carry,
+        CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, BLOCK_N=block_n,
+        BLOCK_D=block_d, num_warps=num_warps)
+    return out, final
+
+
+def check_inputs(fn: str, x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],
+                 state: Optional[Tensor], bidirectional: bool, truncation: int) -> None:
+    """Launcher checks: shapes, dtypes, devices and contiguity, with the fix in each message."""
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be (B, L, D), got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{fn}: x must be float32, float16 or bfloat16 for the triton backend, got {x.dtype}; "
+                        "use backend='reference' (or 'cpu') for float64")
+    bsz, length, dim = x.shape
+    kd = 2 * dim if bidirectional else dim
+    for name, t in (("a", a), ("q", q), ("c", c)):
+        if t.dim() != 2 or t.shape[0] != kd or t.shape[1] != q.shape[1] or t.dtype != torch.float32:
+            raise ValueError(f"{fn}: {name} must be ({kd}, N) float32, got {tuple(t.shape)} {t.dtype}")
+    if tuple(omega.shape) != (dim,) or omega.dtype != torch.float32:
+        raise ValueError(f"{fn}: omega must be ({dim},) float32, got {tuple(omega.shape)} {omega.dtype}")
+    if mask is not None and (tuple(mask.shape) != (bsz, length) or mask.dtype != torch.bool):
+        raise ValueError(f"{fn}: mask must be (B, L) = ({bsz}, {length}) bool, got {tuple(mask.shape)} {mask.dtype}")
+    if state is not None:
+        if bidirectional:
+            raise ValueError(f"{fn}: a state exists only for a unidirectional EMA; pass bidirectional=False")
+        if tuple(state.shape) != (bsz, dim, q.shape[1]) or state.dtype != torch.float32:
+            raise ValueError(f"{fn}: state must be (B, D, N) = ({bsz}, {dim}, {q.shape[1]}) float32, "
+                             f"got {tuple(state.shape)} {state.dtype}")
+    if truncation < 0:
+        raise ValueError(f"{fn}: truncation must be >= 0 (0 = none), got {truncation}")
+    for name, t in (("x", x), ("a", a), ("q", q), ("c", c), ("omega", omega), ("mask", mask), ("state", state)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}; move both to one device")
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous; call .contiguous() first")
+
+
+def keep_of(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The (B, L) bool mask as uint8 for the kernels (no copy)."""
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def ema_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],
+            state: Optional[Tensor], bidirectional: bool, truncation: int, return_state: bool,
+            **tuning) -> Tuple[Tensor, Tensor]:
+    """y = silu(EMA(x * mask) + omega * x) (B, L, D) in x's dtype, and the final state (B, D, N) float32
+    (an empty tensor unless return_state). `tuning`: chunk, lookback, block_d, num_warps of `ema_scan`."""
+    check_inputs("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
+    if truncation >= x.shape[1]:
+        truncation = 0
+    s0 = None if state is None else (q * state).contiguous()
+    y, final = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
+                        epilogue=EPI_SILU, out_dtype=x.dtype, write_final=return_state, **tuning)
+    return y, (final if return_state else x.new_empty(0, dtype=torch.float32))
