@@ -1,0 +1,153 @@
+"""Triton fused EMA backward: gradients of x, a, q, c, omega and the initial state (see ema_fwd.py for the
+forward maths and the chunked scan this file reuses).
+
+Derivation (one channel, the forward rows; u = x * mask, h_{-1} = S, truncation K optional):
+
+    h_t = q h_{t-1} + a (u_t - q^K u_{t-K}),  e_t = sum_n c h_t,  z_t = e_t (+ backward rows) + omega x_t,
+    y_t = silu(z_t).
+    g_t   = dL/dz_t = dL/dy_t * silu'(z_t),   silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+    domega = sum_{b,t} g_t x_t
+    dc[n]  = sum_t g_t h_t[n]
+    da[n]  = c sum_t g_t H_t[n] + gS H_{L-1},  H_t = dh_t/da = q H_{t-1} + u_t - q^K u_{t-K},  H_{-1} = 0
+    dq[n]  = c sum_t g_t P_t[n] + gS P_{L-1},  P_t = dh_t/dq = q P_{t-1} + h_{t-1} - a K q^(K-1) u_{t-K},
+             P_{-1} = 0
+    (gS = dL/d(final state h_{L-1}), present when the forward returned its state.)
+
+All three parameter sums are forward sweeps that recompute h from the initial state, so no L x N state is
+ever stored: `_param_grad_kernel` runs them (the backward rows of a bidirectional EMA run the same sweep
+backward in time). The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
+
+    lambda_t = dL/dh_t = q lambda_{t+1} + c (g_t - q^K g_{t+K}),  lambda_{L-1} = c g_{L-1} + gS
+    dx_t = omega g_t + mask_t * sum_n a lambda_t[n]      (+ the same with a forward-running adjoint of the
+                                                            backward rows, when bidirectional)
+    dS = q lambda_0
+
+which is the forward's chunked scan with a <-> c swapped, time reversed, the mask moved to the output and the
+pre-decayed initial state s = gS (ema_fwd.py's state convention). So the backward is three launches of work:
+(1) the forward scan recomputing z and writing g (float32), (2) the adjoint scan writing dx and lambda_0,
+(3) the parameter sweep writing per-program partial sums, reduced in a fixed order by torch.sum (no atomics:
+the same result on every run).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .ema_fwd import (DEFAULT_BLOCK_D, EPI_DSILU, EPI_DX, INTERPRET, _block_n, _coef, _load_in, _powi,
+                      check_inputs, ema_scan, keep_of)
+
+Tensor = torch.Tensor
+
+
+@triton.jit
+def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr,
+                       dom_ptr, B, L, D, N, K, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
+                       TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, STAGES: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program = one batch row b, one direction, BLOCK_D channels: sweep all of L recomputing h, H, P and
+    write sum_t g h, c sum_t g H (+ gS H), c sum_t g P (+ gS P) as (B, kd, N) partials, and sum_t g x as (B, D)."""
+    pid = tl.program_id(0)
+    b = pid // (NDIR * NDB)
+    rb = pid % (NDIR * NDB)
+    dirn = rb // NDB
+    offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    dmask = offs_d < D
+    sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    row0 = dirn * D
+    a = _coef(a_ptr, row0, offs_n, offs_d, N, D)
+    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, 1.0)
+    c = _coef(c_ptr, row0, offs_n, offs_d, N, D)
+    qk = _powi(q, K)
+    kqk1 = K * _powi(q, K - 1)
+    st_off = b.to(tl.int64) * D * N + offs_d[None, :] * N + offs_n[:, None]
+    h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if HAS_S:
+        h = tl.load(s_ptr + st_off, mask=sm & (dirn == 0), other=0.0)
+    H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    sum_h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    sum_P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    sum_x = tl.zeros((BLOCK_D,), tl.float32)
+    t0 = tl.where(dirn == 0, 0, L - 1)
+    step = tl.where(dirn == 0, 1, -1)
+    for i in tl.range(0, L, num_stages=STAGES):
+        t = t0 + i * step
+        raw, um = _load_in(x_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
+        g = tl.load(g_ptr + (b.to(tl.int64) * L + t) * D + offs_d, mask=dmask, other=0.0)
+        P = q * P + h
+        H = q * H + um[None, :]
+        h = q * h + a * um[None, :]
+        if TRUNC:
+            td = t - step * K
+            _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+            P = P - a * kqk1 * ud[None, :]
+            H = H - qk * ud[None, :]
+            h = h - a * qk * ud[None, :]
+        gb = g[None, :]
+        sum_h += gb * h
+        sum_H += gb * H
+        sum_P += gb * P
+        sum_x += g * raw
+    da = c * sum_H
+    dq = c * sum_P
+    if HAS_GS:
+        gs = tl.load(gs_ptr + st_off, mask=sm & (dirn == 0), other=0.0)
+        da += gs * H
+        dq += gs * P
+    out = (b.to(tl.int64) * NDIR * D + row0 + offs_d[None, :]) * N + offs_n[:, None]
+    tl.store(da_ptr + out, da, mask=sm)
+    tl.store(dq_ptr + out, dq, mask=sm)
+    tl.store(dc_ptr + out, sum_h, mask=sm)
+    if dirn == 0:
+        tl.store(dom_ptr + b.to(tl.int64) * D + offs_d, sum_x, mask=dmask)
+
+
+def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
+                    state: Optional[Tensor], grad_state: Optional[Tensor], bidirectional: bool, truncation: int,
+                    block_d: int = DEFAULT_BLOCK_D) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dq, dc) (kd, N) and domega (D,), float32, from g = dL/dz (B, L, D) float32; deterministic."""
+    bsz, length, dim = x.shape
+    kd, ndim = q.shape
+    ndir = 2 if bidirectional else 1
+    ndb = triton.cdiv(dim, block_d)
+    da, dq, dc = (torch.empty(bsz, kd, ndim, dtype=torch.float32, device=x.device) for _ in range(3))
+    dom = torch.empty(bsz, dim, dtype=torch.float32, device=x.device)
+    _param_grad_kernel[(bsz * ndir * ndb,)](
+        x, keep, g, a, q, c, state, grad_state, da, dq, dc, dom, bsz, length, dim, ndim, truncation, ndb,
+        NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
+        HAS_GS=grad_state is not None, STAGES=1 if INTERPRET else 2, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
+        num_warps=max(1, block_d // 32))
+    return da.sum(0), dq.sum(0), dc.sum(0), dom.sum(0)
+
+
+def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
+            omega: Tensor, mask: Optional[Tensor], state: Optional[Tensor], bidirectional: bool, truncation: int,
+            **tuning) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dx (B, L, D) in x's dtype, da, dq, dc (kd, N), domega (D,), dstate (B, D, N) or empty) of
+    the forward `ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, ...)` given grad_y
+    (B, L, D) and grad_state (B, D, N) float32 or None."""
+    check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
+    if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous():
+        raise ValueError(f"ema_bwd: grad_y must be a contiguous {tuple(x.shape)} tensor, got {tuple(grad_y.shape)}")
+    if grad_state is not None and (tuple(grad_state.shape) != (x.shape[0], x.shape[2], q.shape[1])
+                                   or grad_state.dtype != torch.float32 or not grad_state.is_contiguous()):
+        raise ValueError(f"ema_bwd: grad_state must be a contiguous (B, D, N) float32 tensor, "
+                         f"got {tuple(grad_state.shape)} {grad_state.dtype}")
+    if truncation >= x.shape[1]:
+        truncation = 0
+    keep = keep_of(mask)
+    s0 = None if state is None else (q * state).contiguous()
+    g, _ = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
+                    epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
+    dx, lam0 = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
+                        epilogue=EPI_DX, out_dtype=x.dtype, reverse=True, mask_in=False,
+                        write_final=state is not None, **tuning)
+    da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, bidirectional, truncation,
+                                         block_d=tuning.get("block_d", DEFAULT_BLOCK_D))
+    dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
+    return dx, da, dq, dc, domega, dstate
