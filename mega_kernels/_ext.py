@@ -1,10 +1,116 @@
-"""Loads the compiled extension (csrc/). Placeholder until the C++ backend lands: never available."""
+"""Loads the compiled extension (csrc/): the prebuilt `mega_kernels._C` if setup.py built one, else a JIT
+build with ninja (torch.utils.cpp_extension.load) into a cache folder, the first time a kernel is needed.
+
+Nothing here ever raises: every failure (no compiler, no sources, a build error) is kept as a sentence that
+`unavailable_reason(device)` returns and `mega-kernels info` shows. The cache folder is
+$MEGA_KERNELS_CACHE or ~/.cache/mega_kernels, one subfolder per hash of the sources, flags and torch version.
+"""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import logging
+import os
+import threading
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import _build
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    return "the compiled extension is not built yet"
+logger = logging.getLogger("mega_kernels")
+
+_LOCK = threading.Lock()
+_STATE: Optional[dict] = None  # {"ok", "how", "path", "cuda", "cuda_reason", "reason"}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEGA_KERNELS_CACHE", Path.home() / ".cache" / "mega_kernels"))
+
+
+def _digest(files, with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    for rel in sorted(set(files)):
+        h.update(rel.encode())
+        h.update((_build.ROOT / rel).read_bytes())
+    flags = _build.CXX_FLAGS + (_build.NVCC_FLAGS if with_cuda else [])
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{with_cuda}|{flags}".encode())
+    return h.hexdigest()[:16]
+
+
+def _try_prebuilt() -> Optional[dict]:
+    try:
+        mod = importlib.import_module("mega_kernels._C")
+    except ImportError:
+        return None
+    except Exception as exc:  # e.g. built against another torch: fall back to the JIT build
+        logger.warning("mega_kernels: ignoring the prebuilt extension (%s: %s)", type(exc).__name__, exc)
+        return None
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("mega_kernels::ema_fwd", "CUDA")
+    return {"ok": True, "how": "prebuilt", "path": getattr(mod, "__file__", None), "cuda": cuda,
+            "cuda_reason": None if cuda else "the prebuilt extension was built without CUDA", "reason": None}
+
+
+def _jit_build() -> dict:
+    from torch.utils import cpp_extension
+
+    cuda_reason = _build.cuda_unavailable_reason()
+    with_cuda = cuda_reason is None
+    srcs = _build.sources(with_cuda)
+    missing = [s for s in srcs + _build.HEADERS if not (_build.ROOT / s).exists()]
+    if missing:
+        return {"ok": False, "reason": f"the extension sources are missing ({', '.join(missing)}); install "
+                                       "from a source checkout or build with MEGA_KERNELS_BUILD_EXT=1"}
+    tag = _digest(srcs + _build.HEADERS, with_cuda)
+    build_dir = cache_root() / tag
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("mega_kernels: building the C++%s extension in %s (first use only)",
+                "/CUDA" if with_cuda else "", build_dir)
+    macros = [f"-D{k}={v}" for k, v in _build.define_macros(with_cuda)]
+    cpp_extension.load(
+        name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
+        extra_cflags=_build.CXX_FLAGS + macros, extra_cuda_cflags=_build.NVCC_FLAGS + macros,
+        build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
+    return {"ok": True, "how": "jit", "path": str(build_dir), "cuda": with_cuda, "cuda_reason": cuda_reason,
+            "reason": None}
+
+
+def load() -> dict:
+    """Load (building if needed) the extension once; returns its state dict. Never raises."""
+    global _STATE
+    with _LOCK:
+        if _STATE is None:
+            try:
+                _STATE = _try_prebuilt() or _jit_build()
+            except Exception as exc:
+                lines = str(exc).strip().splitlines()
+                errors = [ln for ln in lines if "error" in ln.lower()]
+                detail = (errors or lines or [""])[0]
+                _STATE = {"ok": False, "reason": f"building the extension failed ({type(exc).__name__}: "
+                                                 f"{detail[:300]}); a C++17 compiler and ninja are needed"}
+                logger.warning("mega_kernels: %s", _STATE["reason"])
+        return _STATE
+
+
+def unavailable_reason(device) -> Optional[str]:
+    """None when the extension can run on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        return f"the extension has no kernels for {device.type!r}"
+    state = load()
+    if not state["ok"]:
+        return state["reason"]
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if not state["cuda"]:
+            return f"the extension was built without CUDA kernels ({state['cuda_reason']})"
+    return None
+
+
+def info() -> dict:
+    """What `mega-kernels info` shows about the extension (loads it)."""
+    state = dict(load())
+    state["cache"] = str(cache_root())
+    return state

@@ -57,10 +57,11 @@ def register_ema_autograd(fwd_op, bwd_op) -> Callable:
 
     def run(x, a, q, c, omega, *, mask=None, bidirectional=False, truncation=None, state=None,
             return_state=False):
-        y, final = fwd_op(x.contiguous(), a.float().contiguous(), q.float().contiguous(),
-                          c.float().contiguous(), omega.float().contiguous(),
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 stays (cpu backend)
+        y, final = fwd_op(x.contiguous(), a.to(dt).contiguous(), q.to(dt).contiguous(),
+                          c.to(dt).contiguous(), omega.to(dt).contiguous(),
                           None if mask is None else mask.to(torch.bool).contiguous(),
-                          None if state is None else state.float().contiguous(),
+                          None if state is None else state.to(dt).contiguous(),
                           bidirectional, truncation or 0, return_state)
         return (y, final) if return_state else y
 

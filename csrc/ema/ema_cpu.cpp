@@ -1,0 +1,301 @@
+// CPU implementation of mega_kernels::ema_fwd / ema_bwd / ema_step (maths: ema_kernels.cuh).
+// Work is split into tasks of (batch row, block of W contiguous channels) run by at::parallel_for; inside a
+// task the loop over time carries the N x W state on the stack and the loops over the W channels are
+// contiguous, so the compiler vectorises them (target_clones builds AVX-512 / AVX2 / baseline copies and
+// picks one at load time). Gradients of a, q, c, omega are summed per task and then over the batch in a
+// fixed order, so results do not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "ema_checks.h"
+#include "ema_kernels.cuh"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MK_CLONES
+#endif
+
+namespace mega_kernels {
+namespace ema {
+namespace {
+
+template <typename A> constexpr int lanes() { return sizeof(A) == 8 ? 8 : 16; }
+
+template <typename T, typename A>
+struct Args {
+  const T* x; const T* gy; const bool* mask;
+  const A *a, *q, *c, *aqk, *qk, *kaqk1, *omega, *state, *gstate;  // state / gstate may be null
+  T* y; T* dx; A* final_state; A* dstate;                         // outputs (null when not wanted)
+  A *pc, *pa, *pq, *pomega;                                        // per-batch partial gradients
+  int64_t B, L, D, N; int K; bool bi;
+  int64_t tasks() const { return B * ((D + lanes<A>() - 1) / lanes<A>()); }
+  int64_t work_size() const { return (2 * L + 13 * N + 1) * lanes<A>(); }
+};
+
+// Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
+template <int W, typename T, typename A>
+MK_HD Coefs<A> gather(const Args<T, A>& p, int64_t row0, int64_t d0, int nw, A* dst) {
+  const A* src[6] = {p.a, p.q, p.c, p.aqk, p.qk, p.kaqk1};
+  const int64_t N = p.N;
+  for (int k = 0; k < 6; ++k)
+    for (int64_t n = 0; n < N; ++n)
+      for (int w = 0; w < W; ++w) dst[(k * N + n) * W + w] = w < nw ? src[k][(row0 + d0 + w) * N + n] : A(0);
+  const int64_t s = N * W;
+  return {dst, dst + s, dst + 2 * s, dst + 3 * s, dst + 4 * s, dst + 5 * s};
+}
+
+template <int W, typename A>
+MK_HD void load_state(A* h, const A* s, int64_t b, int64_t d0, int nw, int64_t D, int64_t N) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int w = 0; w < W; ++w) h[n * W + w] = (s && w < nw) ? s[((b * D) + d0 + w) * N + n] : A(0);
+}
+
+template <int W, typename A>
+MK_HD void store_state(A* s, const A* h, int64_t b, int64_t d0, int nw, int64_t D, int64_t N) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int w = 0; w < nw; ++w) s[((b * D) + d0 + w) * N + n] = h[n * W + w];
+}
+
+template <typename T, typename A, int W>
+MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
+  const int64_t nblk = (p.D + W - 1) / W, b = task / nblk, d0 = (task % nblk) * W, L = p.L, N = p.N;
+  const int nw = static_cast<int>(std::min<int64_t>(W, p.D - d0));
+  const Lanes<T> in{p.x + b * L * p.D + d0, p.mask ? p.mask + b * L : nullptr, p.D, static_cast<int>(L), nw};
+  A* ebuf = work;
+  A* cw = ebuf + L * W;
+  A* h = cw + 6 * N * W;
+  Coefs<A> cf = gather<W>(p, 0, d0, nw, cw);
+  load_state<W>(h, p.state, b, d0, nw, p.D, N);
+  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int t, const A* e) {
+    for (int w = 0; w < W; ++w) ebuf[t * W + w] = e[w];
+  });
+  if (p.final_state) store_state<W>(p.final_state, h, b, d0, nw, p.D, N);
+  if (p.bi) {
+    cf = gather<W>(p, p.D, d0, nw, cw);
+    load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int t, const A* e) {
+      for (int w = 0; w < W; ++w) ebuf[t * W + w] += e[w];
+    });
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const T* xt = in.x + t * p.D;
+    T* yt = p.y + (b * L + t) * p.D + d0;
+    for (int w = 0; w < nw; ++w) yt[w] = from_acc<T>(silu(ebuf[t * W + w] + p.omega[d0 + w] * to_acc<A>(xt[w])));
+  }
+}
+
+template <typename T, typename A, int W>
+MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
+  const int64_t nblk = (p.D + W - 1) / W, b = task / nblk, d0 = (task % nblk) * W, L = p.L, N = p.N;
+  const int nw = static_cast<int>(std::min<int64_t>(W, p.D - d0));
+  const int Ni = static_cast<int>(N);
+  const Lanes<T> in{p.x + b * L * p.D + d0, p.mask ? p.mask + b * L : nullptr, p.D, static_cast<int>(L), nw};
+  const T* gy = p.gy + b * L * p.D + d0;
+  const int64_t s = N * W;
+  A* gbuf = work;
+  A* dxm = gbuf + L * W;
+  A* cw = dxm + L * W;
+  A *h = cw + 6 * s, *H = h + s, *P = H + s, *sc = P + s, *sH = sc + s, *sP = sH + s, *r = sP + s;
+  A* om = r + s;  // omega of the block, then the block's d omega sum
+  A somega[W];
+  for (int w = 0; w < W; ++w) {
+    om[w] = w < nw ? p.omega[d0 + w] : A(0);
+    somega[w] = A(0);
+  }
+  Coefs<A> cf;
+  if (p.bi) {  // the backward direction's output enters z: keep it in gbuf, where the first sweep reads it
+    cf = gather<W>(p, p.D, d0, nw, cw);
+    load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int t, const A* e) {
+      for (int w = 0; w < W; ++w) gbuf[t * W + w] = e[w];
+    });
+  }
+  for (int dir = +1; dir >= -1; dir -= 2) {
+    if (dir < 0 && !p.bi) break;
+    const int64_t row0 = dir > 0 ? 0 : p.D;
+    cf = gather<W>(p, row0, d0, nw, cw);
+    load_state<W>(h, dir > 0 ? p.state : nullptr, b, d0, nw, p.D, N);
+    std::fill(H, H + 5 * s, A(0));  // H, P, sc, sH, sP
+    if (dir > 0) {
+      scan_params<W, 0, true>(in, gy, p.bi ? static_cast<const A*>(gbuf) : nullptr, gbuf, W, om, somega, +1, 0, in.L, p.K, Ni, cf, h,
+                              H, P, sc, sH, sP);
+    } else {
+      scan_params<W, 0, false>(in, gy, static_cast<const A*>(nullptr), gbuf, W, om, somega, -1, 0, in.L, p.K, Ni, cf, h, H, P, sc,
+                               sH, sP);
+    }
+    const bool gs = dir > 0 && p.gstate != nullptr;
+    load_state<W>(r, gs ? p.gstate : nullptr, b, d0, nw, p.D, N);  // r = dL/dh_{L-1} = G
+    for (int64_t n = 0; n < N; ++n) {
+      for (int w = 0; w < nw; ++w) {
+        const int64_t j = n * W + w, o = (b * 2 * p.D + row0 + d0 + w) * N + n;
+        p.pc[o] = sc[j];
+        p.pa[o] = cf.c[j] * sH[j] + r[j] * H[j];
+        p.pq[o] = cf.c[j] * sP[j] + r[j] * P[j];
+      }
+    }
+    scan_adjoint<W, 0>(gbuf, dxm, W, in.L, dir, 0, in.L, p.K, Ni, cf, r, dir < 0);
+    if (dir > 0 && p.dstate) store_state<W>(p.dstate, r, b, d0, nw, p.D, N);
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const A m = (p.mask == nullptr || p.mask[b * L + t]) ? A(1) : A(0);
+    T* dxt = p.dx + (b * L + t) * p.D + d0;
+    for (int w = 0; w < nw; ++w) dxt[w] = from_acc<T>(om[w] * gbuf[t * W + w] + m * dxm[t * W + w]);
+  }
+  for (int w = 0; w < nw; ++w) p.pomega[b * p.D + d0 + w] = somega[w];
+}
+
+// Non-template entry points, one per dtype, so target_clones can compile each for several ISAs.
+#define MK_DEFINE_TASKS(T, A)                                                                            \
+  MK_CLONES void run_fwd(const Args<T, A>& p, int64_t task, A* work) { fwd_task<T, A, lanes<A>()>(p, task, work); } \
+  MK_CLONES void run_bwd(const Args<T, A>& p, int64_t task, A* work) { bwd_task<T, A, lanes<A>()>(p, task, work); }
+MK_DEFINE_TASKS(float, float)
+MK_DEFINE_TASKS(double, double)
+MK_DEFINE_TASKS(c10::Half, float)
+MK_DEFINE_TASKS(c10::BFloat16, float)
+#undef MK_DEFINE_TASKS
+
+template <typename T, typename A, typename F>
+void run_tasks(const Args<T, A>& p, F fn) {
+  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> work(p.work_size());
+    for (int64_t task = begin; task < end; ++task) fn(p, task, work.data());
+  });
+}
+
+template <typename A>
+const A* opt_ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<A>() : nullptr; }
+
+template <typename T, typename A>
+Args<T, A> make_args(const Prepared& pr, bool bi, int64_t K) {
+  Args<T, A> p{};
+  p.x = pr.x.data_ptr<T>();
+  p.mask = pr.mask.defined() ? pr.mask.data_ptr<bool>() : nullptr;
+  p.a = pr.a.data_ptr<A>(); p.q = pr.q.data_ptr<A>(); p.c = pr.c.data_ptr<A>();
+  p.aqk = pr.aqk.data_ptr<A>(); p.qk = pr.qk.data_ptr<A>(); p.kaqk1 = pr.kaqk1.data_ptr<A>();
+  p.omega = pr.omega.data_ptr<A>();
+  p.state = opt_ptr<A>(pr.state);
+  p.B = pr.x.size(0); p.L = pr.x.size(1); p.D = pr.x.size(2); p.N = pr.a.size(1);
+  p.K = static_cast<int>(K); p.bi = bi;
+  return p;
+}
+
+#define MK_DISPATCH(dtype, ...)                                                                    \
+  switch (dtype) {                                                                               \
+    case at::kFloat: { using T = float; using A = float; __VA_ARGS__(); break; }                 \
+    case at::kDouble: { using T = double; using A = double; __VA_ARGS__(); break; }              \
+    case at::kHalf: { using T = c10::Half; using A = float; __VA_ARGS__(); break; }              \
+    case at::kBFloat16: { using T = c10::BFloat16; using A = float; __VA_ARGS__(); break; }      \
+    default: TORCH_CHECK(false, "ema: unsupported dtype ", dtype);                                \
+  }
+
+std::tuple<at::Tensor, at::Tensor> ema_fwd_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
+                                               const at::Tensor& c, const at::Tensor& omega,
+                                               const c10::optional<at::Tensor>& mask,
+                                               const c10::optional<at::Tensor>& state, bool bidirectional,
+                                               int64_t truncation, bool return_state) {
+  check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
+  const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
+  auto y = at::empty_like(pr.x);
+  auto final_state = return_state ? at::empty({x.size(0), x.size(2), a.size(1)}, x.options().dtype(acc_type(x)))
+                                  : at::empty({0}, x.options().dtype(acc_type(x)));
+  MK_DISPATCH(x.scalar_type(), [&] {
+    auto p = make_args<T, A>(pr, bidirectional, truncation);
+    p.y = y.data_ptr<T>();
+    p.final_state = return_state ? final_state.data_ptr<A>() : nullptr;
+    run_tasks(p, [](const Args<T, A>& pp, int64_t task, A* work) { run_fwd(pp, task, work); });
+  });
+  return {y, final_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ema_bwd_cpu(
+    const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_state, const at::Tensor& x,
+    const at::Tensor& a, const at::Tensor& q, const at::Tensor& c, const at::Tensor& omega,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
+    int64_t truncation) {
+  check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "ema_bwd: grad_y must have x's shape ", x.sizes(), ", got ",
+              grad_y.sizes());
+  const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
+  const auto acc = acc_type(x);
+  const int64_t B = x.size(0), D = x.size(2), N = a.size(1);
+  at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {
+    TORCH_CHECK(!bidirectional, "ema_bwd: grad_state needs a unidirectional EMA");
+    TORCH_CHECK(grad_state->dim() == 3 && grad_state->size(0) == B && grad_state->size(1) == D &&
+                    grad_state->size(2) == N,
+                "ema_bwd: grad_state must be (B, D, N) = (", B, ", ", D, ", ", N, "), got ", grad_state->sizes());
+    gs = grad_state->to(acc).contiguous();
+  }
+  auto dx = at::empty_like(pr.x);
+  auto opts = x.options().dtype(acc);
+  auto pc = at::zeros({B, 2 * D, N}, opts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);  // per batch
+  auto pomega = at::empty({B, D}, opts);
+  auto dstate = state.has_value() ? at::empty({B, D, N}, opts) : at::Tensor();
+  MK_DISPATCH(x.scalar_type(), [&] {
+    auto p = make_args<T, A>(pr, bidirectional, truncation);
+    p.gy = gy.data_ptr<T>();
+    p.gstate = opt_ptr<A>(gs);
+    p.dx = dx.data_ptr<T>();
+    p.dstate = dstate.defined() ? dstate.data_ptr<A>() : nullptr;
+    p.pc = pc.data_ptr<A>(); p.pa = pa.data_ptr<A>(); p.pq = pq.data_ptr<A>();
+    p.pomega = pomega.data_ptr<A>();
+    run_tasks(p, [](const Args<T, A>& pp, int64_t task, A* work) { run_bwd(pp, task, work); });
+  });
+  // Sum the per-batch partials over b in order (deterministic; at::sum's order may depend on threads).
+  auto sum_batches = [&](const at::Tensor& t) {
+    auto out = t[0].clone();
+    for (int64_t b = 1; b < B; ++b) out.add_(t[b]);
+    return out;
+  };
+  const int64_t kd = a.size(0);
+  auto grad = [&](const at::Tensor& t, const at::Tensor& like) { return sum_batches(t).narrow(0, 0, kd).to(like.scalar_type()); };
+  at::Tensor gstate_out = state.has_value() ? dstate.to(state->scalar_type()) : at::empty({0}, a.options());
+  return {dx, grad(pa, a), grad(pq, q), grad(pc, c), sum_batches(pomega).to(omega.scalar_type()), gstate_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
+                                                const at::Tensor& c, const at::Tensor& omega,
+                                                const at::Tensor& state, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
+  c10::optional<at::Tensor> mask3;
+  if (mask.has_value()) mask3 = mask->unsqueeze(1);
+  check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
+  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
+  const int64_t B = x.size(0), D = x.size(1), N = a.size(1);
+  auto y = at::empty({B, D}, x.options());
+  auto out_state = at::empty({B, D, N}, x.options().dtype(acc_type(x)));
+  MK_DISPATCH(x.scalar_type(), [&] {
+    const T* xp = pr.x.data_ptr<T>();
+    const bool* mp = pr.mask.defined() ? pr.mask.data_ptr<bool>() : nullptr;
+    const A *ap = pr.a.data_ptr<A>(), *qp = pr.q.data_ptr<A>(), *cp = pr.c.data_ptr<A>();
+    const A *op = pr.omega.data_ptr<A>(), *sp = pr.state.data_ptr<A>();
+    A* so = out_state.data_ptr<A>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, B * D, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / D, d = i % D;
+        const A xv = to_acc<A>(xp[i]), xm = (mp == nullptr || mp[b]) ? xv : A(0);
+        yp[i] = from_acc<T>(step_lane<0>(xm, xv, op[d], ap + d * N, qp + d * N, cp + d * N, sp + i * N, 1,
+                                         so + i * N, 1, static_cast<int>(N)));
+      }
+    });
+  });
+  return {y, out_state};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mega_kernels, CPU, m) {
+  m.impl("ema_fwd", &ema_fwd_cpu);
+  m.impl("ema_bwd", &ema_bwd_cpu);
+  m.impl("ema_step", &ema_step_cpu);
+}
+
+}  // namespace ema
+}  // namespace mega_kernels

@@ -1,0 +1,145 @@
+// Torch glue of the CUDA EMA kernels (ema_cuda.cu): checks, allocation, stream, dtype; registers the
+// mega_kernels ops for the CUDA dispatch key. Built only when torch has CUDA (mega_kernels/_build.py).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ema_checks.h"
+#include "ema_cuda.h"
+
+namespace mega_kernels {
+namespace ema {
+namespace {
+
+cuda::DType io_dtype(const char* op, const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat;
+    case at::kHalf: return cuda::DType::kHalf;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": the cuda backend takes float32, float16 or bfloat16 x, got ", x.scalar_type(),
+                  "; use backend='cpu' or 'reference' for float64");
+  }
+}
+
+void check_n(const char* op, int64_t N) {
+  TORCH_CHECK(N >= 1 && N <= cuda::kMaxN, op, ": the cuda backend takes an expansion size N <= ", cuda::kMaxN,
+              ", got ", N, "; use backend='triton' or 'reference'");
+}
+
+cuda::Coefs6 coefs(const Prepared& p) {
+  return {p.a.data_ptr<float>(), p.q.data_ptr<float>(), p.c.data_ptr<float>(), p.aqk.data_ptr<float>(),
+          p.qk.data_ptr<float>(), p.kaqk1.data_ptr<float>()};
+}
+
+const bool* mask_ptr(const Prepared& p) { return p.mask.defined() ? p.mask.data_ptr<bool>() : nullptr; }
+const float* state_ptr(const Prepared& p) { return p.state.defined() ? p.state.data_ptr<float>() : nullptr; }
+
+void raise_if(const char* op, const char* err) { TORCH_CHECK(err == nullptr, op, ": CUDA error: ", err); }
+
+std::tuple<at::Tensor, at::Tensor> ema_fwd_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
+                                                const at::Tensor& c, const at::Tensor& omega,
+                                                const c10::optional<at::Tensor>& mask,
+                                                const c10::optional<at::Tensor>& state, bool bidirectional,
+                                                int64_t truncation, bool return_state) {
+  check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  const auto dt = io_dtype("ema_fwd", x);
+  check_n("ema_fwd", a.size(1));
+  TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
+  const int B = x.size(0), L = x.size(1), D = x.size(2), N = a.size(1);
+  auto fopts = x.options().dtype(at::kFloat);
+  auto y = at::empty_like(pr.x);
+  auto final_state = at::empty(return_state ? at::IntArrayRef{B, D, N} : at::IntArrayRef{0}, fopts);
+  if (x.numel() == 0) {
+    if (return_state) final_state.copy_(state.has_value() ? pr.state : at::zeros_like(final_state));
+    return {y, final_state};
+  }
+  auto ws = at::empty({cuda::fwd_workspace_floats(B, L, D, N, bidirectional)}, fopts);
+  cuda::FwdParams p{pr.x.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(), state_ptr(pr),
+                    y.data_ptr(), return_state ? final_state.data_ptr<float>() : nullptr, ws.data_ptr<float>(),
+                    B, L, D, N, static_cast<int>(truncation), bidirectional};
+  raise_if("ema_fwd", cuda::launch_fwd(p, dt, c10::cuda::getCurrentCUDAStream()));
+  return {y, final_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ema_bwd_cuda(
+    const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_state, const at::Tensor& x,
+    const at::Tensor& a, const at::Tensor& q, const at::Tensor& c, const at::Tensor& omega,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
+    int64_t truncation) {
+  check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  const auto dt = io_dtype("ema_bwd", x);
+  check_n("ema_bwd", a.size(1));
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "ema_bwd: grad_y must have x's shape ", x.sizes(), ", got ",
+              grad_y.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
+  const int B = x.size(0), L = x.size(1), D = x.size(2), N = a.size(1);
+  auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {
+    TORCH_CHECK(!bidirectional, "ema_bwd: grad_state needs a unidirectional EMA");
+    TORCH_CHECK(grad_state->dim() == 3 && grad_state->size(0) == B && grad_state->size(1) == D &&
+                    grad_state->size(2) == N,
+                "ema_bwd: grad_state must be (B, D, N) = (", B, ", ", D, ", ", N, "), got ", grad_state->sizes());
+    gs = grad_state->to(at::kFloat).contiguous();
+  }
+  auto dx = at::empty_like(pr.x);
+  auto pc = at::zeros({B, 2 * D, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
+  auto pomega = at::zeros({B, D}, fopts);
+  auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
+  if (x.numel() > 0) {
+    auto gbuf = at::empty({B, L, D}, fopts), dxm = at::empty({B, L, D}, fopts);
+    cuda::BwdParams p{pr.x.data_ptr(), gy.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(),
+                      state_ptr(pr), gs.defined() ? gs.data_ptr<float>() : nullptr, dx.data_ptr(),
+                      dstate.defined() ? dstate.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
+                      pa.data_ptr<float>(), pq.data_ptr<float>(), pomega.data_ptr<float>(), gbuf.data_ptr<float>(),
+                      dxm.data_ptr<float>(), B, L, D, N, static_cast<int>(truncation), bidirectional};
+    raise_if("ema_bwd", cuda::launch_bwd(p, dt, c10::cuda::getCurrentCUDAStream()));
+  } else if (dstate.defined()) {
+    dstate.copy_(gs.defined() ? gs : at::zeros_like(dstate));  // L = 0: the state passes through
+  }
+  // Batch reduction by ATen's CUDA sum: a fixed reduction tree, so the result is the same run to run.
+  const int64_t kd = a.size(0);
+  auto grad = [&](const at::Tensor& t, const at::Tensor& like) {
+    return t.sum(0).narrow(0, 0, kd).to(like.scalar_type());
+  };
+  at::Tensor gstate_out = state.has_value() ? dstate.to(state->scalar_type()) : at::empty({0}, a.options());
+  return {dx, grad(pa, a), grad(pq, q), grad(pc, c), pomega.sum(0).to(omega.scalar_type()), gstate_out};
+}
+
+std::tuple<at::Tensor, at::Tensor> ema_step_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
+                                                 const at::Tensor& c, const at::Tensor& omega,
+                                                 const at::Tensor& state, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
+  c10::optional<at::Tensor> mask3;
+  if (mask.has_value()) mask3 = mask->unsqueeze(1);
+  check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
+  const auto dt = io_dtype("ema_step", x);
+  check_n("ema_step", a.size(1));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
+  const int B = x.size(0), D = x.size(1), N = a.size(1);
+  auto y = at::empty({B, D}, x.options());
+  auto new_state = at::empty({B, D, N}, x.options().dtype(at::kFloat));
+  if (x.numel() > 0) {
+    cuda::StepParams p{pr.x.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(), state_ptr(pr),
+                       y.data_ptr(), new_state.data_ptr<float>(), B, D, N};
+    raise_if("ema_step", cuda::launch_step(p, dt, c10::cuda::getCurrentCUDAStream()));
+  }
+  return {y, new_state};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mega_kernels, CUDA, m) {
+  m.impl("ema_fwd", &ema_fwd_cuda);
+  m.impl("ema_bwd", &ema_bwd_cuda);
+  m.impl("ema_step", &ema_step_cuda);
+}
+
+}  // namespace ema
+}  // namespace mega_kernels

@@ -1,0 +1,232 @@
+// Multi-dimensional damped EMA (MEGA spec section 4): the maths shared by the CPU and CUDA kernels.
+// Torch-free on purpose: g++ includes it from ema_cpu.cpp and nvcc from ema_cuda.cu on a CPU-only machine.
+//
+// Notation: one channel d, one direction, expansion index n < N, time t < L (each line holds per n).
+//   coefficients a = sigmoid(delta) beta, q = 1 - sigmoid(delta) sigmoid(alpha), c = gamma / sqrt(N)
+//   xm_t = mask_t x_t, K = truncation (0 = none: then every q^K term below is 0)
+//   forward:   h_t = q h_{t-1} + a xm_t - a q^K xm_{t-K}        (h_{-1} = state s, 0 when truncated)
+//              e_t = sum_n c h_t,   z_t = e_t [+ e'_t of the other direction] + omega x_t,   y_t = silu(z_t)
+// The truncated form keeps exactly the taps k[l] = sum_n c a q^l, l < K, of the convolution.
+// A "direction" is a time order: dir = +1 runs t = 0..L-1; dir = -1 runs t = L-1..0 (the backward rows
+// [D, 2D) of a bidirectional EMA), so both use the same code on the position i along the direction.
+//
+// Backward. With g_t = dL/dz_t = dL/dy_t * silu'(z_t), silu'(z) = sig(z) (1 + z (1 - sig(z))):
+//   d omega   = sum_t g_t x_t
+//   dc[n]     = sum_t g_t h_t
+//   da[n]     = c sum_t g_t H_t,   H_t = dh_t/da = q H_{t-1} + xm_t - q^K xm_{t-K},          H_{-1} = 0
+//   dq[n]     = c sum_t g_t P_t,   P_t = dh_t/dq = q P_{t-1} + h_{t-1} - K a q^(K-1) xm_{t-K},  P_{-1} = 0
+//   so ONE sweep in the direction's order (recomputing h, hence z and g) gives every parameter gradient.
+//   A gradient G on the final state h_{L-1} adds G H_{L-1} to da and G P_{L-1} to dq.
+//   dx: with the adjoint lam_t = dL/dh_t = c g_t + q lam_{t+1} - c q^K g_{t+K} (+ G at t = L-1), an
+//   anti-causal EMA of g run against the direction, dx_t = omega g_t + mask_t sum_n a lam_t, and the
+//   gradient of the initial state is q lam_0. The carry r_t = q lam_{t+1} (r_{L-1} = G) avoids dividing by q.
+// Chunking (CUDA): h is linear in h_{-1} with factor q per step, so a chunk of T steps started from 0 ends
+//   in a local state u and the true state after it is q^T h_start + u; the q^K xm_{t-K} terms just read x
+//   before the chunk. Deterministic: no atomics; partial sums are reduced in a fixed order by the callers.
+//
+// Layout: a lane group of W channels (CPU: W contiguous channels vectorised together; CUDA: W = 1 per
+// thread). Per-(n, lane) arrays are [n * W + w]. NM > 0 fixes the loop over n at compile time (CUDA,
+// registers; arrays are zero-padded up to NM, which keeps the padded states at 0); NM = 0 loops to N.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define MK_HD __host__ __device__ __forceinline__
+#define MK_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define MK_HD inline __attribute__((always_inline))
+#define MK_UNROLL
+#else
+#define MK_HD inline
+#define MK_UNROLL
+#endif
+
+namespace mega_kernels {
+namespace ema {
+
+// -- scalar helpers ---------------------------------------------------------------------------------------
+template <typename A, typename T>
+MK_HD A to_acc(T v) { return static_cast<A>(v); }
+template <typename T, typename A>
+MK_HD T from_acc(A v) { return static_cast<T>(v); }
+#if defined(__CUDACC__)
+template <> MK_HD float to_acc<float, __half>(__half v) { return __half2float(v); }
+template <> MK_HD float to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> MK_HD __half from_acc<__half, float>(float v) { return __float2half_rn(v); }
+template <> MK_HD __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
+#endif
+
+MK_HD float mk_exp(float v) { return expf(v); }
+MK_HD double mk_exp(double v) { return exp(v); }
+template <typename A>
+MK_HD A sigmoid(A z) { return A(1) / (A(1) + mk_exp(-z)); }
+template <typename A>
+MK_HD A silu(A z) { return z * sigmoid(z); }
+template <typename A>
+MK_HD A dsilu(A z) { A s = sigmoid(z); return s * (A(1) + z * (A(1) - s)); }
+
+// Coefficients of one direction for a lane group, each [n * W + w] (see the header comment).
+template <typename A>
+struct Coefs {
+  const A* a;
+  const A* q;
+  const A* c;
+  const A* aqk;    // a q^K      (0 when K = 0)
+  const A* qk;     // q^K        (0 when K = 0)
+  const A* kaqk1;  // K a q^(K-1) (0 when K = 0)
+};
+
+// Inputs of one lane group: pointers at (b, t = 0, first channel); time stride `ts` (= D).
+template <typename T>
+struct Lanes {
+  const T* x;
+  const bool* mask;  // (L,) for this batch row, or nullptr
+  int64_t ts;
+  int L;
+  int nw;            // valid lanes (<= W); the others read as 0
+};
+
+MK_HD int time_of(int i, int dir, int L) { return dir > 0 ? i : L - 1 - i; }
+
+// xm at position i along the direction (0 outside [0, L), where masked, or in padded lanes).
+template <int W, typename T, typename A>
+MK_HD void load_xm(A* dst, const Lanes<T>& in, int i, int dir) {
+  if (i < 0 || i >= in.L) {
+    for (int w = 0; w < W; ++w) dst[w] = A(0);
+    return;
+  }
+  const int t = time_of(i, dir, in.L);
+  const bool keep = in.mask == nullptr || in.mask[t];
+  const T* src = in.x + t * in.ts;
+  if (keep && in.nw == W) {
+    for (int w = 0; w < W; ++w) dst[w] = to_acc<A>(src[w]);
+  } else {
+    for (int w = 0; w < W; ++w) dst[w] = (keep && w < in.nw) ? to_acc<A>(src[w]) : A(0);
+  }
+}
+
+// Forward sweep over positions [i0, i1) of direction `dir`: updates h (N x W) in place and calls
+// emit(t, e) with e[w] = sum_n c h_t for each step (emit may do nothing).
+template <int W, int NM, typename T, typename A, typename Emit>
+MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
+                    Emit emit) {
+  const int nn = NM > 0 ? NM : N;
+  for (int i = i0; i < i1; ++i) {
+    A xv[W], xo[W], e[W];
+    load_xm<W>(xv, in, i, dir);
+    load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
+    for (int w = 0; w < W; ++w) e[w] = A(0);
+    MK_UNROLL for (int n = 0; n < nn; ++n) {
+      for (int w = 0; w < W; ++w) {
+        const int j = n * W + w;
+        const A hv = cf.q[j] * h[j] + cf.a[j] * xv[w] - cf.aqk[j] * xo[w];
+        h[j] = hv;
+        e[w] += cf.c[j] * hv;
+      }
+    }
+    emit(time_of(i, dir, in.L), e);
+  }
+}
+
+// Parameter-gradient sweep over [i0, i1) of direction `dir` (see "Backward" above). States h, H, P and
+// sums sc += g h, sH += g H, sP += g P are N x W. With MAKE_G the sweep also forms g_t itself:
+//   z = e + extra[t] + omega x_t, g = gy_t silu'(z); it stores g_t into gbuf[t] (extra may alias gbuf)
+//   and adds g x to somega. Without MAKE_G it reads g_t from gbuf.
+template <int W, int NM, bool MAKE_G, typename T, typename A>
+MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
+                       A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
+                       A* sc, A* sH, A* sP) {
+  const int nn = NM > 0 ? NM : N;
+  for (int i = i0; i < i1; ++i) {
+    const int t = time_of(i, dir, in.L);
+    A xv[W], xo[W], e[W], gv[W];
+    load_xm<W>(xv, in, i, dir);
+    load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
+    for (int w = 0; w < W; ++w) e[w] = A(0);
+    MK_UNROLL for (int n = 0; n < nn; ++n) {
+      for (int w = 0; w < W; ++w) {
+        const int j = n * W + w;
+        const A hp = h[j];
+        const A hv = cf.q[j] * hp + cf.a[j] * xv[w] - cf.aqk[j] * xo[w];
+        H[j] = cf.q[j] * H[j] + xv[w] - cf.qk[j] * xo[w];
+        P[j] = cf.q[j] * P[j] + hp - cf.kaqk1[j] * xo[w];
+        h[j] = hv;
+        e[w] += cf.c[j] * hv;
+      }
+    }
+    A* gt = gbuf + t * gts;
+    if (MAKE_G) {
+      const T* xr = in.x + t * in.ts;
+      const T* gyt = gy + t * in.ts;
+      for (int w = 0; w < W; ++w) {
+        A xw = w < in.nw ? to_acc<A>(xr[w]) : A(0);
+        A gw = w < in.nw ? to_acc<A>(gyt[w]) : A(0);
+        A z = e[w] + (extra ? extra[t * gts + w] : A(0)) + omega[w] * xw;
+        gv[w] = gw * dsilu(z);
+        gt[w] = gv[w];
+        somega[w] += gv[w] * xw;
+      }
+    } else {
+      for (int w = 0; w < W; ++w) gv[w] = gt[w];
+    }
+    MK_UNROLL for (int n = 0; n < nn; ++n) {
+      for (int w = 0; w < W; ++w) {
+        const int j = n * W + w;
+        sc[j] += gv[w] * h[j];
+        sH[j] += gv[w] * H[j];
+        sP[j] += gv[w] * P[j];
+      }
+    }
+  }
+}
+
+// Adjoint sweep against direction `dir`, positions i1-1 down to i0: carry r (N x W, r = q lam_{i+1}),
+// writes (or adds, `accumulate`) sum_n a lam_i to dxm[t]. Leaves r = q lam_{i0}.
+template <int W, int NM, typename A>
+MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
+                        const Coefs<A>& cf, A* r, bool accumulate) {
+  const int nn = NM > 0 ? NM : N;
+  for (int i = i1 - 1; i >= i0; --i) {
+    const int t = time_of(i, dir, L);
+    const bool far = K > 0 && i + K < L;
+    const A* gt = gbuf + t * gts;
+    const A* go = gbuf + (far ? time_of(i + K, dir, L) : t) * gts;
+    A gv[W], gov[W], d[W];
+    for (int w = 0; w < W; ++w) {
+      gv[w] = gt[w];
+      gov[w] = far ? go[w] : A(0);
+      d[w] = A(0);
+    }
+    MK_UNROLL for (int n = 0; n < nn; ++n) {
+      for (int w = 0; w < W; ++w) {
+        const int j = n * W + w;
+        const A lam = r[j] + cf.c[j] * gv[w] - cf.c[j] * cf.qk[j] * gov[w];
+        d[w] += cf.a[j] * lam;
+        r[j] = cf.q[j] * lam;
+      }
+    }
+    A* out = dxm + t * gts;
+    for (int w = 0; w < W; ++w) out[w] = accumulate ? out[w] + d[w] : d[w];
+  }
+}
+
+// One decoding step of one channel: h = q s + a xm, returns silu(sum_n c h + omega x); writes h to s_out.
+template <int NM, typename A>
+MK_HD A step_lane(A xm, A x, A omega, const A* a, const A* q, const A* c, const A* s, int64_t s_stride,
+                  A* s_out, int64_t o_stride, int N) {
+  const int nn = NM > 0 ? NM : N;
+  A e = A(0);
+  MK_UNROLL for (int n = 0; n < nn; ++n) {
+    if (NM > 0 && n >= N) break;
+    const A hv = q[n] * s[n * s_stride] + a[n] * xm;
+    s_out[n * o_stride] = hv;
+    e += c[n] * hv;
+  }
+  return silu(e + omega * x);
+}
+
+}  // namespace ema
+}  // namespace mega_kernels

@@ -1,0 +1,54 @@
+"""The compiled extension's definition (csrc/), shared by the JIT build (`_ext.py`) and setup.py.
+
+setup.py calls `extension()` when MEGA_KERNELS_BUILD_EXT=1 (with --no-build-isolation, so the installed
+torch is used) and builds `mega_kernels._C`; otherwise `_ext.py` JIT-builds the same sources with ninja on
+first use. CUDA sources join only when torch has CUDA and nvcc is found (`cuda_unavailable_reason`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+CPU_SOURCES = ["csrc/registration.cpp", "csrc/ema/ema_cpu.cpp"]
+CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_ops.cpp"]
+HEADERS = ["csrc/ema/ema_kernels.cuh", "csrc/ema/ema_checks.h", "csrc/ema/ema_cuda.h"]
+CXX_FLAGS = ["-O3"]
+CUDA_ARCHS = ("80", "90")
+NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)
+GENCODE = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]  # ahead-of-time builds
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    """None when the CUDA sources can be built here, else why not."""
+    import torch
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
+    if cpp_extension.CUDA_HOME is None or not Path(cpp_extension.CUDA_HOME, "bin", "nvcc").exists():
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def sources(with_cuda: bool) -> List[str]:
+    """Source paths relative to the repository root."""
+    return CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+
+
+def define_macros(with_cuda: bool):
+    return [("MEGA_KERNELS_WITH_CUDA", "1")] if with_cuda else []
+
+
+def extension():
+    """(ext_modules, cmdclass) for setup.py: one module `mega_kernels._C`, CUDA sources when buildable."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = cuda_unavailable_reason() is None and os.environ.get("MEGA_KERNELS_BUILD_CUDA", "1") != "0"
+    kind = CUDAExtension if with_cuda else CppExtension
+    flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + GENCODE} if with_cuda else {"cxx": CXX_FLAGS}
+    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags,
+               define_macros=define_macros(with_cuda))
+    return [ext], {"build_ext": BuildExtension}

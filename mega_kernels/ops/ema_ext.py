@@ -1,0 +1,54 @@
+"""The `cpu` and `cuda` EMA backends: the compiled mega_kernels::ema_fwd / ema_bwd / ema_step ops (csrc/).
+
+Importing this module loads (or JIT-builds) the extension; the backend registry imports it only after
+`mega_kernels._ext.unavailable_reason` said the extension is usable. The ops get fake (meta) kernels here,
+for torch.compile and opcheck, and the shared autograd of `ops.ema.register_ema_autograd`.
+
+    ema(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)
+        x (B, L, D), a/q/c (kd, N), omega (D,) -> y (B, L, D) [, final state (B, D, N)]
+    ema_step(x, a, q, c, omega, state, mask) -> (y (B, D), new state (B, D, N))
+Float32 state and accumulation (float64 for float64 x, which only the cpu backend accepts).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from .ema import register_ema_autograd
+
+_state = _ext.load()
+if not _state["ok"]:
+    raise ImportError(f"mega_kernels: the compiled extension is unavailable: {_state['reason']}")
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("mega_kernels::ema_fwd")
+def _ema_fwd_fake(x, a, q, c, omega, mask, state, bidirectional, truncation, return_state):
+    shape = (x.shape[0], x.shape[2], a.shape[1]) if return_state else (0,)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(shape, dtype=_acc(x))
+
+
+@torch.library.register_fake("mega_kernels::ema_bwd")
+def _ema_bwd_fake(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation):
+    gstate = torch.empty_like(state) if state is not None else a.new_empty((0,))
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a), torch.empty_like(q),
+            torch.empty_like(c), torch.empty_like(omega), gstate)
+
+
+@torch.library.register_fake("mega_kernels::ema_step")
+def _ema_step_fake(x, a, q, c, omega, state, mask):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], a.shape[1]), dtype=_acc(x))
+
+
+ema = register_ema_autograd(torch.ops.mega_kernels.ema_fwd.default, torch.ops.mega_kernels.ema_bwd.default)
+
+
+def ema_step(x, a, q, c, omega, state, mask=None):
+    """One decoding step (not differentiable): x (B, D), state (B, D, N) -> (y (B, D), new state (B, D, N))."""
+    dt = _acc(x)
+    return torch.ops.mega_kernels.ema_step.default(
+        x.contiguous(), a.to(dt).contiguous(), q.to(dt).contiguous(), c.to(dt).contiguous(),
+        omega.to(dt).contiguous(), state.to(dt).contiguous(), None if mask is None else mask.to(torch.bool))
