@@ -88,6 +88,9 @@ def test_ema_module_matches_transformers(bidirectional, truncation, masked):
                                                for a in (True, False) if (n, a) != ("layernorm", False)])
 def test_norms_match_transformers_in_training(norm_type, affine):
     theirs = hf.MegaSequenceNorm(norm_type, 16, affine=affine)
+    with torch.no_grad():  # transformers' scale/RMS norms start from uninitialised memory
+        for p in theirs.parameters():
+            p.fill_(1.0)
     perturb_(theirs)
     ours = MegaSequenceNorm(norm_type, 16, affine=affine)
     ours.load_state_dict(theirs.state_dict(), strict=True)
