@@ -39,6 +39,11 @@ def test_model_cpu(benchmark, models, impl, mode):
     model = table[impl]
     benchmark.group = f"MegaModel {mode} B{BATCH} L{LENGTH} D{CONFIG['hidden_size']}"
 
+    # fwd: eval mode, no grad (inference; transformers may reuse its cached EMA kernel there).
+    # fwd+bwd: train mode (every dropout is 0 in CONFIG, so the maths is eval's): transformers' eval-mode
+    # kernel cache would otherwise keep the EMA parameters out of the graph after a no-grad call.
+    model.train(mode == "fwd+bwd")
+
     def run():
         if mode == "fwd":
             with torch.no_grad():

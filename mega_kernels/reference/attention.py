@@ -49,12 +49,15 @@ def _blocks(lk: int, chunk_size: Optional[int]) -> int:
 def _to_blocks(t: Tensor, size: int, offset: int, total: int) -> Tensor:
     """Place t (B, T, X) at positions [offset, offset + T) of a zero buffer of `total` positions, cut in blocks."""
     bsz, length, width = t.shape
-    t = F.pad(t, (0, 0, offset, total - offset - length))
+    if offset or total != length:
+        t = F.pad(t, (0, 0, offset, total - offset - length))
     return t.reshape(bsz * (total // size), size, width)
 
 
 def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
     """Blocked probabilities: returns (p (G, S, S), v blocks (G, S, E), shapes) with G = B * blocks."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     bsz, lq, zdim = q.shape
     lk = k.shape[1]
     size = _blocks(lk, chunk_size)
@@ -62,42 +65,52 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     total = nblocks * size
     width = (rel_bias.shape[0] + 1) // 2
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
 
+    if activation == "softmax":
+        q = q * zdim ** -0.5
     qb = _to_blocks(q, size, lk - lq, total)
     kb = _to_blocks(k, size, 0, total)
     vb = _to_blocks(v, size, 0, total)
-    exists = torch.arange(total, device=q.device) < lk
-    keep = exists.expand(bsz, total)
-    if key_padding_mask is not None:
-        keep = keep & F.pad(key_padding_mask.to(torch.bool), (0, total - lk))
-    keep = keep.reshape(-1, size)                      # (G, S) key present and not padding
-    exists = exists.expand(bsz, total).reshape(-1, size)
-
-    pos = torch.arange(size, device=q.device)
+    pos = torch.arange(size, device=dev)
     bias = rel_bias.to(cd)[width - 1 + pos[None, :] - pos[:, None]]  # (S, S)
     s = torch.matmul(qb, kb.transpose(1, 2)).to(cd)
-    visible = torch.ones(size, size, dtype=torch.bool, device=q.device)
-    if causal:
-        visible = torch.tril(visible)
+
+    # keep: (G, S) key present and not padding; None when every key is kept
+    keep = None
+    if key_padding_mask is not None or total != lk:
+        exists = (torch.arange(total, device=dev) < lk).expand(bsz, total)
+        keep = exists if key_padding_mask is None else exists & F.pad(key_padding_mask.to(torch.bool),
+                                                                         (0, total - lk))
+        keep, exists = keep.reshape(-1, size), exists.reshape(-1, size)
+    causal_mask = torch.ones(size, size, dtype=torch.bool, device=dev).tril() if causal else None
 
     if activation == "softmax":
-        all_padded = ~keep.any(-1, keepdim=True) & exists.any(-1, keepdim=True)
-        key_ok = torch.where(all_padded, exists, keep)          # (G, S)
-        vis = visible[None] & key_ok[:, None, :]
+        s = s + bias
+        if keep is None and causal_mask is None:
+            return torch.softmax(s, dim=-1), vb, (bsz, lq, lk, size, nblocks, total)
+        vis = causal_mask[None] if keep is None else exists[:, None, :] & torch.where(
+            (keep.any(-1) | ~exists.any(-1))[:, None], keep, exists)[:, None, :]  # all-padding block: no padding
+        if causal_mask is not None and keep is not None:
+            vis = vis & causal_mask
         row_any = vis.any(-1, keepdim=True)
-        vis = vis | ~row_any                                    # keep softmax finite; rows zeroed below
-        s = s * zdim ** -0.5 + bias
-        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1) * row_any
-    elif activation in ("laplace", "relu2"):
+        vis = vis | ~row_any  # keeps the softmax finite; those rows are zeroed below (spec 9.5)
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
+        if not bool(row_any.all()):
+            p = p * row_any
+    else:
         if causal:
             n = (pos + 1).to(cd)[None, :, None]
-        else:
+        elif keep is not None:
             n = keep.sum(-1).clamp(min=1).to(cd)[:, None, None]
+        else:
+            n = float(size)
         s = s / n + bias
-        act = laplace if activation == "laplace" else relu2
-        p = act(s) * (visible[None] & keep[:, None, :])
-    else:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        p = laplace(s) if activation == "laplace" else relu2(s)
+        if keep is not None:
+            p = p * keep[:, None, :]
+        if causal_mask is not None:
+            p = p * causal_mask
     return p, vb, (bsz, lq, lk, size, nblocks, total)
 
 
