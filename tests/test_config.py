@@ -1,0 +1,90 @@
+"""MegaConfig: the spec's defaults, transformers' config dicts loaded unchanged (unknown keys kept), to_dict /
+JSON round trips in both directions, and validation errors that name the argument and the fix."""
+import json
+
+import pytest
+
+from parity import hf_config_mod
+
+from mega_kernels import MegaConfig
+from mega_kernels.config import MEGA_DEFAULTS
+
+SPEC_DEFAULTS = dict(
+    vocab_size=30522, hidden_size=128, num_hidden_layers=4, intermediate_size=256, ema_projection_size=16,
+    bidirectional=True, shared_representation_size=64, use_chunking=False, chunk_size=-1, truncation=None,
+    normalize_before_mega=True, normalization_type="scalenorm", norm_affine=True, activation="silu",
+    attention_activation="softmax", dropout_prob=0.1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    use_feature_dropout=False, use_normalized_ffn=True, nffn_hidden_size=256, normalize_before_ffn=True,
+    nffn_activation_dropout_prob=0.1, max_positions=2048, add_token_type_embeddings=False, type_vocab_size=2,
+    initializer_range=0.02, ema_delta_alpha_range=0.2, ema_beta_range=0.02, ema_gamma_omega_range=1.0,
+    pad_token_id=1, bos_token_id=0, eos_token_id=2, relative_positional_bias="rotary", classifier_dropout=None,
+    use_cache=True, add_lm_hidden_dense_layer=True, is_decoder=False, add_cross_attention=False,
+    tie_word_embeddings=True, num_labels=2, problem_type=None, kernel_backend="auto")
+
+
+def test_defaults_are_the_spec_and_transformers_defaults():
+    cfg = MegaConfig()
+    for name, value in SPEC_DEFAULTS.items():
+        assert getattr(cfg, name) == value, name
+    theirs = hf_config_mod.MegaConfig()
+    for name, _ in MEGA_DEFAULTS:
+        assert getattr(cfg, name) == getattr(theirs, name), name
+
+
+def test_transformers_config_json_loads_unchanged_and_round_trips(tmp_path):
+    theirs = hf_config_mod.MegaConfig(hidden_size=32, use_chunking=True, chunk_size=16, num_labels=3,
+                                      custom_key={"kept": [1, 2]}, architectures=["MegaForMaskedLM"])
+    theirs.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    ours = MegaConfig.from_pretrained(str(tmp_path))
+    assert ours.num_labels == 3 and ours.custom_key == {"kept": [1, 2]}
+    mine = ours.to_dict()
+    for key, value in raw.items():  # every key of transformers' file survives with its value
+        assert mine[key] == value, key
+    ours.save_pretrained(str(tmp_path / "back"))
+    again = hf_config_mod.MegaConfig.from_pretrained(str(tmp_path / "back"))
+    assert again.num_labels == 3 and again.chunk_size == 16 and again.kernel_backend == "auto"
+    assert MegaConfig.from_json_file(str(tmp_path / "back" / "config.json")) == ours
+
+
+def test_to_dict_and_copy():
+    cfg = MegaConfig(hidden_size=24, kernel_backend="reference", id2label={"0": "neg", "1": "pos"})
+    d = cfg.to_dict()
+    assert d["model_type"] == "mega" and d["kernel_backend"] == "reference"
+    assert d["id2label"] == {"0": "neg", "1": "pos"} and d["label2id"] == {"neg": 0, "pos": 1}
+    assert MegaConfig.from_dict(d) == cfg
+    assert cfg.copy(hidden_size=32).hidden_size == 32 and cfg.hidden_size == 24
+
+
+@pytest.mark.parametrize("kwargs, names", [
+    (dict(activation="swishy"), ["activation", "use one of"]),
+    (dict(attention_activation="sparsemax"), ["attention_activation", "softmax"]),
+    (dict(normalization_type="groupnorm"), ["normalization_type", "scalenorm"]),
+    (dict(relative_positional_bias="alibi"), ["relative_positional_bias", "rotary"]),
+    (dict(is_decoder=True), ["bidirectional", "bidirectional=False"]),
+    (dict(shared_representation_size=63), ["shared_representation_size", "even"]),
+    (dict(use_chunking=True), ["chunk_size", "positive"]),
+    (dict(use_chunking=True, chunk_size=0), ["chunk_size", "positive"]),
+    (dict(truncation=0), ["truncation", "positive"]),
+    (dict(add_cross_attention=True), ["add_cross_attention", "is_decoder=True"]),
+    (dict(hidden_size=0), ["hidden_size", "positive"]),
+    (dict(dropout_prob=1.5), ["dropout_prob", "[0, 1]"]),
+    (dict(kernel_backend="cudnn"), ["kernel_backend", "auto"]),
+    (dict(relative_positional_bias="simple", chunk_size=64, max_positions=32), ["chunk_size", "max_positions"]),
+    (dict(problem_type="ranking"), ["problem_type", "regression"]),
+])
+def test_validation_names_the_argument_and_the_fix(kwargs, names):
+    with pytest.raises(ValueError) as info:
+        MegaConfig(**kwargs)
+    for name in names:
+        assert name in str(info.value)
+
+
+def test_models_revalidate_a_changed_config():
+    import mega_kernels
+
+    cfg = MegaConfig(hidden_size=16, shared_representation_size=8, intermediate_size=8, nffn_hidden_size=8,
+                     num_hidden_layers=1, vocab_size=20)
+    cfg.is_decoder = True  # bidirectional is still True
+    with pytest.raises(ValueError, match="bidirectional"):
+        mega_kernels.MegaModel(cfg)
