@@ -82,10 +82,12 @@ MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
       for (int w = 0; w < W; ++w) ebuf[t * W + w] += e[w];
     });
   }
+  A om[W], xr[W], z[W];
+  for (int w = 0; w < W; ++w) om[w] = w < nw ? p.omega[d0 + w] : A(0);
   for (int64_t t = 0; t < L; ++t) {
-    const T* xt = in.x + t * p.D;
-    T* yt = p.y + (b * L + t) * p.D + d0;
-    for (int w = 0; w < nw; ++w) yt[w] = from_acc<T>(silu(ebuf[t * W + w] + p.omega[d0 + w] * to_acc<A>(xt[w])));
+    load_lanes<W>(xr, in.x + t * p.D, nw);
+    for (int w = 0; w < W; ++w) z[w] = silu(ebuf[t * W + w] + om[w] * xr[w]);
+    store_lanes<W>(p.y + (b * L + t) * p.D + d0, z, nw);
   }
 }
 
@@ -141,10 +143,11 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     scan_adjoint<W, 0>(gbuf, dxm, W, in.L, dir, 0, in.L, p.K, Ni, cf, r, dir < 0);
     if (dir > 0 && p.dstate) store_state<W>(p.dstate, r, b, d0, nw, p.D, N);
   }
+  A out[W];
   for (int64_t t = 0; t < L; ++t) {
     const A m = (p.mask == nullptr || p.mask[b * L + t]) ? A(1) : A(0);
-    T* dxt = p.dx + (b * L + t) * p.D + d0;
-    for (int w = 0; w < nw; ++w) dxt[w] = from_acc<T>(om[w] * gbuf[t * W + w] + m * dxm[t * W + w]);
+    for (int w = 0; w < W; ++w) out[w] = om[w] * gbuf[t * W + w] + m * dxm[t * W + w];
+    store_lanes<W>(p.dx + (b * L + t) * p.D + d0, out, nw);
   }
   for (int w = 0; w < nw; ++w) p.pomega[b * p.D + d0 + w] = somega[w];
 }

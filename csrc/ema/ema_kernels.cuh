@@ -43,6 +43,8 @@
 #define MK_HD inline
 #define MK_UNROLL
 #endif
+// The per-n lane loops below take restrict pointers so the host compiler vectorises them over W.
+#define MK_R __restrict__
 
 namespace mega_kernels {
 namespace ema {
@@ -59,7 +61,26 @@ template <> MK_HD __half from_acc<__half, float>(float v) { return __float2half_
 template <> MK_HD __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return __float2bfloat16(v); }
 #endif
 
-MK_HD float mk_exp(float v) { return expf(v); }
+// exp for float: the GPU's expf; on the host a branch-free version (2^k times a degree-7 polynomial on
+// |r| <= ln2/2, about 1 ulp) that the compiler vectorises, unlike the libm call.
+MK_HD float mk_exp(float v) {
+#if defined(__CUDA_ARCH__)
+  return expf(v);
+#else
+  v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
+  const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = (v - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+#endif
+}
 MK_HD double mk_exp(double v) { return exp(v); }
 template <typename A>
 MK_HD A sigmoid(A z) { return A(1) / (A(1) + mk_exp(-z)); }
@@ -88,6 +109,85 @@ struct Lanes {
   int L;
   int nw;            // valid lanes (<= W); the others read as 0
 };
+
+// Lane loads / stores of W channels of which the first nw exist (the others read as 0, are not written).
+template <int W, typename T, typename A>
+MK_HD void load_lanes(A* MK_R dst, const T* MK_R src, int nw) {
+  if (nw == W) {
+    for (int w = 0; w < W; ++w) dst[w] = to_acc<A>(src[w]);
+  } else {
+    for (int w = 0; w < W; ++w) dst[w] = w < nw ? to_acc<A>(src[w]) : A(0);
+  }
+}
+
+template <int W, typename T, typename A>
+MK_HD void store_lanes(T* MK_R dst, const A* MK_R src, int nw) {
+  if (nw == W) {
+    for (int w = 0; w < W; ++w) dst[w] = from_acc<T>(src[w]);
+  } else {
+    for (int w = 0; w < nw; ++w) dst[w] = from_acc<T>(src[w]);
+  }
+}
+
+template <int W, typename A>
+MK_HD void add_lanes(A* MK_R dst, const A* MK_R src) {
+  for (int w = 0; w < W; ++w) dst[w] += src[w];
+}
+
+// g = gy silu'(e + omega x) and somega += g x over the lanes.
+template <int W, typename A>
+MK_HD void make_g(const A* MK_R e, const A* MK_R omega, const A* MK_R x, const A* MK_R gy, A* MK_R g,
+                  A* MK_R somega) {
+  for (int w = 0; w < W; ++w) {
+    g[w] = gy[w] * dsilu(e[w] + omega[w] * x[w]);
+    somega[w] += g[w] * x[w];
+  }
+}
+
+// -- one n of each sweep, over the W lanes (restrict pointers: see MK_R) ------------------------------------
+template <int W, typename A>
+MK_HD void step_h(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R c, const A* MK_R xv,
+                  const A* MK_R xo, A* MK_R h, A* MK_R e) {
+  for (int w = 0; w < W; ++w) {
+    const A hv = q[w] * h[w] + a[w] * xv[w] - aqk[w] * xo[w];
+    h[w] = hv;
+    e[w] += c[w] * hv;
+  }
+}
+
+template <int W, typename A>
+MK_HD void step_hHP(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R qk, const A* MK_R kaqk1,
+                    const A* MK_R c, const A* MK_R xv, const A* MK_R xo, A* MK_R h, A* MK_R H, A* MK_R P,
+                    A* MK_R e) {
+  for (int w = 0; w < W; ++w) {
+    const A hp = h[w];
+    const A hv = q[w] * hp + a[w] * xv[w] - aqk[w] * xo[w];
+    H[w] = q[w] * H[w] + xv[w] - qk[w] * xo[w];
+    P[w] = q[w] * P[w] + hp - kaqk1[w] * xo[w];
+    h[w] = hv;
+    e[w] += c[w] * hv;
+  }
+}
+
+template <int W, typename A>
+MK_HD void accumulate3(const A* MK_R g, const A* MK_R h, const A* MK_R H, const A* MK_R P, A* MK_R sc, A* MK_R sH,
+                       A* MK_R sP) {
+  for (int w = 0; w < W; ++w) {
+    sc[w] += g[w] * h[w];
+    sH[w] += g[w] * H[w];
+    sP[w] += g[w] * P[w];
+  }
+}
+
+template <int W, typename A>
+MK_HD void step_adjoint(const A* MK_R q, const A* MK_R a, const A* MK_R c, const A* MK_R qk, const A* MK_R g,
+                        const A* MK_R go, A* MK_R r, A* MK_R d) {
+  for (int w = 0; w < W; ++w) {
+    const A lam = r[w] + c[w] * g[w] - c[w] * qk[w] * go[w];
+    d[w] += a[w] * lam;
+    r[w] = q[w] * lam;
+  }
+}
 
 MK_HD int time_of(int i, int dir, int L) { return dir > 0 ? i : L - 1 - i; }
 
@@ -120,12 +220,8 @@ MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, c
     load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
     MK_UNROLL for (int n = 0; n < nn; ++n) {
-      for (int w = 0; w < W; ++w) {
-        const int j = n * W + w;
-        const A hv = cf.q[j] * h[j] + cf.a[j] * xv[w] - cf.aqk[j] * xo[w];
-        h[j] = hv;
-        e[w] += cf.c[j] * hv;
-      }
+      const int j = n * W;
+      step_h<W>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv, xo, h + j, e);
     }
     emit(time_of(i, dir, in.L), e);
   }
@@ -147,38 +243,23 @@ MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf,
     load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
     MK_UNROLL for (int n = 0; n < nn; ++n) {
-      for (int w = 0; w < W; ++w) {
-        const int j = n * W + w;
-        const A hp = h[j];
-        const A hv = cf.q[j] * hp + cf.a[j] * xv[w] - cf.aqk[j] * xo[w];
-        H[j] = cf.q[j] * H[j] + xv[w] - cf.qk[j] * xo[w];
-        P[j] = cf.q[j] * P[j] + hp - cf.kaqk1[j] * xo[w];
-        h[j] = hv;
-        e[w] += cf.c[j] * hv;
-      }
+      const int j = n * W;
+      step_hHP<W>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, h + j, H + j, P + j, e);
     }
     A* gt = gbuf + t * gts;
     if (MAKE_G) {
-      const T* xr = in.x + t * in.ts;
-      const T* gyt = gy + t * in.ts;
-      for (int w = 0; w < W; ++w) {
-        A xw = w < in.nw ? to_acc<A>(xr[w]) : A(0);
-        A gw = w < in.nw ? to_acc<A>(gyt[w]) : A(0);
-        A z = e[w] + (extra ? extra[t * gts + w] : A(0)) + omega[w] * xw;
-        gv[w] = gw * dsilu(z);
-        gt[w] = gv[w];
-        somega[w] += gv[w] * xw;
-      }
+      A xw[W], gw[W];
+      load_lanes<W>(xw, in.x + t * in.ts, in.nw);
+      load_lanes<W>(gw, gy + t * in.ts, in.nw);
+      if (extra) add_lanes<W>(e, extra + t * gts);
+      make_g<W>(e, omega, xw, gw, gv, somega);
+      for (int w = 0; w < W; ++w) gt[w] = gv[w];
     } else {
       for (int w = 0; w < W; ++w) gv[w] = gt[w];
     }
     MK_UNROLL for (int n = 0; n < nn; ++n) {
-      for (int w = 0; w < W; ++w) {
-        const int j = n * W + w;
-        sc[j] += gv[w] * h[j];
-        sH[j] += gv[w] * H[j];
-        sP[j] += gv[w] * P[j];
-      }
+      const int j = n * W;
+      accumulate3<W>(gv, h + j, H + j, P + j, sc + j, sH + j, sP + j);
     }
   }
 }
@@ -201,12 +282,8 @@ MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int 
       d[w] = A(0);
     }
     MK_UNROLL for (int n = 0; n < nn; ++n) {
-      for (int w = 0; w < W; ++w) {
-        const int j = n * W + w;
-        const A lam = r[j] + cf.c[j] * gv[w] - cf.c[j] * cf.qk[j] * gov[w];
-        d[w] += cf.a[j] * lam;
-        r[j] = cf.q[j] * lam;
-      }
+      const int j = n * W;
+      step_adjoint<W>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, d);
     }
     A* out = dxm + t * gts;
     for (int w = 0; w < W; ++w) out[w] = accumulate ? out[w] + d[w] : d[w];
