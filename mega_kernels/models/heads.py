@@ -158,7 +158,7 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
                 output_attentions=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.use_return_dict if return_dict is None else return_dict
         source = input_ids if input_ids is not None else inputs_embeds
-        if source is None or source.dim() < 3 - (input_ids is not None):
+        if source is None or source.dim() != (3 if input_ids is not None else 4):
             raise ValueError("MegaForMultipleChoice: input_ids must be (B, num_choices, L) "
                              "(or inputs_embeds (B, num_choices, L, D))")
         num_choices = source.shape[1]

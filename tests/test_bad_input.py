@@ -1,0 +1,92 @@
+"""Bad input raises an error that names the problem (and usually the fix)."""
+import pytest
+import torch
+
+from parity import config_dict
+
+import mega_kernels
+from mega_kernels import MegaConfig
+from mega_kernels.modules import MegaMultiDimensionDampedEma
+
+DEC = dict(is_decoder=True, bidirectional=False)
+
+
+def model(head="MegaModel", **overrides):
+    return getattr(mega_kernels, head)(MegaConfig(**config_dict(**overrides))).eval()
+
+
+IDS = torch.randint(2, 50, (2, 7))
+
+
+@pytest.mark.parametrize("ids, match", [
+    (torch.tensor([[3, 50]]), r"input_ids out of range.*vocab_size is 50"),
+    (torch.tensor([[-1, 3]]), "input_ids out of range"),
+])
+def test_token_ids_out_of_range(ids, match):
+    with pytest.raises(ValueError, match=match):
+        model()(ids)
+
+
+def test_token_type_ids_out_of_range():
+    with pytest.raises(ValueError, match="token_type_ids out of range"):
+        model(add_token_type_embeddings=True)(IDS, token_type_ids=torch.full_like(IDS, 3))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(input_ids=IDS.float()), TypeError, "input_ids must be an integer"),
+    (dict(inputs_embeds=torch.randn(2, 7, 16, dtype=torch.float64)), TypeError, r"inputs_embeds is torch.float64"),
+    (dict(inputs_embeds=torch.randn(2, 7, 15)), ValueError, r"inputs_embeds must be \(B, L, 16\)"),
+    (dict(), ValueError, "exactly one of input_ids and inputs_embeds"),
+    (dict(input_ids=IDS, inputs_embeds=torch.randn(2, 7, 16)), ValueError, "exactly one"),
+    (dict(input_ids=IDS, attention_mask=torch.ones(2, 6)), ValueError, r"attention_mask must be \(B, L\) = \(2, 7\)"),
+    (dict(input_ids=IDS, attention_mask=torch.ones(7)), ValueError, "attention_mask must be"),
+])
+def test_wrong_inputs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model()(**kwargs)
+
+
+def test_too_long_for_the_simple_bias():
+    with pytest.raises(ValueError, match="exceeds the simple relative bias' maximum 32.*rotary"):
+        model(relative_positional_bias="simple")(torch.randint(2, 50, (1, 33)))
+    model(relative_positional_bias="simple", use_chunking=True, chunk_size=8)(torch.randint(2, 50, (1, 33)))
+
+
+def test_cache_needs_a_unidirectional_decoder():
+    with pytest.raises(ValueError, match="bidirectional EMA"):
+        model()(IDS, use_cache=True)
+    with pytest.raises(ValueError, match="is_decoder=True, bidirectional=False"):
+        model(bidirectional=False)(IDS, past_key_values=((None,) * 4,) * 2)
+    ema = MegaMultiDimensionDampedEma(MegaConfig(**config_dict()))
+    with pytest.raises(ValueError, match="unidirectional EMA"):
+        ema(torch.randn(1, 3, 16), use_cache=True)
+
+
+def test_bad_cache_and_mask_with_cache():
+    dec = model("MegaForCausalLM", **DEC)
+    past = dec(IDS, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="past_key_values has 1 layers"):
+        dec(IDS[:, :1], past_key_values=past[:1])
+    with pytest.raises(ValueError, match=r"attention_mask must be \(B, L\) = \(2, 8\)"):
+        dec(IDS[:, :1], past_key_values=past, attention_mask=torch.ones(2, 1))
+
+
+def test_cross_attention_inputs():
+    dec = model(**DEC, add_cross_attention=True)
+    with pytest.raises(ValueError, match="pass encoder_hidden_states"):
+        dec(IDS)
+    enc = torch.randn(2, 5, 16)
+    with pytest.raises(TypeError, match="encoder_hidden_states is torch.float64"):
+        dec(IDS, encoder_hidden_states=enc.double())
+    with pytest.raises(ValueError, match=r"encoder_attention_mask must be \(B, L\) = \(2, 5\)"):
+        dec(IDS, encoder_hidden_states=enc, encoder_attention_mask=torch.ones(2, 4))
+
+
+def test_multiple_choice_needs_choices():
+    with pytest.raises(ValueError, match="num_choices"):
+        model("MegaForMultipleChoice")(IDS)
+
+
+def test_config_of_the_wrong_type():
+    with pytest.raises(TypeError, match="needs a MegaConfig"):
+        mega_kernels.MegaModel(dict(hidden_size=16))
