@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -39,7 +40,26 @@ def _digest(files, with_cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
+def _prebuilt_is_stale(path: Optional[str]) -> bool:
+    """In a source checkout, a prebuilt library older than any source it was built from is stale."""
+    if not path or not _build.CSRC.is_dir():
+        return False
+    built = Path(path).stat().st_mtime
+    return any((_build.ROOT / f).exists() and (_build.ROOT / f).stat().st_mtime > built
+               for f in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.HEADERS)
+
+
 def _try_prebuilt() -> Optional[dict]:
+    try:
+        spec = importlib.util.find_spec("mega_kernels._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    if _prebuilt_is_stale(spec.origin):
+        logger.warning("mega_kernels: %s is older than csrc/; using a JIT build instead (rebuild with "
+                       "MEGA_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .)", spec.origin)
+        return None
     try:
         mod = importlib.import_module("mega_kernels._C")
     except ImportError:
@@ -79,6 +99,8 @@ def _jit_build() -> dict:
 def load() -> dict:
     """Load (building if needed) the extension once; returns its state dict. Never raises."""
     global _STATE
+    if _STATE is not None:  # lock-free once loaded (torch.compile traces through the backend probe)
+        return _STATE
     with _LOCK:
         if _STATE is None:
             try:

@@ -1,0 +1,144 @@
+"""The compiled extension as a whole: it builds (or says why not), its op schemas match ops/ema.py, the ops
+pass torch.library.opcheck (schema, fake tensors, autograd registration, AOT dispatch), torch.compile traces
+them without graph breaks, bad input gets a clear error, and a machine without a compiler still imports."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ema_params, random_mask
+from mega_kernels import _ext, ops
+from mega_kernels.ops.ema import EMA_BWD_SCHEMA, EMA_FWD_SCHEMA, EMA_STEP_SCHEMA
+from mega_kernels.reference.ema import ema_coefficients
+
+_REASON = _ext.unavailable_reason(torch.device("cpu"))
+needs_ext = pytest.mark.skipif(_REASON is not None and os.environ.get("CI") != "true",
+                               reason=f"C++ extension unavailable: {_REASON}")
+
+
+def test_extension_builds_in_ci():
+    if os.environ.get("CI") != "true" and _REASON is not None:
+        pytest.skip(f"not CI; extension unavailable here: {_REASON}")
+    assert _REASON is None, _REASON
+
+
+@needs_ext
+@pytest.mark.parametrize("name,schema", [("ema_fwd", EMA_FWD_SCHEMA), ("ema_bwd", EMA_BWD_SCHEMA),
+                                         ("ema_step", EMA_STEP_SCHEMA)])
+def test_schemas_match_python(name, schema):
+    import mega_kernels.ops.ema_ext  # noqa: F401  (loads the library)
+
+    got = getattr(torch.ops.mega_kernels, name).default._schema
+    assert str(got) == str(torch._C.parse_schema(f"mega_kernels::{name}{schema}"))
+
+
+def _fwd_args(dtype, bidirectional=False, truncation=0, state=False, masked=True, requires_grad=True):
+    bsz, length, dim, ndim = 2, 9, 5, 3
+    delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional, dtype=dtype)
+    a, q, c = (t.detach().requires_grad_(requires_grad) for t in ema_coefficients(delta, alpha, beta, gamma))
+    x = torch.randn(bsz, length, dim, dtype=dtype, requires_grad=requires_grad)
+    omega.requires_grad_(requires_grad)
+    mask = random_mask(bsz, length) if masked else None
+    s = torch.randn(bsz, dim, ndim, dtype=dtype, requires_grad=requires_grad) if state else None
+    return (x, a, q, c, omega, mask, s, bidirectional, truncation, state)
+
+
+OPCHECK_CASES = {
+    "uni_state": dict(state=True),
+    "bi_mask": dict(bidirectional=True),
+    "trunc_nomask": dict(truncation=4, masked=False),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+def test_opcheck_fwd_bwd(case, dtype):
+    import mega_kernels.ops.ema_ext  # noqa: F401
+
+    args = _fwd_args(dtype, **OPCHECK_CASES[case])
+    torch.library.opcheck(torch.ops.mega_kernels.ema_fwd.default, args)
+    x, a, q, c, omega, mask, s, bi, trunc, ret = args
+    gy = torch.randn_like(x)
+    gs = torch.randn_like(s) if s is not None else None
+    bwd_args = (gy, gs, x.detach(), a.detach(), q.detach(), c.detach(), omega.detach(), mask,
+                None if s is None else s.detach(), bi, trunc)
+    torch.library.opcheck(torch.ops.mega_kernels.ema_bwd.default, bwd_args)
+
+
+@needs_ext
+def test_opcheck_step():
+    import mega_kernels.ops.ema_ext  # noqa: F401
+
+    x, a, q, c, omega, _, _, _, _, _ = _fwd_args(torch.float32, requires_grad=False)
+    state = torch.randn(x.shape[0], x.shape[2], a.shape[1])
+    mask = torch.tensor([True, False])
+    torch.library.opcheck(torch.ops.mega_kernels.ema_step.default, (x[:, 0], a, q, c, omega, state, mask),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_compile_traces_without_graph_breaks(bidirectional):
+    params = ema_params(6, 4, bidirectional, dtype=torch.float32, requires_grad=True)
+    x = torch.randn(2, 11, 6, requires_grad=True)
+    mask = random_mask(2, 11)
+
+    def fn(x, *params):
+        return ops.ema(x, *params, mask=mask, bidirectional=bidirectional, backend="cpu")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y_eager, y_comp = fn(x, *params), compiled(x, *params)
+    torch.testing.assert_close(y_comp, y_eager)
+    g_eager = torch.autograd.grad(y_eager.sum(), [x] + params)
+    g_comp = torch.autograd.grad(y_comp.sum(), [x] + params)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(mask=a["mask"].float()), "mask must be bool"),
+    (lambda a: a.update(a=a["a"][:, :2]), "q must have a's shape"),
+    (lambda a: a.update(omega=a["omega"][:3]), "omega must be"),
+    (lambda a: a.update(bidirectional=True), "a must be \\(10, N\\)"),
+    (lambda a: a.update(state=torch.zeros(2, 5, 2)), "state must be \\(B, D, N\\)"),
+    (lambda a: a.update(truncation=-1), "truncation must be >= 0"),
+    (lambda a: a.update(x=a["x"][0]), "x must be \\(B, L, D\\)"),
+])
+def test_bad_input_names_the_argument(change, match):
+    import mega_kernels.ops.ema_ext  # noqa: F401
+
+    x, a, q, c, omega, mask, _, bi, trunc, ret = _fwd_args(torch.float32, requires_grad=False)
+    kw = dict(x=x, a=a, q=q, c=c, omega=omega, mask=mask, state=None, bidirectional=bi, truncation=trunc,
+              return_state=ret)
+    change(kw)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mega_kernels.ema_fwd(*kw.values())
+
+
+def test_import_without_a_compiler_reports_the_reason(tmp_path):
+    """No compiler: import works, the cpu backend says why it is unavailable, auto falls back, an explicit
+    request raises BackendUnavailable."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['mega_kernels._C'] = None  # ignore any prebuilt library\n"
+        "import mega_kernels\n"
+        "from mega_kernels import _ext, ops\n"
+        "from mega_kernels.ops.backends import BackendUnavailable, resolve\n"
+        "r = _ext.unavailable_reason('cpu')\n"
+        "assert r and 'failed' in r, r\n"
+        "assert resolve('ema', 'auto', torch.device('cpu')) == 'reference'\n"
+        "try:\n"
+        "    resolve('ema', 'cpu', torch.device('cpu'))\n"
+        "    raise SystemExit('no error')\n"
+        "except BackendUnavailable as e:\n"
+        "    assert 'failed' in str(e)\n"
+        "print('OK', r)\n")
+    env = dict(os.environ, MEGA_KERNELS_CACHE=str(tmp_path), CXX="/bin/false", MEGA_KERNELS_BACKEND="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "OK" in out.stdout
