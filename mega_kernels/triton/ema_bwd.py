@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .ema_fwd import (DEFAULT_BLOCK_D, EPI_DSILU, EPI_DX, INTERPRET, _block_n, _coef, _load_in, _powi,
-                      check_inputs, ema_scan, keep_of)
+from . import ema_fwd as _fwd
+from .ema_fwd import (EPI_DSILU, EPI_DX, INTERPRET, _block_n, _coef, _load_in, _powi, block_d_for, check_inputs,
+                      ema_scan, keep_of)
 
 Tensor = torch.Tensor
 
@@ -75,15 +76,19 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_pt
     sum_x = tl.zeros((BLOCK_D,), tl.float32)
     t0 = tl.where(dirn == 0, 0, L - 1)
     step = tl.where(dirn == 0, 1, -1)
+    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
     for i in tl.range(0, L, num_stages=STAGES):
-        t = t0 + i * step
-        raw, um = _load_in(x_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
-        g = tl.load(g_ptr + (b.to(tl.int64) * L + t) * D + offs_d, mask=dmask, other=0.0)
+        off = row * D + offs_d
+        raw = tl.load(x_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+        um = raw
+        if MASK_IN:
+            um = tl.where(tl.load(keep_ptr + row) != 0, raw, 0.0)
+        g = tl.load(g_ptr + off, mask=dmask, other=0.0)
         P = q * P + h
         H = q * H + um[None, :]
         h = q * h + a * um[None, :]
         if TRUNC:
-            td = t - step * K
+            td = t0 + (i - K) * step
             _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
             P = P - a * kqk1 * ud[None, :]
             H = H - qk * ud[None, :]
@@ -93,6 +98,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_pt
         sum_H += gb * H
         sum_P += gb * P
         sum_x += g * raw
+        row += step
     da = c * sum_H
     dq = c * sum_P
     if HAS_GS:
@@ -109,14 +115,15 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_pt
 
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
                     state: Optional[Tensor], grad_state: Optional[Tensor], bidirectional: bool, truncation: int,
-                    block_d: int = DEFAULT_BLOCK_D) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    block_d: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dq, dc) (kd, N) and domega (D,), float32, from g = dL/dz (B, L, D) float32; deterministic."""
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
+    block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
-    da, dq, dc = (torch.empty(bsz, kd, ndim, dtype=torch.float32, device=x.device) for _ in range(3))
-    dom = torch.empty(bsz, dim, dtype=torch.float32, device=x.device)
+    da, dq, dc = (_fwd._empty((bsz, kd, ndim), torch.float32, x.device) for _ in range(3))
+    dom = _fwd._empty((bsz, dim), torch.float32, x.device)
     _param_grad_kernel[(bsz * ndir * ndb,)](
         x, keep, g, a, q, c, state, grad_state, da, dq, dc, dom, bsz, length, dim, ndim, truncation, ndb,
         NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
@@ -148,6 +155,6 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
                         epilogue=EPI_DX, out_dtype=x.dtype, reverse=True, mask_in=False,
                         write_final=state is not None, **tuning)
     da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, bidirectional, truncation,
-                                         block_d=tuning.get("block_d", DEFAULT_BLOCK_D))
+                                         block_d=tuning.get("block_d"))
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
     return dx, da, dq, dc, domega, dstate

@@ -54,6 +54,11 @@ DEFAULT_CHUNK = 256
 DEFAULT_BLOCK_D = 32
 
 
+def _empty(shape, dtype, device) -> Tensor:
+    """Allocates every kernel output and workspace (the tests patch it to fill them with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @triton.jit
 def _coef(ptr, row0, offs_n, offs_d, N, D, other=0.0):
     """(BLOCK_N, BLOCK_D) tile of a (kd, N) coefficient at rows row0 + offs_d; padding lanes are `other`."""
@@ -85,15 +90,19 @@ def _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, valid, MASK_IN: tl.constexpr):
 def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
                  MASK_IN: tl.constexpr, TRUNC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """H_loc = sum over the n steps t0, t0+step, ... of q^(steps to the end) (u_t - q^K u_{t - step K})."""
+    dmask = offs_d < D
+    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for i in tl.range(0, n):
-        t = t0 + i * step
-        _, um = _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
+        um = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        if MASK_IN:
+            um = tl.where(tl.load(keep_ptr + row) != 0, um, 0.0)
         H = q * H + um[None, :]
         if TRUNC:
-            td = t - step * K
+            td = t0 + (i - K) * step
             _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
             H = H - qk * ud[None, :]
+        row += step
     return H
 
 
@@ -107,25 +116,29 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b,
     EPI_DSILU: out[t] = gy[t] * silu'(z) (float32).  EPI_DX: out[t] = omega u_t + keep_t * (e (+ acc[t])).
     """
     dmask = offs_d < D
+    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
     h = s
     for i in tl.range(0, n, num_stages=STAGES):
-        t = t0 + i * step
-        raw, um = _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, True, MASK_IN)
+        off = row * D + offs_d
+        raw = tl.load(u_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+        um = raw
+        if MASK_IN or MASK_OUT:
+            keep = tl.load(keep_ptr + row)
+        if MASK_IN:
+            um = tl.where(keep != 0, raw, 0.0)
         h = s + a * um[None, :]
         if TRUNC:
-            td = t - step * K
+            td = t0 + (i - K) * step
             _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
             h = h - aqk * ud[None, :]
         s = q * h
         e = tl.sum(c * h, axis=0)
-        off = (b.to(tl.int64) * L + t) * D + offs_d
         if ADD_ACC:
             e += tl.load(acc_ptr + off, mask=dmask, other=0.0)
         if EPI == 0:
             tl.store(acc_ptr + off, e, mask=dmask)
         elif EPI == 3:
             if MASK_OUT:
-                keep = tl.load(keep_ptr + b.to(tl.int64) * L + t)
                 e = tl.where(keep != 0, e, 0.0)
             tl.store(out_ptr + off, (omega * raw + e).to(out_ptr.dtype.element_ty), mask=dmask)
         else:
@@ -136,6 +149,7 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b,
             else:
                 gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
                 tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
+        row += step
     return h
 
 
@@ -282,11 +296,19 @@ def _block_n(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
 
+def block_d_for(dim: int, block_d: Optional[int] = None) -> int:
+    """Channels per program: DEFAULT_BLOCK_D on a GPU; under the interpreter as many as possible (up to 256),
+    since there the cost is per program-step, not per lane."""
+    if block_d:
+        return block_d
+    return min(256, max(2, triton.next_power_of_2(dim))) if INTERPRET else DEFAULT_BLOCK_D
+
+
 def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: int = DEFAULT_BLOCK_D, num_warps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+             block_d: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Run the chunked scan of u (B, L, D) and return (out (B, L, D) out_dtype, final h (B, D, N) or None).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -299,6 +321,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     ndim = q.shape[1]
     chunk = int(chunk or DEFAULT_CHUNK)
     nc = triton.cdiv(length, chunk)
+    block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
     if lookback is None:
         lookback = not bidirectional and not INTERPRET
@@ -307,15 +330,15 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     num_warps = num_warps or max(1, block_d // 32)
     stages = 1 if INTERPRET else 3
     block_n = _block_n(ndim)
-    out = torch.empty(u.shape, dtype=out_dtype, device=u.device)
+    out = _empty(u.shape, out_dtype, u.device)
     acc = None
     if bidirectional:
-        acc = out if out_dtype == torch.float32 else torch.empty(u.shape, dtype=torch.float32, device=u.device)
-    final = torch.empty(bsz, dim, ndim, dtype=torch.float32, device=u.device) if write_final else None
+        acc = out if out_dtype == torch.float32 else _empty(u.shape, torch.float32, u.device)
+    final = _empty((bsz, dim, ndim), torch.float32, u.device) if write_final else None
     kd = q.shape[0]
     buf = flags = ticket = None
     if carry:
-        buf = torch.empty(nc, bsz, kd, ndim, dtype=torch.float32, device=u.device)
+        buf = _empty((nc, bsz, kd, ndim), torch.float32, u.device)
         ndir = 2 if bidirectional else 1
         _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
             u, keep, a, q, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
@@ -325,7 +348,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
             buf, q, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
     elif lookback:
-        buf = torch.empty(nc, bsz, dim, ndim, dtype=torch.float32, device=u.device)
+        buf = _empty((nc, bsz, dim, ndim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
     _scan_out_kernel[(nc * bsz * ndb,)](

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ema_fwd import DEFAULT_BLOCK_D, _block_n, _coef, check_inputs, keep_of
+from . import ema_fwd as _fwd
+from .ema_fwd import _block_n, _coef, block_d_for, check_inputs, keep_of
 
 Tensor = torch.Tensor
 
@@ -44,15 +45,16 @@ def _ema_step_kernel(x_ptr, keep_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s_ptr, y_p
 
 
 def ema_step_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, state: Tensor,
-                 mask: Optional[Tensor], block_d: int = DEFAULT_BLOCK_D) -> Tuple[Tensor, Tensor]:
+                 mask: Optional[Tensor], block_d: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """x (B, D), state (B, D, N) float32, mask (B,) bool or None -> (y (B, D) x's dtype, new state float32)."""
     if x.dim() != 2:
         raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
     check_inputs("ema_step", x[:, None], a, q, c, omega, None if mask is None else mask[:, None], state, False, 0)
     bsz, dim = x.shape
+    block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
-    y = torch.empty_like(x)
-    new_state = torch.empty_like(state)
+    y = _fwd._empty(x.shape, x.dtype, x.device)
+    new_state = _fwd._empty(state.shape, torch.float32, x.device)
     _ema_step_kernel[(bsz * ndb,)](x, keep_of(mask), a, q, c, omega, state, y, new_state, dim, q.shape[1], ndb,
                                    HAS_MASK=mask is not None, BLOCK_N=_block_n(q.shape[1]), BLOCK_D=block_d,
                                    num_warps=max(1, block_d // 32))

@@ -1,0 +1,180 @@
+"""Backend-generic tests of the EMA kernels (`mega_kernels.ops.ema` / `ema_step` with backend=<name>):
+forward, backward and state against the float64 reference with the tolerance rule of DESIGN.md.
+
+To test another kernel backend add one line to BACKEND_DTYPES (the input dtypes it takes; float64 there makes
+gradcheck run in float64). A backend is skipped only when `unavailable_reason` says it cannot run here, and in
+CI (env var CI set) an unavailable "triton" or "cpu" backend fails instead. Triton runs on the CPU under
+TRITON_INTERPRET=1 (tests/conftest.py), where every time step costs ~1 ms: shapes here are chosen for that.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import mega_kernels.ops as ops
+from mega_kernels.ops.backends import unavailable_reason
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
+
+BACKEND_DTYPES = {
+    "triton": (torch.float32, torch.float16),
+}
+GPU_BACKENDS = ("triton", "cuda")  # run on CUDA tensors when a GPU is present
+
+
+def _device(name):
+    return "cuda" if name in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=list(BACKEND_DTYPES))
+def backend(request):
+    """(name, device) of a kernel backend that can run here."""
+    name = request.param
+    device = _device(name)
+    reason = unavailable_reason("ema", name, torch.device(device))
+    if reason is not None:
+        if os.environ.get("CI") and name in ("triton", "cpu"):
+            pytest.fail(f"backend {name!r} must run in CI: {reason}")
+        pytest.skip(reason)
+    return name, device
+
+
+def _dtypes(name, device):
+    extra = (torch.bfloat16,) if device == "cuda" else ()
+    return BACKEND_DTYPES[name] + extra
+
+
+def _inputs(bsz, length, dim, ndim, bidirectional, dtype, device, masked, with_state):
+    """x in `dtype`, float32 module parameters, mask, state, and output cotangents exact in the low dtypes."""
+    params = [p.float().to(device) for p in ema_params(dim, ndim, bidirectional)]
+    x = torch.randn(bsz, length, dim).to(dtype).to(device)
+    mask = random_mask(bsz, length).to(device) if masked else None
+    state = torch.randn(bsz, dim, ndim, device=device) if with_state else None
+    gy = torch.randn(bsz, length, dim).to(dtype).to(device)
+    gs = torch.randn(bsz, dim, ndim, device=device) if with_state else None
+    return x, params, mask, state, gy, gs
+
+
+def _run(backend, x, params, mask, state, gy, gs, **kw):
+    """(outputs, gradients) of ops.ema: outputs = (y, final state or None); gradients of x, the 5 parameters
+    and the state (when given) for the loss <y, gy> + <final, gs>."""
+    leaves = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params]
+    st = None if state is None else state.detach().requires_grad_()
+    out = ops.ema(leaves[0], *leaves[1:], mask=mask, state=st, return_state=gs is not None, backend=backend, **kw)
+    y, final = out if gs is not None else (out, None)
+    loss = (y.double() * gy.double()).sum()
+    if gs is not None:
+        loss = loss + (final.double() * gs.double()).sum()
+    grads = torch.autograd.grad(loss, leaves + ([st] if st is not None else []))
+    return (y.detach(), None if final is None else final.detach()), grads
+
+
+def _check_against_reference(name, x, params, mask, state, gy, gs, **kw):
+    """The kernel's outputs and gradients vs the float64 reference, bounded by the reference's own error in
+    the input dtype."""
+    got = _run(name, x, params, mask, state, gy, gs, **kw)
+    low = _run("reference", x, params, mask, state, gy, gs, **kw)
+    d64 = lambda t: None if t is None else t.double()  # noqa: E731
+    ref = _run("reference", d64(x), [d64(p) for p in params], mask, d64(state), d64(gy), d64(gs), **kw)
+    labels = ["y", "final_state"]
+    for label, o, r, lo in zip(labels, got[0], ref[0], low[0]):
+        if r is not None:
+            assert_close_to_reference(f"{name} {label}", o, r, lo)
+    labels = ["dx", "ddelta", "dalpha", "dbeta", "dgamma", "domega", "dstate"]
+    for label, o, r, lo in zip(labels, got[1], ref[1], low[1]):
+        assert_close_to_reference(f"{name} {label}", o, r, lo)
+
+
+def _interpreted(name, device):
+    return name == "triton" and device == "cpu"
+
+
+@pytest.mark.parametrize("case", EMA_CASES, ids=str)
+@pytest.mark.parametrize("bidirectional,masked", [(False, False), (False, True), (True, False), (True, True)])
+def test_forward_backward(backend, case, bidirectional, masked):
+    """Unidirectional runs carry an initial state and return the final state (with its own cotangent)."""
+    name, device = backend
+    bsz, length, dim, ndim = case
+    if length >= 1000 and (bidirectional or not masked) and _interpreted(name, device):
+        pytest.skip("L=1000 runs one combination under the Triton interpreter (~1 ms per step); all on a GPU")
+    x, params, mask, state, gy, gs = _inputs(bsz, length, dim, ndim, bidirectional, torch.float32, device, masked,
+                                             with_state=not bidirectional)
+    _check_against_reference(name, x, params, mask, state, gy, gs, bidirectional=bidirectional)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_low_precision_dtypes(backend, bidirectional):
+    name, device = backend
+    for dtype in _dtypes(name, device):
+        if dtype in (torch.float32, torch.float64):
+            continue
+        x, params, mask, state, gy, gs = _inputs(3, 33, 40, 16, bidirectional, dtype, device, True,
+                                                 with_state=not bidirectional)
+        _check_against_reference(name, x, params, mask, state, gy, gs, bidirectional=bidirectional)
+
+
+@pytest.mark.parametrize("truncation,bidirectional", [(1, False), (7, False), (7, True), (32, True), (100, False)])
+def test_truncation(backend, truncation, bidirectional):
+    """K < L (exact window, including K = 1 and K = L - 1) and K > L (the plain EMA)."""
+    name, device = backend
+    x, params, mask, _, gy, _ = _inputs(3, 33, 24, 3, bidirectional, torch.float32, device, True, False)
+    _check_against_reference(name, x, params, mask, None, gy, None, bidirectional=bidirectional,
+                             truncation=truncation)
+
+
+def test_split_sequence_equals_one_call(backend):
+    """Two calls chained through the state give the output and final state of one call over the whole sequence."""
+    name, device = backend
+    x, params, mask, state, _, _ = _inputs(3, 40, 24, 16, False, torch.float32, device, True, True)
+    y, final = ops.ema(x, *params, mask=mask, state=state, return_state=True, backend=name)
+    y1, s1 = ops.ema(x[:, :17], *params, mask=mask[:, :17], state=state, return_state=True, backend=name)
+    y2, s2 = ops.ema(x[:, 17:], *params, mask=mask[:, 17:], state=s1, return_state=True, backend=name)
+    ref = ops.ema(x.double(), *[p.double() for p in params], mask=mask, state=state.double(), return_state=True,
+                  backend="reference")
+    low = ops.ema(x, *params, mask=mask, state=state, return_state=True, backend="reference")
+    assert_close_to_reference("split y", torch.cat([y1, y2], 1), ref[0], low[0])
+    assert_close_to_reference("split state", s2, ref[1], low[1])
+    assert_close_to_reference("one-call y", y, ref[0], low[0])
+    assert_close_to_reference("one-call state", final, ref[1], low[1])
+
+
+def test_decode_steps_equal_full_pass(backend):
+    """ema_step token by token (with padded tokens) reproduces the full pass and its final state."""
+    name, device = backend
+    x, params, mask, state, _, _ = _inputs(3, 9, 24, 16, False, torch.float32, device, True, True)
+    ref = ops.ema(x.double(), *[p.double() for p in params], mask=mask, state=state.double(), return_state=True,
+                  backend="reference")
+    low = ops.ema(x, *params, mask=mask, state=state, return_state=True, backend="reference")
+    s, ys = state, []
+    for t in range(x.shape[1]):
+        y_t, s = ops.ema_step(x[:, t], *params, s, mask=mask[:, t], backend=name)
+        assert s.dtype == torch.float32 and y_t.dtype == x.dtype
+        ys.append(y_t)
+    assert_close_to_reference("decode y", torch.stack(ys, 1), ref[0], low[0])
+    assert_close_to_reference("decode state", s, ref[1], low[1])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gradcheck(backend, bidirectional):
+    """Analytic gradients (x, parameters, state) vs finite differences of the same kernel on a tiny shape."""
+    name, device = backend
+    dtype = torch.float64 if torch.float64 in BACKEND_DTYPES[name] else torch.float32
+    tol = dict(fast_mode=_interpreted(name, device))
+    if dtype != torch.float64:
+        tol.update(eps=1e-3, atol=2e-3, rtol=1e-2)
+    x, params, mask, state, _, _ = _inputs(3, 6, 3, 2, bidirectional, dtype, device, True, not bidirectional)
+    params = [p.to(dtype).requires_grad_() for p in params]
+    x = x.requires_grad_()
+    st = None if state is None else state.to(dtype).requires_grad_()
+
+    def fn(x, *rest):
+        *ps, s = rest if st is not None else (*rest, None)
+        out = ops.ema(x, *ps, mask=mask, state=s, return_state=s is not None, bidirectional=bidirectional,
+                      backend=name)
+        return out if s is not None else (out,)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*double precision.*")
+        assert torch.autograd.gradcheck(fn, (x, *params) + ((st,) if st is not None else ()), **tol)
