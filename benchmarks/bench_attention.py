@@ -1,0 +1,266 @@
+"""Chunked gated attention: the triton backend against the materialized reference, FlexAttention and SDPA.
+
+    python -m benchmarks.bench_attention            # GPU: every ANCHORS.md attention shape + B1 L16384 (~2 min)
+    python -m benchmarks.bench_attention --quick    # GPU smoke run: LM and LRA shapes, fewer peers
+    python -m benchmarks.bench_attention --tiny     # CPU (TRITON_INTERPRET=1): tiny shapes, end-to-end check
+    python -m benchmarks.bench_attention --compile-report lm   # no GPU needed: compile the kernels for sm_90
+                                                               # with their GPU configs, print smem/regs/spills
+
+Rows (benchmarks/results/attention-<device>.json, rewritten after each shape so a timeout keeps what ran):
+fwd and fwd+bwd ms, peak MiB, speedup vs the materialized reference softmax of the same shape, useful TFLOP/s
+as ANCHORS.md counts them: 2 B L C (Z + E) once (halved when causal; C = L unchunked), x3 for fwd+bwd.
+Peers (CUDA only): FlexAttention (compiled once per shape; score_mod adds the Toeplitz bias, a block_mask
+holds chunks + causality; v split in heads of 128 with q/k repeated per head) and SDPA flash (no bias; chunks
+folded into the batch; q/k/v in heads of 128: an upper bound for stock kernels), plus SDPA with a dense float
+bias for the one-block shape. The note of each triton row holds max |out - reference| (same dtype).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+SHAPES = {  # name: (B, L, Z, E, chunk or None, causal)
+    "LM": (4, 4096, 256, 2048, 1024, True),
+    "one-block": (4, 2048, 256, 2048, None, True),
+    "LRA": (32, 4096, 64, 256, 128, False),
+    "long": (1, 16384, 256, 2048, None, True),
+}
+TINY = {"tiny-chunked": (1, 64, 16, 32, 32, True), "tiny-lra": (2, 64, 16, 48, 16, False)}
+ACTS = ("softmax", "laplace", "relu2")
+
+
+def shape_str(b, L, z, e, c, causal):
+    return f"B{b} L{L} Z{z} E{e} " + (f"C{c}" if c else "unchunked") + (" causal" if causal else "")
+
+
+def useful_flops(b, L, z, e, c, causal):
+    return 2.0 * b * L * (c or L) * (z + e) / (2 if causal else 1)
+
+
+def make_inputs(b, L, z, e, c, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = c if c and c < L else L
+    q, k = (torch.randn(b, L, z, generator=g).to(device, dtype) for _ in range(2))
+    v = torch.randn(b, L, e, generator=g).to(device, dtype)
+    bias = (torch.randn(2 * w - 1, generator=g) * 0.1).to(device, dtype)
+    return [t.requires_grad_() for t in (q, k, v, bias)]
+
+
+def fwd_bwd(fn, inputs):
+    """Callables for the forward and for forward + backward (torch.autograd.grad: no .grad accumulation)."""
+    def f():
+        with torch.no_grad():
+            return fn(*inputs)
+
+    def fb():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, inputs, torch.ones_like(out), allow_unused=True)
+    return f, fb
+
+
+def flex_peer(b, L, z, e, c, causal, q, k, v, bias, compiled):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    heads, width = e // 128, (bias.shape[0] + 1) // 2
+    size = c or L
+
+    def score_mod(score, bi, h, qi, kj):
+        return score + bias[width - 1 + kj - qi].float()
+
+    def mask_mod(bi, h, qi, kj):
+        ok = (qi // size) == (kj // size)
+        return ok & (kj <= qi) if causal else ok
+
+    block_mask = create_block_mask(mask_mod, None, None, L, L, device=q.device)
+
+    def run(q, k, v, bias):
+        qh = q.unsqueeze(1).expand(b, heads, L, z)
+        kh = k.unsqueeze(1).expand(b, heads, L, z)
+        vh = v.view(b, L, heads, 128).transpose(1, 2)
+        return compiled(qh, kh, vh, score_mod=score_mod, block_mask=block_mask)
+    return run
+
+
+def sdpa_peer(b, L, z, e, c, causal):
+    """SDPA flash on chunks folded into the batch, q/k/v in heads of 128 (no bias)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    size = c or L
+    heads = e // 128
+
+    def run(q, k, v, bias):
+        qq = q.repeat(1, 1, max(1, 128 * heads // z))[..., :128 * heads]
+        kk = k.repeat(1, 1, max(1, 128 * heads // z))[..., :128 * heads]
+        fold = lambda t: t.reshape(b * (L // size), size, heads, 128).transpose(1, 2)  # noqa: E731
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(fold(qq), fold(kk), fold(v), is_causal=causal)
+    return run
+
+
+def sdpa_dense_bias_peer(b, L, z, e, causal):
+    """SDPA (efficient kernel) with a dense (L, L) float bias holding the Toeplitz bias and the causal mask."""
+    heads = e // 128
+
+    def run(q, k, v, bias):
+        pos = torch.arange(L, device=q.device)
+        dense = bias[L - 1 + pos[None, :] - pos[:, None]]
+        if causal:
+            dense = dense.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        vh = v.view(b, L, heads, 128).transpose(1, 2)
+        qh = q.unsqueeze(1).expand(b, heads, L, z)
+        kh = k.unsqueeze(1).expand(b, heads, L, z)
+        return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=dense.to(q.dtype))
+    return run
+
+
+def bench_shape(rows, name, spec, device, dtype, quick):
+    from benchmarks.harness import measure
+    from mega_kernels.ops.attention_triton import attention as triton_attention
+    from mega_kernels.reference.attention import attention as reference
+
+    b, L, z, e, c, causal = spec
+    shape = shape_str(*spec)
+    flops = useful_flops(*spec)
+    dname = str(dtype).replace("torch.", "")
+    x = make_inputs(b, L, z, e, c, device, dtype)
+    kw = dict(chunk_size=c, causal=causal)
+    methods = []
+    for act in ACTS:
+        if act == "softmax" or not (quick or name == "long"):
+            methods.append((f"reference-{act}", lambda *t, act=act: reference(*t, activation=act, **kw)))
+        methods.append((f"triton-{act}", lambda *t, act=act: triton_attention(*t, activation=act, **kw)))
+    if device.type == "cuda":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+        methods.append(("flex-softmax", flex_peer(*spec, *x, compiled)))
+        methods.append(("sdpa-flash-nobias", sdpa_peer(*spec)))
+        if name == "one-block" and not quick:
+            methods.append(("sdpa-dense-bias", sdpa_dense_bias_peer(b, L, z, e, causal)))
+    refs = {}
+    for backend, fn in methods:
+        note = ""
+        try:
+            if backend.startswith("reference-"):
+                with torch.no_grad():
+                    refs[backend.split("-", 1)[1]] = fn(*x)
+            elif backend.startswith("triton-"):
+                act = backend.split("-", 1)[1]
+                with torch.no_grad():
+                    out = fn(*x)
+                    if act in refs:
+                        note = f"max|out - ref| {(out.float() - refs[act].float()).abs().max().item():.2e}"
+        except Exception as exc:  # an OOM of the reference at 16k must not stop the run
+            note = f"{type(exc).__name__}: {str(exc)[:120]}"
+        f, fb = fwd_bwd(fn, x)
+        for mode, call, mult in (("fwd", f, 1), ("fwd+bwd", fb, 3)):
+            r = measure(rows, call, device, op="attention", mode=mode, shape=shape, dtype=dname, backend=backend,
+                        extra={"case": name})
+            if r.ms:
+                r.tflops = mult * flops / (r.ms * 1e-3) / 1e12
+                r.note = r.note or note
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32), kinds=("fwd", "decode", "dv", "dk", "dq")):
+    """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
+    ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mega_kernels.triton import attention_bwd as bw
+    from mega_kernels.triton import attention_common as common
+    from mega_kernels.triton import attention_fwd as fw
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    zdim, edim, size = {"lm": (256, 2048, 1024), "lra": (64, 256, 128)}[shape]
+    pb = common.Problem(1, 4096, 4096, zdim, edim, size, size, 0, 1, max(16, triton.next_power_of_2(zdim)),
+                        "ieee" if dtype == torch.float32 else "tf32")
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    unit = ("s_qz", "s_kz", "s_ve", "s_oe", "s_de")          # specialised to 1 at launch, as Triton does
+    f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
+    rows = []
+    for kind, fn in (("fwd", fw._fwd_kernel), ("decode", fw._decode_kernel), ("dv", bw._dv_kernel),
+                     ("dk", bw._dk_kernel), ("dq", bw._dq_kernel)):
+        if kind not in kinds:
+            continue
+        cfg = dict(common.config(kind, pb, dtype))
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        cfg = {key: val for key, val in cfg.items() if key in fn.arg_names}
+        for act in (0, 1):
+            consts = dict(ACT=act, BLOCK_Z=pb.block_z, **cfg, **common.constants())
+            if "DOT_PRECISION" in fn.arg_names:
+                consts["DOT_PRECISION"] = pb.dot_precision
+            consts.update({n: 1 for n in unit if n in fn.arg_names})
+            sig, attrs = {}, {}
+            for i, arg in enumerate(fn.arg_names):
+                if arg in consts:
+                    sig[arg] = "constexpr"
+                elif arg.isupper() and arg not in ("Lq", "Lk", "Z", "E", "S", "W", "M_LO", "NSEG"):
+                    sig[arg] = ("*fp32" if arg in f32 else "*i8" if arg == "KPM" else "*i32" if arg == "CNT"
+                                else "*" + tname)
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+                elif arg == "scale":
+                    sig[arg] = "fp32"
+                else:
+                    sig[arg] = "i32"
+                    if arg not in common.NO_SPECIALIZE:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+            kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", *target),
+                                    options=opts)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+                fh.write(kernel.asm["ptx"])
+            res = subprocess.run([ptxas, "-v", f"-arch=sm_{target[0]}a", fh.name, "-o", os.devnull],
+                                 capture_output=True, text=True, check=True)
+            os.unlink(fh.name)
+            regs = re.search(r"Used (\d+) registers", res.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", res.stderr)
+            rows.append(dict(kernel=kind, act=act, shared=kernel.metadata.shared, registers=int(regs.group(1)),
+                             spill_bytes=int(spills.group(1)) if spills else 0, **cfg, **opts))
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="LM and LRA shapes only, fewer peers")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
+    ap.add_argument("--compile-report", choices=["lm", "lra"], help="print sm_90 compile resources as JSON")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = ap.parse_args(argv)
+    if args.compile_report:
+        os.environ.pop("TRITON_INTERPRET", None)
+        print(json.dumps(compile_report(args.compile_report, getattr(torch, args.dtype))))
+        return 0
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")      # before triton is imported
+    from benchmarks.harness import fill_speedups, save_rows
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if not cuda and dtype == torch.bfloat16:
+        dtype = torch.float16 if args.tiny else torch.float32  # the interpreter has no bfloat16
+    shapes = TINY if (args.tiny or not cuda) else SHAPES
+    if args.quick and not args.tiny:
+        shapes = {k: SHAPES[k] for k in ("LM", "LRA")}
+    rows = []
+    for name, spec in shapes.items():
+        print(f"# {name}: {shape_str(*spec)}", file=sys.stderr, flush=True)
+        bench_shape(rows, name, spec, device, dtype, args.quick or args.tiny)
+        fill_speedups(rows, reference="reference-softmax")
+        save_rows(rows, "attention", device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The `triton` backend of `mega_kernels.ops.attention`: torch.library custom ops around the Triton launchers.
+
+    mega_kernels::attention_fwd_triton  ATTN_FWD_SCHEMA -> (out (B, Lq, E), stats)
+    mega_kernels::attention_bwd_triton  ATTN_BWD_SCHEMA -> (dq, dk, dv, d rel_bias)
+
+stats is the per-row float32 log-sum-exp (B, Lq) for softmax and an empty tensor for laplace / relu2.
+`custom_op` + `register_fake` (not `triton_op`): it traces under torch.compile on the GPU and on the CPU under
+TRITON_INTERPRET=1 (where triton_op's fake tracing touches data, DESIGN.md). `register_autograd` ties the pair
+into one differentiable op, so `attention` below is differentiable in q, k, v and rel_bias.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..triton.attention_bwd import attention_bwd
+from ..triton.attention_fwd import attention_fwd
+from .attention import ATTN_BWD_SCHEMA, ATTN_FWD_SCHEMA
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("mega_kernels::attention_fwd_triton", mutates_args=(), schema=ATTN_FWD_SCHEMA)
+def attention_fwd_op(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
+    return attention_fwd(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
+    out = v.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    stats = q.new_empty((q.shape[0], q.shape[1]) if activation == "softmax" else (0,), dtype=torch.float32)
+    return out, stats
+
+
+@torch.library.custom_op("mega_kernels::attention_bwd_triton", mutates_args=(), schema=ATTN_BWD_SCHEMA)
+def attention_bwd_op(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal, key_padding_mask):
+    return attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal,
+                         key_padding_mask)
+
+
+@attention_bwd_op.register_fake
+def _(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal, key_padding_mask):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rel_bias)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask = inputs
+    out, stats = output
+    ctx.save_for_backward(q, k, v, rel_bias, out, stats, key_padding_mask)
+    ctx.flags = (activation, chunk_size, causal)
+
+
+def _backward(ctx, grad_out, grad_stats):
+    q, k, v, rel_bias, out, stats, key_padding_mask = ctx.saved_tensors
+    activation, chunk_size, causal = ctx.flags
+    dq, dk, dv, dbias = attention_bwd_op(grad_out.contiguous(), q, k, v, rel_bias, out, stats, activation,
+                                         chunk_size, causal, key_padding_mask)
+    return dq, dk, dv, dbias, None, None, None, None
+
+
+torch.library.register_autograd("mega_kernels::attention_fwd_triton", _backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
+              chunk_size: Optional[int] = None, causal: bool = False,
+              key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Chunked attention on the Triton kernels: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E), rel_bias (2W - 1,),
+    key_padding_mask (B, Lk) (True / 1 = token) -> (B, Lq, E) in v's dtype. Semantics:
+    `mega_kernels.reference.attention`. rel_bias is used in float32 and its gradient comes back in its dtype."""
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    out, _ = attention_fwd_op(q, k, v, rel_bias.contiguous(), activation, int(chunk_size or 0), bool(causal), mask)
+    return out

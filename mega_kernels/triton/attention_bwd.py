@@ -1,0 +1,288 @@
+"""Triton backward of chunked single-head attention with a Toeplitz bias (FlashAttention-2 style recompute).
+
+Maths (notation of attention_common.py and attention_fwd.py; dO = dL/d out, all sums over visible pairs):
+
+    dP_ij = dO_i . v_j                                   (sums over all of E)
+    dv_j  = sum_i p_ij dO_i
+    softmax:  p = exp(s - lse);  dS_ij = p_ij (dP_ij - delta_i),  delta_i = sum_j p_ij dP_ij = dO_i . out_i
+              ds/dq = Z^-0.5 k,  ds/dk = Z^-0.5 q               (delta_i: in torch, before the kernels)
+    element:  p = act(s);        dS_ij = act'(s_ij) dP_ij
+              ds/dq_i = k_j / n_i,  ds/dk_j = q_i / n_i
+    dq_i = sum_j dS_ij c_i k_j,   dk_j = sum_i dS_ij c_i q_i,   c_i = Z^-0.5 (softmax) or 1 / n_i (element)
+    d rel_bias[W - 1 + d] = sum over pairs with j - i = d of dS_ij   (a sum along diagonals)
+
+Three kernels, none with atomics, so every gradient is deterministic:
+- `_dv_kernel`: program = (key tile, E tile): loops over the query tiles that see the keys, recomputes p and
+  accumulates p^T dO (like the forward, transposed).
+- `_dk_kernel`: program = key tile: loops over query tiles, recomputes p, dP (looping over E), dS; accumulates
+  dk, and the diagonal sums of dS for the bias. Query tiles are aligned to absolute positions in steps of the
+  (square) tile T, so a (query tile, key tile) pair covers diagonals d = m T + c - T .. m T + c with m the
+  tile offset: rotating each row of dS left by its row index (`tl.gather`, R_ic = dS_i,(i+c) mod T) turns
+  diagonals into columns: column c of R sums diagonal m T + c (where i + c < T) and (m - 1) T + c (where
+  i + c >= T). Consecutive query tiles step m down by one, so the second part is carried to the next tile and
+  every segment (b, key tile, m) of T diagonals is written once into a zeroed float32 scratch; torch sums the
+  scratch over batch and key tiles (a fixed-order reduction).
+- `_dq_kernel`: program = query tile: loops over key tiles, recomputes p, dP, dS; accumulates dq.
+dP costs 2 T^2 E per tile pair in each of `_dk_kernel` and `_dq_kernel` (recomputed rather than atomically
+shared), and the score recompute costs Z / BLOCK_E extra in `_dv_kernel`, the price of E-wide values.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (Problem, config, constants, describe, element_act, element_act_grad, inv_count,
+                               load_bias, load_key_pad, mask_args, row_info, visible, NO_SPECIALIZE, block_key_range)
+
+
+@triton.jit
+def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale, causal,
+           ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+           LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """Recompute a tile: returns p (float32, 0 off the visible pairs), the element scores s, the visibility,
+    and the per-row factor c (Z^-0.5 or 1 / n)."""
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
+    bias = load_bias(BIAS, pos, offs_n, W, vis)
+    if ACT == 0:
+        s = qk * scale + bias
+        p = tl.where(vis, tl.exp2((s - LSE_row[:, None]) * 1.4426950408889634), 0.0)
+        c = tl.full(pos.shape, 1.0, tl.float32) * scale
+    else:
+        c = inv_count(pos, cs, cnt, causal)
+        s = qk * c[:, None] + bias
+        p = tl.where(vis, element_act(s, ACT, LAPLACE_MU, LAPLACE_C), 0.0)
+    return p, s, vis, c
+
+
+@triton.jit
+def _dscores(p, s, vis, dp, delta, ACT: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
+             LAPLACE_D: tl.constexpr):
+    """dL/ds for a tile (float32, 0 off the visible pairs)."""
+    if ACT == 0:
+        ds = p * (dp - delta[:, None])
+    else:
+        ds = tl.where(vis, element_act_grad(s, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D) * dp, 0.0)
+    return ds
+
+
+@triton.jit
+def _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dP = dO v^T for a (BLOCK_M, BLOCK_N) tile, summed over all of E in BLOCK_E steps (float32)."""
+    dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        e_ok = offs_e < E
+        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dm + offs_e[None, :] * s_de,
+                     mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+        vt = tl.load(V + b * s_vb + offs_n[None, :] * s_vn + offs_e[:, None] * s_ve,
+                     mask=n_ok[None, :] & e_ok[:, None], other=0.0)
+        dp = tl.dot(do, vt, dp, input_precision=DOT_PRECISION)
+    return dp
+
+
+@triton.jit
+def _query_range(pid_n, Lq, Lk, S, T: tl.constexpr, causal):
+    """Start (aligned down to T) and end of the query positions that can see key tile pid_n."""
+    k_first = pid_n * T
+    k_last = tl.minimum(k_first + T, Lk) - 1
+    lo = tl.maximum((k_first // S) * S, Lk - Lq)
+    lo = tl.where(causal != 0, tl.maximum(lo, k_first), lo)
+    hi = tl.minimum((k_last // S) * S + S, Lk)
+    return (lo // T) * T, hi
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
+               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_db, s_dm, s_de, s_vb, s_vn, s_ve, s_mb, s_cb,
+               Lq, Lk, Z, E, S, W, scale, causal, has_mask,
+               ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+               LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_z = tl.arange(0, BLOCK_Z)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    n_ok = offs_n < Lk
+    kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
+                 mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
+    kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+    start, hi = _query_range(pid_n, Lq, Lk, S, BLOCK_N, causal)
+    start = (start // BLOCK_M) * BLOCK_M
+    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    for p0 in range(start, hi, BLOCK_M):
+        pos = p0 + tl.arange(0, BLOCK_M)
+        offs_m = pos - (Lk - Lq)
+        row_ok = (offs_m >= 0) & (pos < Lk)
+        cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+        q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                    mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+        if ACT == 0:
+            lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
+        else:
+            lse = pos.to(tl.float32)                      # unused by laplace / relu2
+        p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dm + offs_e[None, :] * s_de,
+                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        acc = tl.dot(tl.trans(p.to(do.dtype)), do, acc, input_precision=DOT_PRECISION)
+    tl.store(DV + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve, acc.to(DV.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB,
+               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, s_cb,
+               Lq, Lk, Z, E, S, W, scale, causal, has_mask, M_LO, NSEG,
+               ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+               LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    """dk for key tile pid_n, and its bias-gradient segments GB[b, pid_n, m - M_LO, :] (BLOCK_M == BLOCK_N)."""
+    T: tl.constexpr = BLOCK_N
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n_tiles = tl.num_programs(0)
+    offs_n = pid_n * T + tl.arange(0, T)
+    offs_z = tl.arange(0, BLOCK_Z)
+    n_ok = offs_n < Lk
+    kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
+                 mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
+    kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+    start, hi = _query_range(pid_n, Lq, Lk, S, T, causal)
+    gb_base = GB + (b * n_tiles + pid_n) * NSEG * T + tl.arange(0, T)
+    carry = tl.zeros((T,), dtype=tl.float32)
+    m = pid_n - start // T
+    dk = tl.zeros((T, BLOCK_Z), dtype=tl.float32)
+    for p0 in range(start, hi, T):
+        pos = p0 + tl.arange(0, T)
+        offs_m = pos - (Lk - Lq)
+        row_ok = (offs_m >= 0) & (pos < Lk)
+        cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+        q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                    mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+        if ACT == 0:
+            lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
+        else:
+            lse = pos.to(tl.float32)
+            delta = lse
+        p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+        dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
+                      T, T, BLOCK_E, DOT_PRECISION)
+        ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
+        dk = tl.dot(tl.trans((ds * c[:, None]).to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        ii = tl.arange(0, T)[:, None]
+        cc = tl.arange(0, T)[None, :]
+        r = tl.gather(ds, (ii + cc) % T, 1)               # row i rotated left by i
+        upper = ii + cc < T                               # r on diagonal m T + c (else (m - 1) T + c)
+        seg = carry + tl.sum(tl.where(upper, r, 0.0), 0)
+        carry = tl.sum(tl.where(upper, 0.0, r), 0)
+        idx = m - M_LO
+        tl.store(gb_base + idx * T, seg, mask=(idx >= 0) & (idx < NSEG) & (tl.arange(0, T) >= 0))
+        m -= 1
+    idx = m - M_LO
+    tl.store(gb_base + idx * T, carry, mask=(idx >= 0) & (idx < NSEG) & (tl.arange(0, T) >= 0))
+    tl.store(DK + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz, dk.to(DK.dtype.element_ty),
+             mask=n_ok[:, None] & (offs_z[None, :] < Z))
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
+               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, s_cb,
+               Lq, Lk, Z, E, S, W, scale, causal, has_mask,
+               ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+               LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_z = tl.arange(0, BLOCK_Z)
+    row_ok = offs_m < Lq
+    pos = Lk - Lq + offs_m
+    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+    if ACT == 0:
+        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = pos.to(tl.float32)
+        delta = lse
+    first = Lk - Lq + pid_m * BLOCK_M
+    lo, hi = block_key_range(first, tl.minimum(first + BLOCK_M, Lk) - 1, Lk, S, causal)
+    dq = tl.zeros((BLOCK_M, BLOCK_Z), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
+                    mask=n_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+        p, s, vis, c = _probs(q, tl.trans(k), pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+        dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
+                      BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION)
+        ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    if ACT == 0:
+        dq = dq * scale
+    else:
+        dq = dq * inv_count(pos, cs, cnt, causal)[:, None]
+    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_z[None, :] < Z))
+
+
+def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chunk_size: int, causal: bool,
+                  key_padding_mask=None):
+    """Backward launcher: gradients (dq, dk, dv, d rel_bias) shaped like (q, k, v, rel_bias), from
+    grad_out (B, Lq, E), the forward's out and stats (see attention_fwd.attention_fwd)."""
+    pb = describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    if tuple(grad_out.shape) != (pb.bsz, pb.lq, pb.edim):
+        raise ValueError(f"triton attention backward: grad_out must be (B, Lq, E) = {(pb.bsz, pb.lq, pb.edim)}, "
+                         f"got {tuple(grad_out.shape)}")
+    if pb.act == 0 and tuple(stats.shape) != (pb.bsz, pb.lq):
+        raise ValueError(f"triton attention backward: softmax stats must be (B, Lq) = {(pb.bsz, pb.lq)}, "
+                         f"got {tuple(stats.shape)} (pass the forward's second output)")
+    kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
+    do = grad_out.to(v.dtype)
+    stats = stats.float().contiguous()
+    delta = (do.float() * out.float()).sum(-1).contiguous() if pb.act == 0 else stats
+    dq = torch.empty(pb.bsz, pb.lq, pb.zdim, dtype=q.dtype, device=q.device)
+    dk = torch.empty(pb.bsz, pb.lk, pb.zdim, dtype=k.dtype, device=q.device)
+    dv = torch.empty(pb.bsz, pb.lk, pb.edim, dtype=v.dtype, device=q.device)
+    common = dict(ACT=pb.act, DOT_PRECISION=pb.dot_precision,
+                  BLOCK_Z=pb.block_z, **constants())
+    sizes = (pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask)
+    mstr = (kpm.stride(0), counts.stride(0))
+
+    cfg = config("dv", pb, q.dtype)
+    grid = (triton.cdiv(pb.lk, cfg["BLOCK_N"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
+    _dv_kernel[grid](q, k, rel_bias, kpm, counts, stats, do, dv, *q.stride(), *k.stride(), *do.stride(),
+                     *dv.stride(), *mstr, *sizes, **common, **cfg)
+
+    cfg = config("dk", pb, q.dtype)
+    t = cfg["BLOCK_N"]
+    assert cfg["BLOCK_M"] == t, "the bias-gradient rotation needs square tiles"
+    reach = pb.size - 1                                     # pairs of a block have |j - i| <= S - 1
+    m_lo = -(-reach // t)                                   # segments m = -m_lo .. reach // t
+    nseg = reach // t + m_lo + 1
+    n_tiles = triton.cdiv(pb.lk, t)
+    gb = torch.zeros(pb.bsz, n_tiles, nseg, t, dtype=torch.float32, device=q.device)
+    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, rel_bias, kpm, counts, stats, delta, do, dk, gb,
+                                  *q.stride(), *k.stride(), *v.stride(), *do.stride(), *mstr, *sizes,
+                                  -m_lo, nseg, **common, **cfg)
+    # segment s holds diagonals d = (s - m_lo) T + c, so diagonal d sits at flat index d + m_lo T
+    flat = gb.sum((0, 1)).reshape(-1)
+    dbias = flat[m_lo * t - reach: m_lo * t + reach + 1]
+    extra = pb.width - 1 - reach                            # rel_bias entries no block reaches get 0
+    dbias = torch.nn.functional.pad(dbias, (extra, extra)).to(rel_bias.dtype)
+
+    cfg = config("dq", pb, q.dtype)
+    _dq_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
+        q, k, v, rel_bias, kpm, counts, stats, delta, do, dq, *q.stride(), *k.stride(), *v.stride(),
+        *do.stride(), *mstr, *sizes, **common, **cfg)
+    return dq, dk, dv, dbias

@@ -1,0 +1,249 @@
+"""Pieces shared by the Triton chunked-attention kernels: masks, activations, block configs, input checks.
+
+Notation (all kernels): query row r of q (B, Lq, Z) sits at absolute position P = Lk - Lq + r; positions are
+cut into blocks of S = the block length (chunk_size when it cuts the keys, else Lk); a query at P sees the
+keys of its block [cs, ce) with cs = (P // S) * S, ce = min(cs + S, Lk), further restricted to j <= P when
+causal and to non-padded keys (softmax: unless every key of the block is padding; `cnt` = the number of
+non-padded keys of the block, precomputed per (batch, block) in `block_counts`). The Toeplitz bias of a
+pair is rel_bias[W - 1 + j - P] (j, P absolute: within a block the difference is the in-block one).
+
+    softmax:          s = (q . k) * Z^-0.5 + bias,      p = exp(s - lse) on visible pairs
+    laplace / relu2:  s = (q . k) / n + bias,           p = act(s) on visible pairs (no normalisation)
+                      n = P - cs + 1 when causal, else max(cnt, 1)
+
+The maths of each kernel and its backward is at the top of attention_fwd.py and attention_bwd.py.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.attention import LAPLACE_MU, LAPLACE_SIGMA
+
+ACT_CODES = {"softmax": 0, "laplace": 1, "relu2": 2}
+LOG2E = 1.4426950408889634
+LAPLACE_C = 1.0 / (LAPLACE_SIGMA * math.sqrt(2.0))           # erf argument scale
+LAPLACE_D = 1.0 / (LAPLACE_SIGMA * math.sqrt(2.0 * math.pi))  # derivative's Gaussian height
+MAX_Z = 256
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_index():
+    """Triton 3.6's CPU interpreter keeps program ids as 1-element arrays and turns them into loop bounds with
+    int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays ..."). Re-point `__index__` at the
+    array's single element. Only under TRITON_INTERPRET=1; compiled kernels are untouched."""
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # pragma: no cover - a triton without the interpreter
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_mega_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._mega_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting():
+    _patch_interpreter_index()
+
+
+# -- device-side helpers --------------------------------------------------------------------------------
+
+# `causal` and `has_mask` are runtime ints (0 / 1), not constexpr: they cost a few integer ops per score and
+# divide the number of compiled variants by four (compile time dominates short test and benchmark runs).
+
+@triton.jit
+def row_info(pos, row_ok, Lk, S, cnt_ptr, has_mask):
+    """Per query row: its block [cs, ce) and the block's count of non-padded keys."""
+    cs = (pos // S) * S
+    ce = tl.minimum(cs + S, Lk)
+    cnt = tl.load(cnt_ptr + pos // S, mask=row_ok & (has_mask != 0), other=0)
+    cnt = tl.where(has_mask != 0, cnt, ce - cs)
+    return cs, ce, cnt
+
+
+@triton.jit
+def visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT: tl.constexpr):
+    """(BM, BN) bool: query row sees key column (same block, causal, padding rules of the activation)."""
+    n2 = offs_n[None, :]
+    vis = row_ok[:, None] & (n2 >= cs[:, None]) & (n2 < ce[:, None])
+    vis = vis & ((n2 <= pos[:, None]) | (causal == 0))
+    key_ok = kp[None, :] != 0
+    if ACT == 0:  # softmax ignores the padding of a block whose keys are all padding
+        key_ok = key_ok | (cnt[:, None] == 0)
+    return vis & key_ok
+
+
+@triton.jit
+def load_key_pad(kpm_ptr, offs_n, Lk, has_mask):
+    """Key padding row (1 = token) for key columns offs_n; all ones without a mask."""
+    return tl.load(kpm_ptr + offs_n, mask=(offs_n < Lk) & (has_mask != 0), other=1)
+
+
+@triton.jit
+def load_bias(bias_ptr, pos, offs_n, W, vis):
+    """The Toeplitz bias tile rel_bias[W - 1 + j - P] in float32 (0 where not visible)."""
+    idx = W - 1 + offs_n[None, :] - pos[:, None]
+    return tl.load(bias_ptr + idx, mask=vis, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def inv_count(pos, cs, cnt, causal):
+    """1 / n of laplace / relu2 per row (float32)."""
+    n = tl.where(causal != 0, pos - cs + 1, tl.maximum(cnt, 1))
+    return 1.0 / n.to(tl.float32)
+
+
+@triton.jit
+def block_key_range(first, last, Lk, S, causal):
+    """Keys seen by query positions first..last: from first's block start to last's block end (last + 1
+    when causal)."""
+    lo = (first // S) * S
+    hi = tl.where(causal != 0, last + 1, tl.minimum((last // S) * S + S, Lk))
+    return lo, hi
+
+
+@triton.jit
+def element_act(s, ACT: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """laplace (ACT 1) or relu2 (ACT 2) of the float32 scores."""
+    if ACT == 1:
+        out = 0.5 * (1.0 + tl.math.erf((s - LAPLACE_MU) * LAPLACE_C))
+    else:
+        r = tl.maximum(s, 0.0)
+        out = r * r
+    return out
+
+
+@triton.jit
+def element_act_grad(s, ACT: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
+                     LAPLACE_D: tl.constexpr):
+    """d act / d s: laplace' = Gaussian density N(mu, sigma); relu2' = 2 relu(s)."""
+    if ACT == 1:
+        t = (s - LAPLACE_MU) * LAPLACE_C
+        out = LAPLACE_D * tl.exp(-t * t)
+    else:
+        out = 2.0 * tl.maximum(s, 0.0)
+    return out
+
+
+# -- host-side helpers ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and flags of one attention call, resolved once by `describe`."""
+    bsz: int
+    lq: int
+    lk: int
+    zdim: int
+    edim: int
+    size: int        # block length S
+    width: int       # W, rel_bias has 2W - 1 entries
+    act: int
+    causal: int
+    block_z: int
+    dot_precision: str
+
+
+def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask) -> Problem:
+    """Check the inputs a Triton launcher gets (naming the argument and the fix) and resolve sizes."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"triton attention: {name} must be (B, L, X), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"triton attention: {name} has dtype {t.dtype}; the triton backend takes float32, "
+                            f"float16 or bfloat16 (use backend='reference' for float64)")
+        if t.device != q.device:
+            raise ValueError(f"triton attention: {name} is on {t.device} but q is on {q.device}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"triton attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    bsz, lq, zdim = q.shape
+    lk, edim = v.shape[1], v.shape[2]
+    if tuple(k.shape) != (bsz, lk, zdim) or v.shape[0] != bsz:
+        raise ValueError(f"triton attention: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)} (want q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E))")
+    if not 1 <= lq <= lk:
+        raise ValueError(f"triton attention: need 1 <= Lq <= Lk, got Lq={lq}, Lk={lk}")
+    if zdim > MAX_Z:
+        raise ValueError(f"triton attention: Z = {zdim} exceeds the kernel's limit of {MAX_Z}; "
+                         f"use backend='reference' for wider q/k")
+    if activation not in ACT_CODES:
+        raise ValueError(f"triton attention: activation must be one of {tuple(ACT_CODES)}, got {activation!r}")
+    if chunk_size < 0:
+        raise ValueError(f"triton attention: chunk_size must be >= 0 (0 = no chunking), got {chunk_size}")
+    size = chunk_size if 0 < chunk_size < lk else lk
+    if rel_bias.dim() != 1 or rel_bias.shape[0] % 2 != 1 or (rel_bias.shape[0] + 1) // 2 < size:
+        raise ValueError(f"triton attention: rel_bias must be a (2W - 1,) vector with W >= the block length "
+                         f"{size}; got shape {tuple(rel_bias.shape)}")
+    if rel_bias.device != q.device:
+        raise ValueError(f"triton attention: rel_bias is on {rel_bias.device} but q is on {q.device}")
+    if key_padding_mask is not None and (tuple(key_padding_mask.shape) != (bsz, lk)
+                                         or key_padding_mask.device != q.device):
+        raise ValueError(f"triton attention: key_padding_mask must be (B, Lk) = ({bsz}, {lk}) on {q.device}, "
+                         f"got {tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+    return Problem(bsz, lq, lk, zdim, edim, size, (rel_bias.shape[0] + 1) // 2, ACT_CODES[activation],
+                   int(bool(causal)), max(16, triton.next_power_of_2(zdim)),
+                   "ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def mask_args(key_padding_mask, pb: Problem, device):
+    """(int8 mask (B, Lk), int32 per-block counts of non-padded keys (B, nblocks), has_mask 0 / 1); dummies
+    if None."""
+    if key_padding_mask is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=device)
+        return dummy, dummy, 0
+    kpm = key_padding_mask.to(torch.int8).contiguous()
+    nblocks = -(-pb.lk // pb.size)
+    padded = torch.nn.functional.pad(kpm.to(torch.int32), (0, nblocks * pb.size - pb.lk))
+    counts = padded.view(pb.bsz, nblocks, pb.size).sum(-1, dtype=torch.int32).contiguous()
+    return kpm, counts, 1
+
+
+# size arguments that only bound loops and row masks: not specialised by Triton (fewer compiled variants);
+# Z, E and the strides stay specialised (their divisibility lets the loads vectorise)
+NO_SPECIALIZE = ["Lq", "Lk", "S", "W", "causal", "has_mask", "M_LO", "NSEG", "keys_per_split", "n_split"]
+
+
+def constants():
+    """Compile-time constants every kernel takes."""
+    return dict(LAPLACE_MU=LAPLACE_MU, LAPLACE_C=LAPLACE_C, LAPLACE_D=LAPLACE_D)
+
+
+def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
+    """Block sizes and launch options per kernel. One fixed config (no autotune: compile time matters and
+    the bias-gradient scratch depends on the tile). GPU choices keep the float32 accumulators of a program
+    within ~128 registers per thread at Z = 256 (FlashAttention-2's budget); E is tiled by BLOCK_E."""
+    np2e = triton.next_power_of_2(pb.edim)
+    if interpreting():
+        t = 32
+        return dict(BLOCK_M=t, BLOCK_N=t, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=1)
+    wide = pb.block_z > 128 or dtype == torch.float32
+    if kind == "fwd":       # program = (query tile, E tile): acc (BM, BE), q (BM, BZ), scores (BM, BN)
+        fp32 = dtype == torch.float32
+        return dict(BLOCK_M=64 if fp32 else 128, BLOCK_N=32 if fp32 else 64, BLOCK_E=max(16, min(128, np2e)),
+                    num_warps=8, num_stages=2 if wide else 3)
+    if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
+        return dict(BLOCK_M=64, BLOCK_N=64 if dtype != torch.float32 else 32, BLOCK_E=max(16, min(256, np2e)),
+                    num_warps=8, num_stages=2)
+    if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(32 if wide else 128, np2e)), num_warps=8,
+                    num_stages=2)
+    if kind == "dq":        # program = query tile, acc dq (BM, BZ)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(64 if wide else 128, np2e)), num_warps=8,
+                    num_stages=2)
+    if kind == "decode":    # program = (batch, key split, E tile), vector maths
+        return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
+    raise ValueError(kind)

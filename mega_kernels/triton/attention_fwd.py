@@ -1,0 +1,208 @@
+"""Triton forward of chunked single-head attention with a Toeplitz bias (flash style, no score matrix in memory).
+
+Maths (notation of attention_common.py). For a query row i and the keys j of its block:
+
+    softmax:  s_ij = (q_i . k_j) Z^-0.5 + bias_ij on visible pairs (-inf elsewhere)
+              out_i = sum_j exp(s_ij - lse_i) v_j,   lse_i = log sum_j exp(s_ij)
+    element:  s_ij = (q_i . k_j) / n_i + bias_ij,    out_i = sum_j act(s_ij) [visible] v_j
+
+The softmax is computed online over key tiles (FlashAttention): a running max m_i and sum l_i, the
+accumulator rescaled by exp(m_old - m_new) when the max grows, all in the log2 domain (exp2). laplace / relu2
+need no normalisation: each tile's act(s) multiplies v directly. Rows with no visible key keep l_i = 0 and give
+zeros (stats lse = +inf there, so the backward's exp(s - lse) is 0).
+
+E is tiled in the grid (program = query tile x E tile x batch): every E tile recomputes the same scores, which
+costs Z / BLOCK_E extra matmul work but keeps the accumulator (BLOCK_M, BLOCK_E) in registers for any E.
+The E-tile-0 program writes the per-row lse (natural log) used by the backward.
+
+Key range of a query tile: from the block start of its first row to the block end of its last row (to its
+last row + 1 when causal), so key tiles above the diagonal and outside the tile's blocks are never visited;
+a tile spanning several blocks (small chunks) masks pairs across blocks.
+
+Decoding (Lq = 1): `_decode_kernel` splits the query's block into key ranges processed by separate programs
+(split-K, vector maths instead of a 1-row matmul), then the partial (max, sum, acc) are combined in torch in a
+fixed order: out = sum_s acc_s 2^(m_s - m) / sum_s l_s 2^(m_s - m), m = max_s m_s (plain sum for element).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (LOG2E, Problem, config, constants, describe, element_act, inv_count, load_bias,
+                               load_key_pad, mask_args, row_info, visible, NO_SPECIALIZE, block_key_range)
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
+                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_ob, s_om, s_oe, s_mb, s_cb,
+                Lq, Lk, Z, E, S, W, scale, causal, has_mask,
+                ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_e = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_z = tl.arange(0, BLOCK_Z)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = offs_m < Lq
+    pos = Lk - Lq + offs_m
+    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+    first = Lk - Lq + pid_m * BLOCK_M
+    lo, hi = block_key_range(first, tl.minimum(first + BLOCK_M, Lk) - 1, Lk, S, causal)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    if ACT == 0:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        qscale = scale * 1.4426950408889634
+    else:
+        inv_n = inv_count(pos, cs, cnt, causal)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
+                     mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+        vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
+        bias = load_bias(BIAS, pos, offs_n, W, vis)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        if ACT == 0:
+            s2 = tl.where(vis, qk * qscale + bias * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        else:
+            p = tl.where(vis, element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C), 0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+
+    if ACT == 0:
+        has = l_i > 0
+        acc = acc / tl.where(has, l_i, 1.0)[:, None]
+        if pid_e == 0:
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+            tl.store(LSE + b * Lq + offs_m, lse, mask=row_ok)
+    tl.store(O + b * s_ob + offs_m[:, None] * s_om + offs_e[None, :] * s_oe, acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_e[None, :] < E))
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
+                   s_qb, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, s_cb,
+                   Lk, Z, E, S, W, scale, causal, has_mask, keys_per_split, n_split,
+                   ACT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+                   LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    """One query (position Lk - 1) against a key range [lo, hi) of its block, one E tile: partial results."""
+    b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    pid_e = tl.program_id(2)
+    offs_z = tl.arange(0, BLOCK_Z)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    pos1 = tl.full((1,), Lk - 1, tl.int32)
+    ok1 = pos1 >= 0
+    cs, ce, cnt = row_info(pos1, ok1, Lk, S, CNT + b * s_cb, has_mask)
+    q = tl.load(Q + b * s_qb + offs_z * s_qz, mask=offs_z < Z, other=0.0).to(tl.float32)
+    lo = (Lk - 1) // S * S + split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, Lk)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    m_i = tl.full((1,), float("-inf"), tl.float32)
+    l_i = tl.zeros((1,), dtype=tl.float32)
+    if ACT != 0:
+        inv_n = inv_count(pos1, cs, cnt, causal)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
+                    mask=n_ok[:, None] & (offs_z[None, :] < Z), other=0.0).to(tl.float32)
+        qk = tl.sum(k * q[None, :], 1)[None, :]                       # (1, BLOCK_N)
+        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+        vis = visible(pos1, ok1, cs, ce, cnt, offs_n, kp, causal, ACT) & n_ok[None, :]
+        bias = load_bias(BIAS, pos1, offs_n, W, vis)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+        if ACT == 0:
+            s2 = tl.where(vis, (qk * scale + bias) * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s2, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s2 - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha
+            m_i = m_new
+        else:
+            p = tl.where(vis, element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C), 0.0)
+        pv = p.to(v.dtype).to(tl.float32)                             # (1, BLOCK_N), rounded like the matmul
+        acc += tl.sum(tl.trans(pv) * v.to(tl.float32), 0)
+    row = b * n_split + split
+    tl.store(ACC + row * E + offs_e, acc, mask=offs_e < E)
+    if pid_e == 0:
+        tl.store(M + row + tl.arange(0, 1), m_i)
+        tl.store(L + row + tl.arange(0, 1), l_i)
+
+
+def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
+    cfg = config("fwd", pb, q.dtype)
+    out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
+    lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
+        torch.empty(0, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(pb.lq, cfg["BLOCK_M"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
+    _fwd_kernel[grid](
+        q, k, v, rel_bias, kpm, counts, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), kpm.stride(0), counts.stride(0),
+        pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
+        ACT=pb.act, DOT_PRECISION=pb.dot_precision,
+        BLOCK_Z=pb.block_z, **cfg, **constants())
+    return out, lse
+
+
+def _launch_decode(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
+    cfg = config("decode", pb, q.dtype)
+    block_n, block_e = cfg["BLOCK_N"], cfg["BLOCK_E"]
+    n_keys = pb.lk - (pb.lk - 1) // pb.size * pb.size                 # keys of the query's block
+    n_e = triton.cdiv(pb.edim, block_e)
+    # enough programs to fill the device (~256 per wave), at least BLOCK_N keys per split
+    n_split = max(1, min(triton.cdiv(n_keys, block_n), triton.cdiv(256, pb.bsz * n_e)))
+    per = triton.cdiv(triton.cdiv(n_keys, n_split), block_n) * block_n
+    n_split = triton.cdiv(n_keys, per)
+    acc = torch.empty(pb.bsz, n_split, pb.edim, dtype=torch.float32, device=q.device)
+    m = torch.empty(pb.bsz, n_split, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    _decode_kernel[(pb.bsz, n_split, n_e)](
+        q, k, v, rel_bias, kpm, counts, acc, m, l_,
+        q.stride(0), q.stride(2), *k.stride(), *v.stride(), kpm.stride(0), counts.stride(0),
+        pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask, per, n_split,
+        ACT=pb.act, BLOCK_N=block_n, BLOCK_Z=pb.block_z, BLOCK_E=block_e,
+        num_warps=cfg["num_warps"], **constants())
+    if pb.act != 0:
+        return acc.sum(1, keepdim=True).to(v.dtype), torch.empty(0, dtype=torch.float32, device=q.device)
+    m_max = m.max(1, keepdim=True).values
+    m_safe = torch.where(torch.isinf(m_max), torch.zeros_like(m_max), m_max)
+    w = torch.exp2(m - m_safe)                                         # (B, splits); 0 for empty splits
+    total = (l_ * w).sum(1, keepdim=True)
+    has = total > 0
+    out = (acc * w[:, :, None]).sum(1, keepdim=True) / torch.where(has, total, torch.ones_like(total))[:, :, None]
+    lse = torch.where(has, (m_safe + torch.log2(torch.where(has, total, torch.ones_like(total)))) / LOG2E,
+                      torch.full_like(total, float("inf")))
+    return out.to(v.dtype), lse
+
+
+def attention_fwd(q, k, v, rel_bias, activation: str, chunk_size: int, causal: bool, key_padding_mask=None):
+    """Forward launcher: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E), rel_bias (2W - 1,), key_padding_mask
+    (B, Lk) bool or None; chunk_size 0 = one block. Returns out (B, Lq, E) in v's dtype and stats: the per-row
+    float32 log-sum-exp (B, Lq) for softmax (+inf for rows with no visible key), an empty tensor otherwise."""
+    pb = describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
+    if pb.lq == 1:
+        return _launch_decode(q, k, v, rel_bias, pb, kpm, counts, has_mask)
+    return _launch_fwd(q, k, v, rel_bias, pb, kpm, counts, has_mask)

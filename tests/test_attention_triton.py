@@ -1,0 +1,317 @@
+"""The triton backend of `ops.attention` (issue 4) against the float64 reference.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) on tiny shapes, in
+float32 and float16; on a GPU the same tests run compiled, plus the `gpu` tests (bfloat16, large E, the LM
+tile configuration, torch.compile with inductor, bitwise determinism). Every kernel output is allocated
+NaN-poisoned (the `poison` fixture) so a kernel that forgets to write a row or tile fails.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, padding_masks
+from mega_kernels import ops
+from mega_kernels.reference.attention import ACTIVATIONS
+from mega_kernels.reference.attention import attention as reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it; never skip silently in CI
+    pytest.fail("the triton attention tests need a GPU or TRITON_INTERPRET=1", pytrace=False)
+
+from mega_kernels.ops.attention_triton import attention as triton_attention  # noqa: E402
+from mega_kernels.triton.attention_bwd import attention_bwd  # noqa: E402
+from mega_kernels.triton.attention_fwd import attention_fwd  # noqa: E402
+
+# ATTN_CASES plus: queries not aligned to the chunks (Lq < Lk, chunked), several key tiles in one block, and
+# a tile spanning many small chunks (chunk 5, the last one partial).
+CASES = ATTN_CASES + [(2, 37, 100, 16, 24, 32), (1, 70, 70, 24, 8, None), (3, 23, 23, 16, 8, 5)]
+GRAD_NAMES = ("dq", "dk", "dv", "drel_bias")
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Float tensors from torch.empty / empty_like start as NaN while a test runs."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
+
+
+def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, label=""):
+    """Output and (optionally) all four gradients of the triton backend vs the float64 reference, with the
+    tolerance rule (the reference run in `dtype` gives the error budget)."""
+    chunk = case[5]
+    kw = dict(activation=activation, chunk_size=chunk, causal=causal)
+    x64 = [t.requires_grad_() for t in attention_inputs(*case)]
+    xlp = [t.detach().to(dtype).requires_grad_() for t in x64]
+    xk = [t.detach().to(dtype).to(DEVICE).requires_grad_() for t in x64]
+    mask_cpu = None if mask is None else mask.cpu()
+    ref64 = reference(*x64, key_padding_mask=mask_cpu, **kw)
+    reflp = reference(*xlp, key_padding_mask=mask_cpu, **kw)
+    out = ops.attention(*xk, key_padding_mask=mask, backend="triton", **kw)
+    assert out.dtype == dtype
+    name = f"{case} {activation} causal={causal} {label}"
+    assert_close_to_reference(f"{name} out", out.cpu(), ref64, reflp)
+    if not grads:
+        return
+    g = torch.randn_like(ref64)
+    d64 = torch.autograd.grad(ref64, x64, g)
+    dlp = torch.autograd.grad(reflp, xlp, g.to(dtype))
+    dk = torch.autograd.grad(out, xk, g.to(dtype).to(DEVICE))
+    for gname, a, r, lp in zip(GRAD_NAMES, dk, d64, dlp):
+        assert a.dtype == dtype
+        assert_close_to_reference(f"{name} {gname}", a.cpu(), r, lp)
+
+
+# -- forward and gradients vs the float64 reference -------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference_float32(case, activation):
+    """Every padding kind (none, right, left, a whole padded chunk), causal and not: non-causal with none /
+    right / whole chunk, causal with left (rows with no visible key) and the whole chunk (or none)."""
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    whole = "whole_chunk" if "whole_chunk" in masks else None
+    for causal, names in ((False, ("none", "right", whole)), (True, ("left", whole or "none"))):
+        for mname in filter(None, names):
+            check_case(case, activation, causal, masks[mname], label=mname)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", [ATTN_CASES[1], ATTN_CASES[3], ATTN_CASES[5]], ids=str)
+def test_matches_reference_float16(case, activation):
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    check_case(case, activation, True, masks["left"], dtype=torch.float16, label="left")
+    check_case(case, activation, False, masks["right"], dtype=torch.float16, label="right")
+
+
+def test_empty_rows_give_zeros_and_finite_gradients():
+    """Left padding + causal softmax: the first rows see no key (transformers gives NaN, spec 9.5)."""
+    q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 9, 9, 16, 8, None)]
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[0, :4] = False
+    out = triton_attention(q, k, v, b, activation="softmax", causal=True, key_padding_mask=mask)
+    assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v, b))
+    assert torch.equal(q.grad[0, :4], torch.zeros_like(q.grad[0, :4]))
+
+
+def test_decoding_token_by_token_equals_full_pass():
+    """Lq = 1 (the split-key decode kernel) at every position equals the rows of the full causal pass (without
+    padding: with padding, softmax's whole-block rule looks at keys a step has not seen yet, and the models'
+    decoding handles that), and with padding equals the reference on the same inputs."""
+    for activation in ACTIVATIONS:
+        q, k, v, b = [t.float().to(DEVICE) for t in attention_inputs(2, 11, 11, 16, 24, 4)]
+        mask = torch.rand(2, 11, device=DEVICE) > 0.3
+        mask[0, 4:6] = False
+        kw = dict(activation=activation, chunk_size=4, causal=True)
+        full = triton_attention(q, k, v, b, **kw)
+        for t in range(11):
+            x = (q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], b)
+            torch.testing.assert_close(triton_attention(*x, **kw), full[:, t:t + 1], rtol=1e-5, atol=1e-6)
+            want = reference(*[y.double() for y in x], key_padding_mask=mask[:, :t + 1], **kw)
+            got = triton_attention(*x, key_padding_mask=mask[:, :t + 1], **kw)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_rel_bias_longer_than_the_block_and_its_gradient():
+    """A rel_bias built for a longer block (W > S) is indexed from its centre; unused entries get gradient 0."""
+    q, k, v, _ = attention_inputs(2, 10, 10, 16, 8, 4)
+    bias = torch.randn(2 * 7 - 1, dtype=torch.float64) * 0.1
+    x64 = [t.requires_grad_() for t in (q, k, v, bias)]
+    xk = [t.detach().float().to(DEVICE).requires_grad_() for t in x64]
+    for activation in ACTIVATIONS:
+        kw = dict(activation=activation, chunk_size=4, causal=False)
+        ref = reference(*x64, **kw)
+        out = triton_attention(*xk, **kw)
+        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+        (gb,) = torch.autograd.grad(out.sum(), xk[3])
+        (rb,) = torch.autograd.grad(ref.sum(), x64[3])
+        torch.testing.assert_close(gb.cpu().double(), rb, rtol=1e-4, atol=1e-5)
+        assert torch.equal(gb[:3].cpu(), torch.zeros(3)) and torch.equal(gb[-3:].cpu(), torch.zeros(3))
+
+
+def test_bias_gradient_is_deterministic():
+    x = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 70, 70, 16, 40, 32)]
+    grads = []
+    for _ in range(2):
+        out = triton_attention(*x, activation="softmax", chunk_size=32, causal=True)
+        grads.append(torch.autograd.grad(out, x, torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Input #")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(activation):
+    """Finite differences on tiny float32 inputs (the kernels take no float64; eps and tolerances sized for
+    float32): two blocks, the last partial, causal, a padded key."""
+    torch.manual_seed(1)
+    q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(1, 6, 6, 16, 8, 4)]
+    mask = torch.tensor([[True, True, False, True, True, True]], device=DEVICE)
+
+    def fn(q, k, v, b):
+        return triton_attention(q, k, v, b, activation=activation, chunk_size=4, causal=True,
+                                key_padding_mask=mask)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, b), eps=1e-3, atol=2e-3, rtol=2e-2, fast_mode=True)
+
+
+# -- torch.library: opcheck and torch.compile ----------------------------------------------------------
+
+def test_opcheck():
+    x = [t.float().to(DEVICE) for t in attention_inputs(2, 7, 9, 16, 8, 4)]
+    mask = torch.ones(2, 9, dtype=torch.bool, device=DEVICE)
+    mask[1, :3] = False
+    for activation in ACTIVATIONS:
+        args = (*[t.clone().requires_grad_() for t in x], activation, 4, True, mask)
+        torch.library.opcheck(torch.ops.mega_kernels.attention_fwd_triton.default, args)
+        out, stats = attention_fwd(*x, activation, 4, True, mask)
+        bargs = (torch.randn_like(out), *x, out, stats, activation, 4, True, mask)
+        torch.library.opcheck(torch.ops.mega_kernels.attention_bwd_triton.default, bargs)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    backend = "inductor" if HAS_CUDA else "aot_eager"
+    x = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 9, 9, 16, 8, 4)]
+
+    def fn(q, k, v, b):
+        return ops.attention(q, k, v, b, activation="laplace", chunk_size=4, causal=True, backend="triton").sum()
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    got = compiled(*x)
+    want = fn(*x)
+    torch.testing.assert_close(got, want)
+    g1 = torch.autograd.grad(got, x)
+    g2 = torch.autograd.grad(want, x)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+# -- input checks ---------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, b = [t.float().to(DEVICE) for t in attention_inputs(1, 4, 4, 16, 8, None)]
+    with pytest.raises(TypeError, match="float64"):
+        attention_fwd(q.double(), k.double(), v.double(), b, "softmax", 0, False)
+    wide = torch.randn(1, 4, 260, device=DEVICE)
+    with pytest.raises(ValueError, match="Z = 260"):
+        attention_fwd(wide, wide, v, b, "softmax", 0, False)
+    with pytest.raises(ValueError, match="rel_bias"):
+        attention_fwd(q, k, v, b[:5], "softmax", 0, False)
+    with pytest.raises(ValueError, match="activation"):
+        attention_fwd(q, k, v, b, "gelu", 0, False)
+    with pytest.raises(ValueError, match="Lq"):
+        attention_fwd(torch.randn(1, 5, 16, device=DEVICE), k, v, b, "softmax", 0, False)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attention_fwd(q, k, v, b, "softmax", 0, False, torch.ones(1, 3, dtype=torch.bool, device=DEVICE))
+    out, stats = attention_fwd(q, k, v, b, "softmax", 0, False)
+    with pytest.raises(ValueError, match="stats"):
+        attention_bwd(out, q, k, v, b, out, stats[:, :2], "softmax", 0, False)
+
+
+# -- the models on the triton backend ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("head,overrides", [
+    ("MegaModel", dict(attention_activation="softmax", use_chunking=True, chunk_size=4)),
+    ("MegaForCausalLM", dict(is_decoder=True, bidirectional=False, attention_activation="laplace",
+                             use_chunking=True, chunk_size=4)),
+    ("MegaModel", dict(attention_activation="relu2")),
+], ids=["model-softmax-chunk", "causal-laplace-chunk", "model-relu2"])
+def test_models_on_triton_backend_equal_reference(head, overrides):
+    from mega_kernels import models
+    from mega_kernels.config import MegaConfig
+    from mega_kernels.modules.attention import MegaMovingAverageGatedAttention
+
+    cfg = MegaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, intermediate_size=24,
+                     shared_representation_size=16, ema_projection_size=4, nffn_hidden_size=32,
+                     max_positions=32, kernel_backend="reference", **overrides)
+    torch.manual_seed(3)
+    model = getattr(models, head)(cfg).to(DEVICE).eval()
+    ids = torch.randint(3, 50, (2, 11), device=DEVICE)
+    mask = torch.ones(2, 11, dtype=torch.long, device=DEVICE)
+    mask[1, 8:] = 0
+    results = []
+    for backend in ("reference", "triton"):
+        for m in model.modules():
+            if isinstance(m, MegaMovingAverageGatedAttention):
+                m.backend = backend
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask)
+        hidden = out[0]
+        hidden.float().pow(2).sum().backward()
+        results.append((hidden.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                  if p.grad is not None}))
+    (h_ref, g_ref), (h_tri, g_tri) = results
+    torch.testing.assert_close(h_tri, h_ref, rtol=1e-4, atol=1e-5)
+    assert g_ref.keys() == g_tri.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+
+
+# -- compiled for Hopper without a GPU: the GPU tile configs fit (ptxas, no register spills) ---------------
+
+PTXAS = os.path.join(os.path.dirname(__import__("triton").__file__), "backends", "nvidia", "bin", "ptxas")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this triton ships no ptxas")
+@pytest.mark.parametrize("shape", ["lm", "lra"])
+def test_gpu_configs_compile_for_sm90(shape):
+    """Compiles every kernel with its GPU tile config for sm_90 (in a subprocess without TRITON_INTERPRET):
+    it must fit in shared memory (227 KiB on sm_90) and spill at most a few registers (<= 128 bytes per thread,
+    L1-resident; the LM shape's softmax dK kernel spills 68)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", "--compile-report", shape],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert len(rows) == 10
+    for row in rows:
+        assert row["shared"] <= 227 * 1024, row
+        assert row["spill_bytes"] <= 128, row
+
+
+# -- GPU only --------------------------------------------------------------------------------------------
+
+GPU_CASES = [(2, 300, 300, 64, 200, 128), (2, 1, 300, 64, 200, 128), (1, 257, 257, 24, 4100, None),
+             (2, 1000, 1000, 256, 520, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_gpu_matches_reference(case, activation, dtype):
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    check_case(case, activation, True, masks["left"], dtype=dtype, label="left")
+    check_case(case, activation, False, masks.get("whole_chunk", masks["right"]), dtype=dtype, label="padded")
+
+
+@pytest.mark.gpu
+def test_gpu_lm_tile_shape_bfloat16():
+    """The LM benchmark's Z / E / chunk (B1 L2048 Z256 E2048 C1024 causal) against the float64 reference."""
+    check_case((1, 2048, 2048, 256, 2048, 1024), "softmax", True, None, dtype=torch.bfloat16, label="lm")
+    check_case((1, 2048, 2048, 256, 2048, 1024), "relu2", True, None, dtype=torch.bfloat16, label="lm")
+
+
+@pytest.mark.gpu
+def test_gpu_bitwise_deterministic():
+    x = [t.to(torch.bfloat16).cuda().requires_grad_() for t in attention_inputs(2, 1000, 1000, 64, 256, 256)]
+    runs = []
+    for _ in range(3):
+        out = triton_attention(*x, activation="softmax", chunk_size=256, causal=True)
+        runs.append((out, *torch.autograd.grad(out, x, torch.ones_like(out))))
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):
+        assert torch.equal(a, b)
