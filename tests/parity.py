@@ -115,3 +115,13 @@ def weighted_sum(t: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
     return (t * w).sum() / math.sqrt(t.numel())
+
+
+def gpu_backends():
+    """Kernel backends that run both MEGA ops on this CUDA device (GPU tests require at least one)."""
+    from mega_kernels import ops
+
+    ema, attn = ops.available_backends("ema", "cuda"), ops.available_backends("attention", "cuda")
+    names = [b for b in ("triton", "cuda") if b in ema and b in attn and ema[b] is None and attn[b] is None]
+    assert names, f"no kernel backend runs on this GPU: {ops.available_backends('ema', 'cuda')}"
+    return names

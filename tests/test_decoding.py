@@ -5,7 +5,7 @@ steps; plus `generate`."""
 import pytest
 import torch
 
-from parity import build_pair, config_dict
+from parity import build_pair, config_dict, gpu_backends
 
 import mega_kernels
 from mega_kernels import MegaConfig, MegaForCausalLM
@@ -31,9 +31,11 @@ def left_padded_ids(bsz, length, vocab):
     return ids, mask
 
 
-def check_steps(model, ids, mask, steps):
-    """Feed ids in pieces of the given sizes through the cache; each piece's logits must equal the full pass."""
+def check_steps(model, ids, mask, steps, rtol=1e-10):
+    """Feed ids in pieces of the given sizes through the cache; each piece's logits must equal the full pass
+    (to rtol times the logits' magnitude)."""
     full = model(ids, attention_mask=mask, use_cache=False).logits
+    tol = rtol * (1.0 + full.abs().max().item())
     past, start = None, 0
     keep = mask.bool()
     for size in steps:
@@ -46,7 +48,7 @@ def check_steps(model, ids, mask, steps):
         got, want = out.logits, full[:, start:end]
         k = keep[:, start:end]
         err = (got - want).abs()[k].max().item() if k.any() else 0.0
-        assert err < 1e-10, f"tokens [{start}, {end}): cached logits differ from the full pass by {err:.3e}"
+        assert err <= tol, f"tokens [{start}, {end}): cached logits differ from the full pass by {err:.3e}"
         start = end
     assert start == ids.shape[1]
 
@@ -131,3 +133,17 @@ def test_generate_needs_a_decoder():
     model = mega_kernels.MegaForCausalLM(MegaConfig(**config_dict()))
     with pytest.raises(ValueError, match="is_decoder=True"):
         model.generate(torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["softmax", "laplace", "relu2"])
+def test_decoding_on_gpu(activation):
+    """Cached decoding equals the full pass on CUDA in float32 through each GPU kernel backend."""
+    for backend in gpu_backends():
+        model = decoder(attention_activation=activation, use_chunking=True, chunk_size=4, truncation=6,
+                        kernel_backend=backend).float().cuda()
+        ids, mask = left_padded_ids(2, 11, 50)
+        check_steps(model, ids.cuda(), mask.cuda(), [5, 1, 1, 3, 1], rtol=2e-5)
+        check_steps(model, ids.cuda(), mask.cuda(), [1] * 11, rtol=2e-5)
+        model = decoder(attention_activation=activation, kernel_backend=backend).float().cuda()
+        check_steps(model, ids.cuda(), mask.cuda(), [4, 1, 1, 5], rtol=2e-5)

@@ -12,7 +12,8 @@ here so the rest of the model is still compared).
 import pytest
 import torch
 
-from parity import assert_close, assert_grads_close, build_pair, config_dict, fixed_hf_rmsnorm, weighted_sum
+from parity import (assert_close, assert_grads_close, build_pair, config_dict, fixed_hf_rmsnorm, gpu_backends,
+                    perturb_, weighted_sum)
 
 DEC = dict(is_decoder=True, bidirectional=False)
 CASES = [
@@ -140,3 +141,67 @@ def test_parity(case):
         scalar_loss(theirs).backward()
         scalar_loss(mine).backward()
     assert_grads_close(hf_model, ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (
+    "model-default", "model-relu2-chunk-trunc", "model-chunk-LltC-whole-padded-chunk", "causal-laplace-chunk-trunc-left",
+    "causal-relu2-cross-simple", "seqcls-laplace-simple", "qa-chunk-batchnorm")], ids=lambda c: c[0])
+def test_parity_on_gpu(case):
+    """The same parity on CUDA in float32 through each GPU kernel backend."""
+    _, head, length, padding, overrides = case
+    for backend in gpu_backends():
+        torch.manual_seed(0)
+        cfg = config_dict(**overrides, kernel_backend=backend)
+        with fixed_hf_rmsnorm():
+            hf_model, ours = build_pair(head, cfg)
+            hf_model, ours = hf_model.cuda(), ours.cuda()
+            inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+                      for k, v in make_inputs(head, cfg, length, padding).items()}
+            theirs, mine = hf_model(**inputs), ours(**inputs)
+            for key in theirs.keys():
+                assert_close(f"{backend} {key}", getattr(mine, key), getattr(theirs, key))
+            scalar_loss(theirs).backward()
+            scalar_loss(mine).backward()
+        assert_grads_close(hf_model, ours)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("overrides", [
+    dict(use_chunking=True, chunk_size=16, attention_activation="softmax"),
+    dict(is_decoder=True, bidirectional=False, attention_activation="laplace", truncation=20),
+    dict(attention_activation="relu2", relative_positional_bias="simple", max_positions=64),
+], ids=["chunk-softmax", "causal-laplace-trunc", "relu2-simple"])
+def test_low_precision_model_on_gpu(dtype, overrides):
+    """The tolerance rule at model level: in fp16 / bf16 each GPU backend's error against the float64 reference
+    model stays within 3x the reference backend's own error in that dtype (outputs and input gradients)."""
+    from helpers import assert_close_to_reference
+
+    from mega_kernels import MegaConfig, MegaModel
+
+    cfg = config_dict(hidden_size=64, shared_representation_size=32, intermediate_size=96, nffn_hidden_size=80,
+                      ema_projection_size=8, **overrides)
+    torch.manual_seed(0)
+    base = MegaModel(MegaConfig(**cfg, kernel_backend="reference"))
+    perturb_(base)
+    state = base.state_dict()
+    embeds = torch.randn(2, 50, 64, device="cuda")
+    mask = torch.ones(2, 50, dtype=torch.bool, device="cuda")
+    mask[1, :7] = False
+
+    def run(backend, run_dtype):
+        model = MegaModel(MegaConfig(**cfg, kernel_backend=backend))
+        model.load_state_dict(state)
+        model = model.to("cuda", run_dtype).eval()
+        x = embeds.to(run_dtype).requires_grad_(True)
+        out = model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+        (grad,) = torch.autograd.grad((out.float() * embeds).sum(), x)
+        return out[mask], grad[mask]
+
+    ref64 = run("reference", torch.float64)
+    ref_low = run("reference", dtype)
+    for backend in gpu_backends():
+        got = run(backend, dtype)
+        for name, a, b, c in zip(("output", "input grad"), got, ref64, ref_low):
+            assert_close_to_reference(f"{backend} {dtype} {name}", a, b, c)
