@@ -1,8 +1,9 @@
 """`MegaConfig`: every argument and default of MEGA_SPEC.md section 1, compatible with transformers' config.json.
 
 A dict saved by transformers (`config.json`) loads unchanged: unknown keys are kept as attributes and written
-back by `to_dict`. One extra attribute, `kernel_backend` ("auto" or a backend name of `mega_kernels.ops`),
-picks the kernels the model's modules call; transformers ignores it. `validate()` runs on construction and
+back by `to_dict`. One extra attribute, `kernel_backend`, picks the kernels the model's modules call: "auto" or a
+backend name of `mega_kernels.ops` for both ops, or a dict {"ema": ..., "attention": ...} (a missing op is
+"auto"); transformers ignores it. `validate()` runs on construction and
 again when a model is built (attributes may be changed in between); every error names the argument and the fix.
 """
 from __future__ import annotations
@@ -102,9 +103,13 @@ class MegaConfig:
                 bad(name, "must be a positive int", f"set {name} to a positive integer")
         for name, allowed in (("activation", ACTIVATIONS), ("attention_activation", ATTENTION_ACTIVATIONS),
                               ("normalization_type", NORM_TYPES), ("relative_positional_bias", BIAS_TYPES),
-                              ("problem_type", PROBLEM_TYPES), ("kernel_backend", KERNEL_BACKENDS)):
+                              ("problem_type", PROBLEM_TYPES)):
             if getattr(self, name) not in allowed:
                 bad(name, "is not supported", f"use one of {allowed}")
+        backends = self.kernel_backend if isinstance(self.kernel_backend, dict) else {"ema": self.kernel_backend}
+        if not set(backends) <= {"ema", "attention"} or not all(v in KERNEL_BACKENDS for v in backends.values()):
+            bad("kernel_backend", "is not supported",
+                f"use one of {KERNEL_BACKENDS}, or a dict {{'ema': ..., 'attention': ...}} of them")
         for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
                      "nffn_activation_dropout_prob", "classifier_dropout"):
             value = getattr(self, name)
@@ -181,6 +186,12 @@ class MegaConfig:
 
     def __repr__(self) -> str:
         return f"MegaConfig {self.to_json_string()}"
+
+    def backend_for(self, op: str) -> str:
+        """The kernel backend requested for `op` ("ema" or "attention")."""
+        if isinstance(self.kernel_backend, dict):
+            return self.kernel_backend.get(op, "auto")
+        return self.kernel_backend
 
     def get(self, name: str, default: Optional[Any] = None) -> Any:
         return getattr(self, name, default)

@@ -53,6 +53,8 @@ def test_to_dict_and_copy():
     assert d["model_type"] == "mega" and d["kernel_backend"] == "reference"
     assert d["id2label"] == {"0": "neg", "1": "pos"} and d["label2id"] == {"neg": 0, "pos": 1}
     assert MegaConfig.from_dict(d) == cfg
+    per_op = MegaConfig(kernel_backend={"ema": "cpu"})
+    assert per_op.backend_for("ema") == "cpu" and per_op.backend_for("attention") == "auto"
     assert cfg.copy(hidden_size=32).hidden_size == 32 and cfg.hidden_size == 24
 
 
@@ -70,6 +72,7 @@ def test_to_dict_and_copy():
     (dict(hidden_size=0), ["hidden_size", "positive"]),
     (dict(dropout_prob=1.5), ["dropout_prob", "[0, 1]"]),
     (dict(kernel_backend="cudnn"), ["kernel_backend", "auto"]),
+    (dict(kernel_backend={"ema": "cuda", "attn": "triton"}), ["kernel_backend", "'attention'"]),
     (dict(relative_positional_bias="simple", chunk_size=64, max_positions=32), ["chunk_size", "max_positions"]),
     (dict(problem_type="ranking"), ["problem_type", "regression"]),
 ])

@@ -63,7 +63,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
         self.attention_activation = config.attention_activation
         self.chunk_size = config.chunk_size if config.use_chunking else None
         self.prenorm = config.normalize_before_mega
-        self.backend = config.kernel_backend
+        self.backend = config.backend_for("attention")
         self.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
         self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
         self.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)

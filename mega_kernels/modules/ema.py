@@ -36,7 +36,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
         self.bidirectional = config.bidirectional
         self.truncation = config.truncation
         self.scale = math.sqrt(1.0 / self.ndim)
-        self.backend = config.kernel_backend
+        self.backend = config.backend_for("ema")
         kd = 2 * config.hidden_size if self.bidirectional else config.hidden_size
         self.damping_factor = nn.Parameter(torch.zeros(kd, self.ndim, 1))
         self.decay_factor = nn.Parameter(torch.zeros(kd, self.ndim, 1))
