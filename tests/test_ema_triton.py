@@ -1,0 +1,185 @@
+"""Triton-specific EMA tests: the chunked-scan variants (three-pass carry, single-pass look-back, sequential),
+NaN-poisoned outputs, determinism, torch.library registration (opcheck, torch.compile), input errors, and the
+GPU-only checks (bfloat16, long sequences). Backend-generic accuracy tests live in test_ema_backends.py."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import mega_kernels.ops as ops
+from helpers import assert_close_to_reference, ema_params, random_mask
+from mega_kernels.ops.backends import unavailable_reason
+from mega_kernels.reference.ema import ema_coefficients, ema_fft
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REASON = unavailable_reason("ema", "triton", torch.device(DEVICE))
+if _REASON is not None and os.environ.get("CI"):
+    raise RuntimeError(f"the triton EMA backend must run in CI: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+if _REASON is None:
+    from mega_kernels.ops.ema_triton import ema_bwd_triton, ema_fwd_triton, ema_step_triton
+    from mega_kernels.triton import ema_fwd as fwd_mod
+    from mega_kernels.triton.ema_bwd import ema_bwd
+    from mega_kernels.triton.ema_fwd import ema_fwd
+    from mega_kernels.triton.ema_step import ema_step_fwd
+
+
+def _coefs(dim, ndim, bidirectional, device=DEVICE):
+    """Float32 (a, q, c, omega) from fresh module parameters, and the float64 copies."""
+    delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
+    a, q, c = (t.float().to(device) for t in ema_coefficients(delta, alpha, beta, gamma))
+    omega = omega.float().to(device)
+    return (a, q, c, omega), tuple(t.double() for t in (a, q, c, omega))
+
+
+def _case(bsz, length, dim, ndim, bidirectional, with_state, dtype=torch.float32, device=DEVICE):
+    coefs, coefs64 = _coefs(dim, ndim, bidirectional, device)
+    x = torch.randn(bsz, length, dim, device=device).to(dtype)
+    mask = random_mask(bsz, length, device=device)
+    state = torch.randn(bsz, dim, ndim, device=device) if with_state else None
+    gy = torch.randn(bsz, length, dim, device=device).to(dtype)
+    gs = torch.randn(bsz, dim, ndim, device=device) if with_state else None
+    return coefs, coefs64, x, mask, state, gy, gs
+
+
+def _reference(x, coefs, mask, state, gy, gs, bidirectional, truncation):
+    """Reference outputs and gradients (x, a, q, c, omega[, state]) in the dtype of x / coefs."""
+    leaves = [x.detach().clone().requires_grad_()] + [t.detach().clone().requires_grad_() for t in coefs]
+    st = None if state is None else state.detach().clone().to(coefs[0].dtype).requires_grad_()
+    out = ema_fft(*leaves, mask=mask, bidirectional=bidirectional, truncation=truncation or None, state=st,
+                  return_state=gs is not None)
+    y, final = out if gs is not None else (out, None)
+    loss = (y.double() * gy.double()).sum() + (0 if gs is None else (final.double() * gs.double()).sum())
+    grads = torch.autograd.grad(loss, leaves + ([st] if st is not None else []))
+    return (y, final), grads
+
+
+def _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, **tuning):
+    y, final = ema_fwd(x, *coefs, mask, state, bidirectional, truncation, gs is not None, **tuning)
+    grads = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, truncation, **tuning)
+    ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, bidirectional,
+                     truncation)
+    low = _reference(x, coefs, mask, state, gy, gs, bidirectional, truncation)
+    assert_close_to_reference("y", y, ref[0][0], low[0][0])
+    if gs is not None:
+        assert_close_to_reference("final state", final, ref[0][1], low[0][1])
+    names = ["dx", "da", "dq", "dc", "domega", "dstate"]
+    for name, g, r, lo in zip(names, grads, ref[1], low[1]):
+        assert_close_to_reference(name, g, r, lo)
+    return (y, final), grads
+
+
+# -- chunked-scan variants --------------------------------------------------------------------------------
+# chunk 8 over L = 21: three chunks, the last one partial; lookback only exists for one direction.
+CARRY, LOOKBACK, SEQUENTIAL = dict(chunk=8, lookback=False), dict(chunk=8, lookback=True), dict(chunk=64)
+VARIANTS = [(bi, trunc, tuning) for bi in (False, True) for trunc in (0, 5)
+            for tuning in ((CARRY, LOOKBACK, SEQUENTIAL) if not bi else (CARRY, SEQUENTIAL))]
+
+
+@pytest.mark.parametrize("bidirectional,truncation,tuning", VARIANTS, ids=str)
+def test_chunked_variants(bidirectional, truncation, tuning):
+    with_state = not bidirectional and truncation == 0
+    coefs, coefs64, x, mask, state, gy, gs = _case(3, 21, 5, 3, bidirectional, with_state)
+    _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, block_d=4, **tuning)
+
+
+def test_outputs_poisoned_with_nan(monkeypatch):
+    """Every output and workspace starts as NaN: the kernels must write each element they later read."""
+    monkeypatch.setattr(fwd_mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                                     dtype=dtype, device=device))
+    for bidirectional, tuning in ((False, dict(chunk=4, lookback=True)), (True, dict(chunk=4, lookback=False))):
+        with_state = not bidirectional
+        coefs, coefs64, x, mask, state, gy, gs = _case(3, 11, 6, 3, bidirectional, with_state)
+        _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, block_d=4, **tuning)
+    (a, q, c, omega), _ = _coefs(6, 3, False)
+    y, s = ema_step_fwd(torch.randn(3, 6, device=DEVICE), a, q, c, omega, torch.randn(3, 6, 3, device=DEVICE),
+                        None)
+    assert torch.isfinite(y).all() and torch.isfinite(s).all()
+
+
+def test_backward_is_deterministic():
+    coefs, _, x, mask, _, gy, _ = _case(3, 37, 5, 3, True, False)
+    first = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)
+    second = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# -- torch.library registration ---------------------------------------------------------------------------
+def test_opcheck():
+    coefs, _, x, mask, state, gy, gs = _case(3, 5, 3, 2, False, True)
+    torch.library.opcheck(ema_fwd_triton, (x, *coefs, mask, state, False, 0, True))
+    torch.library.opcheck(ema_fwd_triton, (x, *_coefs(3, 2, True)[0], None, None, True, 2, False))
+    torch.library.opcheck(ema_bwd_triton, (gy, gs, x, *coefs, mask, state, False, 0))
+    torch.library.opcheck(ema_step_triton, (x[:, 0].contiguous(), *coefs, state, mask[:, 0].contiguous()))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile traces the op without graph breaks, forward and backward (aot_eager on the CPU, where
+    inductor would compile C++; inductor on a GPU)."""
+    torch._dynamo.reset()
+    params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(5, 3, True)]
+    x = torch.randn(2, 9, 5, device=DEVICE, requires_grad=True)
+    fn = lambda x, *p: ops.ema(x, *p, bidirectional=True, backend="triton")  # noqa: E731
+    # Eager first: the backend registry imports its module lazily, which dynamo cannot trace.
+    ref = fn(x, *params)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, *params])
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    out = compiled(x, *params)
+    grads = torch.autograd.grad(out.sum(), [x, *params])
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+# -- input errors -----------------------------------------------------------------------------------------
+def test_clear_errors():
+    (a, q, c, omega), _ = _coefs(4, 2, False)
+    x = torch.randn(2, 5, 4, device=DEVICE)
+    with pytest.raises(TypeError, match="float64.*backend='reference'"):
+        ema_fwd(x.double(), a, q, c, omega, None, None, False, 0, False)
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        ema_fwd(x.transpose(0, 1).contiguous().transpose(0, 1), a, q, c, omega, None, None, False, 0, False)
+    with pytest.raises(ValueError, match="mask must be"):
+        ema_fwd(x, a, q, c, omega, torch.ones(2, 5, dtype=torch.uint8, device=DEVICE), None, False, 0, False)
+    with pytest.raises(ValueError, match="a must be \\(8, N\\)"):
+        ema_fwd(x, a, q, c, omega, None, None, True, 0, False)
+    with pytest.raises(ValueError, match="state must be"):
+        ema_fwd(x, a, q, c, omega, None, torch.zeros(2, 4, 3, device=DEVICE), False, 0, True)
+    with pytest.raises(ValueError, match="grad_y must be"):
+        ema_bwd(x[:, :3].contiguous(), None, x, a, q, c, omega, None, None, False, 0)
+    with pytest.raises(ValueError, match="ema_step: x must be"):
+        ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
+
+
+# -- GPU only ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_gpu_long_sequence(dtype, bidirectional):
+    """L = 4096 in every variant (look-back, carry, sequential) against the float64 reference."""
+    with_state = not bidirectional
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 4096, 96, 16, bidirectional, with_state, dtype)
+    results = []
+    for tuning in (dict(chunk=256, lookback=True), dict(chunk=256, lookback=False), dict(chunk=4096)):
+        if bidirectional and tuning.get("lookback"):
+            continue
+        results.append(_check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, **tuning))
+
+
+@pytest.mark.gpu
+def test_gpu_million_tokens_bf16():
+    """B1 L1048576 D1024 bf16 runs forward and backward (the reference would not fit); the first 4096 steps
+    match the reference."""
+    coefs, coefs64, _, _, _, _, _ = _case(1, 1, 1024, 16, False, False)
+    x = torch.randn(1, 1 << 20, 1024, device="cuda", dtype=torch.bfloat16)
+    y, _ = ema_fwd(x, *coefs, None, None, False, 0, False)
+    grads = ema_bwd(torch.ones_like(x), None, x, *coefs, None, None, False, 0)
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
+    head = x[:, :4096].contiguous()
+    ref = ema_fft(head.double(), *coefs64)
+    low = ema_fft(head, *coefs)
+    assert_close_to_reference("head", y[:, :4096], ref, low)
