@@ -20,6 +20,8 @@ from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mas
 
 BACKEND_DTYPES = {
     "triton": (torch.float32, torch.float16),
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16),  # + bfloat16 on a GPU (see _dtypes); tests marked gpu
 }
 GPU_BACKENDS = ("triton", "cuda")  # run on CUDA tensors when a GPU is present
 
@@ -28,7 +30,7 @@ def _device(name):
     return "cuda" if name in GPU_BACKENDS and torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(params=list(BACKEND_DTYPES))
+@pytest.fixture(params=[pytest.param(n, marks=pytest.mark.gpu) if n == "cuda" else n for n in BACKEND_DTYPES])
 def backend(request):
     """(name, device) of a kernel backend that can run here."""
     name = request.param

@@ -1,108 +1,53 @@
-"""The `cpu` EMA backend (C++ extension, csrc/ema/ema_cpu.cpp) against the float64 reference.
-
-Forward, backward (every gradient), state in/out, truncation, masks with full and empty rows, all four dtypes,
-over the shared EMA_CASES; gradcheck in float64; decoding steps; determinism across thread counts; models on
-the cpu backend equal to the reference backend. (tests/test_ema_backends.py did not exist when this was
-written; when it does, "cpu" belongs in its backend list and the case loops here can shrink to what is
-extension-specific.)
+"""What is specific to the `cpu` EMA backend (C++ extension, csrc/ema/ema_cpu.cpp); the backend-generic tests
+(float32 / float16 / bfloat16 forward, backward, state, truncation, decoding, float64 gradcheck) run it from
+tests/test_ema_backends.py. Here: float64 end to end against the float64 reference over the shared cases, a
+truncated gradcheck, float64 decoding, a long sequence, determinism across thread counts, auto's choice, and
+models on the cpu backend equal to the reference backend.
 """
 import os
 
 import pytest
 import torch
 
-from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
+from helpers import EMA_CASES, ema_params, random_mask
 from mega_kernels import _ext, ops
-from mega_kernels.reference.ema import ema_coefficients, ema_fft
+from mega_kernels.reference.ema import ema_coefficients
 from mega_kernels.reference.ema import ema_step as ref_step
+from test_ema_backends import _check_against_reference, _inputs
 
 _REASON = _ext.unavailable_reason(torch.device("cpu"))
 pytestmark = pytest.mark.skipif(_REASON is not None and os.environ.get("CI") != "true",
                                 reason=f"C++ extension unavailable: {_REASON}")
 
-LOWP = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _run(backend, x, params, gy, gs=None, **kw):
-    """Output(s) and gradients of sum(y * gy) [+ sum(final_state * gs)] w.r.t. x, the parameters, state."""
-    leaves = [x] + list(params) + ([kw["state"]] if kw.get("state") is not None else [])
-    out = ops.ema(x, *params, backend=backend, **kw)
-    y, final = (out if kw.get("return_state") else (out, None))
-    loss = (y.double() * gy).sum() + (0 if final is None else (final.double() * gs).sum())
-    grads = torch.autograd.grad(loss, leaves)
-    return [y] + ([final] if final is not None else []) + list(grads)
-
-
-def _compare(dtype, bsz, length, dim, ndim, bidirectional, truncation, masked, with_state):
-    params64 = ema_params(dim, ndim, bidirectional, requires_grad=True)
-    x64 = torch.randn(bsz, length, dim, dtype=torch.float64, requires_grad=True)
-    kw = dict(bidirectional=bidirectional, truncation=truncation, mask=random_mask(bsz, length) if masked else None)
-    state64 = None
-    if with_state:
-        state64 = torch.randn(bsz, dim, ndim, dtype=torch.float64, requires_grad=True)
-        kw.update(state=state64, return_state=True)
-    gy = torch.randn(bsz, length, dim, dtype=torch.float64)
-    gs = torch.randn(bsz, dim, ndim, dtype=torch.float64) if with_state else None
-
-    def cast(t, dt):
-        return t.detach().to(dt).requires_grad_()
-
-    ref64 = _run("reference", x64, params64, gy, gs, **kw)
-    if dtype == torch.float64:
-        ref_lowp, x, params, state = None, x64, params64, state64
-    else:  # the reference's own error in this dtype: the same inputs rounded, run in dtype
-        x, params = cast(x64, dtype), [cast(p, torch.float32) for p in params64]
-        state = cast(state64, torch.float32) if with_state else None
-        ref_lowp = _run("reference", x, params, gy, gs, **dict(kw, state=state))
-    got = _run("cpu", x, params, gy, gs, **dict(kw, state=state))
-    names = ["y"] + (["final_state"] if with_state else []) + ["dx", "ddelta", "dalpha", "dbeta", "dgamma",
-                                                               "domega"] + (["dstate"] if with_state else [])
-    for i, name in enumerate(names):
-        assert got[i].dtype == (ref_lowp or ref64)[i].dtype, f"{name}: dtype {got[i].dtype}"
-        assert_close_to_reference(name, got[i], ref64[i], None if ref_lowp is None else ref_lowp[i])
-
 
 @pytest.mark.parametrize("case", EMA_CASES, ids=lambda c: "B{}L{}D{}N{}".format(*c))
 @pytest.mark.parametrize("bidirectional,truncation", [(False, None), (True, None), (False, 5), (True, 64)])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_forward_backward(case, bidirectional, truncation, dtype):
-    _compare(dtype, *case, bidirectional, truncation, masked=True, with_state=False)
+def test_float64_forward_backward(case, bidirectional, truncation):
+    """float64 in, float64 computed: errors at float64 rounding (masked; unidirectional carries a state)."""
+    with_state = not bidirectional and truncation is None
+    x, params, mask, state, gy, gs = _inputs(*case, bidirectional, torch.float64, "cpu", True, with_state)
+    params, state = [p.double() for p in params], None if state is None else state.double()
+    gs = None if gs is None else gs.double()
+    _check_against_reference("cpu", x, params, mask, state, gy, gs, bidirectional=bidirectional,
+                             truncation=truncation)
 
 
-@pytest.mark.parametrize("case", EMA_CASES[:4], ids=lambda c: "B{}L{}D{}N{}".format(*c))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_state_in_out(case, dtype):
-    _compare(dtype, *case, False, None, masked=True, with_state=True)
+def test_long_sequence_without_mask():
+    x, params, _, _, gy, _ = _inputs(1, 3000, 20, 16, True, torch.float32, "cpu", False, False)
+    _check_against_reference("cpu", x, params, None, None, gy, None, bidirectional=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_half_inputs_compute_in_float32(dtype, bidirectional):
-    _compare(dtype, 3, 129, 24, 3, bidirectional, None, masked=True, with_state=False)
-
-
-def test_no_mask_and_long_sequence():
-    _compare(torch.float32, 1, 3000, 20, 16, True, None, masked=False, with_state=False)
-
-
-@pytest.mark.parametrize("kw", [dict(bidirectional=False, state=True), dict(bidirectional=True, mask=True),
-                                dict(bidirectional=False, truncation=3, mask=True)], ids=["state", "bi", "trunc"])
-def test_gradcheck(kw):
-    bsz, length, dim, ndim = 2, 6, 3, 2
-    params = ema_params(dim, ndim, kw.get("bidirectional", False), requires_grad=True)
+def test_gradcheck_truncated(bidirectional):
+    bsz, length, dim, ndim = 2, 7, 3, 2
+    params = ema_params(dim, ndim, bidirectional, requires_grad=True)
     x = torch.randn(bsz, length, dim, dtype=torch.float64, requires_grad=True)
-    mask = random_mask(bsz, length) if kw.get("mask") else None
-    inputs = [x] + params
-    if kw.get("state"):
-        inputs.append(torch.randn(bsz, dim, ndim, dtype=torch.float64, requires_grad=True))
+    mask = random_mask(bsz, length)
 
-    def fn(x, *rest):
-        state = rest[5] if len(rest) > 5 else None
-        out = ops.ema(x, *rest[:5], mask=mask, bidirectional=kw.get("bidirectional", False),
-                      truncation=kw.get("truncation"), state=state, return_state=state is not None, backend="cpu")
-        return out
+    def fn(x, *params):
+        return ops.ema(x, *params, mask=mask, bidirectional=bidirectional, truncation=3, backend="cpu")
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, [x] + params)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

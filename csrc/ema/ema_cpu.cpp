@@ -34,7 +34,7 @@ struct Args {
   A *pc, *pa, *pq, *pomega;                                        // per-batch partial gradients
   int64_t B, L, D, N; int K; bool bi;
   int64_t tasks() const { return B * ((D + lanes<A>() - 1) / lanes<A>()); }
-  int64_t work_size() const { return (2 * L + 13 * N + 1) * lanes<A>(); }
+  int64_t work_size() const { return (2 * L + 16 * N + 1) * lanes<A>(); }
 };
 
 // Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
@@ -103,11 +103,12 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   A* dxm = gbuf + L * W;
   A* cw = dxm + L * W;
   A *h = cw + 6 * s, *H = h + s, *P = H + s, *sc = P + s, *sH = sc + s, *sP = sH + s, *r = sP + s;
-  A* om = r + s;  // omega of the block, then the block's d omega sum
-  A somega[W];
+  A *tc = r + s, *tH = tc + s, *tP = tH + s;  // totals of sc, sH, sP over the blocks of kSumBlock steps
+  A* om = tP + s;                             // omega of the lane group
+  A somega[W], tomega[W];
   for (int w = 0; w < W; ++w) {
     om[w] = w < nw ? p.omega[d0 + w] : A(0);
-    somega[w] = A(0);
+    somega[w] = tomega[w] = A(0);
   }
   Coefs<A> cf;
   if (p.bi) {  // the backward direction's output enters z: keep it in gbuf, where the first sweep reads it
@@ -122,22 +123,28 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     const int64_t row0 = dir > 0 ? 0 : p.D;
     cf = gather<W>(p, row0, d0, nw, cw);
     load_state<W>(h, dir > 0 ? p.state : nullptr, b, d0, nw, p.D, N);
-    std::fill(H, H + 5 * s, A(0));  // H, P, sc, sH, sP
-    if (dir > 0) {
-      scan_params<W, 0, true>(in, gy, p.bi ? static_cast<const A*>(gbuf) : nullptr, gbuf, W, om, somega, +1, 0, in.L, p.K, Ni, cf, h,
-                              H, P, sc, sH, sP);
-    } else {
-      scan_params<W, 0, false>(in, gy, static_cast<const A*>(nullptr), gbuf, W, om, somega, -1, 0, in.L, p.K, Ni, cf, h, H, P, sc,
-                               sH, sP);
+    std::fill(H, H + 5 * s, A(0));    // H, P, sc, sH, sP
+    std::fill(tc, tc + 3 * s, A(0));  // tc, tH, tP
+    for (int i0 = 0; i0 < in.L; i0 += kSumBlock) {
+      const int i1 = std::min(in.L, i0 + kSumBlock);
+      if (dir > 0) {
+        scan_params<W, 0, true>(in, gy, p.bi ? static_cast<const A*>(gbuf) : nullptr, gbuf, W, om, somega, +1, i0,
+                                i1, p.K, Ni, cf, h, H, P, sc, sH, sP);
+      } else {
+        scan_params<W, 0, false>(in, gy, static_cast<const A*>(nullptr), gbuf, W, om, somega, -1, i0, i1, p.K, Ni,
+                                 cf, h, H, P, sc, sH, sP);
+      }
+      fold_sums(tc, sc, 3 * s);  // sc, sH, sP are contiguous, as are tc, tH, tP
+      fold_sums(tomega, somega, W);
     }
     const bool gs = dir > 0 && p.gstate != nullptr;
     load_state<W>(r, gs ? p.gstate : nullptr, b, d0, nw, p.D, N);  // r = dL/dh_{L-1} = G
     for (int64_t n = 0; n < N; ++n) {
       for (int w = 0; w < nw; ++w) {
         const int64_t j = n * W + w, o = (b * 2 * p.D + row0 + d0 + w) * N + n;
-        p.pc[o] = sc[j];
-        p.pa[o] = cf.c[j] * sH[j] + r[j] * H[j];
-        p.pq[o] = cf.c[j] * sP[j] + r[j] * P[j];
+        p.pc[o] = tc[j];
+        p.pa[o] = cf.c[j] * tH[j] + r[j] * H[j];
+        p.pq[o] = cf.c[j] * tP[j] + r[j] * P[j];
       }
     }
     scan_adjoint<W, 0>(gbuf, dxm, W, in.L, dir, 0, in.L, p.K, Ni, cf, r, dir < 0);
@@ -149,7 +156,7 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     for (int w = 0; w < W; ++w) out[w] = om[w] * gbuf[t * W + w] + m * dxm[t * W + w];
     store_lanes<W>(p.dx + (b * L + t) * p.D + d0, out, nw);
   }
-  for (int w = 0; w < nw; ++w) p.pomega[b * p.D + d0 + w] = somega[w];
+  for (int w = 0; w < nw; ++w) p.pomega[b * p.D + d0 + w] = tomega[w];
 }
 
 // Non-template entry points, one per dtype, so target_clones can compile each for several ISAs.

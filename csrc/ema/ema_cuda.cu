@@ -9,7 +9,8 @@
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
 // Backward: one thread per (b, d) runs the sweeps of ema_kernels.cuh over the whole sequence, with g and the
-// adjoint output in global workspaces; per-batch partial sums are reduced by the caller in a fixed order.
+// adjoint output in global workspaces; per-batch partial sums (zero-initialised by the caller, which reduces
+// them over the batch in a fixed order) are added to every kSumBlock steps.
 // States and coefficients are float32 registers, zero-padded to NM >= N.
 #include "ema_cuda.h"
 #include "ema_kernels.cuh"
@@ -177,19 +178,31 @@ __global__ void bwd_kernel(BwdParams p) {
       carry[n] = (gs && n < p.N) ? p.gstate[j] : 0.f;
       H[n] = P[n] = sc[n] = sH[n] = sP[n] = 0.f;
     }
-    if (dir > 0) {
-      scan_params<1, NM, true>(in, gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, D, &om, &somega, 1,
-                               0, p.L, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-    } else {
-      scan_params<1, NM, false>(in, gy, static_cast<const float*>(nullptr), gbuf, D, &om, &somega, -1, 0, p.L,
-                                p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+    const int64_t o0 = (static_cast<int64_t>(b) * 2 * p.D + row) * p.N;  // this thread's partial sums
+    for (int i0 = 0; i0 < p.L; i0 += kSumBlock) {  // blocked summation (ema_kernels.cuh)
+      const int i1 = min(p.L, i0 + kSumBlock);
+      if (dir > 0) {
+        scan_params<1, NM, true>(in, gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, D, &om, &somega,
+                                 1, i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+      } else {
+        scan_params<1, NM, false>(in, gy, static_cast<const float*>(nullptr), gbuf, D, &om, &somega, -1, i0, i1,
+                                  p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+      }
+      MK_UNROLL for (int n = 0; n < NM; ++n) {
+        if (n < p.N) {
+          p.pc[o0 + n] += sc[n];
+          p.pa[o0 + n] += sH[n];
+          p.pq[o0 + n] += sP[n];
+        }
+        sc[n] = sH[n] = sP[n] = 0.f;
+      }
+      p.pomega[static_cast<int64_t>(b) * p.D + d] += somega;
+      somega = 0.f;
     }
     MK_UNROLL for (int n = 0; n < NM; ++n) {
       if (n < p.N) {
-        const int64_t o = (static_cast<int64_t>(b) * 2 * p.D + row) * p.N + n;
-        p.pc[o] = sc[n];
-        p.pa[o] = r.c[n] * sH[n] + carry[n] * H[n];
-        p.pq[o] = r.c[n] * sP[n] + carry[n] * P[n];
+        p.pa[o0 + n] = r.c[n] * p.pa[o0 + n] + carry[n] * H[n];
+        p.pq[o0 + n] = r.c[n] * p.pq[o0 + n] + carry[n] * P[n];
       }
     }
     scan_adjoint<1, NM>(static_cast<const float*>(gbuf), dxm, D, p.L, dir, 0, p.L, p.K, p.N, r.view(), carry,
@@ -204,7 +217,6 @@ __global__ void bwd_kernel(BwdParams p) {
     const float m = (p.mask == nullptr || p.mask[static_cast<int64_t>(b) * p.L + t]) ? 1.f : 0.f;
     dx[t * D] = from_acc<T>(om * gbuf[t * D] + m * dxm[t * D]);
   }
-  p.pomega[static_cast<int64_t>(b) * p.D + d] = somega;
 }
 
 template <typename T, int NM>

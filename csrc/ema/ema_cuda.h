@@ -27,7 +27,7 @@ struct BwdParams {
   const void* x; const void* gy; const bool* mask; Coefs6 cf; const float* omega; const float* state;
   const float* gstate;                        // optional
   void* dx; float* dstate;                    // dstate optional
-  float *pc, *pa, *pq, *pomega;               // per-batch partial sums: (B, 2D, N) x 3 and (B, D)
+  float *pc, *pa, *pq, *pomega;               // per-batch partial sums, zero-filled: (B, 2D, N) x 3, (B, D)
   float *gbuf, *dxm;                          // workspaces (B, L, D) each
   int B, L, D, N, K; bool bi;
 };

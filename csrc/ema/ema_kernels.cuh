@@ -20,6 +20,8 @@
 //   dx: with the adjoint lam_t = dL/dh_t = c g_t + q lam_{t+1} - c q^K g_{t+K} (+ G at t = L-1), an
 //   anti-causal EMA of g run against the direction, dx_t = omega g_t + mask_t sum_n a lam_t, and the
 //   gradient of the initial state is q lam_0. The carry r_t = q lam_{t+1} (r_{L-1} = G) avoids dividing by q.
+// Summation: the sums over t of the parameter gradients are accumulated in blocks of kSumBlock steps, each
+//   block's sum then added to a total, so float32 rounding grows like (kSumBlock + L / kSumBlock) eps, not L eps.
 // Chunking (CUDA): h is linear in h_{-1} with factor q per step, so a chunk of T steps started from 0 ends
 //   in a local state u and the true state after it is q^T h_start + u; the q^K xm_{t-K} terms just read x
 //   before the chunk. Deterministic: no atomics; partial sums are reduced in a fixed order by the callers.
@@ -186,6 +188,17 @@ MK_HD void step_adjoint(const A* MK_R q, const A* MK_R a, const A* MK_R c, const
     const A lam = r[w] + c[w] * g[w] - c[w] * qk[w] * go[w];
     d[w] += a[w] * lam;
     r[w] = q[w] * lam;
+  }
+}
+
+constexpr int kSumBlock = 128;
+
+// total += part; part = 0 (the blocked summation above).
+template <typename A>
+MK_HD void fold_sums(A* MK_R total, A* MK_R part, int count) {
+  for (int j = 0; j < count; ++j) {
+    total[j] += part[j];
+    part[j] = A(0);
   }
 }
 
