@@ -120,6 +120,17 @@ def test_generate_greedy_and_sampling_use_the_cache_correctly():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_reorder_cache_selects_rows():
+    model = decoder(truncation=3)
+    ids = torch.randint(3, 50, (3, 5))
+    past = model(ids, use_cache=True).past_key_values
+    picked = model.reorder_cache(past, torch.tensor([2, 0]))
+    nxt = torch.randint(3, 50, (3, 1))
+    full = model(nxt, past_key_values=past, use_cache=True).logits
+    got = model(nxt[[2, 0]], past_key_values=picked, use_cache=True).logits
+    assert (got - full[[2, 0]]).abs().max() < 1e-12
+
+
 def test_generate_stops_at_eos_and_pads():
     model = decoder()
     ids = torch.randint(3, 50, (2, 4))

@@ -65,3 +65,8 @@ class GenerationMixin:
                 if bool(finished.all()):
                     break
         return tokens
+
+    @staticmethod
+    def reorder_cache(past_key_values, beam_idx: Tensor):
+        """Select batch rows of a cache (e.g. for beam search): every cache entry is batch-first."""
+        return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)

@@ -267,6 +267,8 @@ class MegaModel(MegaPreTrainedModel):
                                  f"{c.num_hidden_layers}; pass the past_key_values returned by this model")
             past = int(past_key_values[0][3].max()) if past_key_values[0][3].numel() else 0
         padding_mask = self._bool_mask("attention_mask", attention_mask, (bsz, past + length))
+        if padding_mask is not None and not _compiling() and bool(padding_mask.all()):
+            padding_mask = None  # the same maths without a mask, and the kernels' faster path
         if c.add_cross_attention:
             if encoder_hidden_states is None and past_key_values is None:
                 raise ValueError("this decoder has cross-attention: pass encoder_hidden_states (B, S, D)")
