@@ -8,7 +8,7 @@ OUT=${OUT:-/tmp/mega_gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 MEGA_BENCH_OUT=$OUT
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="9.0"
-quick=${1:-}
+quick=${1:+--quick}
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 
@@ -23,26 +23,26 @@ build_pid=$!
 
 # 2. Triton tests on the GPU (bfloat16 included), then the extension's GPU tests once it is built.
 stamp "triton GPU tests"
-timeout 150 python -m pytest -q -x --no-header -p no:cacheprovider tests/test_ema_triton.py tests/test_ema_backends.py \
+timeout 120 python -m pytest -q --no-header -p no:cacheprovider tests/test_ema_triton.py tests/test_ema_backends.py \
     tests/test_attention_triton.py -k "not slow" > "$OUT/tests_triton.log" 2>&1
 echo "triton tests rc=$?" >> "$OUT/tests_triton.log"
 tail -3 "$OUT/tests_triton.log"
 wait $build_pid
 tail -2 "$OUT/build.log"
 stamp "cuda/gpu tests"
-timeout 90 python -m pytest -q --no-header -p no:cacheprovider -m gpu tests > "$OUT/tests_gpu.log" 2>&1
+timeout 75 python -m pytest -q --no-header -p no:cacheprovider -m gpu tests > "$OUT/tests_gpu.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/tests_gpu.log"
 tail -3 "$OUT/tests_gpu.log"
 
 # 3. Benchmarks (JSON to $OUT).
 stamp "bench_ema"
-timeout 150 python -m benchmarks.bench_ema $quick > "$OUT/bench_ema.log" 2>&1; echo "bench_ema rc=$?" >> "$OUT/bench_ema.log"
+timeout 100 python -m benchmarks.bench_ema $quick > "$OUT/bench_ema.log" 2>&1; echo "bench_ema rc=$?" >> "$OUT/bench_ema.log"
 stamp "bench_attention"
-timeout 200 python -m benchmarks.bench_attention $quick > "$OUT/bench_attention.log" 2>&1; echo "bench_attention rc=$?" >> "$OUT/bench_attention.log"
+timeout 130 python -m benchmarks.bench_attention $quick > "$OUT/bench_attention.log" 2>&1; echo "bench_attention rc=$?" >> "$OUT/bench_attention.log"
 
 # 4. The CLI check on the GPU.
 stamp "mega-kernels check"
-timeout 60 python -m mega_kernels.cli check --device cuda > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
+timeout 45 python -m mega_kernels.cli check --device cuda > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
 tail -4 "$OUT/check.log"
 
 stamp "summary"
