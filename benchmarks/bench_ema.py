@@ -1,0 +1,147 @@
+"""EMA benchmark: every shape of the EMA table of ANCHORS.md (plus the target shape in both dtypes and
+directions), forward and forward+backward, for every EMA backend available on the device; the Triton kernel
+also in its variants (single-pass look-back, three-pass carry, chunk lengths, the sequential fallback) so the
+launcher defaults can be picked from measurements.
+
+Each row: ms (median), speedup vs the reference (FFT, the transformers way) measured in the same run, peak MiB,
+and the fraction of the copy floor measured in the same run: forward = copy of (x read + y written) bytes,
+forward+backward = copy of (x, y, x again, dy, dx) bytes (what an ideal fused fwd + bwd moves).
+
+    python -m benchmarks.bench_ema            # GPU, all shapes (~1-2 minutes on an H100)
+    python -m benchmarks.bench_ema --quick    # GPU smoke run: the target shape only
+    python -m benchmarks.bench_ema --tiny     # CPU smoke run (Triton under TRITON_INTERPRET=1), tiny shape
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+from benchmarks.harness import Row, copy_ms, fill_speedups, is_oom, measure, save_rows  # noqa: E402
+from mega_kernels import ops  # noqa: E402
+from mega_kernels.reference.ema import ema_coefficients  # noqa: E402
+
+# (B, L, D, N, dtype, bidirectional); the first four are ANCHORS.md's table, then the target shape's other
+# dtype/direction (forward >= 70% of copy in fp32 and bf16; bidirectional <= 1.5x unidirectional).
+SHAPES = [
+    (8, 4096, 1024, 16, torch.float32, False),
+    (8, 4096, 1024, 16, torch.bfloat16, True),
+    (1, 65536, 1024, 16, torch.bfloat16, False),
+    (32, 4096, 128, 16, torch.float32, True),
+    (8, 4096, 1024, 16, torch.bfloat16, False),
+    (8, 4096, 1024, 16, torch.float32, True),
+]
+LONG = (1, 1 << 20, 1024, 16, torch.bfloat16, False)  # fwd+bwd must run; triton only (the reference OOMs)
+TINY = [(2, 64, 32, 4, torch.float32, False), (2, 64, 32, 4, torch.float32, True)]
+# Triton variants measured beside the default (launcher tuning of mega_kernels.triton.ema_fwd.ema_scan).
+VARIANTS = {
+    "lookback c128": dict(chunk=128, lookback=True),
+    "lookback c512": dict(chunk=512, lookback=True),
+    "carry c256": dict(chunk=256, lookback=False),
+    "carry c1024": dict(chunk=1024, lookback=False),
+    "sequential": dict(chunk=1 << 30),
+    "lookback c256 bd64": dict(chunk=256, lookback=True, block_d=64),
+}
+DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def make_inputs(bsz, length, dim, ndim, dtype, bidirectional, device):
+    kd = 2 * dim if bidirectional else dim
+    g = torch.Generator(device="cpu").manual_seed(0)
+    params = [torch.randn(kd, ndim, 1, generator=g) * 0.2, torch.randn(kd, ndim, 1, generator=g) * 0.2,
+              torch.randn(kd, ndim, 1, generator=g) * 0.02 + 1, torch.randn(kd, ndim, generator=g),
+              torch.randn(dim, generator=g)]
+    params = [p.to(device).requires_grad_() for p in params]
+    x = torch.randn(bsz, length, dim, device=device, dtype=dtype).requires_grad_()
+    gy = torch.randn(bsz, length, dim, device=device, dtype=dtype)
+    return x, params, gy
+
+
+def _fns(x, params, gy, bidirectional, backend, tuning=None):
+    """(forward fn, forward+backward fn) through ops.ema, or through the Triton launchers for a variant."""
+    if tuning is None:
+        def fwd():
+            with torch.no_grad():
+                return ops.ema(x, *params, bidirectional=bidirectional, backend=backend)
+
+        def fwd_bwd():
+            y = ops.ema(x, *params, bidirectional=bidirectional, backend=backend)
+            y.backward(gy)
+            x.grad = None
+            for p in params:
+                p.grad = None
+        return fwd, fwd_bwd
+    from mega_kernels.triton.ema_bwd import ema_bwd
+    from mega_kernels.triton.ema_fwd import ema_fwd
+
+    with torch.no_grad():
+        a, q, c = (t.float().contiguous() for t in ema_coefficients(*params[:4]))
+        omega = params[4].detach().float()
+    xd = x.detach()
+
+    def fwd():
+        return ema_fwd(xd, a, q, c, omega, None, None, bidirectional, 0, False, **tuning)
+
+    def fwd_bwd():
+        ema_fwd(xd, a, q, c, omega, None, None, bidirectional, 0, False, **tuning)
+        return ema_bwd(gy, None, xd, a, q, c, omega, None, None, bidirectional, 0, **tuning)
+    return fwd, fwd_bwd
+
+
+def bench_shape(rows, shape, backends, device, variants):
+    bsz, length, dim, ndim, dtype, bidirectional = shape
+    label = f"B{bsz} L{length} D{dim} N{ndim} {'bi' if bidirectional else 'uni'}"
+    try:
+        x, params, gy = make_inputs(*shape, device)
+    except Exception as exc:  # pragma: no cover - an input that does not fit
+        rows.append(Row("ema", "fwd", label, DT[dtype], "-", None, note=f"inputs: {'OOM' if is_oom(exc) else exc}"))
+        return
+    nbytes = x.numel() * x.element_size()
+    floors = {"fwd": copy_ms(2 * nbytes, device), "fwd+bwd": copy_ms(5 * nbytes, device)}
+    runs = [(name, None) for name in backends]
+    if "triton" in backends:  # look-back exists for one direction only
+        runs += [(f"triton[{v}]", t) for v, t in variants.items() if not (bidirectional and t.get("lookback"))]
+    for name, tuning in runs:
+        backend = name.split("[")[0]
+        fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
+        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[carry c256]", "triton[sequential]"):
+                continue  # backward variants: only the ones that change the backward's structure
+            r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)
+            if r.ms:
+                r.floor_fraction = floors[mode] / r.ms
+                if r.peak_mib is not None and mode == "fwd+bwd":
+                    r.extra["peak_over_x_y_dx_dy"] = r.peak_mib * 2**20 / (4 * nbytes)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del x, params, gy
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="GPU smoke run: the target shape only, no variants")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run under the Triton interpreter)")
+    ap.add_argument("--no-long", action="store_true", help="skip the B1 L1048576 row")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    avail = ops.available_backends("ema", device)
+    backends = [b for b in ("reference", "triton", "cuda", "cpu") if avail.get(b) is None and b in avail]
+    print("backends:", {b: (r or "available") for b, r in avail.items()})
+    tiny = args.tiny or device.type != "cuda"
+    shapes = TINY if tiny else SHAPES[:1] if args.quick else SHAPES
+    variants = {} if args.quick else (dict(list(VARIANTS.items())[:2]) if tiny else VARIANTS)
+    rows = []
+    for shape in shapes:
+        bench_shape(rows, shape, backends, device, variants)
+    if not tiny and not args.no_long and "triton" in backends:
+        bench_shape(rows, LONG, ["triton"], device, {})
+    fill_speedups(rows)
+    save_rows(rows, "bench_ema" + ("-tiny" if tiny else "-quick" if args.quick else ""), device)
+
+
+if __name__ == "__main__":
+    main()
