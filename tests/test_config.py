@@ -91,3 +91,32 @@ def test_models_revalidate_a_changed_config():
     cfg.is_decoder = True  # bidirectional is still True
     with pytest.raises(ValueError, match="bidirectional"):
         mega_kernels.MegaModel(cfg)
+
+
+def test_modules_pass_the_configured_backend_to_the_ops(monkeypatch):
+    """config.kernel_backend reaches every ops call; set_kernel_backend switches it ("auto" leaves the choice,
+    including MEGA_KERNELS_BACKEND, to the ops)."""
+    import torch
+
+    import mega_kernels
+    from mega_kernels import ops
+
+    seen = []
+    for name in ("ema", "ema_step", "attention"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: (seen.append((_name, k["backend"])),
+                                                                                  _real(*a, **k))[1])
+    cfg = MegaConfig(vocab_size=20, hidden_size=16, shared_representation_size=8, intermediate_size=8,
+                     nffn_hidden_size=8, num_hidden_layers=2, is_decoder=True, bidirectional=False,
+                     kernel_backend={"ema": "reference"})
+    model = mega_kernels.MegaForCausalLM(cfg).eval()
+    out = model(torch.randint(0, 20, (1, 3)), use_cache=True)
+    model(torch.randint(0, 20, (1, 1)), past_key_values=out.past_key_values)
+    assert set(seen) == {("ema", "reference"), ("ema_step", "reference"), ("attention", "auto")}
+    seen.clear()
+    model.set_kernel_backend("reference")
+    model(torch.randint(0, 20, (1, 3)), use_cache=False)
+    assert set(seen) == {("ema", "reference"), ("attention", "reference")}
+    with pytest.raises(ValueError, match="kernel_backend"):
+        model.set_kernel_backend("fast")
+    assert model.config.kernel_backend == "reference"

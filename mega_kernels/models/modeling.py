@@ -108,6 +108,21 @@ class MegaPreTrainedModel(nn.Module):
         if out is not None and self.config.tie_word_embeddings:
             out.weight = self.get_input_embeddings().weight
 
+    def set_kernel_backend(self, backend) -> None:
+        """Switch the kernels of every module: "auto", a backend name, or {"ema": ..., "attention": ...}."""
+        previous = self.config.kernel_backend
+        self.config.kernel_backend = backend
+        try:
+            self.config.validate()
+        except ValueError:
+            self.config.kernel_backend = previous
+            raise
+        for module in self.modules():
+            if isinstance(module, MegaMultiDimensionDampedEma):
+                module.backend = self.config.backend_for("ema")
+            elif isinstance(module, MegaMovingAverageGatedAttention):
+                module.backend = self.config.backend_for("attention")
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
