@@ -17,7 +17,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 
 # 1. JIT-build the extension (CPU + CUDA) in the background while the Triton tests run.
 stamp "building the extension in the background"
-( timeout 240 python -c "from mega_kernels import _ext; import torch; print(_ext.unavailable_reason(torch.device('cuda')) or 'extension OK')" \
+( timeout 180 python -c "from mega_kernels import _ext; import torch; print(_ext.unavailable_reason(torch.device('cuda')) or 'extension OK')" \
     > "$OUT/build.log" 2>&1; echo "build rc=$?" >> "$OUT/build.log" ) &
 build_pid=$!
 
@@ -30,7 +30,7 @@ tail -3 "$OUT/tests_triton.log"
 wait $build_pid
 tail -2 "$OUT/build.log"
 stamp "cuda/gpu tests"
-timeout 75 python -m pytest -q --no-header -p no:cacheprovider -m gpu tests > "$OUT/tests_gpu.log" 2>&1
+timeout 75 python -m pytest -q --no-header -p no:cacheprovider --continue-on-collection-errors -m gpu tests > "$OUT/tests_gpu.log" 2>&1
 echo "gpu tests rc=$?" >> "$OUT/tests_gpu.log"
 tail -3 "$OUT/tests_gpu.log"
 
