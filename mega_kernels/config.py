@@ -139,7 +139,7 @@ class MegaConfig:
     # -- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """All attributes (unknown keys included) as a JSON-serialisable dict, transformers' layout."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = self.label2id
         out["model_type"] = self.model_type

@@ -47,6 +47,13 @@ def test_transformers_config_json_loads_unchanged_and_round_trips(tmp_path):
     assert MegaConfig.from_json_file(str(tmp_path / "back" / "config.json")) == ours
 
 
+def test_unknown_and_private_keys_are_kept():
+    raw = {"model_type": "mega", "_name_or_path": "mnaylor/mega-base-wikitext", "torch_dtype": "float32",
+           "architectures": ["MegaForMaskedLM"], "hidden_size": 32}
+    d = MegaConfig.from_dict(raw).to_dict()
+    assert {k: d[k] for k in raw} == raw
+
+
 def test_to_dict_and_copy():
     cfg = MegaConfig(hidden_size=24, kernel_backend="reference", id2label={"0": "neg", "1": "pos"})
     d = cfg.to_dict()
