@@ -167,7 +167,8 @@ def bench_shape(rows, name, spec, device, dtype, quick):
             torch.cuda.empty_cache()
 
 
-def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32), kinds=("fwd", "decode", "dv", "dk", "dq")):
+def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
+                   kinds=("fwd", "fwd_e256", "decode", "dv", "dk", "dq")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
     import re
@@ -190,8 +191,8 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32), kinds=("fw
     unit = ("s_qz", "s_kz", "s_ve", "s_oe", "s_de")          # specialised to 1 at launch, as Triton does
     f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
     rows = []
-    for kind, fn in (("fwd", fw._fwd_kernel), ("decode", fw._decode_kernel), ("dv", bw._dv_kernel),
-                     ("dk", bw._dk_kernel), ("dq", bw._dq_kernel)):
+    for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("decode", fw._decode_kernel),
+                     ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel)):
         if kind not in kinds:
             continue
         cfg = dict(common.config(kind, pb, dtype))

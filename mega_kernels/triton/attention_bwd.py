@@ -32,8 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (Problem, config, constants, describe, element_act, element_act_grad, inv_count,
-                               load_bias, load_key_pad, mask_args, row_info, visible, NO_SPECIALIZE, block_key_range)
+from .attention_common import (NO_SPECIALIZE, block_key_range, config, constants, describe,
+                               element_act, element_act_grad, inv_count, load_bias, load_key_pad, mask_args,
+                               row_info, visible)
 
 
 @triton.jit

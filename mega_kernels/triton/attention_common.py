@@ -224,26 +224,30 @@ def constants():
 
 def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     """Block sizes and launch options per kernel. One fixed config (no autotune: compile time matters and
-    the bias-gradient scratch depends on the tile). GPU choices keep the float32 accumulators of a program
-    within ~128 registers per thread at Z = 256 (FlashAttention-2's budget); E is tiled by BLOCK_E."""
+    the bias-gradient scratch depends on the tile). The GPU configs were checked by compiling for sm_90
+    (`python -m benchmarks.bench_attention --compile-report lm`): they fit in shared memory and spill at most
+    68 bytes (the softmax dK kernel at Z = 256). float32 (exact "ieee" dots, a correctness path, not a fast
+    one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
+    if kind == "decode":    # program = (batch, key split, E tile), vector maths
+        return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
     if interpreting():
-        t = 32
-        return dict(BLOCK_M=t, BLOCK_N=t, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=1)
-    wide = pb.block_z > 128 or dtype == torch.float32
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=max(16, min(32 if kind == "dv" else 64, np2e)), num_warps=4,
+                    num_stages=1)
+    wide = pb.block_z > 128
     if kind == "fwd":       # program = (query tile, E tile): acc (BM, BE), q (BM, BZ), scores (BM, BN)
-        fp32 = dtype == torch.float32
-        return dict(BLOCK_M=64 if fp32 else 128, BLOCK_N=32 if fp32 else 64, BLOCK_E=max(16, min(128, np2e)),
-                    num_warps=8, num_stages=2 if wide else 3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_E=max(16, min(128, np2e)), num_warps=8,
+                    num_stages=2 if wide else 3)
+    if kind == "fwd_e256":  # the forward's second candidate for E >= 512 (autotuned against "fwd"): half the
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=256, num_warps=8, num_stages=2)  # score recompute
     if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
-        return dict(BLOCK_M=64, BLOCK_N=64 if dtype != torch.float32 else 32, BLOCK_E=max(16, min(256, np2e)),
-                    num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(256, np2e)), num_warps=8, num_stages=2)
     if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(32 if wide else 128, np2e)), num_warps=8,
                     num_stages=2)
     if kind == "dq":        # program = query tile, acc dq (BM, BZ)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(64 if wide else 128, np2e)), num_warps=8,
                     num_stages=2)
-    if kind == "decode":    # program = (batch, key split, E tile), vector maths
-        return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
-    raise ValueError(kind)
+    raise ValueError(f"unknown kernel kind {kind!r}")

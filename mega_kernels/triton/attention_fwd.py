@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, Problem, config, constants, describe, element_act, inv_count, load_bias,
-                               load_key_pad, mask_args, row_info, visible, NO_SPECIALIZE, block_key_range)
+from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, block_key_range, config, constants, describe,
+                               element_act, interpreting, inv_count, load_bias, load_key_pad, mask_args,
+                               row_info, visible)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -151,19 +152,46 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
         tl.store(L + row + tl.arange(0, 1), l_i)
 
 
+# For E >= 512 in 16-bit on a GPU the forward picks between the "fwd" (BM 128, BE 128) and "fwd_e256"
+# (BM 64, BE 256) configs by timing, once per (Z, E, causal): the second recomputes the scores half as often,
+# the first reuses each K / V tile for twice as many rows. One autotuner per Z class (the configs depend on it).
+_FWD_TUNED = {}
+
+
+def _fwd_autotuned(pb: Problem, dtype):
+    wide = pb.block_z > 128
+    if wide not in _FWD_TUNED:
+        configs = []
+        for kind in ("fwd", "fwd_e256"):
+            cfg = dict(config(kind, pb, dtype))
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
+        _FWD_TUNED[wide] = triton.autotune(configs, key=["Z", "E", "causal"])(_fwd_kernel)
+    return _FWD_TUNED[wide]
+
+
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
-    cfg = config("fwd", pb, q.dtype)
     out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
     lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(pb.lq, cfg["BLOCK_M"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
-    _fwd_kernel[grid](
+    if pb.edim >= 512 and q.dtype != torch.float32 and not interpreting():
+        kernel, cfg = _fwd_autotuned(pb, q.dtype), {}
+        grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
+                             pb.bsz)
+    else:
+        kernel, cfg = _fwd_kernel, config("fwd", pb, q.dtype)
+        grid = (triton.cdiv(pb.lq, cfg["BLOCK_M"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
+    kernel[grid](
         q, k, v, rel_bias, kpm, counts, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), kpm.stride(0), counts.stride(0),
         pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
-        ACT=pb.act, DOT_PRECISION=pb.dot_precision,
-        BLOCK_Z=pb.block_z, **cfg, **constants())
+        ACT=pb.act, DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
     return out, lse
+
+
+def tuned_forward_configs():
+    """{(Z, E, causal, ...): chosen config} of the autotuned forwards so far (for benchmark notes)."""
+    return {str(key): str(cfg) for tuner in _FWD_TUNED.values() for key, cfg in tuner.cache.items()}
 
 
 def _launch_decode(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
