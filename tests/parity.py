@@ -6,7 +6,6 @@ transformers is imported plainly: the parity tests must fail, not skip, when it 
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import transformers  # noqa: F401  (a hard dependency of the parity tests)
@@ -15,23 +14,8 @@ from transformers.models.deprecated.mega import modeling_mega as hf
 
 import mega_kernels
 from mega_kernels import MegaConfig
-
-# Small sizes so the whole parity suite runs in about a minute on 2 CPU cores.
-SMALL = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, intermediate_size=24, ema_projection_size=3,
-             shared_representation_size=8, nffn_hidden_size=20, max_positions=32, type_vocab_size=3)
-
-HEADS = ("MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaForSequenceClassification",
-         "MegaForMultipleChoice", "MegaForTokenClassification", "MegaForQuestionAnswering")
-
-# Outputs agree to float32 rounding: a few ulps of the value's magnitude, accumulated over two layers.
-OUT_RTOL = 2e-5
-GRAD_RTOL = 1e-4
-
-
-def config_dict(**overrides) -> dict:
-    d = dict(SMALL)
-    d.update(overrides)
-    return d
+from model_helpers import (GRAD_RTOL, HEADS, OUT_RTOL, SMALL, assert_close, assert_grads_close,  # noqa: F401
+                           config_dict, gpu_backends, perturb_, weighted_sum)
 
 
 @contextlib.contextmanager
@@ -53,19 +37,6 @@ def fixed_hf_rmsnorm():
         hf.MegaRMSNorm.forward = original
 
 
-def perturb_(model: torch.nn.Module, scale: float = 0.1) -> None:
-    """Move every parameter and batchnorm statistic off its trivial init (zeros, ones) so a wrong bias or
-    scale cannot hide."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * scale)
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(torch.randn_like(b) * 0.1)
-            elif name.endswith("running_var"):
-                b.copy_(torch.rand_like(b) + 0.5)
-
-
 def build_pair(head: str, cfg: dict, dtype=torch.float32):
     """(transformers model, our model), both in eval mode, ours holding transformers' (perturbed) weights,
     loaded with strict=True."""
@@ -74,61 +45,3 @@ def build_pair(head: str, cfg: dict, dtype=torch.float32):
     ours = getattr(mega_kernels, head)(MegaConfig(**cfg))
     ours.load_state_dict(hf_model.state_dict(), strict=True)
     return hf_model.to(dtype).eval(), ours.to(dtype).eval()
-
-
-def assert_close(name: str, ours, theirs, rtol: float = OUT_RTOL) -> None:
-    """Recursive comparison of tensors / tuples / None: max |ours - theirs| <= rtol * (1 + max |theirs|)."""
-    if theirs is None or ours is None:
-        assert ours is None and theirs is None, f"{name}: one side is None ({type(ours)}, {type(theirs)})"
-        return
-    if isinstance(theirs, (tuple, list)):
-        assert isinstance(ours, (tuple, list)) and len(ours) == len(theirs), \
-            f"{name}: lengths {len(ours) if isinstance(ours, (tuple, list)) else type(ours)} != {len(theirs)}"
-        for i, (a, b) in enumerate(zip(ours, theirs)):
-            assert_close(f"{name}[{i}]", a, b, rtol)
-        return
-    assert ours.shape == theirs.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-    assert torch.isfinite(theirs).all(), f"{name}: transformers gives non-finite values (a case it cannot do)"
-    assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    if not ours.is_floating_point():
-        assert torch.equal(ours, theirs), f"{name}: differs"
-        return
-    err = (ours.double() - theirs.double()).abs().max().item() if ours.numel() else 0.0
-    bound = rtol * (1.0 + (theirs.abs().max().item() if theirs.numel() else 0.0))
-    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
-
-
-def assert_grads_close(hf_model, ours, rtol: float = GRAD_RTOL) -> None:
-    """Every parameter's gradient equal to float32 rounding (relative to the largest gradient of the tensor)."""
-    theirs = dict(hf_model.named_parameters())
-    for name, p in ours.named_parameters():
-        g_hf = theirs[name].grad
-        if g_hf is None:
-            assert p.grad is None or not p.grad.any(), f"grad of {name}: transformers has none, ours is nonzero"
-            continue
-        assert p.grad is not None, f"grad of {name}: missing"
-        assert_close(f"grad of {name}", p.grad, g_hf, rtol)
-
-
-def weighted_sum(t: torch.Tensor, seed: int) -> torch.Tensor:
-    """A scalar depending on every entry of t with fixed random weights (same for both models)."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)
-    return (t * w).sum() / math.sqrt(t.numel())
-
-
-def gpu_backends():
-    """kernel_backend settings that run MEGA's ops on this CUDA device through each GPU kernel backend: the name
-    when it implements both ops, else a per-op dict (the other op on "auto"). At least one is required."""
-    from mega_kernels import ops
-
-    avail = {op: ops.available_backends(op, "cuda") for op in ("ema", "attention")}
-    settings = []
-    for name in ("triton", "cuda"):
-        ops_with = [op for op in avail if op in avail and name in avail[op] and avail[op][name] is None]
-        if len(ops_with) == 2:
-            settings.append(name)
-        elif ops_with:
-            settings.append({ops_with[0]: name})
-    assert settings, f"no kernel backend runs on this GPU: {avail}"
-    return settings
