@@ -38,10 +38,6 @@ def sources(with_cuda: bool) -> List[str]:
     return CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
 
 
-def define_macros(with_cuda: bool):
-    return [("MEGA_KERNELS_WITH_CUDA", "1")] if with_cuda else []
-
-
 def extension():
     """(ext_modules, cmdclass) for setup.py: one module `mega_kernels._C`, CUDA sources when buildable."""
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -49,6 +45,5 @@ def extension():
     with_cuda = cuda_unavailable_reason() is None and os.environ.get("MEGA_KERNELS_BUILD_CUDA", "1") != "0"
     kind = CUDAExtension if with_cuda else CppExtension
     flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + GENCODE} if with_cuda else {"cxx": CXX_FLAGS}
-    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags,
-               define_macros=define_macros(with_cuda))
+    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}

@@ -87,10 +87,9 @@ def _jit_build() -> dict:
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("mega_kernels: building the C++%s extension in %s (first use only)",
                 "/CUDA" if with_cuda else "", build_dir)
-    macros = [f"-D{k}={v}" for k, v in _build.define_macros(with_cuda)]
     cpp_extension.load(
         name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
-        extra_cflags=_build.CXX_FLAGS + macros, extra_cuda_cflags=_build.NVCC_FLAGS + macros,
+        extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS,
         build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
     return {"ok": True, "how": "jit", "path": str(build_dir), "cuda": with_cuda, "cuda_reason": cuda_reason,
             "reason": None}

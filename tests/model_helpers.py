@@ -11,9 +11,6 @@ import torch
 SMALL = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, intermediate_size=24, ema_projection_size=3,
              shared_representation_size=8, nffn_hidden_size=20, max_positions=32, type_vocab_size=3)
 
-HEADS = ("MegaModel", "MegaForCausalLM", "MegaForMaskedLM", "MegaForSequenceClassification",
-         "MegaForMultipleChoice", "MegaForTokenClassification", "MegaForQuestionAnswering")
-
 # Outputs agree to float32 rounding: a few ulps of the value's magnitude, accumulated over two layers.
 OUT_RTOL = 2e-5
 GRAD_RTOL = 1e-4

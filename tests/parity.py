@@ -14,7 +14,7 @@ from transformers.models.deprecated.mega import modeling_mega as hf
 
 import mega_kernels
 from mega_kernels import MegaConfig
-from model_helpers import (GRAD_RTOL, HEADS, OUT_RTOL, SMALL, assert_close, assert_grads_close,  # noqa: F401
+from model_helpers import (GRAD_RTOL, OUT_RTOL, SMALL, assert_close, assert_grads_close,  # noqa: F401
                            config_dict, gpu_backends, perturb_, weighted_sum)
 
 

@@ -226,7 +226,8 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
             ignored = start.size(1)
             sp = start_positions.reshape(-1).clamp(0, ignored)
             ep = end_positions.reshape(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start, sp, ignore_index=ignored) + F.cross_entropy(end, ep, ignore_index=ignored)) / 2
+            loss = (F.cross_entropy(start, sp, ignore_index=ignored)
+                    + F.cross_entropy(end, ep, ignore_index=ignored)) / 2
         if not return_dict:
             return _head_tuple(loss, (start, end), out)
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end,
