@@ -214,7 +214,7 @@ class MegaModel(MegaPreTrainedModel):
                 raise TypeError(f"input_ids must be an integer (B, L) tensor, got {input_ids.dtype} "
                                 f"{tuple(input_ids.shape)}; pass token ids (e.g. torch.long)")
             if input_ids.numel() and not _compiling():
-                lo, hi = int(input_ids.min()), int(input_ids.max())
+                lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
                 if lo < 0 or hi >= c.vocab_size:
                     raise ValueError(f"input_ids out of range: values span [{lo}, {hi}] but vocab_size is "
                                      f"{c.vocab_size}; ids must be in [0, {c.vocab_size - 1}]")
