@@ -27,7 +27,7 @@ CASES = [
           normalization_type="rmsnorm", norm_affine=False)),
     ("model-L1-batchnorm-noffn", "MegaModel", 1, "none",
      dict(normalization_type="batchnorm", use_normalized_ffn=False, relative_positional_bias="simple")),
-    ("model-chunk-LltC-whole-padded-chunk", "MegaModel", 12, "chunk",
+    ("model-chunk-whole-padded-chunk", "MegaModel", 12, "chunk",
      dict(use_chunking=True, chunk_size=4, normalization_type="syncbatchnorm", activation="tanh")),
     ("causal-softmax", "MegaForCausalLM", 7, "right",
      dict(DEC, normalization_type="layernorm", add_lm_hidden_dense_layer=False)),
@@ -144,7 +144,7 @@ def test_parity(case):
     assert_grads_close(hf_model, ours)
 
 
-GPU_CASES = ("model-default", "model-relu2-chunk-trunc", "model-chunk-LltC-whole-padded-chunk",
+GPU_CASES = ("model-default", "model-relu2-chunk-trunc", "model-chunk-whole-padded-chunk",
              "causal-laplace-chunk-trunc-left", "causal-relu2-cross-simple", "seqcls-laplace-simple",
              "qa-chunk-batchnorm")
 
