@@ -224,7 +224,7 @@ def check_targets(rows):
 
 
 def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
-                   kinds=("fwd", "fwd_e256", "decode", "dv", "dk", "dq")):
+                   kinds=("fwd", "fwd_e256", "decode", "dv", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
     import re
@@ -248,14 +248,21 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
     f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
     rows = []
     for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("decode", fw._decode_kernel),
-                     ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel)):
+                     ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel),
+                     ("dq_ds", bw._dq_ds_kernel)):
         if kind not in kinds:
             continue
-        cfg = dict(common.config(kind, pb, dtype))
+        cfg = dict(common.config("dk" if kind == "dq_ds" else kind, pb, dtype))
+        if kind == "dq_ds":
+            cfg["T"] = cfg["BLOCK_N"]
         opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
         cfg = {key: val for key, val in cfg.items() if key in fn.arg_names}
         for act in (0, 1):
-            consts = dict(ACT=act, BLOCK_Z=pb.block_z, **cfg, **common.constants())
+            consts = dict(BLOCK_Z=pb.block_z, **cfg)
+            if kind != "dq_ds":
+                consts.update(ACT=act, **common.constants())
+            if kind == "dk":
+                consts["STORE_DS"] = True
             if "DOT_PRECISION" in fn.arg_names:
                 consts["DOT_PRECISION"] = pb.dot_precision
             consts.update({n: 1 for n in unit if n in fn.arg_names})

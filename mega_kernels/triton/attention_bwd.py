@@ -136,13 +136,14 @@ def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB,
+def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, s_cb,
-               Lq, Lk, Z, E, S, W, scale, causal, has_mask, M_LO, NSEG,
-               ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               Lq, Lk, Z, E, S, W, scale, causal, has_mask, M_LO, NSEG, n_slots,
+               ACT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
-    """dk for key tile pid_n, and its bias-gradient segments GB[b, pid_n, m - M_LO, :] (BLOCK_M == BLOCK_N)."""
+    """dk for key tile pid_n, and its bias-gradient segments GB[b, pid_n, m - M_LO, :] (BLOCK_M == BLOCK_N);
+    with STORE_DS also the tiles c_i dS_ij in DS[b, pid_n, query tile - first query tile, i, j] for `_dq_ds_kernel`."""
     T: tl.constexpr = BLOCK_N
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -176,7 +177,12 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB,
         dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
                       T, T, BLOCK_E, DOT_PRECISION)
         ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
-        dk = tl.dot(tl.trans((ds * c[:, None]).to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        dsc = (ds * c[:, None]).to(q.dtype)
+        dk = tl.dot(tl.trans(dsc), q, dk, input_precision=DOT_PRECISION)
+        if STORE_DS:
+            slot = (b * n_tiles + pid_n) * n_slots + (p0 - start) // T
+            ij = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
+            tl.store(DS + slot * T * T + ij, dsc)
         ii = tl.arange(0, T)[:, None]
         cc = tl.arange(0, T)[None, :]
         r = tl.gather(ds, (ii + cc) % T, 1)               # row i rotated left by i
@@ -199,7 +205,7 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
                ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
     b = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_z = tl.arange(0, BLOCK_Z)
@@ -235,6 +241,56 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
         dq = dq * inv_count(pos, cs, cnt, causal)[:, None]
     tl.store(DQ + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_qb, s_qm, s_qz, Lq, Lk, Z, S, causal, n_slots,
+                  T: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """dq for the query tile at absolute positions [pid T, pid T + T) from the stored c_i dS_ij tiles of every
+    key tile whose query range (`_query_range`, as in `_dk_kernel`) holds it: dq_i = sum_j (c_i dS_ij) k_j."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0) + (Lk - Lq) // T
+    b = tl.program_id(1).to(tl.int64)
+    n_tiles = tl.cdiv(Lk, T)
+    pos = pid * T + tl.arange(0, T)
+    offs_m = pos - (Lk - Lq)
+    row_ok = (offs_m >= 0) & (pos < Lk)
+    offs_z = tl.arange(0, BLOCK_Z)
+    first = tl.maximum(pid * T, Lk - Lq)
+    kt_lo = (first // S) * S // T
+    last = tl.minimum(pid * T + T, Lk) - 1
+    kt_hi = (tl.minimum((last // S) * S + S, Lk) - 1) // T     # the block end of the tile's last row
+    ij = tl.arange(0, T)[:, None] * T + tl.arange(0, T)[None, :]
+    dq = tl.zeros((T, BLOCK_Z), dtype=tl.float32)
+    for kt in range(kt_lo, kt_hi + 1):
+        start, hi = _query_range(kt, Lq, Lk, S, T, causal)
+        seen = (pid * T >= start) & (pid * T < hi)
+        slot = (b * n_tiles + kt) * n_slots + (pid * T - start) // T
+        ds = tl.load(DS + slot * T * T + ij, mask=(ij >= 0) & seen, other=0.0)
+        offs_n = kt * T + tl.arange(0, T)
+        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
+                    mask=(offs_n[:, None] < Lk) & (offs_z[None, :] < Z) & seen, other=0.0)
+        dq = tl.dot(ds, k, dq)
+    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz, dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_z[None, :] < Z))
+
+
+# The dK kernel stores the (c dS) tiles for `_dq_ds_kernel` when they take at most this much memory (chunked
+# attention: linear in L); otherwise (long unchunked blocks) `_dq_kernel` recomputes dS, costing a second
+# E-wide dP = dO v^T per tile pair but keeping memory linear in L.
+DS_SCRATCH_LIMIT_BYTES = 256 * 2**20
+
+
+def _query_slots(pb, t):
+    """Most query tiles any key tile visits in `_dk_kernel` (mirrors `_query_range`)."""
+    most = 1
+    for kt in range(triton.cdiv(pb.lk, t)):
+        k_first, k_last = kt * t, min(kt * t + t, pb.lk) - 1
+        lo = max(k_first // pb.size * pb.size, pb.lk - pb.lq)
+        if pb.causal:
+            lo = max(lo, k_first)
+        hi = min(k_last // pb.size * pb.size + pb.size, pb.lk)
+        most = max(most, -(-(hi - lo // t * t) // t))
+    return most
 
 
 def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chunk_size: int, causal: bool,
@@ -273,15 +329,24 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     nseg = reach // t + m_lo + 1
     n_tiles = triton.cdiv(pb.lk, t)
     gb = torch.zeros(pb.bsz, n_tiles, nseg, t, dtype=torch.float32, device=q.device)
-    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, rel_bias, kpm, counts, stats, delta, do, dk, gb,
+    n_slots = _query_slots(pb, t)
+    store_ds = pb.bsz * n_tiles * n_slots * t * t * q.element_size() <= DS_SCRATCH_LIMIT_BYTES
+    ds = torch.empty(pb.bsz * n_tiles * n_slots * t * t if store_ds else 1, dtype=q.dtype, device=q.device)
+    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, rel_bias, kpm, counts, stats, delta, do, dk, gb, ds,
                                   *q.stride(), *k.stride(), *v.stride(), *do.stride(), *mstr, *sizes,
-                                  -m_lo, nseg, **common, **cfg)
+                                  -m_lo, nseg, n_slots, STORE_DS=store_ds, **common, **cfg)
     # segment s holds diagonals d = (s - m_lo) T + c, so diagonal d sits at flat index d + m_lo T
     flat = gb.sum((0, 1)).reshape(-1)
     dbias = flat[m_lo * t - reach: m_lo * t + reach + 1]
     extra = pb.width - 1 - reach                            # rel_bias entries no block reaches get 0
     dbias = torch.nn.functional.pad(dbias, (extra, extra)).to(rel_bias.dtype)
 
+    if store_ds:
+        first_tile = (pb.lk - pb.lq) // t
+        _dq_ds_kernel[(triton.cdiv(pb.lk, t) - first_tile, pb.bsz)](
+            k, ds, dq, *k.stride(), *q.stride(), pb.lq, pb.lk, pb.zdim, pb.size, pb.causal, n_slots, T=t,
+            BLOCK_Z=pb.block_z, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return dq, dk, dv, dbias
     cfg = config("dq", pb, q.dtype)
     _dq_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
         q, k, v, rel_bias, kpm, counts, stats, delta, do, dq, *q.stride(), *k.stride(), *v.stride(),

@@ -226,7 +226,7 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     """Block sizes and launch options per kernel. One fixed config (no autotune: compile time matters and
     the bias-gradient scratch depends on the tile). The GPU configs were checked by compiling for sm_90
     (`python -m benchmarks.bench_attention --compile-report lm`): they fit in shared memory and spill at most
-    68 bytes (the softmax dK kernel at Z = 256). float32 (exact "ieee" dots, a correctness path, not a fast
+    160 bytes per thread (the softmax dK kernel at Z = 256, which also stores the dS tiles). float32 (exact "ieee" dots, a correctness path, not a fast
     one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
     if kind == "decode":    # program = (batch, key split, E tile), vector maths

@@ -41,7 +41,7 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
                 ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
                 LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
     pid_e = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
