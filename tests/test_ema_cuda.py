@@ -1,22 +1,33 @@
 """What is specific to the `cuda` EMA backend (csrc/ema/ema_cuda.cu); the backend-generic tests (forward,
 backward, state, truncation, float16/bfloat16, decoding, gradcheck) run it from tests/test_ema_backends.py.
-Here: many chunks of the chunked forward scan (long L, truncation windows spanning chunks, odd sizes),
-outputs poisoned with NaN beforehand, a bfloat16 shape of realistic size, opcheck and torch.compile on CUDA,
-determinism, non-contiguous input, a side stream, and the errors for what the backend does not take.
-All marked `gpu` (skipped without CUDA)."""
+
+Without a GPU: the kernels' thread functions (csrc/ema/ema_cuda_threads.cuh) run on the CPU through
+csrc/testing/ema_cuda_emulator.cpp, in launch order, against the float64 reference (chunking, the prefix pass,
+truncation windows across chunks, states, padded N, blocked gradient sums, NaN-filled outputs).
+On a GPU (marked `gpu`): many chunks of the chunked forward scan, outputs poisoned with NaN beforehand, a
+bfloat16 shape of realistic size, opcheck and torch.compile on CUDA, determinism, non-contiguous input, a side
+stream, and the errors for what the backend does not take.
+"""
+import hashlib
+import os
+
 import pytest
 import torch
 
-from helpers import ema_params, random_mask
-from mega_kernels import ops
-from mega_kernels.reference.ema import ema_coefficients
+from helpers import assert_close_to_reference, ema_params, random_mask
+from mega_kernels import _build, _ext, ops
+from mega_kernels.reference.ema import ema_coefficients, ema_fft
+from mega_kernels.reference.ema import ema_step as ref_step
 from test_ema_backends import _check_against_reference, _inputs
 
-pytestmark = pytest.mark.gpu
+_EMULATOR_FILES = ["csrc/testing/ema_cuda_emulator.cpp", "csrc/ema/ema_cuda_threads.cuh",
+                   "csrc/ema/ema_kernels.cuh", "csrc/ema/ema_cuda.h"]
 
 
 @pytest.fixture(autouse=True)
-def _needs_cuda_backend():
+def _needs_cuda_backend(request):
+    if request.node.get_closest_marker("gpu") is None:
+        return
     from mega_kernels.ops.backends import unavailable_reason
 
     reason = unavailable_reason("ema", "cuda", torch.device("cuda"))
@@ -24,6 +35,96 @@ def _needs_cuda_backend():
         pytest.fail(f"the cuda backend must run on a GPU machine: {reason}")
 
 
+@pytest.fixture(scope="module")
+def emulator():
+    """The CUDA thread functions compiled for the CPU (built once per source hash into the extension cache)."""
+    from torch.utils import cpp_extension
+
+    digest = hashlib.sha256(torch.__version__.encode())
+    for rel in _EMULATOR_FILES:
+        digest.update((_build.ROOT / rel).read_bytes())
+    tag = digest.hexdigest()[:16]
+    build_dir = _ext.cache_root() / f"emulator-{tag}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return cpp_extension.load(name=f"mega_kernels_cuda_emulator_{tag}", build_directory=str(build_dir),
+                                  sources=[str(_build.ROOT / _EMULATOR_FILES[0])], extra_cflags=["-O2"])
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"cannot build the CUDA emulator here: {exc}")
+
+
+def _coefs(a, q, c, truncation):
+    """The six (kd, N) float32 coefficient tensors the kernels read (as csrc/ema/ema_checks.h makes them)."""
+    f = lambda t: t.detach().float().contiguous()  # noqa: E731
+    if not truncation:
+        zero = torch.zeros(a.shape)
+        return [f(a), f(q), f(c), zero, zero, zero]
+    qk1 = q.detach() ** (truncation - 1)
+    return [f(a), f(q), f(c), f(a * qk1 * q), f(qk1 * q), f(a * qk1 * truncation)]
+
+
+EMULATOR_CASES = {  # (B, L, D, N, bidirectional, truncation, with_state)
+    "chunks_state": (2, 300, 130, 16, False, 0, True),
+    "chunks_bi": (2, 300, 130, 16, True, 0, False),
+    "window_across_chunks": (3, 257, 20, 5, False, 40, False),
+    "window_across_chunks_bi": (3, 257, 20, 5, True, 40, False),
+    "one_step_bi": (1, 1, 7, 3, True, 0, False),
+    "n32_state": (2, 100, 5, 32, False, 0, True),
+    "n1_bi_window": (1, 50, 3, 1, True, 7, False),
+}
+
+
+@pytest.mark.parametrize("case", EMULATOR_CASES)
+def test_cuda_kernel_logic_on_cpu(emulator, case):
+    bsz, length, dim, ndim, bidirectional, truncation, with_state = EMULATOR_CASES[case]
+    delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    x = torch.randn(bsz, length, dim, dtype=torch.float64)
+    mask = random_mask(bsz, length)
+    state = torch.randn(bsz, dim, ndim, dtype=torch.float64) if with_state else None
+    gy = torch.randn(bsz, length, dim, dtype=torch.float64)
+    gs = torch.randn(bsz, dim, ndim, dtype=torch.float64) if with_state else None
+
+    def reference(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, a, q, c, omega)]
+        if with_state:
+            leaves.append(state.to(dtype).requires_grad_())
+        out = ema_fft(*leaves[:5], mask=mask, bidirectional=bidirectional, truncation=truncation or None,
+                      state=leaves[5] if with_state else None, return_state=with_state)
+        y, final = out if with_state else (out, None)
+        loss = (y.double() * gy).sum() + ((final.double() * gs).sum() if with_state else 0)
+        return [y.detach()] + ([final.detach()] if with_state else []) + list(torch.autograd.grad(loss, leaves))
+
+    ref64, ref32 = reference(torch.float64), reference(torch.float32)
+    co = _coefs(a, q, c, truncation)
+    f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    y, final, plan = emulator.fwd(f(x), co, f(omega), mask, f(state), bidirectional, truncation, with_state)
+    grads = emulator.bwd(f(gy), f(gs), f(x), co, f(omega), mask, f(state), bidirectional, truncation)
+    if case.startswith("chunks") or case.startswith("window"):
+        assert plan[1] > 1, "the case must span several chunks"
+    got = [y] + ([final] if with_state else []) + list(grads[:5]) + ([grads[5]] if with_state else [])
+    names = ["y"] + (["final_state"] if with_state else []) + ["dx", "da", "dq", "dc", "domega"] + \
+        (["dstate"] if with_state else [])
+    for name, o, r64, r32 in zip(names, got, ref64, ref32):
+        assert_close_to_reference(f"{case} {name}", o, r64, r32)
+
+
+def test_cuda_step_logic_on_cpu(emulator):
+    delta, alpha, beta, gamma, omega = ema_params(9, 16)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    x = torch.randn(3, 9, dtype=torch.float64)
+    state = torch.randn(3, 9, 16, dtype=torch.float64)
+    mask = torch.tensor([True, False, True])
+    ref = ref_step(x, a, q, c, omega, state, mask)
+    low = ref_step(x.float(), a.float(), q.float(), c.float(), omega.float(), state.float(), mask)
+    got = emulator.step(x.float(), _coefs(a, q, c, 0), omega.float(), state.float(), mask)
+    for name, o, r64, r32 in zip(("y", "state"), got, ref, low):
+        assert_close_to_reference(name, o, r64, r32)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("bidirectional,truncation", [(False, None), (True, None), (False, 100), (True, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_many_chunks(bidirectional, truncation, dtype):
@@ -34,12 +135,14 @@ def test_many_chunks(bidirectional, truncation, dtype):
                              truncation=truncation)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("ndim", [1, 5, 32])
 def test_expansion_sizes(ndim):
     x, params, mask, state, gy, gs = _inputs(3, 70, 33, ndim, False, torch.float32, "cuda", True, True)
     _check_against_reference("cuda", x, params, mask, state, gy, gs)
 
 
+@pytest.mark.gpu
 def test_realistic_bf16_shape():
     x, params, mask, _, gy, _ = _inputs(2, 2048, 256, 16, True, torch.bfloat16, "cuda", True, False)
     _check_against_reference("cuda", x, params, mask, None, gy, None, bidirectional=True)
@@ -51,6 +154,7 @@ def _poison(shape, count=4):
     del blocks
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_outputs_written_everywhere(bidirectional):
     x, params, mask, state, gy, gs = _inputs(3, 257, 67, 16, bidirectional, torch.float32, "cuda", True,
@@ -69,6 +173,7 @@ def test_outputs_written_everywhere(bidirectional):
         assert torch.isfinite(g).all()
 
 
+@pytest.mark.gpu
 def test_backward_is_deterministic():
     x, params, mask, _, gy, _ = _inputs(4, 1000, 96, 16, True, torch.float32, "cuda", True, False)
     leaves = [x.requires_grad_()] + [p.requires_grad_() for p in params]
@@ -81,6 +186,7 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.gpu
 def test_noncontiguous_input_and_side_stream():
     params = [p.float().cuda() for p in ema_params(24, 16)]
     x = torch.randn(50, 2, 24, device="cuda").transpose(0, 1)  # (B, L, D) view, not contiguous
@@ -93,6 +199,7 @@ def test_noncontiguous_input_and_side_stream():
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 def test_opcheck_on_cuda():
     import mega_kernels.ops.ema_ext  # noqa: F401
 
@@ -112,6 +219,7 @@ def test_opcheck_on_cuda():
                            mask[:, 0]), test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.gpu
 def test_torch_compile_on_cuda():
     params = [p.float().cuda().requires_grad_() for p in ema_params(16, 8, True)]
     x = torch.randn(2, 33, 16, device="cuda", requires_grad=True)
@@ -127,6 +235,7 @@ def test_torch_compile_on_cuda():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("what,match", [("float64", "float64"), ("n33", "N <= 32")])
 def test_unsupported_input_is_a_clear_error(what, match):
     ndim = 33 if what == "n33" else 4

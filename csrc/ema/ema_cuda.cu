@@ -12,223 +12,46 @@
 // adjoint output in global workspaces; per-batch partial sums (zero-initialised by the caller, which reduces
 // them over the batch in a fixed order) are added to every kSumBlock steps.
 // States and coefficients are float32 registers, zero-padded to NM >= N.
-#include "ema_cuda.h"
-#include "ema_kernels.cuh"
+#include <cuda_runtime.h>
+
+#include "ema_cuda_threads.cuh"
 
 namespace mega_kernels {
 namespace ema {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 128;    // channels per block
-constexpr int kBiChunk = 64;     // bidirectional chunk (shared memory: kThreads * kBiChunk floats)
-
-template <int NM>
-struct Reg {
-  float a[NM], q[NM], c[NM], aqk[NM], qk[NM], kaqk1[NM];
-  __device__ __forceinline__ void load(const Coefs6& s, int row, int N) {
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const bool in = n < N;
-      const int j = row * N + n;
-      a[n] = in ? s.a[j] : 0.f;
-      q[n] = in ? s.q[j] : 0.f;
-      c[n] = in ? s.c[j] : 0.f;
-      aqk[n] = in ? s.aqk[j] : 0.f;
-      qk[n] = in ? s.qk[j] : 0.f;
-      kaqk1[n] = in ? s.kaqk1[j] : 0.f;
-    }
-  }
-  __device__ __forceinline__ Coefs<float> view() const { return {a, q, c, aqk, qk, kaqk1}; }
-};
-
-struct Plan {
-  int chunk, nchunks;
-};
-
-Plan fwd_plan(int B, int L, int D, bool bi) {
-  // Enough threads to fill an H100/H200 (~256K), chunks of at least 32 steps (the workspace traffic per
-  // element is ~4N/chunk floats, so longer chunks are cheaper when the batch already fills the GPU).
-  const int64_t lanes = static_cast<int64_t>(B) * D;
-  int64_t want = (262144 + lanes - 1) / lanes;
-  int chunk = static_cast<int>((L + want - 1) / want);
-  chunk = ((chunk + 31) / 32) * 32;
-  if (chunk < 32) chunk = 32;
-  if (bi && chunk > kBiChunk) chunk = kBiChunk;
-  return {chunk, (L + chunk - 1) / chunk};
-}
-
-__device__ __forceinline__ void chunk_positions(int chunk, int T, int L, int dir, int& i0, int& i1) {
-  const int t0 = chunk * T, t1 = min(L, t0 + T);
-  i0 = dir > 0 ? t0 : L - t1;
-  i1 = dir > 0 ? t1 : L - t0;
-}
-
-// workspace index of (b, direction, chunk, n, d)
-__device__ __forceinline__ int64_t ws_index(int b, int dir_idx, int ndir, int chunk, int nch, int n, int NM, int d,
-                                            int D) {
-  return ((((static_cast<int64_t>(b) * ndir + dir_idx) * nch + chunk) * NM + n) * D) + d;
-}
+constexpr int kThreads = 128;  // channels per block
 
 template <typename T, int NM>
 __global__ void fwd_local_kernel(FwdParams p, Plan plan) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x;
-  const int ndir = p.bi ? 2 : 1, b = blockIdx.y / ndir, dir_idx = blockIdx.y % ndir, chunk = blockIdx.z;
-  if (d >= p.D) return;
-  const int dir = dir_idx ? -1 : 1;
-  Reg<NM> r;
-  r.load(p.cf, dir_idx * p.D + d, p.N);
-  const Lanes<T> in{static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.L * p.D + d,
-                    p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
-  float h[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = 0.f;
-  int i0, i1;
-  chunk_positions(chunk, plan.chunk, p.L, dir, i0, i1);
-  scan_fwd<1, NM>(in, dir, i0, i1, p.K, p.N, r.view(), h, [](int, const float*) {});
-  MK_UNROLL for (int n = 0; n < NM; ++n)
-    p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = h[n];
+  const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
+  if (d < p.D) fwd_local_thread<T, NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
 }
 
 template <int NM>
 __global__ void fwd_prefix_kernel(FwdParams p, Plan plan) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x;
-  const int ndir = p.bi ? 2 : 1, b = blockIdx.y / ndir, dir_idx = blockIdx.y % ndir;
-  if (d >= p.D) return;
-  const int row = dir_idx * p.D + d;
-  float pre[NM], q[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    const bool in = n < p.N;
-    q[n] = in ? p.cf.q[row * p.N + n] : 0.f;
-    pre[n] = (in && dir_idx == 0 && p.state) ? p.state[(static_cast<int64_t>(b) * p.D + d) * p.N + n] : 0.f;
-  }
-  for (int k = 0; k < plan.nchunks; ++k) {
-    const int chunk = dir_idx ? plan.nchunks - 1 - k : k;
-    const int len = min(plan.chunk, p.L - chunk * plan.chunk);
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const int64_t j = ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D);
-      const float u = p.workspace[j];
-      p.workspace[j] = pre[n];
-      pre[n] = powf(q[n], static_cast<float>(len)) * pre[n] + u;
-    }
-  }
-  if (p.final_state && dir_idx == 0) {
-    MK_UNROLL for (int n = 0; n < NM; ++n)
-      if (n < p.N) p.final_state[(static_cast<int64_t>(b) * p.D + d) * p.N + n] = pre[n];
-  }
+  const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
+  if (d < p.D) fwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
 }
 
 template <typename T, int NM, bool BI>
 __global__ void fwd_out_kernel(FwdParams p, Plan plan) {
   extern __shared__ float ebuf[];  // [chunk step][thread]: the backward direction's output
-  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y, chunk = blockIdx.z;
-  if (d >= p.D) return;
-  const int ndir = BI ? 2 : 1, t0 = chunk * plan.chunk;
-  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
-  const Lanes<T> in{static_cast<const T*>(p.x) + base, p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr,
-                    p.D, p.L, 1};
-  Reg<NM> r;
-  float h[NM];
-  int i0, i1;
-  if (BI) {
-    r.load(p.cf, p.D + d, p.N);
-    MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 1, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
-    chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
-    scan_fwd<1, NM>(in, -1, i0, i1, p.K, p.N, r.view(), h,
-                    [&](int t, const float* e) { ebuf[(t - t0) * blockDim.x + threadIdx.x] = e[0]; });
-  }
-  r.load(p.cf, d, p.N);
-  MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 0, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
-  chunk_positions(chunk, plan.chunk, p.L, 1, i0, i1);
-  const float om = p.omega[d];
-  T* y = static_cast<T*>(p.y) + base;
-  scan_fwd<1, NM>(in, 1, i0, i1, p.K, p.N, r.view(), h, [&](int t, const float* e) {
-    float z = e[0] + om * to_acc<float>(in.x[static_cast<int64_t>(t) * p.D]);
-    if (BI) z += ebuf[(t - t0) * blockDim.x + threadIdx.x];
-    y[static_cast<int64_t>(t) * p.D] = from_acc<T>(silu(z));
-  });
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d < p.D) fwd_out_thread<T, NM, BI>(p, plan, blockIdx.y, d, blockIdx.z, ebuf + threadIdx.x, blockDim.x);
 }
 
 template <typename T, int NM>
 __global__ void bwd_kernel(BwdParams p) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
-  if (d >= p.D) return;
-  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d, D = p.D;
-  const Lanes<T> in{static_cast<const T*>(p.x) + base, p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr,
-                    D, p.L, 1};
-  const T* gy = static_cast<const T*>(p.gy) + base;
-  float* gbuf = p.gbuf + base;
-  float* dxm = p.dxm + base;
-  const float om = p.omega[d];
-  float somega = 0.f;
-  Reg<NM> r;
-  float h[NM], H[NM], P[NM], sc[NM], sH[NM], sP[NM], carry[NM];
-  if (p.bi) {  // the backward direction's output enters z: gbuf holds it until the first sweep overwrites it
-    r.load(p.cf, p.D + d, p.N);
-    MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = 0.f;
-    scan_fwd<1, NM>(in, -1, 0, p.L, p.K, p.N, r.view(), h,
-                    [&](int t, const float* e) { gbuf[static_cast<int64_t>(t) * D] = e[0]; });
-  }
-  for (int dir = 1; dir >= -1; dir -= 2) {
-    if (dir < 0 && !p.bi) break;
-    const int row = dir > 0 ? d : p.D + d;
-    r.load(p.cf, row, p.N);
-    const bool gs = dir > 0 && p.gstate != nullptr;
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const int64_t j = (static_cast<int64_t>(b) * p.D + d) * p.N + n;
-      h[n] = (dir > 0 && p.state && n < p.N) ? p.state[j] : 0.f;
-      carry[n] = (gs && n < p.N) ? p.gstate[j] : 0.f;
-      H[n] = P[n] = sc[n] = sH[n] = sP[n] = 0.f;
-    }
-    const int64_t o0 = (static_cast<int64_t>(b) * 2 * p.D + row) * p.N;  // this thread's partial sums
-    for (int i0 = 0; i0 < p.L; i0 += kSumBlock) {  // blocked summation (ema_kernels.cuh)
-      const int i1 = min(p.L, i0 + kSumBlock);
-      if (dir > 0) {
-        scan_params<1, NM, true>(in, gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, D, &om, &somega,
-                                 1, i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-      } else {
-        scan_params<1, NM, false>(in, gy, static_cast<const float*>(nullptr), gbuf, D, &om, &somega, -1, i0, i1,
-                                  p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-      }
-      MK_UNROLL for (int n = 0; n < NM; ++n) {
-        if (n < p.N) {
-          p.pc[o0 + n] += sc[n];
-          p.pa[o0 + n] += sH[n];
-          p.pq[o0 + n] += sP[n];
-        }
-        sc[n] = sH[n] = sP[n] = 0.f;
-      }
-      p.pomega[static_cast<int64_t>(b) * p.D + d] += somega;
-      somega = 0.f;
-    }
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      if (n < p.N) {
-        p.pa[o0 + n] = r.c[n] * p.pa[o0 + n] + carry[n] * H[n];
-        p.pq[o0 + n] = r.c[n] * p.pq[o0 + n] + carry[n] * P[n];
-      }
-    }
-    scan_adjoint<1, NM>(static_cast<const float*>(gbuf), dxm, D, p.L, dir, 0, p.L, p.K, p.N, r.view(), carry,
-                        dir < 0);
-    if (dir > 0 && p.dstate) {
-      MK_UNROLL for (int n = 0; n < NM; ++n)
-        if (n < p.N) p.dstate[(static_cast<int64_t>(b) * p.D + d) * p.N + n] = carry[n];
-    }
-  }
-  T* dx = static_cast<T*>(p.dx) + base;
-  for (int t = 0; t < p.L; ++t) {
-    const float m = (p.mask == nullptr || p.mask[static_cast<int64_t>(b) * p.L + t]) ? 1.f : 0.f;
-    dx[t * D] = from_acc<T>(om * gbuf[t * D] + m * dxm[t * D]);
-  }
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d < p.D) bwd_thread<T, NM>(p, blockIdx.y, d);
 }
 
 template <typename T, int NM>
 __global__ void step_kernel(StepParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= static_cast<int64_t>(p.B) * p.D) return;
-  const int64_t b = i / p.D, d = i % p.D;
-  const float x = to_acc<float>(static_cast<const T*>(p.x)[i]);
-  const float xm = (p.mask == nullptr || p.mask[b]) ? x : 0.f;
-  static_cast<T*>(p.y)[i] = from_acc<T>(step_lane<NM>(xm, x, p.omega[d], p.cf.a + d * p.N, p.cf.q + d * p.N,
-                                                      p.cf.c + d * p.N, p.state + i * p.N, 1,
-                                                      p.new_state + i * p.N, 1, p.N));
+  if (i < static_cast<int64_t>(p.B) * p.D) step_thread<T, NM>(p, i);
 }
 
 const char* check_launch() {
@@ -284,21 +107,19 @@ const char* step(const StepParams& p, cudaStream_t s) {
 }  // namespace
 
 int64_t fwd_workspace_floats(int B, int L, int D, int N, bool bi) {
-  const Plan plan = fwd_plan(B, L, D, bi);
-  const int nm = N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : 32;
-  return static_cast<int64_t>(B) * (bi ? 2 : 1) * plan.nchunks * nm * D;
+  return workspace_floats(fwd_plan(B, L, D, bi), B, D, N, bi);
 }
 
-const char* launch_fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
-  MK_CUDA_DISPATCH(fwd, p.N, dtype, p, stream);
+const char* launch_fwd(const FwdParams& p, DType dtype, void* stream) {
+  MK_CUDA_DISPATCH(fwd, p.N, dtype, p, static_cast<cudaStream_t>(stream));
 }
 
-const char* launch_bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {
-  MK_CUDA_DISPATCH(bwd, p.N, dtype, p, stream);
+const char* launch_bwd(const BwdParams& p, DType dtype, void* stream) {
+  MK_CUDA_DISPATCH(bwd, p.N, dtype, p, static_cast<cudaStream_t>(stream));
 }
 
-const char* launch_step(const StepParams& p, DType dtype, cudaStream_t stream) {
-  MK_CUDA_DISPATCH(step, p.N, dtype, p, stream);
+const char* launch_step(const StepParams& p, DType dtype, void* stream) {
+  MK_CUDA_DISPATCH(step, p.N, dtype, p, static_cast<cudaStream_t>(stream));
 }
 
 }  // namespace cuda

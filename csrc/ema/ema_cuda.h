@@ -1,8 +1,8 @@
-// Torch-free interface between the CUDA kernels (ema_cuda.cu) and their torch glue (ema_cuda_ops.cpp).
+// Interface between the CUDA kernels (ema_cuda.cu) and their torch glue (ema_cuda_ops.cpp); free of torch and
+// of CUDA headers (a stream is passed as void*, a cudaStream_t).
 // All pointers are device pointers to contiguous tensors; coefficients, omega, states and workspaces are
 // float32; x / y / grad_y / dx are of `dtype`. Launchers return nullptr on success, else an error message.
 #pragma once
-#include <cuda_runtime.h>
 #include <stdint.h>
 
 namespace mega_kernels {
@@ -39,9 +39,9 @@ struct StepParams {
 };
 
 int64_t fwd_workspace_floats(int B, int L, int D, int N, bool bi);
-const char* launch_fwd(const FwdParams& p, DType dtype, cudaStream_t stream);
-const char* launch_bwd(const BwdParams& p, DType dtype, cudaStream_t stream);
-const char* launch_step(const StepParams& p, DType dtype, cudaStream_t stream);
+const char* launch_fwd(const FwdParams& p, DType dtype, void* stream);
+const char* launch_bwd(const BwdParams& p, DType dtype, void* stream);
+const char* launch_step(const StepParams& p, DType dtype, void* stream);
 
 }  // namespace cuda
 }  // namespace ema

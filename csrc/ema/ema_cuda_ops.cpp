@@ -61,7 +61,7 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cuda(const at::Tensor& x, const at::T
   cuda::FwdParams p{pr.x.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(), state_ptr(pr),
                     y.data_ptr(), return_state ? final_state.data_ptr<float>() : nullptr, ws.data_ptr<float>(),
                     B, L, D, N, static_cast<int>(truncation), bidirectional};
-  raise_if("ema_fwd", cuda::launch_fwd(p, dt, c10::cuda::getCurrentCUDAStream()));
+  raise_if("ema_fwd", cuda::launch_fwd(p, dt, c10::cuda::getCurrentCUDAStream().stream()));
   return {y, final_state};
 }
 
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                       dstate.defined() ? dstate.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
                       pa.data_ptr<float>(), pq.data_ptr<float>(), pomega.data_ptr<float>(), gbuf.data_ptr<float>(),
                       dxm.data_ptr<float>(), B, L, D, N, static_cast<int>(truncation), bidirectional};
-    raise_if("ema_bwd", cuda::launch_bwd(p, dt, c10::cuda::getCurrentCUDAStream()));
+    raise_if("ema_bwd", cuda::launch_bwd(p, dt, c10::cuda::getCurrentCUDAStream().stream()));
   } else if (dstate.defined()) {
     dstate.copy_(gs.defined() ? gs : at::zeros_like(dstate));  // L = 0: the state passes through
   }
@@ -128,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cuda(const at::Tensor& x, const at::
   if (x.numel() > 0) {
     cuda::StepParams p{pr.x.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(), state_ptr(pr),
                        y.data_ptr(), new_state.data_ptr<float>(), B, D, N};
-    raise_if("ema_step", cuda::launch_step(p, dt, c10::cuda::getCurrentCUDAStream()));
+    raise_if("ema_step", cuda::launch_step(p, dt, c10::cuda::getCurrentCUDAStream().stream()));
   }
   return {y, new_state};
 }

@@ -1,0 +1,99 @@
+// Runs the CUDA EMA kernels' thread functions (csrc/ema/ema_cuda_threads.cuh) on the CPU, one thread after
+// another in the launch order of ema_cuda.cu, so tests check the kernels' logic (chunking, prefix pass,
+// backward sweeps, blocked sums, padding of N) on a machine without a GPU. float32 only; built by
+// tests/test_ema_cuda.py, never part of the package. Outputs start as NaN: anything left unwritten shows.
+#include <torch/extension.h>
+
+#include <vector>
+
+#include "../ema/ema_cuda_threads.cuh"
+
+namespace mc = mega_kernels::ema::cuda;
+using Tensors = std::vector<torch::Tensor>;
+using Opt = c10::optional<torch::Tensor>;
+
+namespace {
+
+mc::Coefs6 coefs(const Tensors& c) {  // a, q, c, aqk, qk, kaqk1: (kd, N) float32 contiguous
+  return {c[0].data_ptr<float>(), c[1].data_ptr<float>(), c[2].data_ptr<float>(),
+          c[3].data_ptr<float>(), c[4].data_ptr<float>(), c[5].data_ptr<float>()};
+}
+const bool* mask_ptr(const Opt& m) { return m ? m->data_ptr<bool>() : nullptr; }
+const float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
+torch::Tensor nans(at::IntArrayRef shape) { return torch::full(shape, NAN); }
+
+template <int NM>
+Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi, int64_t K, bool ret) {
+  const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), ndir = bi ? 2 : 1;
+  auto y = nans(x.sizes()), fs = nans({B, D, N}), ws = nans({mc::workspace_floats(mc::fwd_plan(B, L, D, bi), B, D, N, bi)});
+  mc::FwdParams p{x.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state), y.data_ptr(),
+                  ret ? fs.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
+  const mc::Plan plan = mc::fwd_plan(B, L, D, bi);
+  for (int c = 0; c < plan.nchunks; ++c)
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM>(p, plan, bd / ndir, bd % ndir, d, c);
+  for (int bd = 0; bd < B * ndir; ++bd)
+    for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+  std::vector<float> ebuf(plan.chunk, NAN);
+  for (int c = 0; c < plan.nchunks; ++c)
+    for (int b = 0; b < B; ++b)
+      for (int d = 0; d < D; ++d) {
+        if (bi) mc::fwd_out_thread<float, NM, true>(p, plan, b, d, c, ebuf.data(), 1);
+        else mc::fwd_out_thread<float, NM, false>(p, plan, b, d, c, ebuf.data(), 1);
+      }
+  return {y, fs, torch::tensor({plan.chunk, plan.nchunks})};
+}
+
+template <int NM>
+Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi,
+               int64_t K) {
+  const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), kd = bi ? 2 * D : D;
+  auto dx = nans(x.sizes()), ds = nans({B, D, N}), gbuf = nans({B, L, D}), dxm = nans({B, L, D});
+  auto pc = torch::zeros({B, 2 * D, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
+  auto pom = torch::zeros({B, D});
+  mc::BwdParams p{x.data_ptr(), gy.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state),
+                  fptr(gs), dx.data_ptr(), state ? ds.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
+                  pa.data_ptr<float>(), pq.data_ptr<float>(), pom.data_ptr<float>(), gbuf.data_ptr<float>(),
+                  dxm.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
+  for (int b = 0; b < B; ++b)
+    for (int d = 0; d < D; ++d) mc::bwd_thread<float, NM>(p, b, d);
+  return {dx, pa.sum(0).narrow(0, 0, kd), pq.sum(0).narrow(0, 0, kd), pc.sum(0).narrow(0, 0, kd), pom.sum(0), ds};
+}
+
+template <int NM>
+Tensors step_nm(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor state, Opt mask) {
+  const int B = x.size(0), D = x.size(1), N = co[0].size(1);
+  auto y = nans(x.sizes()), ns = nans({B, D, N});
+  mc::StepParams p{x.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), state.data_ptr<float>(),
+                   y.data_ptr(), ns.data_ptr<float>(), B, D, N};
+  for (int64_t i = 0; i < static_cast<int64_t>(B) * D; ++i) mc::step_thread<float, NM>(p, i);
+  return {y, ns};
+}
+
+// The NM of the CUDA dispatch (ema_cuda.cu) for N.
+#define MK_EMU_DISPATCH(F, N, ...)                   \
+  switch (mc::padded_n(N)) {                         \
+    case 4: return F<4>(__VA_ARGS__);                \
+    case 8: return F<8>(__VA_ARGS__);                \
+    case 16: return F<16>(__VA_ARGS__);              \
+    default: return F<32>(__VA_ARGS__);              \
+  }
+
+Tensors fwd(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi, int64_t K, bool ret) {
+  MK_EMU_DISPATCH(fwd_nm, co[0].size(1), x, co, omega, mask, state, bi, K, ret);
+}
+Tensors bwd(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi,
+            int64_t K) {
+  MK_EMU_DISPATCH(bwd_nm, co[0].size(1), gy, gs, x, co, omega, mask, state, bi, K);
+}
+Tensors step(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor state, Opt mask) {
+  MK_EMU_DISPATCH(step_nm, co[0].size(1), x, co, omega, state, mask);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd, "chunked forward: (y, final state, (chunk, nchunks))");
+  m.def("bwd", &bwd, "backward: (dx, da, dq, dc, domega, dstate)");
+  m.def("step", &step, "decoding step: (y, new state)");
+}
