@@ -11,7 +11,7 @@ Maths (notation of attention_common.py and attention_fwd.py; dO = dL/d out, all 
     dq_i = sum_j dS_ij c_i k_j,   dk_j = sum_i dS_ij c_i q_i,   c_i = Z^-0.5 (softmax) or 1 / n_i (element)
     d rel_bias[W - 1 + d] = sum over pairs with j - i = d of dS_ij   (a sum along diagonals)
 
-Three kernels, none with atomics, so every gradient is deterministic:
+Kernels (no atomics anywhere, so every gradient is deterministic):
 - `_dv_kernel`: program = (key tile, E tile): loops over the query tiles that see the keys, recomputes p and
   accumulates p^T dO (like the forward, transposed).
 - `_dk_kernel`: program = key tile: loops over query tiles, recomputes p, dP (looping over E), dS; accumulates
@@ -22,9 +22,13 @@ Three kernels, none with atomics, so every gradient is deterministic:
   i + c >= T). Consecutive query tiles step m down by one, so the second part is carried to the next tile and
   every segment (b, key tile, m) of T diagonals is written once into a zeroed float32 scratch; torch sums the
   scratch over batch and key tiles (a fixed-order reduction).
-- `_dq_kernel`: program = query tile: loops over key tiles, recomputes p, dP, dS; accumulates dq.
-dP costs 2 T^2 E per tile pair in each of `_dk_kernel` and `_dq_kernel` (recomputed rather than atomically
-shared), and the score recompute costs Z / BLOCK_E extra in `_dv_kernel`, the price of E-wide values.
+- dq, two ways. When the tiles fit in `DS_SCRATCH_LIMIT_BYTES` (chunked attention: linear in L),
+  `_dk_kernel` also stores each (c_i dS_ij) tile in the input dtype (what the dq matmul rounds to anyway) and
+  `_dq_ds_kernel` (program = query tile) sums them against k: no second E-wide dP. Otherwise (long unchunked
+  blocks, where those tiles grow as L^2) `_dq_kernel` (program = query tile) loops over key tiles and
+  recomputes p, dP, dS itself, keeping memory linear in L.
+dP costs 2 T^2 E per tile pair (once, or twice on the recompute path; never shared through atomics), and the
+score recompute costs Z / BLOCK_E extra in `_dv_kernel`, the price of E-wide values.
 """
 from __future__ import annotations
 

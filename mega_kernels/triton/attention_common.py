@@ -240,7 +240,7 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     if kind == "fwd":       # program = (query tile, E tile): acc (BM, BE), q (BM, BZ), scores (BM, BN)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_E=max(16, min(128, np2e)), num_warps=8,
                     num_stages=2 if wide else 3)
-    if kind == "fwd_e256":  # the forward's second candidate for E >= 512 (autotuned against "fwd"): half the
+    if kind == "fwd_e256":  # the forward's second candidate for E >= 256 (autotuned against "fwd"): half the
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=256, num_warps=8, num_stages=2)  # score recompute
     if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(256, np2e)), num_warps=8, num_stages=2)

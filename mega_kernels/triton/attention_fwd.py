@@ -152,7 +152,7 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
         tl.store(L + row + tl.arange(0, 1), l_i)
 
 
-# For E >= 512 in 16-bit on a GPU the forward picks between the "fwd" (BM 128, BE 128) and "fwd_e256"
+# For E >= 256 in 16-bit on a GPU the forward picks between the "fwd" (BM 128, BE 128) and "fwd_e256"
 # (BM 64, BE 256) configs by timing, once per (Z, E, causal): the second recomputes the scores half as often,
 # the first reuses each K / V tile for twice as many rows. One autotuner per Z class (the configs depend on it).
 _FWD_TUNED = {}
@@ -174,7 +174,7 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
     lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
-    if pb.edim >= 512 and q.dtype != torch.float32 and not interpreting():
+    if pb.edim >= 256 and q.dtype != torch.float32 and not interpreting():
         kernel, cfg = _fwd_autotuned(pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
                              pb.bsz)
