@@ -58,7 +58,8 @@ def _reference(x, coefs, mask, state, gy, gs, bidirectional, truncation):
 
 
 def _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, **tuning):
-    y, final = ema_fwd(x, *coefs, mask, state, bidirectional, truncation, gs is not None, **tuning)
+    fwd_tuning = {k: v for k, v in tuning.items() if k != "param_group_steps"}
+    y, final = ema_fwd(x, *coefs, mask, state, bidirectional, truncation, gs is not None, **fwd_tuning)
     grads = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, truncation, **tuning)
     ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, bidirectional,
                      truncation)
@@ -73,8 +74,11 @@ def _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, **
 
 
 # -- chunked-scan variants --------------------------------------------------------------------------------
-# chunk 8 over L = 21: three chunks, the last one partial; lookback only exists for one direction.
-CARRY, LOOKBACK, SEQUENTIAL = dict(chunk=8, lookback=False), dict(chunk=8, lookback=True), dict(chunk=64)
+# chunk 8 over L = 21: three chunks, the last one partial; lookback only exists for one direction. The
+# parameter sweep runs in groups of param_group_steps (whole chunks): 2 groups, the last one partial.
+CARRY = dict(chunk=8, lookback=False, param_group_steps=16)
+LOOKBACK = dict(chunk=8, lookback=True, param_group_steps=8)
+SEQUENTIAL = dict(chunk=64)
 VARIANTS = [(bi, trunc, tuning) for bi in (False, True) for trunc in (0, 5)
             for tuning in ((CARRY, LOOKBACK, SEQUENTIAL) if not bi else (CARRY, SEQUENTIAL))]
 

@@ -41,43 +41,61 @@ from .ema_fwd import (EPI_DSILU, EPI_DX, INTERPRET, _block_n, _coef, _load_in, _
                       ema_scan, keep_of)
 
 Tensor = torch.Tensor
+PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
 
 
 @triton.jit
-def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr,
-                       dom_ptr, B, L, D, N, K, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
-                       TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, STAGES: tl.constexpr,
+def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, dom_ptr,
+                       B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
+                       TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, STAGES: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program = one batch row b, one direction, BLOCK_D channels: sweep all of L recomputing h, H, P and
-    write sum_t g h, c sum_t g H (+ gS H), c sum_t g P (+ gS P) as (B, kd, N) partials, and sum_t g x as (B, D)."""
+    """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
+    channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
+    h, H_run, P_run (H, P from zero) and writes six (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
+    sum g h, sum g H_run, sum g P_run, G = sum g q^m (m = steps since the group start), H_run end, P_run end;
+    and sum g x to dom[group, b]."""
     pid = tl.program_id(0)
-    b = pid // (NDIR * NDB)
-    rb = pid % (NDIR * NDB)
+    per_group = B * NDIR * NDB
+    grp = pid // per_group
+    rem = pid % per_group
+    b = rem // (NDIR * NDB)
+    rb = rem % (NDIR * NDB)
     dirn = rb // NDB
     offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
     sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     row0 = dirn * D
+    kd = NDIR * D
     a = _coef(a_ptr, row0, offs_n, offs_d, N, D)
     q = _coef(q_ptr, row0, offs_n, offs_d, N, D, 1.0)
-    c = _coef(c_ptr, row0, offs_n, offs_d, N, D)
     qk = _powi(q, K)
     kqk1 = K * _powi(q, K - 1)
-    st_off = b.to(tl.int64) * D * N + offs_d[None, :] * N + offs_n[:, None]
+    nc = (L + CHUNK - 1) // CHUNK
+    c_first = grp * GROUP                                  # the group's scan chunks: [c_first, c_last]
+    c_last = tl.minimum(c_first + GROUP, nc) - 1
+    v0 = c_first * CHUNK
+    n = tl.minimum(GROUP * CHUNK, L - v0)
+    t0 = tl.where(dirn == 0, v0, v0 + n - 1)
+    step = tl.where(dirn == 0, 1, -1)
+    c_in = tl.where(dirn == 0, c_first, c_last)            # the chunk whose h_in starts this direction's sweep
+    st = offs_d[None, :] * N + offs_n[:, None]
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if HAS_BUF:
+        from_buf = (dirn == 0) & (c_in > 0) | (dirn == 1) & (c_in < nc - 1)
+        h = tl.load(buf_ptr + ((c_in * B + b).to(tl.int64) * kd + row0) * N + st, mask=sm & from_buf, other=0.0)
     if HAS_S:
-        h = tl.load(s_ptr + st_off, mask=sm & (dirn == 0), other=0.0)
+        h += tl.load(s_ptr + b.to(tl.int64) * D * N + st, mask=sm & (dirn == 0) & (c_in == 0), other=0.0)
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
     sum_h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    G = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_x = tl.zeros((BLOCK_D,), tl.float32)
-    t0 = tl.where(dirn == 0, 0, L - 1)
-    step = tl.where(dirn == 0, 1, -1)
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
-    for i in tl.range(0, L, num_stages=STAGES):
+    for i in tl.range(0, n, num_stages=STAGES):
         off = row * D + offs_d
         raw = tl.load(x_ptr + off, mask=dmask, other=0.0).to(tl.float32)
         um = raw
@@ -93,43 +111,92 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, c_ptr, s_ptr, gs_pt
             P = P - a * kqk1 * ud[None, :]
             H = H - qk * ud[None, :]
             h = h - a * qk * ud[None, :]
+        pw = pw * q
         gb = g[None, :]
         sum_h += gb * h
         sum_H += gb * H
         sum_P += gb * P
+        G += gb * pw
         sum_x += g * raw
         row += step
-    da = c * sum_H
-    dq = c * sum_P
-    if HAS_GS:
-        gs = tl.load(gs_ptr + st_off, mask=sm & (dirn == 0), other=0.0)
-        da += gs * H
-        dq += gs * P
-    out = (b.to(tl.int64) * NDIR * D + row0 + offs_d[None, :]) * N + offs_n[:, None]
-    tl.store(da_ptr + out, da, mask=sm)
-    tl.store(dq_ptr + out, dq, mask=sm)
-    tl.store(dc_ptr + out, sum_h, mask=sm)
+    ng = tl.num_programs(0) // per_group
+    part = part_ptr + ((grp * B + b).to(tl.int64) * kd + row0) * N + st
+    plane = ng * B * kd * N
+    tl.store(part, sum_h, mask=sm)
+    tl.store(part + plane, sum_H, mask=sm)
+    tl.store(part + 2 * plane, sum_P, mask=sm)
+    tl.store(part + 3 * plane, G, mask=sm)
+    tl.store(part + 4 * plane, H, mask=sm)
+    tl.store(part + 5 * plane, P, mask=sm)
     if dirn == 0:
-        tl.store(dom_ptr + b.to(tl.int64) * D + offs_d, sum_x, mask=dmask)
+        tl.store(dom_ptr + (grp * B + b).to(tl.int64) * D + offs_d, sum_x, mask=dmask)
+
+
+@triton.jit
+def _param_carry_kernel(part_ptr, c_ptr, q_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD, D, N, GSTEPS, NG,
+                        HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
+    """Combine the groups of _param_grad_kernel in each row's direction (rows [:D] forward, [D:] backward):
+    H_in(next) = q^T H_in + H_run_end, P_in likewise, and sum g H = sum_groups (sum g H_run + H_in G), same for P.
+    Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}), dc = sum g h per batch row."""
+    b = tl.program_id(0)
+    e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    em = e < KD * N
+    rev = (e // N) >= D
+    q = tl.load(q_ptr + e, mask=em, other=1.0)
+    plane = NG * B * KD * N
+    H_in = tl.zeros((BLOCK,), tl.float32)
+    P_in = tl.zeros((BLOCK,), tl.float32)
+    acc_h = tl.zeros((BLOCK,), tl.float32)
+    acc_H = tl.zeros((BLOCK,), tl.float32)
+    acc_P = tl.zeros((BLOCK,), tl.float32)
+    for i in range(0, NG):
+        gg = tl.where(rev, NG - 1 - i, i)
+        ptr = part_ptr + (gg * B + b).to(tl.int64) * KD * N + e
+        G = tl.load(ptr + 3 * plane, mask=em, other=0.0)
+        acc_h += tl.load(ptr, mask=em, other=0.0)
+        acc_H += tl.load(ptr + plane, mask=em, other=0.0) + H_in * G
+        acc_P += tl.load(ptr + 2 * plane, mask=em, other=0.0) + P_in * G
+        qt = _powi(q, tl.minimum(GSTEPS, L - gg * GSTEPS))
+        H_in = qt * H_in + tl.load(ptr + 4 * plane, mask=em, other=0.0)
+        P_in = qt * P_in + tl.load(ptr + 5 * plane, mask=em, other=0.0)
+    c = tl.load(c_ptr + e, mask=em, other=0.0)
+    da = c * acc_H
+    dq = c * acc_P
+    if HAS_GS:
+        gs = tl.load(gs_ptr + b.to(tl.int64) * D * N + e, mask=em & ~rev, other=0.0)
+        da += gs * H_in
+        dq += gs * P_in
+    out = b.to(tl.int64) * KD * N + e
+    tl.store(da_ptr + out, da, mask=em)
+    tl.store(dq_ptr + out, dq, mask=em)
+    tl.store(dc_ptr + out, acc_h, mask=em)
 
 
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
-                    state: Optional[Tensor], grad_state: Optional[Tensor], bidirectional: bool, truncation: int,
-                    block_d: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dq, dc) (kd, N) and domega (D,), float32, from g = dL/dz (B, L, D) float32; deterministic."""
+                    state: Optional[Tensor], grad_state: Optional[Tensor], buf: Optional[Tensor], chunk: int,
+                    bidirectional: bool, truncation: int, block_d: Optional[int] = None,
+                    group_steps: int = PARAM_GROUP_STEPS) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(da, dq, dc) (kd, N) and domega (D,), float32, from g = dL/dz (B, L, D) float32 and the chunk states
+    `buf` of the scan that computed g (chunk length `chunk`); deterministic (fixed-order sums, no atomics)."""
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
     block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
-    da, dq, dc = (_fwd._empty((bsz, kd, ndim), torch.float32, x.device) for _ in range(3))
-    dom = _fwd._empty((bsz, dim), torch.float32, x.device)
-    _param_grad_kernel[(bsz * ndir * ndb,)](
-        x, keep, g, a, q, c, state, grad_state, da, dq, dc, dom, bsz, length, dim, ndim, truncation, ndb,
+    group = max(1, group_steps // chunk)
+    ngroups = triton.cdiv(triton.cdiv(length, chunk), group)
+    part = _fwd._empty((6, ngroups, bsz, kd, ndim), torch.float32, x.device)
+    dom = _fwd._empty((ngroups, bsz, dim), torch.float32, x.device)
+    _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
+        x, keep, g, a, q, state, buf, part, dom, bsz, length, dim, ndim, truncation, chunk, group, ndb,
         NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
-        HAS_GS=grad_state is not None, STAGES=1 if INTERPRET else 2, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
-        num_warps=max(1, block_d // 32))
-    return da.sum(0), dq.sum(0), dc.sum(0), dom.sum(0)
+        HAS_BUF=buf is not None, STAGES=1 if INTERPRET else 2, BLOCK_N=_block_n(ndim), BLOCK_D=block_d, num_warps=max(1, block_d // 32))
+    da, dq, dc = (_fwd._empty((bsz, kd, ndim), torch.float32, x.device) for _ in range(3))
+    blk = 128
+    _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
+        part, c, q, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
+        HAS_GS=grad_state is not None, BLOCK=blk)
+    return da.sum(0), dq.sum(0), dc.sum(0), dom.sum((0, 1))
 
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
@@ -148,13 +215,14 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     if truncation >= x.shape[1]:
         truncation = 0
     keep = keep_of(mask)
+    group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     s0 = None if state is None else (q * state).contiguous()
-    g, _ = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
+    g, _, buf, chunk = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
                     epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
-    dx, lam0 = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
+    dx, lam0, _, _ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
                         epilogue=EPI_DX, out_dtype=x.dtype, reverse=True, mask_in=False,
                         write_final=state is not None, **tuning)
-    da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, bidirectional, truncation,
-                                         block_d=tuning.get("block_d"))
+    da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
+                                         truncation, block_d=tuning.get("block_d"), group_steps=group_steps)
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
     return dx, da, dq, dc, domega, dstate

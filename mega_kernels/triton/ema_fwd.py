@@ -68,8 +68,8 @@ def _coef(ptr, row0, offs_n, offs_d, N, D, other=0.0):
 
 @triton.jit
 def _powi(q, k):
-    """q ** k for q in [0, 1] (float32 tile) and an integer k >= 1."""
-    return tl.exp2(k.to(tl.float32) * tl.log2(q))
+    """q ** k for q in [0, 1] (float32 tile) and an integer k >= 0."""
+    return tl.where(k == 0, 1.0, tl.exp2(k.to(tl.float32) * tl.log2(q)))
 
 
 @triton.jit
@@ -190,10 +190,10 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
 @triton.jit
 def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
                   HAS_S0: tl.constexpr, BLOCK: tl.constexpr):
-    """Scan across chunks: replace buf[c] (local states) by each chunk's incoming pre-decayed state s_in.
-
-    Rows [:D] go in chunk order 0..NC-1 starting from s0; rows [D:] in the order NC-1..0 starting from 0.
-    s_in(next) = q^T s_in + q * local.
+    """Scan across chunks: replace buf[c] (local end states a H_loc) by h_in(c), the state h just before chunk c
+    in each row's direction (h_end = q^T h_in + a H_loc). Rows [:D] go in chunk order 0..NC-1, rows [D:] in the
+    order NC-1..0. The first chunk of each order starts from the pre-decayed s0 (rows [:D]) or 0, so its h_end
+    is q^(T-1) s0 + a H_loc, and its own buf entry is left 0 (_scan_out_kernel reads s0 there).
     """
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -201,15 +201,17 @@ def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
     row = e // N
     rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
-    s = tl.zeros((BLOCK,), tl.float32)
+    s0 = tl.zeros((BLOCK,), tl.float32)
     if HAS_S0:
-        s = tl.load(s0_ptr + b.to(tl.int64) * D * N + e, mask=em & (row < D), other=0.0)
+        s0 = tl.load(s0_ptr + b.to(tl.int64) * D * N + e, mask=em & (row < D), other=0.0)
+    h = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, NC):
         cc = tl.where(rev, NC - 1 - i, i)
         ptr = buf_ptr + (cc * B + b).to(tl.int64) * KD * N + e
         loc = tl.load(ptr, mask=em, other=0.0)
-        tl.store(ptr, s, mask=em)
-        s = _powi(q, tl.minimum(CHUNK, L - cc * CHUNK)) * s + q * loc
+        tl.store(ptr, h, mask=em)
+        steps = tl.minimum(CHUNK, L - cc * CHUNK)
+        h = tl.where(i == 0, _powi(q, steps - 1) * s0, _powi(q, steps) * h) + loc
 
 
 @triton.jit
@@ -220,8 +222,9 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                      LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr, STAGES: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
-    into acc, then the primary rows writing the epilogue. Incoming states come from buf (CARRY), from chunk c-1
-    by look-back (LOOKBACK), or are s0 / zero (a single chunk)."""
+    into acc, then the primary rows writing the epilogue. Chunk 0 starts from s0 (or zero); chunk c > 0 from
+    s = q h_in(c) with h_in(c) = buf[c], left there by _carry_kernel (CARRY) or published by chunk c-1
+    (LOOKBACK: chunk c waits for it, then publishes buf[c+1] = q^T h_in(c) + a H_loc before its own sweep)."""
     if LOOKBACK:
         pid = tl.atomic_add(ticket_ptr, 1)
     else:
@@ -251,7 +254,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         c2 = _coef(c_ptr, D, offs_n, offs_d, N, D)
         s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if CARRY:
-            s2 = tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D * N + st_off, mask=sm, other=0.0)
+            s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D * N + st_off, mask=sm, other=0.0)
         _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, a2 * _powi(q2, K), 0.0, s2, b,
                tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
                0, False, MASK_IN, False, TRUNC, STAGES)
@@ -263,11 +266,12 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     qk = _powi(q, K)
     s = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if HAS_S0:
-        s = tl.load(s0_ptr + b.to(tl.int64) * D * N + st_off, mask=sm, other=0.0)
+        s = tl.load(s0_ptr + b.to(tl.int64) * D * N + st_off, mask=sm & (c == 0), other=0.0)
     if CARRY:
-        s = tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + st_off, mask=sm, other=0.0)
+        s += q * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + st_off, mask=sm & (c > 0), other=0.0)
     if LOOKBACK:
-        pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + st_off  # this chunk's published end state
+        pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + st_off  # h_in(c); chunk c publishes h_in(c + 1)
+        nxt = pub + B * D * N
         if c > 0:
             H = _local_state(u_ptr, keep_ptr, q, qk, b, tp0, step, n, L, D, K, offs_d, MASK_IN, TRUNC,
                              BLOCK_N, BLOCK_D)
@@ -275,16 +279,17 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
             ready = tl.atomic_add(flag, 0, sem="acquire")
             while ready == 0:
                 ready = tl.atomic_add(flag, 0, sem="acquire")
-            s = tl.load(pub - per_chunk // NDB * D * N, mask=sm, other=0.0, volatile=True)
+            h_in = tl.load(pub, mask=sm, other=0.0, volatile=True)
+            s = q * h_in
             if c < nc - 1:
-                tl.store(pub, _powi(q, n) * s + q * a * H, mask=sm)
+                tl.store(nxt, _powi(q, n) * h_in + a * H, mask=sm)
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
     h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, a * qk, omega, s, b, tp0, step, n, L, D, K,
                offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES)
     if LOOKBACK:
         if (c == 0) & (nc > 1):
-            tl.store(pub, q * h, mask=sm)
+            tl.store(nxt, h, mask=sm)
             tl.debug_barrier()
             tl.atomic_xchg(flag_ptr + rem, 1, sem="release")
     if WRITE_FINAL:
@@ -308,8 +313,9 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
-    """Run the chunked scan of u (B, L, D) and return (out (B, L, D) out_dtype, final h (B, D, N) or None).
+             block_d: Optional[int] = None, num_warps: Optional[int] = None):
+    """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
+    buf, chunk): buf (nc, B, kd, N) holds h_in(c) for chunks c >= 1 (None for a single chunk).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
     the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
@@ -354,10 +360,10 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     _scan_out_kernel[(nc * bsz * ndb,)](
         u, keep, out, acc, gy, a, q, c, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
         chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
-        MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None and not carry,
+        MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps)
-    return out, final
+    return out, final, buf, chunk
 
 
 def check_inputs(fn: str, x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],
@@ -408,6 +414,6 @@ def ema_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Opt
     if truncation >= x.shape[1]:
         truncation = 0
     s0 = None if state is None else (q * state).contiguous()
-    y, final = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
+    y, final, _, _ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
                         epilogue=EPI_SILU, out_dtype=x.dtype, write_final=return_state, **tuning)
     return y, (final if return_state else x.new_empty(0, dtype=torch.float32))
