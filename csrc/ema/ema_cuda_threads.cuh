@@ -75,13 +75,17 @@ MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir
   r.load(p.cf, dir_idx * p.D + d, p.N);
   const Lanes<T> in{static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.L * p.D + d,
                     p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
-  float h[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = 0.f;
+  float u[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = 0.f;
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, dir, i0, i1);
-  scan_fwd<1, NM>(in, dir, i0, i1, p.K, p.N, r.view(), h, [](int, const float*) {});
-  MK_UNROLL for (int n = 0; n < NM; ++n)
-    p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = h[n];
+  if (p.K > 0) {
+    scan_input_sum<NM, true>(in, dir, i0, i1, p.K, r.q, r.qk, u);
+  } else {
+    scan_input_sum<NM, false>(in, dir, i0, i1, p.K, r.q, r.qk, u);
+  }
+  MK_UNROLL for (int n = 0; n < NM; ++n)  // the end state from 0 is h = a u
+    p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = r.a[n] * u[n];
 }
 
 // Phase 2 for (b, dir_idx, d): each chunk's end state becomes the state entering it; final state out.

@@ -147,11 +147,11 @@ MK_HD void make_g(const A* MK_R e, const A* MK_R omega, const A* MK_R x, const A
 }
 
 // -- one n of each sweep, over the W lanes (restrict pointers: see MK_R) ------------------------------------
-template <int W, typename A>
+template <int W, bool TRUNC, typename A>
 MK_HD void step_h(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R c, const A* MK_R xv,
                   const A* MK_R xo, A* MK_R h, A* MK_R e) {
   for (int w = 0; w < W; ++w) {
-    const A hv = q[w] * h[w] + a[w] * xv[w] - aqk[w] * xo[w];
+    const A hv = q[w] * h[w] + a[w] * xv[w] - (TRUNC ? aqk[w] * xo[w] : A(0));
     h[w] = hv;
     e[w] += c[w] * hv;
   }
@@ -222,21 +222,44 @@ MK_HD void load_xm(A* dst, const Lanes<T>& in, int i, int dir) {
 }
 
 // Forward sweep over positions [i0, i1) of direction `dir`: updates h (N x W) in place and calls
-// emit(t, e) with e[w] = sum_n c h_t for each step (emit may do nothing).
-template <int W, int NM, typename T, typename A, typename Emit>
-MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
-                    Emit emit) {
+// emit(t, e) with e[w] = sum_n c h_t for each step (emit may do nothing). TRUNC: K > 0 (compile-time, so
+// the plain EMA does not pay for the window's subtraction).
+template <int W, int NM, bool TRUNC, typename T, typename A, typename Emit>
+MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
+                      Emit emit) {
   const int nn = NM > 0 ? NM : N;
   for (int i = i0; i < i1; ++i) {
     A xv[W], xo[W], e[W];
     load_xm<W>(xv, in, i, dir);
-    load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
+    if (TRUNC) load_xm<W>(xo, in, i - K, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
     MK_UNROLL for (int n = 0; n < nn; ++n) {
       const int j = n * W;
-      step_h<W>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv, xo, h + j, e);
+      step_h<W, TRUNC>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv, xo, h + j, e);
     }
     emit(time_of(i, dir, in.L), e);
+  }
+}
+
+template <int W, int NM, typename T, typename A, typename Emit>
+MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
+                    Emit emit) {
+  if (K > 0) {
+    scan_fwd_k<W, NM, true>(in, dir, i0, i1, K, N, cf, h, emit);
+  } else {
+    scan_fwd_k<W, NM, false>(in, dir, i0, i1, K, N, cf, h, emit);
+  }
+}
+
+// The input sum of [i0, i1) alone: u = q u + xm - q^K xm_{i-K} (H of "Backward": h = a u when started at
+// 0), one multiply-add per state and step; the CUDA forward's first phase.
+template <int NM, bool TRUNC, typename T, typename A>
+MK_HD void scan_input_sum(const Lanes<T>& in, int dir, int i0, int i1, int K, const A* q, const A* qk, A* u) {
+  for (int i = i0; i < i1; ++i) {
+    A xv, xo = A(0);
+    load_xm<1>(&xv, in, i, dir);
+    if (TRUNC) load_xm<1>(&xo, in, i - K, dir);
+    MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = q[n] * u[n] + xv - (TRUNC ? qk[n] * xo : A(0));
   }
 }
 
