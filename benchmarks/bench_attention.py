@@ -68,8 +68,10 @@ def flex_peer(b, L, z, e, c, causal, q, k, v, bias, compiled):
     heads, width = e // 128, (bias.shape[0] + 1) // 2
     size = c or L
 
+    table = bias.detach()  # no bias gradient for the peer (the rows time q, k, v gradients)
+
     def score_mod(score, bi, h, qi, kj):
-        return score + bias[width - 1 + kj - qi].float()
+        return score + table[width - 1 + kj - qi].float()
 
     def mask_mod(bi, h, qi, kj):
         ok = (qi // size) == (kj // size)
