@@ -73,10 +73,25 @@ def _try_prebuilt() -> Optional[dict]:
 
 
 def _jit_build() -> dict:
+    cuda_reason = _build.cuda_unavailable_reason()
+    if cuda_reason is None:
+        try:
+            return _jit_build_with(True, None)
+        except Exception as exc:  # keep the CPU kernels usable when only the CUDA part fails to build
+            cuda_reason = f"the CUDA build failed ({_first_error(exc)})"
+            logger.warning("mega_kernels: %s; building the CPU kernels alone", cuda_reason)
+    return _jit_build_with(False, cuda_reason)
+
+
+def _first_error(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
+
+
+def _jit_build_with(with_cuda: bool, cuda_reason: Optional[str]) -> dict:
     from torch.utils import cpp_extension
 
-    cuda_reason = _build.cuda_unavailable_reason()
-    with_cuda = cuda_reason is None
     srcs = _build.sources(with_cuda)
     missing = [s for s in srcs + _build.HEADERS if not (_build.ROOT / s).exists()]
     if missing:
@@ -105,11 +120,8 @@ def load() -> dict:
             try:
                 _STATE = _try_prebuilt() or _jit_build()
             except Exception as exc:
-                lines = str(exc).strip().splitlines()
-                errors = [ln for ln in lines if "error" in ln.lower()]
-                detail = (errors or lines or [""])[0]
-                _STATE = {"ok": False, "reason": f"building the extension failed ({type(exc).__name__}: "
-                                                 f"{detail[:300]}); a C++17 compiler and ninja are needed"}
+                _STATE = {"ok": False, "reason": f"building the extension failed ({_first_error(exc)}); a C++20 "
+                                                 "compiler and ninja are needed"}
                 logger.warning("mega_kernels: %s", _STATE["reason"])
         return _STATE
 

@@ -4,8 +4,9 @@
 // Forward: a chunked scan, x read twice and y written once, no atomics or inter-block waiting.
 //   1. local:  thread (b, direction, channel d, chunk of T steps) sums its chunk's input (u = q u + xm) and
 //              stores the end state from 0, a u (N floats), in the workspace;
-//   2. prefix: thread (b, direction, d) walks its chunks in the direction's order, replacing each end state by the
-//              state entering that chunk: p <- q^len p + (a u) (the chunk's length len; starts from `state`);
+//   2. prefix: thread (b, direction, d) walks its chunks in the direction's order, replacing each end
+//              state by the state entering that chunk: p <- q^len p + a u (len: the chunk's length;
+//              p starts from `state`);
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
 // Backward: one thread per (b, d) runs the sweeps of ema_kernels.cuh over the whole sequence, with g and the
