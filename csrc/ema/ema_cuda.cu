@@ -77,7 +77,9 @@ const char* fwd(const FwdParams& p, cudaStream_t s) {
 
 template <typename T, int NM>
 const char* bwd(const BwdParams& p, cudaStream_t s) {
-  bwd_kernel<T, NM><<<dim3((p.D + kThreads - 1) / kThreads, p.B), kThreads, 0, s>>>(p);
+  // One thread per (b, d) runs the whole sequence: small blocks spread the B * D threads over every SM.
+  constexpr int threads = 32;
+  bwd_kernel<T, NM><<<dim3((p.D + threads - 1) / threads, p.B), threads, 0, s>>>(p);
   return check_launch();
 }
 
