@@ -21,10 +21,11 @@
 //   anti-causal EMA of g run against the direction, dx_t = omega g_t + mask_t sum_n a lam_t, and the
 //   gradient of the initial state is q lam_0. The carry r_t = q lam_{t+1} (r_{L-1} = G) avoids dividing by q.
 // Summation: the sums over t of the parameter gradients are accumulated in blocks of kSumBlock steps, each
-//   block's sum then added to a total, so float32 rounding grows like (kSumBlock + L / kSumBlock) eps, not L eps.
+//   block's sum then added to a total: float32 rounding grows like (kSumBlock + L / kSumBlock) eps, not L eps.
 // Chunking (CUDA): h is linear in h_{-1} with factor q per step, so a chunk of T steps started from 0 ends
-//   in a local state u and the true state after it is q^T h_start + u; the q^K xm_{t-K} terms just read x
-//   before the chunk. Deterministic: no atomics; partial sums are reduced in a fixed order by the callers.
+//   in a u (u = q u + xm - q^K xm_{t-K}: H above) and the true state after it is q^T h_start + a u; the
+//   q^K xm_{t-K} terms just read x before the chunk.
+// Deterministic: no atomics; partial sums are reduced in a fixed order by the callers.
 //
 // Layout: a lane group of W channels (CPU: W contiguous channels vectorised together; CUDA: W = 1 per
 // thread). Per-(n, lane) arrays are [n * W + w]. NM > 0 fixes the loop over n at compile time (CUDA,
