@@ -226,7 +226,7 @@ def check_targets(rows):
 
 
 def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
-                   kinds=("fwd", "fwd_e256", "decode", "dv", "dk", "dq", "dq_ds")):
+                   kinds=("fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
     import re
@@ -249,7 +249,8 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
     unit = ("s_qz", "s_kz", "s_ve", "s_oe", "s_de")          # specialised to 1 at launch, as Triton does
     f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
     rows = []
-    for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("decode", fw._decode_kernel),
+    for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("fwd_e512", fw._fwd_kernel),
+                     ("decode", fw._decode_kernel),
                      ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel),
                      ("dq_ds", bw._dq_ds_kernel)):
         if kind not in kinds:

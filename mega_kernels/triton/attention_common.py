@@ -242,6 +242,8 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
                     num_stages=2 if wide else 3)
     if kind == "fwd_e256":  # the forward's second candidate for E >= 256 (autotuned against "fwd"): half the
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=256, num_warps=8, num_stages=2)  # score recompute
+    if kind == "fwd_e512":  # third candidate for E >= 1024: a quarter of the recompute, 16 warps share the acc
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_E=512, num_warps=16, num_stages=2)
     if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(256, np2e)), num_warps=8, num_stages=2)
     if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)

@@ -152,22 +152,24 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
         tl.store(L + row + tl.arange(0, 1), l_i)
 
 
-# For E >= 256 in 16-bit on a GPU the forward picks between the "fwd" (BM 128, BE 128) and "fwd_e256"
-# (BM 64, BE 256) configs by timing, once per (Z, E, causal): the second recomputes the scores half as often,
-# the first reuses each K / V tile for twice as many rows. One autotuner per Z class (the configs depend on it).
+# For E >= 256 in 16-bit on a GPU the forward picks by timing, once per (Z, E, causal), between "fwd"
+# (BM 128, BE 128), "fwd_e256" (BM 64, BE 256) and, for E >= 1024, "fwd_e512" (BM 64, BE 512, 16 warps): a
+# wider E tile recomputes the scores less often (Z / BE), a taller one reuses each K / V tile for more rows.
+# One autotuner per (Z class, candidate set), since the configs depend on them.
 _FWD_TUNED = {}
 
 
 def _fwd_autotuned(pb: Problem, dtype):
-    wide = pb.block_z > 128
-    if wide not in _FWD_TUNED:
+    kinds = ("fwd", "fwd_e256", "fwd_e512") if pb.edim >= 1024 else ("fwd", "fwd_e256")
+    key = (pb.block_z > 128, kinds)
+    if key not in _FWD_TUNED:
         configs = []
-        for kind in ("fwd", "fwd_e256"):
+        for kind in kinds:
             cfg = dict(config(kind, pb, dtype))
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
-        _FWD_TUNED[wide] = triton.autotune(configs, key=["Z", "E", "causal"])(_fwd_kernel)
-    return _FWD_TUNED[wide]
+        _FWD_TUNED[key] = triton.autotune(configs, key=["Z", "E", "causal"])(_fwd_kernel)
+    return _FWD_TUNED[key]
 
 
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
