@@ -169,11 +169,11 @@ def bench_shape(rows, name, spec, device, dtype, quick):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type == "cuda":
-        from mega_kernels.triton.attention_fwd import tuned_forward_configs
+        from mega_kernels.triton.attention_common import tuned_configs
 
         for r in rows:
             if r.shape == shape and r.backend.startswith("triton"):
-                r.extra["forward_configs"] = tuned_forward_configs()
+                r.extra["tuned_configs"] = tuned_configs()
 
 
 def fill_speedups(rows):
@@ -226,7 +226,7 @@ def check_targets(rows):
 
 
 def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
-                   kinds=("fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dk", "dq", "dq_ds")):
+                   kinds=("fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
     import re
@@ -250,7 +250,7 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
     f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
     rows = []
     for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("fwd_e512", fw._fwd_kernel),
-                     ("decode", fw._decode_kernel),
+                     ("decode", fw._decode_kernel), ("dv_e512", bw._dv_kernel),
                      ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel),
                      ("dq_ds", bw._dq_ds_kernel)):
         if kind not in kinds:

@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (NO_SPECIALIZE, block_key_range, config, constants, describe,
-                               element_act, element_act_grad, inv_count, load_bias, load_key_pad, mask_args,
-                               row_info, visible)
+from .attention_common import (NO_SPECIALIZE, autotuned, block_key_range, config, constants, describe,
+                               element_act, element_act_grad, interpreting, inv_count, load_bias,
+                               load_key_pad, mask_args, row_info, visible)
 
 
 @triton.jit
@@ -320,10 +320,15 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     sizes = (pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask)
     mstr = (kpm.stride(0), counts.stride(0))
 
-    cfg = config("dv", pb, q.dtype)
-    grid = (triton.cdiv(pb.lk, cfg["BLOCK_N"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
-    _dv_kernel[grid](q, k, rel_bias, kpm, counts, stats, do, dv, *q.stride(), *k.stride(), *do.stride(),
-                     *dv.stride(), *mstr, *sizes, **common, **cfg)
+    if pb.edim >= 1024 and q.dtype != torch.float32 and not interpreting():   # the score recompute dominates
+        kernel, cfg = autotuned(_dv_kernel, ("dv", "dv_e512"), pb, q.dtype), {}
+        grid = lambda meta: (triton.cdiv(pb.lk, meta["BLOCK_N"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
+                             pb.bsz)
+    else:
+        kernel, cfg = _dv_kernel, config("dv", pb, q.dtype)
+        grid = (triton.cdiv(pb.lk, cfg["BLOCK_N"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
+    kernel[grid](q, k, rel_bias, kpm, counts, stats, do, dv, *q.stride(), *k.stride(), *do.stride(),
+                 *dv.stride(), *mstr, *sizes, **common, **cfg)
 
     cfg = config("dk", pb, q.dtype)
     t = cfg["BLOCK_N"]

@@ -222,12 +222,35 @@ def constants():
     return dict(LAPLACE_MU=LAPLACE_MU, LAPLACE_C=LAPLACE_C, LAPLACE_D=LAPLACE_D)
 
 
+_TUNED = {}
+
+
+def autotuned(fn, kinds, pb: Problem, dtype: torch.dtype):
+    """`fn` autotuned (by timing, once per Z, E, causal) over the configs of `kinds` (16-bit, GPU only). One
+    autotuner per (kernel, Z class, kinds), since the configs depend on them."""
+    key = (getattr(fn, "__name__", str(id(fn))), pb.block_z > 128, tuple(kinds))
+    if key not in _TUNED:
+        configs = []
+        for kind in kinds:
+            cfg = dict(config(kind, pb, dtype))
+            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+            configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
+        _TUNED[key] = triton.autotune(configs, key=["Z", "E", "causal"])(fn)
+    return _TUNED[key]
+
+
+def tuned_configs():
+    """{kernel and (Z, E, causal, ...): chosen config} of the autotuned kernels so far (benchmark notes)."""
+    return {f"{key[0]} {args}": str(cfg) for key, tuner in _TUNED.items() for args, cfg in tuner.cache.items()}
+
+
 def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options per kernel. One fixed config (no autotune: compile time matters and
-    the bias-gradient scratch depends on the tile). The GPU configs were checked by compiling for sm_90
-    (`python -m benchmarks.bench_attention --compile-report lm`): they fit in shared memory and spill at most
-    160 bytes per thread (the softmax dK kernel at Z = 256, which also stores the dS tiles). float32 (exact "ieee" dots, a correctness path, not a fast
-    one) uses small tiles."""
+    """Block sizes and launch options of one kernel kind. Fixed configs, except that for E >= 256 (forward) or
+    E >= 1024 (dV) in 16-bit on a GPU `autotuned` times the "fwd" / "fwd_e256" / "fwd_e512" and "dv" /
+    "dv_e512" candidates (the dK tile stays fixed: the bias-gradient scratch depends on it). The GPU configs
+    were checked by compiling for sm_90 (`python -m benchmarks.bench_attention --compile-report lm`): they fit
+    in shared memory and spill at most 160 bytes per thread (the softmax dK kernel at Z = 256, which also
+    stores the dS tiles). float32 (exact "ieee" dots, a correctness path, not a fast one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
     if kind == "decode":    # program = (batch, key split, E tile), vector maths
         return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
@@ -246,6 +269,8 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_E=512, num_warps=16, num_stages=2)
     if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(256, np2e)), num_warps=8, num_stages=2)
+    if kind == "dv_e512":   # autotuned against "dv" for E >= 1024: half again the recompute, 16 warps
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_E=512, num_warps=16, num_stages=2)
     if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(32 if wide else 128, np2e)), num_warps=8,
                     num_stages=2)

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, block_key_range, config, constants, describe,
-                               element_act, interpreting, inv_count, load_bias, load_key_pad, mask_args,
-                               row_info, visible)
+from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, block_key_range, config, constants,
+                               describe, element_act, interpreting, inv_count, load_bias, load_key_pad,
+                               mask_args, row_info, visible)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -155,21 +155,8 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
 # For E >= 256 in 16-bit on a GPU the forward picks by timing, once per (Z, E, causal), between "fwd"
 # (BM 128, BE 128), "fwd_e256" (BM 64, BE 256) and, for E >= 1024, "fwd_e512" (BM 64, BE 512, 16 warps): a
 # wider E tile recomputes the scores less often (Z / BE), a taller one reuses each K / V tile for more rows.
-# One autotuner per (Z class, candidate set), since the configs depend on them.
-_FWD_TUNED = {}
-
-
-def _fwd_autotuned(pb: Problem, dtype):
-    kinds = ("fwd", "fwd_e256", "fwd_e512") if pb.edim >= 1024 else ("fwd", "fwd_e256")
-    key = (pb.block_z > 128, kinds)
-    if key not in _FWD_TUNED:
-        configs = []
-        for kind in kinds:
-            cfg = dict(config(kind, pb, dtype))
-            warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-            configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
-        _FWD_TUNED[key] = triton.autotune(configs, key=["Z", "E", "causal"])(_fwd_kernel)
-    return _FWD_TUNED[key]
+def _fwd_kinds(pb: Problem):
+    return ("fwd", "fwd_e256", "fwd_e512") if pb.edim >= 1024 else ("fwd", "fwd_e256")
 
 
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
@@ -177,7 +164,7 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
     if pb.edim >= 256 and q.dtype != torch.float32 and not interpreting():
-        kernel, cfg = _fwd_autotuned(pb, q.dtype), {}
+        kernel, cfg = autotuned(_fwd_kernel, _fwd_kinds(pb), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
                              pb.bsz)
     else:
@@ -189,11 +176,6 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
         pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
         ACT=pb.act, DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
     return out, lse
-
-
-def tuned_forward_configs():
-    """{(Z, E, causal, ...): chosen config} of the autotuned forwards so far (for benchmark notes)."""
-    return {str(key): str(cfg) for tuner in _FWD_TUNED.values() for key, cfg in tuner.cache.items()}
 
 
 def _launch_decode(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
