@@ -111,6 +111,38 @@ def test_dq_recompute_path_matches_reference(activation, monkeypatch):
     check_case(case, activation, False, masks["whole_chunk"], label="whole_chunk")
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real autotuner runs (test_gpu_lm_tile_shape_bfloat16)")
+@pytest.mark.parametrize("pick", [0, 1, 2])
+def test_gpu_tile_configs_and_autotune_plumbing(pick, monkeypatch):
+    """The GPU path under the interpreter: GPU tile configs (BM 128 / BE 512 / T 64 ...) and the autotuned
+    launches (grid from the chosen config), each candidate config in turn, against the reference."""
+    from mega_kernels.triton import attention_bwd, attention_common, attention_fwd
+
+    class PickOne:  # stands in for triton.autotune: runs candidate `pick` (no timing on the CPU)
+        def __init__(self, configs, key):
+            self.cfg = configs[min(pick, len(configs) - 1)]
+            self.cache = {}
+
+        def __call__(self, fn):
+            self.fn = fn
+            return self
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                meta = dict(kwargs, **self.cfg.kwargs)
+                return self.fn[grid(meta)](*args, **meta, num_warps=self.cfg.num_warps)
+            return run
+
+    for mod in (attention_common, attention_fwd, attention_bwd):
+        monkeypatch.setattr(mod, "interpreting", lambda: False)
+    monkeypatch.setattr(attention_common.triton, "autotune", PickOne)
+    monkeypatch.setattr(attention_common, "_TUNED", {})
+    case = (1, 70, 70, 16, 1040, 64)
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    check_case(case, "softmax", True, masks["left"], dtype=torch.float16, label="left")
+    check_case(case, "relu2", False, masks["whole_chunk"], dtype=torch.float16, label="whole_chunk")
+
+
 def test_empty_rows_give_zeros_and_finite_gradients():
     """Left padding + causal softmax: the first rows see no key (transformers gives NaN, spec 9.5)."""
     q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 9, 9, 16, 8, None)]
