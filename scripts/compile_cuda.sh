@@ -20,7 +20,8 @@ mapfile -t cu_files < <(find csrc -name '*.cu' | sort)
 [ ${#cu_files[@]} -gt 0 ] || { echo "compile_cuda.sh: no .cu files under csrc/" >&2; exit 1; }
 for f in "${cu_files[@]}"; do
   echo "nvcc sm_80 sm_90: $f"
-  "$NVCC" -std=c++20 -O3 -c "$f" -o "$tmp/$(basename "$f").o" -Icsrc \
+  # -Werror all-warnings: e.g. a __host__ call from device code is only a warning, and the kernel is dropped
+  "$NVCC" -std=c++20 -O3 -Werror all-warnings -c "$f" -o "$tmp/$(basename "$f").o" -Icsrc \
     -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
 done
 

@@ -9,9 +9,11 @@
 //              p starts from `state`);
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
-// Backward: one thread per (b, d) runs the sweeps of ema_kernels.cuh over the whole sequence, with g and the
-// adjoint output in global workspaces; per-batch partial sums (zero-initialised by the caller, which reduces
-// them over the batch in a fixed order) are added to every kSumBlock steps.
+// Backward: the same chunking for every sweep of "Backward" in ema_kernels.cuh: (1) each chunk's H and
+// P from zero, (2) a prefix pass for the (h, H, P) entering each chunk, [bidirectional: the backward
+// direction's output into g's buffer], (3) per chunk the parameter sweep (g formed by direction 0) with
+// partial sums per (b, chunk), (4-5) the adjoint carry per chunk and its prefix pass from the later side,
+// (6) the adjoint output and dx. The caller sums the partials over (b, chunk) in a fixed order.
 // States and coefficients are float32 registers, zero-padded to NM >= N.
 #include <cuda_runtime.h>
 
@@ -43,11 +45,47 @@ __global__ void fwd_out_kernel(FwdParams p, Plan plan) {
   if (d < p.D) fwd_out_thread<T, NM, BI>(p, plan, blockIdx.y, d, blockIdx.z, ebuf + threadIdx.x, blockDim.x);
 }
 
+// Backward kernels: grid (channel blocks, B or B * directions, chunks), as the forward's.
+#define MK_BWD_CHANNEL const int d = blockIdx.x * blockDim.x + threadIdx.x; \
+  if (d >= p.D) return;                                                      \
+  const int ndir = p.bi ? 2 : 1;                                             \
+  (void)ndir
 template <typename T, int NM>
-__global__ void bwd_kernel(BwdParams p) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (d < p.D) bwd_thread<T, NM>(p, blockIdx.y, d);
+__global__ void bwd_local_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_local_thread<T, NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
 }
+template <int NM>
+__global__ void bwd_prefix_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
+}
+template <typename T, int NM>
+__global__ void bwd_other_output_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_other_output_thread<T, NM>(p, plan, blockIdx.y, d, blockIdx.z);
+}
+template <typename T, int NM>
+__global__ void bwd_params_kernel(BwdParams p, Plan plan, int dir_idx) {
+  MK_BWD_CHANNEL;
+  bwd_params_thread<T, NM>(p, plan, blockIdx.y, dir_idx, d, blockIdx.z);
+}
+template <int NM>
+__global__ void bwd_adjoint_local_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_adjoint_local_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
+}
+template <int NM>
+__global__ void bwd_adjoint_prefix_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_adjoint_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
+}
+template <typename T, int NM>
+__global__ void bwd_dx_kernel(BwdParams p, Plan plan) {
+  MK_BWD_CHANNEL;
+  bwd_dx_thread<T, NM>(p, plan, blockIdx.y, d, blockIdx.z);
+}
+#undef MK_BWD_CHANNEL
 
 template <typename T, int NM>
 __global__ void step_kernel(StepParams p) {
@@ -77,9 +115,16 @@ const char* fwd(const FwdParams& p, cudaStream_t s) {
 
 template <typename T, int NM>
 const char* bwd(const BwdParams& p, cudaStream_t s) {
-  // One thread per (b, d) runs the whole sequence: small blocks spread the B * D threads over every SM.
-  constexpr int threads = 32;
-  bwd_kernel<T, NM><<<dim3((p.D + threads - 1) / threads, p.B), threads, 0, s>>>(p);
+  const Plan plan = bwd_plan(p.B, p.L, p.D);
+  const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads, C = plan.nchunks;
+  bwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
+  bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan);
+  if (p.bi) bwd_other_output_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
+  for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)  // direction 0 forms g, which direction 1 reads
+    bwd_params_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan, dir_idx);
+  bwd_adjoint_local_kernel<NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
+  bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan);
+  bwd_dx_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
   return check_launch();
 }
 
@@ -111,6 +156,12 @@ const char* step(const StepParams& p, cudaStream_t s) {
 
 int64_t fwd_workspace_floats(int B, int L, int D, int N, bool bi) {
   return workspace_floats(fwd_plan(B, L, D, bi), B, D, N, bi);
+}
+
+int bwd_chunks(int B, int L, int D) { return bwd_plan(B, L, D).nchunks; }
+
+int64_t bwd_workspace_floats(int B, int L, int D, int N, bool bi) {
+  return 3 * bwd_region_floats(bwd_plan(B, L, D), B, D, N, bi);
 }
 
 const char* launch_fwd(const FwdParams& p, DType dtype, void* stream) {

@@ -27,8 +27,10 @@ struct BwdParams {
   const void* x; const void* gy; const bool* mask; Coefs6 cf; const float* omega; const float* state;
   const float* gstate;                        // optional
   void* dx; float* dstate;                    // dstate optional
-  float *pc, *pa, *pq, *pomega;               // per-batch partial sums, zero-filled: (B, 2D, N) x 3, (B, D)
+  float *pc, *pa, *pq, *pomega;               // partial sums per (b, chunk): (B * C, 2D, N) x 3, (B * C, D),
+                                              // zero-filled, C = bwd_chunks(B, L, D)
   float *gbuf, *dxm;                          // workspaces (B, L, D) each
+  float* workspace;                           // bwd_workspace_floats(...) floats
   int B, L, D, N, K; bool bi;
 };
 
@@ -39,6 +41,8 @@ struct StepParams {
 };
 
 int64_t fwd_workspace_floats(int B, int L, int D, int N, bool bi);
+int bwd_chunks(int B, int L, int D);
+int64_t bwd_workspace_floats(int B, int L, int D, int N, bool bi);
 const char* launch_fwd(const FwdParams& p, DType dtype, void* stream);
 const char* launch_bwd(const BwdParams& p, DType dtype, void* stream);
 const char* launch_step(const StepParams& p, DType dtype, void* stream);

@@ -88,21 +88,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     gs = grad_state->to(at::kFloat).contiguous();
   }
   auto dx = at::empty_like(pr.x);
-  auto pc = at::zeros({B, 2 * D, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
-  auto pomega = at::zeros({B, D}, fopts);
+  const int64_t parts = static_cast<int64_t>(B) * (L > 0 ? cuda::bwd_chunks(B, L, D) : 1);  // (b, chunk)
+  auto pc = at::zeros({parts, 2 * D, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
+  auto pomega = at::zeros({parts, D}, fopts);
   auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
   if (x.numel() > 0) {
     auto gbuf = at::empty({B, L, D}, fopts), dxm = at::empty({B, L, D}, fopts);
+    auto ws = at::empty({cuda::bwd_workspace_floats(B, L, D, N, bidirectional)}, fopts);
     cuda::BwdParams p{pr.x.data_ptr(), gy.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(),
                       state_ptr(pr), gs.defined() ? gs.data_ptr<float>() : nullptr, dx.data_ptr(),
                       dstate.defined() ? dstate.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
                       pa.data_ptr<float>(), pq.data_ptr<float>(), pomega.data_ptr<float>(), gbuf.data_ptr<float>(),
-                      dxm.data_ptr<float>(), B, L, D, N, static_cast<int>(truncation), bidirectional};
+                      dxm.data_ptr<float>(), ws.data_ptr<float>(), B, L, D, N, static_cast<int>(truncation),
+                      bidirectional};
     raise_if("ema_bwd", cuda::launch_bwd(p, dt, c10::cuda::getCurrentCUDAStream().stream()));
   } else if (dstate.defined()) {
     dstate.copy_(gs.defined() ? gs : at::zeros_like(dstate));  // L = 0: the state passes through
   }
-  // Batch reduction by ATen's CUDA sum: a fixed reduction tree, so the result is the same run to run.
+  // Sum over (b, chunk) by ATen's CUDA sum: a fixed reduction tree, so the result is the same run to run.
   const int64_t kd = a.size(0);
   auto grad = [&](const at::Tensor& t, const at::Tensor& like) {
     return t.sum(0).narrow(0, 0, kd).to(like.scalar_type());

@@ -144,74 +144,221 @@ MK_HD void fwd_out_thread(const FwdParams& p, const Plan& plan, int b, int d, in
   });
 }
 
-// The whole backward of (b, d): see "Backward" in ema_kernels.cuh.
+// -- backward, chunked like the forward (see ema_cuda.cu) ------------------------------------------------
+// Backward chunks are at most 2 * kSumBlock steps: per-chunk partial sums then keep float32 rounding small.
+inline Plan bwd_plan(int B, int L, int D) {
+  Plan plan = fwd_plan(B, L, D, false);
+  if (plan.chunk > 2 * kSumBlock) plan = {2 * kSumBlock, (L + 2 * kSumBlock - 1) / (2 * kSumBlock)};
+  return plan;
+}
+
+// Workspace: regions h, H, P of one state per (b, direction, chunk slot, n, d); slot nchunks holds the
+// final H and P (for the final-state gradient). The adjoint pass reuses region h for its carries.
+MK_HD int64_t bwd_region_floats(const Plan& plan, int B, int D, int N, bool bi) {
+  return static_cast<int64_t>(B) * (bi ? 2 : 1) * (plan.nchunks + 1) * padded_n(N) * D;
+}
+
+struct BwdView {
+  const BwdParams& p;
+  const Plan& plan;
+  int b, dir_idx, d, ndir, dir, row;
+  int64_t region;
+  MK_HD BwdView(const BwdParams& pp, const Plan& pl, int bb, int di, int dd)
+      : p(pp), plan(pl), b(bb), dir_idx(di), d(dd), ndir(pp.bi ? 2 : 1), dir(di ? -1 : 1), row(di * pp.D + dd),
+        region(bwd_region_floats(pl, pp.B, pp.D, pp.N, pp.bi)) {}
+  template <int NM>
+  MK_HD float& ws(int reg, int chunk, int n) const {
+    return p.workspace[reg * region + ws_index(b, dir_idx, ndir, chunk, plan.nchunks + 1, n, NM, d, p.D)];
+  }
+  template <typename T>
+  MK_HD Lanes<T> lanes() const {
+    return {static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.L * p.D + d,
+            p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
+  }
+  MK_HD int64_t state_index(int n) const { return (static_cast<int64_t>(b) * p.D + d) * p.N + n; }
+};
+
+// Phase 1 for (b, direction, d, chunk): from zero over the chunk, u = H and v = P of the chunk alone
+// (v = q v + a u_prev - K a q^(K-1) xm_{t-K}, since the chunk's own h is a u).
 template <typename T, int NM>
-MK_HD void bwd_thread(const BwdParams& p, int b, int d) {
-  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d, D = p.D;
-  const Lanes<T> in{static_cast<const T*>(p.x) + base, p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr,
-                    D, p.L, 1};
+MK_HD void bwd_local_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
+  const BwdView w(p, plan, b, dir_idx, d);
+  Reg<NM> r;
+  r.load(p.cf, w.row, p.N);
+  const Lanes<T> in = w.lanes<T>();
+  float u[NM], v[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = v[n] = 0.f;
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+  for (int i = i0; i < i1; ++i) {
+    float xv, xo = 0.f;
+    load_xm<1>(&xv, in, i, w.dir);
+    if (p.K > 0) load_xm<1>(&xo, in, i - p.K, w.dir);
+    MK_UNROLL for (int n = 0; n < NM; ++n) {
+      v[n] = r.q[n] * v[n] + r.a[n] * u[n] - r.kaqk1[n] * xo;
+      u[n] = r.q[n] * u[n] + xv - r.qk[n] * xo;
+    }
+  }
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    w.ws<NM>(1, chunk, n) = u[n];
+    w.ws<NM>(2, chunk, n) = v[n];
+  }
+}
+
+// Phase 2 for (b, direction, d): the (h, H, P) entering each chunk, in the direction's order. Over a chunk
+// of len steps: h' = q^len h + a u, H' = q^len H + u, P' = q^len P + len q^(len-1) h + v (P = dh/dq).
+template <int NM>
+MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d) {
+  const BwdView w(p, plan, b, dir_idx, d);
+  float a[NM], q[NM], h[NM], H[NM], P[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    const bool in = n < p.N;
+    a[n] = in ? p.cf.a[w.row * p.N + n] : 0.f;
+    q[n] = in ? p.cf.q[w.row * p.N + n] : 0.f;
+    h[n] = (in && dir_idx == 0 && p.state) ? p.state[w.state_index(n)] : 0.f;
+    H[n] = P[n] = 0.f;
+  }
+  for (int k = 0; k < plan.nchunks; ++k) {
+    const int chunk = dir_idx ? plan.nchunks - 1 - k : k;
+    const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
+    MK_UNROLL for (int n = 0; n < NM; ++n) {
+      const float u = w.ws<NM>(1, chunk, n), v = w.ws<NM>(2, chunk, n);
+      const float ql1 = powf(q[n], static_cast<float>(len - 1)), ql = ql1 * q[n];
+      w.ws<NM>(0, chunk, n) = h[n];
+      w.ws<NM>(1, chunk, n) = H[n];
+      w.ws<NM>(2, chunk, n) = P[n];
+      P[n] = ql * P[n] + static_cast<float>(len) * ql1 * h[n] + v;
+      H[n] = ql * H[n] + u;
+      h[n] = ql * h[n] + a[n] * u;
+    }
+  }
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    w.ws<NM>(1, plan.nchunks, n) = H[n];
+    w.ws<NM>(2, plan.nchunks, n) = P[n];
+  }
+}
+
+// Bidirectional only, for (b, d, chunk): the backward direction's output over the chunk into gbuf (it
+// enters z, which the forward direction's parameter pass needs).
+template <typename T, int NM>
+MK_HD void bwd_other_output_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
+  const BwdView w(p, plan, b, 1, d);
+  Reg<NM> r;
+  r.load(p.cf, w.row, p.N);
+  float h[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = w.ws<NM>(0, chunk, n);
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
+  float* gbuf = p.gbuf + static_cast<int64_t>(b) * p.L * p.D + d;
+  scan_fwd<1, NM>(w.lanes<T>(), -1, i0, i1, p.K, p.N, r.view(), h,
+                  [&](int t, const float* e) { gbuf[static_cast<int64_t>(t) * p.D] = e[0]; });
+}
+
+// Phase 3 for (b, direction, d, chunk): the parameter-gradient sweep over the chunk (direction 0 also
+// forms g into gbuf), partial sums per (b, chunk) into pc, pa, pq, pomega ((B * nchunks, ...) arrays).
+template <typename T, int NM>
+MK_HD void bwd_params_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
+  const BwdView w(p, plan, b, dir_idx, d);
+  Reg<NM> r;
+  r.load(p.cf, w.row, p.N);
+  float h[NM], H[NM], P[NM], sc[NM], sH[NM], sP[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    h[n] = w.ws<NM>(0, chunk, n);
+    H[n] = w.ws<NM>(1, chunk, n);
+    P[n] = w.ws<NM>(2, chunk, n);
+    sc[n] = sH[n] = sP[n] = 0.f;
+  }
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
   const T* gy = static_cast<const T*>(p.gy) + base;
   float* gbuf = p.gbuf + base;
-  float* dxm = p.dxm + base;
   const float om = p.omega[d];
   float somega = 0.f;
+  if (dir_idx == 0) {
+    scan_params<1, NM, true>(w.lanes<T>(), gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, p.D, &om,
+                             &somega, 1, i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+    p.pomega[(static_cast<int64_t>(b) * plan.nchunks + chunk) * p.D + d] = somega;
+  } else {
+    scan_params<1, NM, false>(w.lanes<T>(), gy, static_cast<const float*>(nullptr), gbuf, p.D, &om, &somega, -1,
+                              i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+  }
+  const bool last = dir_idx == 0 && chunk == plan.nchunks - 1 && p.gstate != nullptr;
+  const int64_t o0 = ((static_cast<int64_t>(b) * plan.nchunks + chunk) * 2 * p.D + w.row) * p.N;
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    if (n < p.N) {  // a gradient G of the final state adds G H_{L-1} to da and G P_{L-1} to dq
+      const float g = last ? p.gstate[w.state_index(n)] : 0.f;
+      p.pc[o0 + n] = sc[n];
+      p.pa[o0 + n] = r.c[n] * sH[n] + g * w.ws<NM>(1, plan.nchunks, n);
+      p.pq[o0 + n] = r.c[n] * sP[n] + g * w.ws<NM>(2, plan.nchunks, n);
+    }
+  }
+}
+
+// Phase 4 for (b, direction, d, chunk): the adjoint carry over the chunk from 0 (against the direction).
+template <int NM>
+MK_HD void bwd_adjoint_local_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
+  const BwdView w(p, plan, b, dir_idx, d);
   Reg<NM> r;
-  float h[NM], H[NM], P[NM], sc[NM], sH[NM], sP[NM], carry[NM];
-  if (p.bi) {  // the backward direction's output enters z: gbuf holds it until the first sweep overwrites it
-    r.load(p.cf, p.D + d, p.N);
-    MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = 0.f;
-    scan_fwd<1, NM>(in, -1, 0, p.L, p.K, p.N, r.view(), h,
-                    [&](int t, const float* e) { gbuf[static_cast<int64_t>(t) * D] = e[0]; });
+  r.load(p.cf, w.row, p.N);
+  float carry[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = 0.f;
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+  scan_adjoint<1, NM>(static_cast<const float*>(p.gbuf + static_cast<int64_t>(b) * p.L * p.D + d),
+                      static_cast<float*>(nullptr), p.D, p.L, w.dir, i0, i1, p.K, p.N, r.view(), carry, false);
+  MK_UNROLL for (int n = 0; n < NM; ++n) w.ws<NM>(0, chunk, n) = carry[n];
+}
+
+// Phase 5 for (b, direction, d): the carry entering each chunk from its later side (r' = q^len r + local),
+// starting from the final-state gradient; what leaves the first chunk is the initial-state gradient.
+template <int NM>
+MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d) {
+  const BwdView w(p, plan, b, dir_idx, d);
+  float q[NM], carry[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    const bool in = n < p.N;
+    q[n] = in ? p.cf.q[w.row * p.N + n] : 0.f;
+    carry[n] = (in && dir_idx == 0 && p.gstate) ? p.gstate[w.state_index(n)] : 0.f;
   }
-  for (int dir = 1; dir >= -1; dir -= 2) {
-    if (dir < 0 && !p.bi) break;
-    const int row = dir > 0 ? d : p.D + d;
-    r.load(p.cf, row, p.N);
-    const bool gs = dir > 0 && p.gstate != nullptr;
+  for (int k = 0; k < plan.nchunks; ++k) {
+    const int chunk = dir_idx ? k : plan.nchunks - 1 - k;
+    const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
     MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const int64_t j = (static_cast<int64_t>(b) * p.D + d) * p.N + n;
-      h[n] = (dir > 0 && p.state && n < p.N) ? p.state[j] : 0.f;
-      carry[n] = (gs && n < p.N) ? p.gstate[j] : 0.f;
-      H[n] = P[n] = sc[n] = sH[n] = sP[n] = 0.f;
-    }
-    const int64_t o0 = (static_cast<int64_t>(b) * 2 * p.D + row) * p.N;  // this thread's partial sums
-    for (int i0 = 0; i0 < p.L; i0 += kSumBlock) {  // blocked summation (ema_kernels.cuh)
-      const int i1 = p.L < i0 + kSumBlock ? p.L : i0 + kSumBlock;
-      if (dir > 0) {
-        scan_params<1, NM, true>(in, gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, D, &om, &somega,
-                                 1, i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-      } else {
-        scan_params<1, NM, false>(in, gy, static_cast<const float*>(nullptr), gbuf, D, &om, &somega, -1, i0, i1,
-                                  p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-      }
-      MK_UNROLL for (int n = 0; n < NM; ++n) {
-        if (n < p.N) {
-          p.pc[o0 + n] += sc[n];
-          p.pa[o0 + n] += sH[n];
-          p.pq[o0 + n] += sP[n];
-        }
-        sc[n] = sH[n] = sP[n] = 0.f;
-      }
-      p.pomega[static_cast<int64_t>(b) * p.D + d] += somega;
-      somega = 0.f;
-    }
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      if (n < p.N) {
-        p.pa[o0 + n] = r.c[n] * p.pa[o0 + n] + carry[n] * H[n];
-        p.pq[o0 + n] = r.c[n] * p.pq[o0 + n] + carry[n] * P[n];
-      }
-    }
-    scan_adjoint<1, NM>(static_cast<const float*>(gbuf), dxm, D, p.L, dir, 0, p.L, p.K, p.N, r.view(), carry,
-                        dir < 0);
-    if (dir > 0 && p.dstate) {
-      MK_UNROLL for (int n = 0; n < NM; ++n)
-        if (n < p.N) p.dstate[(static_cast<int64_t>(b) * p.D + d) * p.N + n] = carry[n];
+      const float local = w.ws<NM>(0, chunk, n);
+      w.ws<NM>(0, chunk, n) = carry[n];
+      carry[n] = powf(q[n], static_cast<float>(len)) * carry[n] + local;
     }
   }
+  if (dir_idx == 0 && p.dstate) {
+    MK_UNROLL for (int n = 0; n < NM; ++n)
+      if (n < p.N) p.dstate[w.state_index(n)] = carry[n];
+  }
+}
+
+// Phase 6 for (b, d, chunk): the adjoint over the chunk in each direction from its entering carry, then
+// dx = omega g + mask sum_n a lam over the chunk's times.
+template <typename T, int NM>
+MK_HD void bwd_dx_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
+  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
+  for (int dir_idx = 0; dir_idx < (p.bi ? 2 : 1); ++dir_idx) {
+    const BwdView w(p, plan, b, dir_idx, d);
+    Reg<NM> r;
+    r.load(p.cf, w.row, p.N);
+    float carry[NM];
+    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
+    int i0, i1;
+    chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+    scan_adjoint<1, NM>(static_cast<const float*>(p.gbuf + base), p.dxm + base, p.D, p.L, w.dir, i0, i1, p.K,
+                        p.N, r.view(), carry, dir_idx > 0);
+  }
+  const int t0 = chunk * plan.chunk, t1 = p.L < t0 + plan.chunk ? p.L : t0 + plan.chunk;
+  const float om = p.omega[d];
   T* dx = static_cast<T*>(p.dx) + base;
-  for (int t = 0; t < p.L; ++t) {
+  for (int t = t0; t < t1; ++t) {
+    const int64_t j = static_cast<int64_t>(t) * p.D;
     const float m = (p.mask == nullptr || p.mask[static_cast<int64_t>(b) * p.L + t]) ? 1.f : 0.f;
-    dx[t * D] = from_acc<T>(om * gbuf[t * D] + m * dxm[t * D]);
+    dx[j] = from_acc<T>(om * p.gbuf[base + j] + m * p.dxm[base + j]);
   }
 }
 

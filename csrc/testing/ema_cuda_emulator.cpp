@@ -47,16 +47,39 @@ Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt s
 template <int NM>
 Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi,
                int64_t K) {
-  const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), kd = bi ? 2 * D : D;
+  const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), kd = bi ? 2 * D : D, ndir = bi ? 2 : 1;
+  const mc::Plan plan = mc::bwd_plan(B, L, D);
+  const int C = plan.nchunks;
   auto dx = nans(x.sizes()), ds = nans({B, D, N}), gbuf = nans({B, L, D}), dxm = nans({B, L, D});
-  auto pc = torch::zeros({B, 2 * D, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
-  auto pom = torch::zeros({B, D});
+  auto ws = nans({3 * mc::bwd_region_floats(plan, B, D, N, bi)});
+  auto pc = torch::zeros({B * C, 2 * D, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
+  auto pom = torch::zeros({B * C, D});
   mc::BwdParams p{x.data_ptr(), gy.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state),
                   fptr(gs), dx.data_ptr(), state ? ds.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
                   pa.data_ptr<float>(), pq.data_ptr<float>(), pom.data_ptr<float>(), gbuf.data_ptr<float>(),
-                  dxm.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
-  for (int b = 0; b < B; ++b)
-    for (int d = 0; d < D; ++d) mc::bwd_thread<float, NM>(p, b, d);
+                  dxm.data_ptr<float>(), ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
+  // the launches of ema_cuda.cu's bwd(), in order
+  for (int c = 0; c < C; ++c)
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::bwd_local_thread<float, NM>(p, plan, bd / ndir, bd % ndir, d, c);
+  for (int bd = 0; bd < B * ndir; ++bd)
+    for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+  if (bi)
+    for (int c = 0; c < C; ++c)
+      for (int b = 0; b < B; ++b)
+        for (int d = 0; d < D; ++d) mc::bwd_other_output_thread<float, NM>(p, plan, b, d, c);
+  for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)
+    for (int c = 0; c < C; ++c)
+      for (int b = 0; b < B; ++b)
+        for (int d = 0; d < D; ++d) mc::bwd_params_thread<float, NM>(p, plan, b, dir_idx, d, c);
+  for (int c = 0; c < C; ++c)
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::bwd_adjoint_local_thread<NM>(p, plan, bd / ndir, bd % ndir, d, c);
+  for (int bd = 0; bd < B * ndir; ++bd)
+    for (int d = 0; d < D; ++d) mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+  for (int c = 0; c < C; ++c)
+    for (int b = 0; b < B; ++b)
+      for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM>(p, plan, b, d, c);
   return {dx, pa.sum(0).narrow(0, 0, kd), pq.sum(0).narrow(0, 0, kd), pc.sum(0).narrow(0, 0, kd), pom.sum(0), ds};
 }
 
