@@ -67,8 +67,8 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     row0 = dirn * D
     kd = NDIR * D
-    a = _coef(a_ptr, row0, offs_n, offs_d, N, D)
-    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, 1.0)
+    a = _coef(a_ptr, row0, offs_n, offs_d, N, D, kd)
+    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, kd, 1.0)
     qk = _powi(q, K)
     kqk1 = K * _powi(q, K - 1)
     nc = (L + CHUNK - 1) // CHUNK
@@ -79,11 +79,12 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     t0 = tl.where(dirn == 0, v0, v0 + n - 1)
     step = tl.where(dirn == 0, 1, -1)
     c_in = tl.where(dirn == 0, c_first, c_last)            # the chunk whose h_in starts this direction's sweep
-    st = offs_d[None, :] * N + offs_n[:, None]
+    st = offs_d[None, :] * N + offs_n[:, None]               # within a (D, N) state
+    bst = offs_n[:, None] * kd + row0 + offs_d[None, :]     # within an (N, kd) chunk state or partial
     h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if HAS_BUF:
         from_buf = (dirn == 0) & (c_in > 0) | (dirn == 1) & (c_in < nc - 1)
-        h = tl.load(buf_ptr + ((c_in * B + b).to(tl.int64) * kd + row0) * N + st, mask=sm & from_buf, other=0.0)
+        h = tl.load(buf_ptr + (c_in * B + b).to(tl.int64) * kd * N + bst, mask=sm & from_buf, other=0.0)
     if HAS_S:
         h += tl.load(s_ptr + b.to(tl.int64) * D * N + st, mask=sm & (dirn == 0) & (c_in == 0), other=0.0)
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -120,7 +121,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
         sum_x += g * raw
         row += step
     ng = tl.num_programs(0) // per_group
-    part = part_ptr + ((grp * B + b).to(tl.int64) * kd + row0) * N + st
+    part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
     tl.store(part, sum_h, mask=sm)
     tl.store(part + plane, sum_H, mask=sm)
@@ -141,7 +142,8 @@ def _param_carry_kernel(part_ptr, c_ptr, q_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, 
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
-    rev = (e // N) >= D
+    row = e % KD  # partials, q and c are (N, KD) per batch row
+    rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
     plane = NG * B * KD * N
     H_in = tl.zeros((BLOCK,), tl.float32)
@@ -163,7 +165,7 @@ def _param_carry_kernel(part_ptr, c_ptr, q_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, 
     da = c * acc_H
     dq = c * acc_P
     if HAS_GS:
-        gs = tl.load(gs_ptr + b.to(tl.int64) * D * N + e, mask=em & ~rev, other=0.0)
+        gs = tl.load(gs_ptr + b.to(tl.int64) * D * N + row * N + e // KD, mask=em & ~rev, other=0.0)
         da += gs * H_in
         dq += gs * P_in
     out = b.to(tl.int64) * KD * N + e
@@ -185,18 +187,19 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     ndb = triton.cdiv(dim, block_d)
     group = max(1, group_steps // chunk)
     ngroups = triton.cdiv(triton.cdiv(length, chunk), group)
-    part = _fwd._empty((6, ngroups, bsz, kd, ndim), torch.float32, x.device)
+    part = _fwd._empty((6, ngroups, bsz, ndim, kd), torch.float32, x.device)
     dom = _fwd._empty((ngroups, bsz, dim), torch.float32, x.device)
+    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
     _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
-        x, keep, g, a, q, state, buf, part, dom, bsz, length, dim, ndim, truncation, chunk, group, ndb,
+        x, keep, g, aT, qT, state, buf, part, dom, bsz, length, dim, ndim, truncation, chunk, group, ndb,
         NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
         HAS_BUF=buf is not None, STAGES=1 if INTERPRET else 2, BLOCK_N=_block_n(ndim), BLOCK_D=block_d, num_warps=max(1, block_d // 32))
-    da, dq, dc = (_fwd._empty((bsz, kd, ndim), torch.float32, x.device) for _ in range(3))
+    da, dq, dc = (_fwd._empty((bsz, ndim, kd), torch.float32, x.device) for _ in range(3))
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-        part, c, q, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
+        part, cT, qT, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
         HAS_GS=grad_state is not None, BLOCK=blk)
-    return da.sum(0), dq.sum(0), dc.sum(0), dom.sum((0, 1))
+    return (da.sum(0).t().contiguous(), dq.sum(0).t().contiguous(), dc.sum(0).t().contiguous(), dom.sum((0, 1)))
 
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,

@@ -60,16 +60,20 @@ def _empty(shape, dtype, device) -> Tensor:
 
 
 @triton.jit
-def _coef(ptr, row0, offs_n, offs_d, N, D, other=0.0):
-    """(BLOCK_N, BLOCK_D) tile of a (kd, N) coefficient at rows row0 + offs_d; padding lanes are `other`."""
+def _coef(ptr, row0, offs_n, offs_d, N, D, KD, other=0.0):
+    """(BLOCK_N, BLOCK_D) tile of rows row0 + offs_d of a coefficient, stored transposed as (N, KD) so that the
+    tile is contiguous along the channels like x (each thread then holds all N states of its channels, and
+    the sum over N needs no data exchange); padding lanes are `other`."""
     m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    return tl.load(ptr + (row0 + offs_d)[None, :] * N + offs_n[:, None], mask=m, other=other)
+    return tl.load(ptr + offs_n[:, None] * KD + row0 + offs_d[None, :], mask=m, other=other)
 
 
 @triton.jit
 def _powi(q, k):
-    """q ** k for q in [0, 1] (float32 tile) and an integer k >= 0."""
-    return tl.where(k == 0, 1.0, tl.exp2(k.to(tl.float32) * tl.log2(q)))
+    """q ** k for q in [0, 1] (float32 tile) and an integer k >= 0 (a tensor, or a constexpr when Triton
+    specializes an argument equal to 1); q ** 0 = 1 even for q = 0."""
+    kf = tl.zeros_like(q) + k
+    return tl.where(kf == 0, 1.0, tl.exp2(kf * tl.log2(q)))
 
 
 @triton.jit
@@ -169,8 +173,9 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     row0 = dirn * D
-    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, 1.0)
-    a = _coef(a_ptr, row0, offs_n, offs_d, N, D)
+    KD = NDIR * D
+    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, KD, 1.0)
+    a = _coef(a_ptr, row0, offs_n, offs_d, N, D, KD)
     qk = _powi(q, K)
     v0 = c * CHUNK
     n = tl.minimum(CHUNK, L - v0)
@@ -183,7 +188,7 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     step = tl.where(fwd, 1, -1)
     H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D)
     m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptr = buf_ptr + ((c * B + b).to(tl.int64) * NDIR * D + row0 + offs_d[None, :]) * N + offs_n[:, None]
+    ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + row0 + offs_d[None, :]
     tl.store(ptr, a * H, mask=m)
 
 
@@ -198,12 +203,12 @@ def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
-    row = e // N
+    row = e % KD  # buf and q are (N, KD) per batch row (see _coef)
     rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
     s0 = tl.zeros((BLOCK,), tl.float32)
     if HAS_S0:
-        s0 = tl.load(s0_ptr + b.to(tl.int64) * D * N + e, mask=em & (row < D), other=0.0)
+        s0 = tl.load(s0_ptr + b.to(tl.int64) * D * N + row * N + e // KD, mask=em & (row < D), other=0.0)
     h = tl.zeros((BLOCK,), tl.float32)
     for i in range(0, NC):
         cc = tl.where(rev, NC - 1 - i, i)
@@ -238,6 +243,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     nc = (L + CHUNK - 1) // CHUNK
     kd = D * (2 if BIDIR else 1)
+    KD = kd
     v0 = c * CHUNK
     n = tl.minimum(CHUNK, L - v0)
     if REVERSE:  # first physical step and direction of the primary sweep
@@ -246,31 +252,32 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     else:
         tp0 = v0
         step = 1
-    st_off = (offs_d[None, :] * N + offs_n[:, None])  # within a (D, N) state
+    st_off = offs_d[None, :] * N + offs_n[:, None]  # within a (D, N) state (s0, final)
+    bst = offs_n[:, None] * kd + offs_d[None, :]     # within a chunk state of buf, (N, kd) like the coefficients
     # -- rows [D:] (bidirectional): reversed direction, from the chunk's far end --------------------------
     if BIDIR:
-        a2 = _coef(a_ptr, D, offs_n, offs_d, N, D)
-        q2 = _coef(q_ptr, D, offs_n, offs_d, N, D, 1.0)
-        c2 = _coef(c_ptr, D, offs_n, offs_d, N, D)
+        a2 = _coef(a_ptr, D, offs_n, offs_d, N, D, KD)
+        q2 = _coef(q_ptr, D, offs_n, offs_d, N, D, KD, 1.0)
+        c2 = _coef(c_ptr, D, offs_n, offs_d, N, D, KD)
         s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if CARRY:
-            s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D * N + st_off, mask=sm, other=0.0)
+            s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
         _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, a2 * _powi(q2, K), 0.0, s2, b,
                tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
                0, False, MASK_IN, False, TRUNC, STAGES)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
-    a = _coef(a_ptr, 0, offs_n, offs_d, N, D)
-    q = _coef(q_ptr, 0, offs_n, offs_d, N, D, 1.0)
-    cc = _coef(c_ptr, 0, offs_n, offs_d, N, D)
+    a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
+    q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
+    cc = _coef(c_ptr, 0, offs_n, offs_d, N, D, KD)
     omega = tl.load(omega_ptr + offs_d, mask=offs_d < D, other=0.0)
     qk = _powi(q, K)
     s = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if HAS_S0:
         s = tl.load(s0_ptr + b.to(tl.int64) * D * N + st_off, mask=sm & (c == 0), other=0.0)
     if CARRY:
-        s += q * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + st_off, mask=sm & (c > 0), other=0.0)
+        s += q * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + bst, mask=sm & (c > 0), other=0.0)
     if LOOKBACK:
-        pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + st_off  # h_in(c); chunk c publishes h_in(c + 1)
+        pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + bst  # h_in(c); chunk c publishes h_in(c + 1)
         nxt = pub + B * D * N
         if c > 0:
             H = _local_state(u_ptr, keep_ptr, q, qk, b, tp0, step, n, L, D, K, offs_d, MASK_IN, TRUNC,
@@ -315,7 +322,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
              block_d: Optional[int] = None, num_warps: Optional[int] = None):
     """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
-    buf, chunk): buf (nc, B, kd, N) holds h_in(c) for chunks c >= 1 (None for a single chunk).
+    buf, chunk): buf (nc, B, N, kd) holds h_in(c) for chunks c >= 1 (None for a single chunk).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
     the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
@@ -343,22 +350,23 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     final = _empty((bsz, dim, ndim), torch.float32, u.device) if write_final else None
     kd = q.shape[0]
     buf = flags = ticket = None
+    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see _coef
     if carry:
-        buf = _empty((nc, bsz, kd, ndim), torch.float32, u.device)
+        buf = _empty((nc, bsz, ndim, kd), torch.float32, u.device)
         ndir = 2 if bidirectional else 1
         _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
-            u, keep, a, q, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
+            u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
             REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
             BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
         blk = 128
         _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-            buf, q, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
+            buf, qT, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
     elif lookback:
-        buf = _empty((nc, bsz, dim, ndim), torch.float32, u.device)
+        buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
     _scan_out_kernel[(nc * bsz * ndb,)](
-        u, keep, out, acc, gy, a, q, c, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
+        u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
         chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, BLOCK_N=block_n,

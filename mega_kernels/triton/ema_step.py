@@ -29,9 +29,9 @@ def _ema_step_kernel(x_ptr, keep_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s_ptr, y_p
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
     sm = (offs_n[:, None] < N) & dmask[None, :]
-    a = _coef(a_ptr, 0, offs_n, offs_d, N, D)
-    q = _coef(q_ptr, 0, offs_n, offs_d, N, D, 1.0)
-    c = _coef(c_ptr, 0, offs_n, offs_d, N, D)
+    a = _coef(a_ptr, 0, offs_n, offs_d, N, D, D)
+    q = _coef(q_ptr, 0, offs_n, offs_d, N, D, D, 1.0)
+    c = _coef(c_ptr, 0, offs_n, offs_d, N, D, D)
     omega = tl.load(omega_ptr + offs_d, mask=dmask, other=0.0)
     x = tl.load(x_ptr + b.to(tl.int64) * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
     xm = x
@@ -55,7 +55,8 @@ def ema_step_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, stat
     ndb = triton.cdiv(dim, block_d)
     y = _fwd._empty(x.shape, x.dtype, x.device)
     new_state = _fwd._empty(state.shape, torch.float32, x.device)
-    _ema_step_kernel[(bsz * ndb,)](x, keep_of(mask), a, q, c, omega, state, y, new_state, dim, q.shape[1], ndb,
+    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, D): see ema_fwd._coef
+    _ema_step_kernel[(bsz * ndb,)](x, keep_of(mask), aT, qT, cT, omega, state, y, new_state, dim, q.shape[1], ndb,
                                    HAS_MASK=mask is not None, BLOCK_N=_block_n(q.shape[1]), BLOCK_D=block_d,
                                    num_warps=max(1, block_d // 32))
     return y, new_state
