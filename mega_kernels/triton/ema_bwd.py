@@ -13,9 +13,16 @@ Derivation (one channel, the forward rows; u = x * mask, h_{-1} = S, truncation 
              P_{-1} = 0
     (gS = dL/d(final state h_{L-1}), present when the forward returned its state.)
 
-All three parameter sums are forward sweeps that recompute h from the initial state, so no L x N state is
-ever stored: `_param_grad_kernel` runs them (the backward rows of a bidirectional EMA run the same sweep
-backward in time). The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
+All three parameter sums are forward sweeps that recompute h, so no L x N state is ever stored. They run in
+parallel over groups of whole scan chunks (`_param_grad_kernel`): a group starts from the true h of the forward
+scan's `buf` (h_in of its first chunk) and runs H_run, P_run from zero; since H and P are linear recurrences with
+decay q, the true values are H_t = H_run_t + q^m H_in, P_t = P_run_t + q^m P_in (m = steps since the group
+start; P_run already sees the true h), so each group writes sum g h, sum g H_run, sum g P_run, G = sum g q^m
+and its H_run, P_run end values, and `_param_carry_kernel` walks the groups in order carrying
+H_in <- q^T H_in + H_run_end (P likewise) and adding H_in G, P_in G. The backward rows of a bidirectional EMA
+run the same sweeps backward in time.
+
+The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
 
     lambda_t = dL/dh_t = q lambda_{t+1} + c (g_t - q^K g_{t+K}),  lambda_{L-1} = c g_{L-1} + gS
     dx_t = omega g_t + mask_t * sum_n a lambda_t[n]      (+ the same with a forward-running adjoint of the
@@ -25,8 +32,8 @@ backward in time). The input gradient is the adjoint of the convolution, an anti
 which is the forward's chunked scan with a <-> c swapped, time reversed, the mask moved to the output and the
 pre-decayed initial state s = gS (ema_fwd.py's state convention). So the backward is three launches of work:
 (1) the forward scan recomputing z and writing g (float32), (2) the adjoint scan writing dx and lambda_0,
-(3) the parameter sweep writing per-program partial sums, reduced in a fixed order by torch.sum (no atomics:
-the same result on every run).
+(3) the grouped parameter sweep and its carry, writing per-program partial sums reduced in a fixed order
+(the carry kernel, then torch.sum over the batch; no atomics: the same result on every run).
 """
 from __future__ import annotations
 

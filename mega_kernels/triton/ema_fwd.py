@@ -11,25 +11,29 @@ computed directly as this damped recurrence in float32, never as an FFT. Truncat
 h_t = q h_{t-1} + a (u_t - q^K u_{t-K}) removes the tap leaving the window. Bidirectional: rows [:D] of the
 coefficients run forward in time, rows [D:] backward in time (h'_t = q' h'_{t+1} + a' u_t) and both EMAs add.
 
-Carried state convention. The kernels carry s = q h ("pre-decayed" state): each step is
-h_t = s + a u_t, s <- q h_t. A caller's initial state S enters as s = q S; the backward's adjoint sweep
-(ema_bwd.py) enters the gradient of the final state g_S as s = g_S directly, with no division by q.
+Initial states. A sweep starts from a "pre-decayed" state s and steps h_t = s + a u_t, s <- q h_t. A caller's
+initial state S enters as s = q S; the backward's adjoint sweep (ema_bwd.py) enters the gradient of the final
+state g_S as s = g_S directly, with no division by q.
 
 Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
-(in the primary direction's time) and the chunks run in parallel. For a chunk, the end state is linear in its
-incoming state:  h_end = q^T s_in / q ... in the s-convention  s_out = q^T s_in + q * a * H_loc,  where
-H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}) is the chunk's own contribution from a zero state
-(one cheap sweep, H <- q H + u). Two ways to get every chunk's incoming state:
+(in the primary direction's time) and the chunks run in parallel. A chunk's end state is linear in the state
+h_in just before it:  h_end = q^T h_in + a H_loc,  H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}),
+the chunk's own contribution from a zero state (one cheap sweep, H <- q H + u). Chunk c > 0 then sweeps from
+s = q h_in(c); `buf` keeps h_in(c) of every chunk c > 0 (chunk 0 starts from the caller's s), and the backward
+reuses it (ema_bwd.py). Two ways to fill it:
 
 - three passes (robust; the only way for bidirectional): `_chunk_state_kernel` computes every chunk's local
   state in both directions, `_carry_kernel` runs the short scan across chunks (forward order for rows [:D],
-  backward order for rows [D:]) and leaves each chunk's incoming states in place, `_scan_out_kernel` rescans
-  each chunk from its incoming states and writes the output. Bidirectional chunks first sweep the backward
-  rows (storing their EMA in a float32 buffer, which is y itself for float32 outputs) then the forward rows.
+  backward order for rows [D:]) and leaves each chunk's h_in in place, `_scan_out_kernel` rescans each chunk
+  from it and writes the output. Bidirectional chunks first sweep the backward rows (storing their EMA in a
+  float32 buffer, which is y itself for float32 outputs) then the forward rows.
 - decoupled look-back (unidirectional, one launch; x is read from DRAM once and re-read from L2): programs
-  take a ticket from an atomic counter (so chunk c-1 has always started before chunk c), compute the local
-  state, wait on the flag chunk c-1 publishes with its end state, publish their own end state, then sweep
-  their chunk writing y. Chunk 0 publishes after its sweep.
+  take a ticket from an atomic counter (so chunk c-1 has always started before chunk c), compute H_loc, wait
+  on the flag chunk c-1 sets once h_in(c) is published, publish h_in(c+1) = q^T h_in(c) + a H_loc, then sweep
+  their chunk writing y. Chunk 0 publishes h_in(1) after its sweep.
+
+Layout. One program holds BLOCK_D channels x N states in registers, each thread all N states of its channels
+(coefficients and chunk states are stored (N, kd), channel-contiguous like x), so the sum over N is in-thread.
 
 `ema_scan` is the launcher; its epilogue selects what a sweep writes: the forward output silu(z), the
 backward's g = dL/dz = dL/dy * silu'(z) (float32), or the adjoint dx = omega g + mask * e (see ema_bwd.py).
