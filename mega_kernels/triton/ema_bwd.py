@@ -206,7 +206,8 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
         part, cT, qT, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
         HAS_GS=grad_state is not None, BLOCK=blk)
-    return (da.sum(0).t().contiguous(), dq.sum(0).t().contiguous(), dc.sum(0).t().contiguous(), dom.sum((0, 1)))
+    da, dq, dc = (t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
+    return da, dq, dc, dom.sum((0, 1))
 
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
