@@ -5,7 +5,7 @@ Maths (notation of attention_common.py and attention_fwd.py; dO = dL/d out, all 
     dP_ij = dO_i . v_j                                   (sums over all of E)
     dv_j  = sum_i p_ij dO_i
     softmax:  p = exp(s - lse);  dS_ij = p_ij (dP_ij - delta_i),  delta_i = sum_j p_ij dP_ij = dO_i . out_i
-              ds/dq = Z^-0.5 k,  ds/dk = Z^-0.5 q               (delta_i: in torch, before the kernels)
+              ds/dq = Z^-0.5 k,  ds/dk = Z^-0.5 q               (delta_i: `_delta_kernel`, first)
     element:  p = act(s);        dS_ij = act'(s_ij) dP_ij
               ds/dq_i = k_j / n_i,  ds/dk_j = q_i / n_i
     dq_i = sum_j dS_ij c_i k_j,   dk_j = sum_i dS_ij c_i q_i,   c_i = Z^-0.5 (softmax) or 1 / n_i (element)
@@ -278,6 +278,23 @@ def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_qb, s_qm, s_qz, Lq, Lk, Z, S, c
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
 
 
+@triton.jit
+def _delta_kernel(DO, O, DELTA, s_db, s_dm, s_de, s_ob, s_om, s_oe, Lq, E,
+                  BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """delta_i = dO_i . out_i in float32, read once in the input dtype (no float32 copies of two E-wide
+    tensors, which cost more than the attention kernels at small Z)."""
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        ok = (rows[:, None] < Lq) & (offs_e[None, :] < E)
+        do = tl.load(DO + b * s_db + rows[:, None] * s_dm + offs_e[None, :] * s_de, mask=ok, other=0.0)
+        o = tl.load(O + b * s_ob + rows[:, None] * s_om + offs_e[None, :] * s_oe, mask=ok, other=0.0)
+        acc += tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + b * Lq + rows, acc, mask=rows < Lq)
+
+
 # The dK kernel stores the (c dS) tiles for `_dq_ds_kernel` when they take at most this much memory (chunked
 # attention: linear in L); otherwise (long unchunked blocks) `_dq_kernel` recomputes dS, costing a second
 # E-wide dP = dO v^T per tile pair but keeping memory linear in L.
@@ -311,7 +328,12 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
     do = grad_out.to(v.dtype)
     stats = stats.float().contiguous()
-    delta = (do.float() * out.float()).sum(-1).contiguous() if pb.act == 0 else stats
+    delta = stats
+    if pb.act == 0:
+        delta = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device)
+        block_e = min(128, max(16, triton.next_power_of_2(pb.edim)))
+        _delta_kernel[(triton.cdiv(pb.lq, 32), pb.bsz)](do, out, delta, *do.stride(), *out.stride(), pb.lq,
+                                                        pb.edim, BLOCK_R=32, BLOCK_E=block_e, num_warps=4)
     dq = torch.empty(pb.bsz, pb.lq, pb.zdim, dtype=q.dtype, device=q.device)
     dk = torch.empty(pb.bsz, pb.lk, pb.zdim, dtype=k.dtype, device=q.device)
     dv = torch.empty(pb.bsz, pb.lk, pb.edim, dtype=v.dtype, device=q.device)
