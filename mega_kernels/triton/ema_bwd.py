@@ -55,7 +55,7 @@ PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple
 def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, dom_ptr,
                        B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
                        TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, STAGES: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = 64):
     """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
     channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
     h, H_run, P_run (H, P from zero) and writes six (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
@@ -103,30 +103,41 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     G = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_x = tl.zeros((BLOCK_D,), tl.float32)
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
-    for i in tl.range(0, n, num_stages=STAGES):
-        off = row * D + offs_d
-        raw = tl.load(x_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-        um = raw
-        if MASK_IN:
-            um = tl.where(tl.load(keep_ptr + row) != 0, raw, 0.0)
-        g = tl.load(g_ptr + off, mask=dmask, other=0.0)
-        P = q * P + h
-        H = q * H + um[None, :]
-        h = q * h + a * um[None, :]
-        if TRUNC:
-            td = t0 + (i - K) * step
-            _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-            P = P - a * kqk1 * ud[None, :]
-            H = H - qk * ud[None, :]
-            h = h - a * qk * ud[None, :]
-        pw = pw * q
-        gb = g[None, :]
-        sum_h += gb * h
-        sum_H += gb * H
-        sum_P += gb * P
-        G += gb * pw
-        sum_x += g * raw
-        row += step
+    for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps) keep float32 rounding ~ (SUB + n/SUB) eps
+        bh = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        bH = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        bG = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        bx = tl.zeros((BLOCK_D,), tl.float32)
+        for i in tl.range(j0, tl.minimum(j0 + SUB, n), num_stages=STAGES):
+            off = row * D + offs_d
+            raw = tl.load(x_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+            um = raw
+            if MASK_IN:
+                um = tl.where(tl.load(keep_ptr + row) != 0, raw, 0.0)
+            g = tl.load(g_ptr + off, mask=dmask, other=0.0)
+            P = q * P + h
+            H = q * H + um[None, :]
+            h = q * h + a * um[None, :]
+            if TRUNC:
+                td = t0 + (i - K) * step
+                _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+                P = P - a * kqk1 * ud[None, :]
+                H = H - qk * ud[None, :]
+                h = h - a * qk * ud[None, :]
+            pw = pw * q
+            gb = g[None, :]
+            bh += gb * h
+            bH += gb * H
+            bP += gb * P
+            bG += gb * pw
+            bx += g * raw
+            row += step
+        sum_h += bh
+        sum_H += bH
+        sum_P += bP
+        G += bG
+        sum_x += bx
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
