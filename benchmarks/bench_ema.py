@@ -45,6 +45,8 @@ VARIANTS = {
     "carry c1024": dict(chunk=1024, lookback=False),
     "sequential": dict(chunk=1 << 30),
     "lookback c256 bd64": dict(chunk=256, lookback=True, block_d=64),
+    "lookback c256 st6": dict(chunk=256, lookback=True, stages=6),
+    "carry c256 st6": dict(chunk=256, lookback=False, stages=6),
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

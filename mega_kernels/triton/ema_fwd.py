@@ -324,7 +324,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None):
+             block_d: Optional[int] = None, num_warps: Optional[int] = None, stages: int = 3):
     """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
     buf, chunk): buf (nc, B, N, kd) holds h_in(c) for chunks c >= 1 (None for a single chunk).
 
@@ -332,7 +332,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
     state of the primary rows. reverse: the primary rows run backward in time. chunk: steps per chunk (None:
     DEFAULT_CHUNK; >= L: one sequential program per channel block). lookback: single-pass look-back (default
-    for one direction on a GPU) instead of the three-pass carry.
+    for one direction on a GPU) instead of the three-pass carry. block_d, num_warps: channels and warps per
+    program; stages: software-pipelining depth of the time loop (loads in flight).
     """
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -345,7 +346,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     lookback = lookback and nc > 1 and not bidirectional
     carry = nc > 1 and not lookback
     num_warps = num_warps or max(1, block_d // 32)
-    stages = 1 if INTERPRET else 3
+    stages = 1 if INTERPRET else stages
     block_n = _block_n(ndim)
     out = _empty(u.shape, out_dtype, u.device)
     acc = None
