@@ -48,6 +48,15 @@
 #endif
 // The per-n lane loops below take restrict pointers so the host compiler vectorises them over W.
 #define MK_R __restrict__
+// Forward sweeps load MK_TIME_UNROLL steps of x before computing them, so a GPU thread keeps several
+// loads in flight (one at a time leaves the scan latency-bound). The host needs no such help.
+#ifndef MK_TIME_UNROLL
+#if defined(__CUDACC__)
+#define MK_TIME_UNROLL 8
+#else
+#define MK_TIME_UNROLL 1
+#endif
+#endif
 
 namespace mega_kernels {
 namespace ema {
@@ -229,16 +238,22 @@ template <int W, int NM, bool TRUNC, typename T, typename A, typename Emit>
 MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
                       Emit emit) {
   const int nn = NM > 0 ? NM : N;
-  for (int i = i0; i < i1; ++i) {
-    A xv[W], xo[W], e[W];
-    load_xm<W>(xv, in, i, dir);
-    if (TRUNC) load_xm<W>(xo, in, i - K, dir);
-    for (int w = 0; w < W; ++w) e[w] = A(0);
-    MK_UNROLL for (int n = 0; n < nn; ++n) {
-      const int j = n * W;
-      step_h<W, TRUNC>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv, xo, h + j, e);
+  constexpr int U = MK_TIME_UNROLL;
+  for (int ib = i0; ib < i1; ib += U) {
+    A xv[U][W], xo[U][W], e[W];
+    MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
+      load_xm<W>(xv[k], in, ib + k < i1 ? ib + k : -1, dir);
+      if (TRUNC) load_xm<W>(xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
     }
-    emit(time_of(i, dir, in.L), e);
+    MK_UNROLL for (int k = 0; k < U; ++k) {
+      if (ib + k >= i1) break;
+      for (int w = 0; w < W; ++w) e[w] = A(0);
+      MK_UNROLL for (int n = 0; n < nn; ++n) {
+        const int j = n * W;
+        step_h<W, TRUNC>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv[k], xo[k], h + j, e);
+      }
+      emit(time_of(ib + k, dir, in.L), e);
+    }
   }
 }
 
@@ -256,11 +271,18 @@ MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, c
 // 0), one multiply-add per state and step; the CUDA forward's first phase.
 template <int NM, bool TRUNC, typename T, typename A>
 MK_HD void scan_input_sum(const Lanes<T>& in, int dir, int i0, int i1, int K, const A* q, const A* qk, A* u) {
-  for (int i = i0; i < i1; ++i) {
-    A xv, xo = A(0);
-    load_xm<1>(&xv, in, i, dir);
-    if (TRUNC) load_xm<1>(&xo, in, i - K, dir);
-    MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = q[n] * u[n] + xv - (TRUNC ? qk[n] * xo : A(0));
+  constexpr int U = MK_TIME_UNROLL;
+  for (int ib = i0; ib < i1; ib += U) {
+    A xv[U], xo[U];
+    MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
+      load_xm<1>(&xv[k], in, ib + k < i1 ? ib + k : -1, dir);
+      xo[k] = A(0);
+      if (TRUNC) load_xm<1>(&xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
+    }
+    MK_UNROLL for (int k = 0; k < U; ++k) {
+      if (ib + k >= i1) break;
+      MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = q[n] * u[n] + xv[k] - (TRUNC ? qk[n] * xo[k] : A(0));
+    }
   }
 }
 
