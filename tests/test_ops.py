@@ -75,3 +75,21 @@ def test_attention_bad_input(change, match):
     kw = change(dict(q=q, k=k, v=v, rel_bias=bias))
     with pytest.raises((ValueError, TypeError), match=match):
         ops.attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("rel_bias"), **kw)
+
+
+def test_reference_ops_trace_with_torch_compile():
+    """The functional ops compile with fullgraph (no graph break in dispatch or the reference maths)."""
+    backends.preload("cpu")
+    q, k, v, bias = attention_inputs(2, 9, 9, 4, 3, 4, dtype=torch.float32)
+    kpm = torch.ones(2, 9, dtype=torch.bool)
+    kpm[0, :3] = False
+
+    def f(q, k, v, bias, x, *params):
+        h = ops.attention(q, k, v, bias, chunk_size=4, causal=True, key_padding_mask=kpm, backend="reference")
+        return h, ops.ema(x, *params, backend="reference")
+
+    x = torch.randn(2, 9, 4)
+    params = ema_params(4, 3, dtype=torch.float32)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(q, k, v, bias, x, *params), f(q, k, v, bias, x, *params)):
+        torch.testing.assert_close(got, want)

@@ -102,7 +102,24 @@ def resolve(op: str, requested: Optional[str], device: torch.device) -> str:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    return _REGISTRY[op][backend].load()
+    entry = _REGISTRY[op][backend]
+    if entry._impl is None and torch.compiler.is_compiling():
+        raise RuntimeError(f"{op}: the {backend!r} backend is not loaded yet and torch.compile cannot trace its "
+                           f"import; call mega_kernels.ops.backends.preload(device) (or run the model once "
+                           f"eagerly) before compiling")
+    return entry.load()
+
+
+def preload(device) -> Dict[str, str]:
+    """Load the implementation `auto` (or MEGA_KERNELS_BACKEND) picks for each op on `device`, so that calls
+    traced later by torch.compile(fullgraph=True) find it loaded. Returns {op: backend}."""
+    device = torch.device(device)
+    chosen = {}
+    for op in _REGISTRY:
+        name = resolve(op, "auto", device)
+        _REGISTRY[op][name].load()
+        chosen[op] = name
+    return chosen
 
 
 def available_backends(op: str, device: torch.device) -> Dict[str, Optional[str]]:

@@ -95,9 +95,7 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
             vis = vis & causal_mask
         row_any = vis.any(-1, keepdim=True)
         vis = vis | ~row_any  # keeps the softmax finite; those rows are zeroed below (spec 9.5)
-        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1)
-        if not bool(row_any.all()):
-            p = p * row_any
+        p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1) * row_any
     else:
         if causal:
             n = (pos + 1).to(cd)[None, :, None]
