@@ -101,9 +101,12 @@ def measure(rows: List[Row], fn: Callable[[], object], device, *, with_memory: b
 
 
 def _git_commit() -> str:
+    if os.environ.get("MEGA_GIT_COMMIT"):  # set by the GPU script, whose copy of the tree has no .git
+        return os.environ["MEGA_GIT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
 
