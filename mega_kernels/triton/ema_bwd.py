@@ -51,7 +51,7 @@ Tensor = torch.Tensor
 PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "GROUP", "NDB"])
 def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, dom_ptr,
                        B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
                        TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, STAGES: tl.constexpr,
@@ -151,7 +151,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
         tl.store(dom_ptr + (grp * B + b).to(tl.int64) * D + offs_d, sum_x, mask=dmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "GSTEPS", "NG"])
 def _param_carry_kernel(part_ptr, c_ptr, q_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD, D, N, GSTEPS, NG,
                         HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
     """Combine the groups of _param_grad_kernel in each row's direction (rows [:D] forward, [D:] backward):

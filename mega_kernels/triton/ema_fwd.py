@@ -34,6 +34,8 @@ reuses it (ema_bwd.py). Two ways to fill it:
 
 Layout. One program holds BLOCK_D channels x N states in registers, each thread all N states of its channels
 (coefficients and chunk states are stored (N, kd), channel-contiguous like x), so the sum over N is in-thread.
+Size arguments are not specialized (`do_not_specialize`): one compiled kernel per flag combination, whatever
+B, L, D, N (the loads are one element per thread, so divisibility hints would not vectorize anything).
 
 `ema_scan` is the launcher; its epilogue selects what a sweep writes: the forward output silu(z), the
 backward's g = dL/dz = dL/dy * silu'(z) (float32), or the adjoint dx = omega g + mask * e (see ema_bwd.py).
@@ -161,7 +163,7 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b,
     return h
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
 def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, CHUNK, NDB,
                         NDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr, TRUNC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -196,7 +198,7 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     tl.store(ptr, a * H, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "CHUNK", "NC"])
 def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
                   HAS_S0: tl.constexpr, BLOCK: tl.constexpr):
     """Scan across chunks: replace buf[c] (local end states a H_loc) by h_in(c), the state h just before chunk c
@@ -223,7 +225,7 @@ def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
         h = tl.where(i == 0, _powi(q, steps - 1) * s0, _powi(q, steps) * h) + loc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
 def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s0_ptr, buf_ptr,
                      final_ptr, flag_ptr, ticket_ptr, B, L, D, N, K, CHUNK, NDB,
                      EPI: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr,

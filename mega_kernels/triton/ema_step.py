@@ -20,7 +20,7 @@ from .ema_fwd import _block_n, _coef, block_d_for, check_inputs, keep_of
 Tensor = torch.Tensor
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["D", "N", "NDB"])
 def _ema_step_kernel(x_ptr, keep_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s_ptr, y_ptr, ns_ptr, D, N, NDB,
                      HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
