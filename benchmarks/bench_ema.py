@@ -47,6 +47,8 @@ VARIANTS = {
     "lookback c256 bd64": dict(chunk=256, lookback=True, block_d=64),
     "lookback c256 st6": dict(chunk=256, lookback=True, stages=6),
     "carry c256 st6": dict(chunk=256, lookback=False, stages=6),
+    "lookback c256 unroll1": dict(chunk=256, lookback=True, unroll=1),
+    "lookback c256 unroll8": dict(chunk=256, lookback=True, unroll=8),
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

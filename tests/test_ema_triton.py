@@ -76,7 +76,7 @@ def _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, **
 # -- chunked-scan variants --------------------------------------------------------------------------------
 # chunk 8 over L = 21: three chunks, the last one partial; lookback only exists for one direction. The
 # parameter sweep runs in groups of param_group_steps (whole chunks): 2 groups, the last one partial.
-CARRY = dict(chunk=8, lookback=False, param_group_steps=16)
+CARRY = dict(chunk=8, lookback=False, param_group_steps=16, unroll=1)
 LOOKBACK = dict(chunk=8, lookback=True, param_group_steps=8)
 SEQUENTIAL = dict(chunk=64)
 VARIANTS = [(bi, trunc, tuning) for bi in (False, True) for trunc in (0, 5)
@@ -150,7 +150,7 @@ F32, BF16, U8, I32 = "*fp32", "*bf16", "*u8", "*i32"
 TYPES = dict(u_ptr=BF16, x_ptr=BF16, keep_ptr=U8, out_ptr=BF16, y_ptr=BF16, flag_ptr=I32, ticket_ptr=I32)
 common = dict(BLOCK_N=16, BLOCK_D=32)
 scan = dict(EPI=1, BIDIR=False, REVERSE=False, MASK_IN=True, MASK_OUT=False, TRUNC=False, HAS_S0=True,
-            CARRY=False, LOOKBACK=True, WRITE_FINAL=True, STAGES=3)
+            CARRY=False, LOOKBACK=True, WRITE_FINAL=True, STAGES=3, UNROLL=4)
 CASES = [
     (ema_fwd._scan_out_kernel, scan),
     (ema_fwd._scan_out_kernel, dict(scan, EPI=2, BIDIR=True, TRUNC=True, HAS_S0=False, CARRY=True, LOOKBACK=False,

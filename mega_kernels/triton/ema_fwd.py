@@ -117,48 +117,64 @@ def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
 
 
 @triton.jit
+def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row, td, L, D, K, offs_d,
+          EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
+          TRUNC: tl.constexpr):
+    """One time step of `_sweep` at (b, t) row index `row` (td: the step leaving a truncated window);
+    returns (s, h)."""
+    dmask = offs_d < D
+    off = row * D + offs_d
+    raw = tl.load(u_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    um = raw
+    if MASK_IN or MASK_OUT:
+        keep = tl.load(keep_ptr + row)
+    if MASK_IN:
+        um = tl.where(keep != 0, raw, 0.0)
+    h = s + a * um[None, :]
+    if TRUNC:
+        _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+        h = h - aqk * ud[None, :]
+    e = tl.sum(c * h, axis=0)
+    if ADD_ACC:
+        e += tl.load(acc_ptr + off, mask=dmask, other=0.0)
+    if EPI == 0:
+        tl.store(acc_ptr + off, e, mask=dmask)
+    elif EPI == 3:
+        if MASK_OUT:
+            e = tl.where(keep != 0, e, 0.0)
+        tl.store(out_ptr + off, (omega * raw + e).to(out_ptr.dtype.element_ty), mask=dmask)
+    else:
+        z = e + omega * raw
+        sig = tl.sigmoid(z)
+        if EPI == 1:
+            tl.store(out_ptr + off, (z * sig).to(out_ptr.dtype.element_ty), mask=dmask)
+        else:
+            gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
+    return q * h, h
+
+
+@triton.jit
 def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, t0, step, n, L, D, K, offs_d,
            EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
-           TRUNC: tl.constexpr, STAGES: tl.constexpr):
+           TRUNC: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr):
     """Run h = s + a (u_t - q^K u_{t-step K}), e = sum_n c h, s = q h over n steps from t0; return the last h.
 
     EPI_STORE: acc[t] = e (float32).  EPI_SILU: out[t] = silu(z), z = e (+ acc[t]) + omega x_t.
     EPI_DSILU: out[t] = gy[t] * silu'(z) (float32).  EPI_DX: out[t] = omega u_t + keep_t * (e (+ acc[t])).
+    UNROLL steps per iteration: their row loads do not depend on h, so they are all in flight at once.
     """
-    dmask = offs_d < D
-    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
+    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
     h = s
-    for i in tl.range(0, n, num_stages=STAGES):
-        off = row * D + offs_d
-        raw = tl.load(u_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-        um = raw
-        if MASK_IN or MASK_OUT:
-            keep = tl.load(keep_ptr + row)
-        if MASK_IN:
-            um = tl.where(keep != 0, raw, 0.0)
-        h = s + a * um[None, :]
-        if TRUNC:
-            td = t0 + (i - K) * step
-            _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-            h = h - aqk * ud[None, :]
-        s = q * h
-        e = tl.sum(c * h, axis=0)
-        if ADD_ACC:
-            e += tl.load(acc_ptr + off, mask=dmask, other=0.0)
-        if EPI == 0:
-            tl.store(acc_ptr + off, e, mask=dmask)
-        elif EPI == 3:
-            if MASK_OUT:
-                e = tl.where(keep != 0, e, 0.0)
-            tl.store(out_ptr + off, (omega * raw + e).to(out_ptr.dtype.element_ty), mask=dmask)
-        else:
-            z = e + omega * raw
-            sig = tl.sigmoid(z)
-            if EPI == 1:
-                tl.store(out_ptr + off, (z * sig).to(out_ptr.dtype.element_ty), mask=dmask)
-            else:
-                gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
+    n_main = (n // UNROLL) * UNROLL
+    for i in tl.range(0, n_main, UNROLL, num_stages=STAGES):
+        for k in tl.static_range(UNROLL):
+            s, h = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row + k * step,
+                         t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+        row += UNROLL * step
+    for i in tl.range(n_main, n):
+        s, h = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row,
+                     t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
         row += step
     return h
 
@@ -231,7 +247,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                      EPI: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr,
                      MASK_OUT: tl.constexpr, TRUNC: tl.constexpr, HAS_S0: tl.constexpr, CARRY: tl.constexpr,
                      LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr, STAGES: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                     UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
     into acc, then the primary rows writing the epilogue. Chunk 0 starts from s0 (or zero); chunk c > 0 from
     s = q h_in(c) with h_in(c) = buf[c], left there by _carry_kernel (CARRY) or published by chunk c-1
@@ -270,7 +286,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
             s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
         _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, a2 * _powi(q2, K), 0.0, s2, b,
                tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
-               0, False, MASK_IN, False, TRUNC, STAGES)
+               0, False, MASK_IN, False, TRUNC, STAGES, UNROLL)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
     a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
     q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
@@ -299,7 +315,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
     h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, a * qk, omega, s, b, tp0, step, n, L, D, K,
-               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES)
+               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES, UNROLL)
     if LOOKBACK:
         if (c == 0) & (nc > 1):
             tl.store(nxt, h, mask=sm)
@@ -326,7 +342,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None, stages: int = 3):
+             block_d: Optional[int] = None, num_warps: Optional[int] = None, stages: int = 3,
+             unroll: int = 4):
     """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
     buf, chunk): buf (nc, B, N, kd) holds h_in(c) for chunks c >= 1 (None for a single chunk).
 
@@ -335,7 +352,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     state of the primary rows. reverse: the primary rows run backward in time. chunk: steps per chunk (None:
     DEFAULT_CHUNK; >= L: one sequential program per channel block). lookback: single-pass look-back (default
     for one direction on a GPU) instead of the three-pass carry. block_d, num_warps: channels and warps per
-    program; stages: software-pipelining depth of the time loop (loads in flight).
+    program; stages: software-pipelining depth of the time loop; unroll: time steps per loop iteration (their
+    row loads are issued together).
     """
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -376,7 +394,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
         chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
-        CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, BLOCK_N=block_n,
+        CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, UNROLL=unroll, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps)
     return out, final, buf, chunk
 
