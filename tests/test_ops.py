@@ -93,3 +93,11 @@ def test_reference_ops_trace_with_torch_compile():
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     for got, want in zip(compiled(q, k, v, bias, x, *params), f(q, k, v, bias, x, *params)):
         torch.testing.assert_close(got, want)
+
+
+def test_auto_skips_backends_without_float64(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", backends._Entry("x", "y", lambda d: None))
+    assert backends.resolve("attention", "auto", torch.device("cpu"), torch.float32) == "triton"
+    assert backends.resolve("attention", "auto", torch.device("cpu"), torch.float64) == "reference"

@@ -82,7 +82,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
     key_padding_mask (B, Lk), True/1 = token (not padding).
     """
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
-    name = backends.resolve("attention", backend, q.device)
+    name = backends.resolve("attention", backend, q.device, q.dtype)
     impl = backends.implementation("attention", name)
     return impl(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
                 key_padding_mask=key_padding_mask)

@@ -75,7 +75,12 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
         return f"{type(exc).__name__}: {exc}"
 
 
-def resolve(op: str, requested: Optional[str], device: torch.device) -> str:
+# Backends whose kernels take float64 inputs; `auto` skips the others for float64 tensors.
+FLOAT64_BACKENDS = ("reference", "cpu")
+
+
+def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend to run `op` on `device` (for inputs of `dtype`, when given)."""
     device = torch.device(device)
     name = requested or "auto"
     if name == "auto":
@@ -90,6 +95,8 @@ def resolve(op: str, requested: Optional[str], device: torch.device) -> str:
         return name
     tried = []
     for cand in AUTO_ORDER.get((op, device.type), ()):
+        if dtype == torch.float64 and cand not in FLOAT64_BACKENDS:
+            continue  # float64 is a checking precision: the reference (or the C++ cpu kernels) serve it
         reason = unavailable_reason(op, cand, device)
         if reason is None:
             return cand

@@ -117,7 +117,7 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
     _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state)
     if truncation is not None and truncation >= x.shape[1] + (state is not None):
         truncation = None  # K >= L taps: the plain EMA
-    name = backends.resolve("ema", backend, x.device)
+    name = backends.resolve("ema", backend, x.device, x.dtype)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema", name)
     return impl(x, a, q, c, omega, mask=mask, bidirectional=bidirectional, truncation=truncation, state=state,
@@ -134,7 +134,7 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
         raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
               state, True)
-    name = backends.resolve("ema", backend, x.device)
+    name = backends.resolve("ema", backend, x.device, x.dtype)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema_step", name)
     return impl(x, a, q, c, omega, state, mask)
