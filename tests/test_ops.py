@@ -101,3 +101,27 @@ def test_auto_skips_backends_without_float64(monkeypatch):
     monkeypatch.setitem(backends._REGISTRY["attention"], "triton", backends._Entry("x", "y", lambda d: None))
     assert backends.resolve("attention", "auto", torch.device("cpu"), torch.float32) == "triton"
     assert backends.resolve("attention", "auto", torch.device("cpu"), torch.float64) == "reference"
+
+
+def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
+    """auto sends blocks <= TRITON_ATTENTION_MIN_BLOCK to the (measured faster) reference; an explicit request
+    still gets the kernel."""
+    import importlib
+
+    attention_mod = importlib.import_module("mega_kernels.ops.attention")
+
+    calls = []
+    entry = backends._Entry("x", "y", lambda d: None)
+    entry._impl = lambda *a, **k: calls.append("triton") or torch.zeros(1)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", entry)
+    monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MIN_BLOCK", 8)
+    q, k, v, bias = attention_inputs(1, 6, 6, 4, 3, None, dtype=torch.float32)
+    ops.attention(q, k, v, bias)
+    assert calls == []
+    ops.attention(q, k, v, bias, backend="triton")
+    assert calls == ["triton"]
+    q, k, v, bias = attention_inputs(1, 9, 9, 4, 3, None, dtype=torch.float32)
+    ops.attention(q, k, v, bias)
+    assert calls == ["triton", "triton"]

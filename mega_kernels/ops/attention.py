@@ -28,6 +28,12 @@ ATTN_BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor rel_b
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# `auto` runs the Triton kernel only for attention blocks longer than this. Measured in GPU run 2 (H100, bf16,
+# results/gpu-run2/attention-*.json), fwd+bwd, reference vs triton softmax: LM B4 L4096 C1024 causal 1.59 vs
+# 2.97 ms; LRA B32 L4096 C128 1.08 vs 1.64 ms; one block B4 L2048 causal 2.25 vs 3.14 ms; but unchunked
+# B1 L16384 causal 76.6 vs 39.5 ms with 15.6 GiB vs 241 MiB peak memory (the reference is quadratic in L).
+TRITON_ATTENTION_MIN_BLOCK = 4096
+
 
 def block_length(lk: int, chunk_size: Optional[int]) -> int:
     """The attention block length W: chunk_size when it cuts the keys, else Lk."""
@@ -83,6 +89,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
     """
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     name = backends.resolve("attention", backend, q.device, q.dtype)
+    if name == "triton" and backends.is_auto(backend) and \
+            block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK:
+        name = "reference"
     impl = backends.implementation("attention", name)
     return impl(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
                 key_padding_mask=key_padding_mask)

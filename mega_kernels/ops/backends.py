@@ -26,12 +26,17 @@ ENV_VAR = "MEGA_KERNELS_BACKEND"
 # auto's preference per (op, device type), fastest first. Each entry is justified by a measured benchmark
 # (benchmarks/NOTES.md); an op/device with no measured winner over the reference stays on the reference.
 AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
+    # ema on cuda: Triton before the CUDA extension, faster in every row of GPU run 2 (H100, same run,
+    # results/gpu-run2/bench_ema-*.json): B8 L4096 D1024 N16 bf16 uni fwd 0.615 vs 0.756 ms, fwd+bwd 2.67 vs
+    # 3.51 ms; fp32 bidirectional fwd 0.583 vs 2.17 ms, fwd+bwd 2.96 vs 7.34 ms. Both beat the FFT reference.
     ("ema", "cuda"): ("triton", "cuda"),
     # cpu: C++ extension vs the FFT reference, B4 L4096 D256 N16 fp32, 2 cores (shared, loaded), same run
     # (benchmarks/bench_ema_cpu.py, results/ema_cpu-cpu.json): fwd 16.7 vs 374 ms (22x), fwd+bwd 71.9 vs
     # 856 ms (12x); bidirectional fwd 46 vs 1157 ms (25x), fwd+bwd 190 vs 2663 ms (14x); one decoding step
     # 0.043 vs 0.046 ms (1.1x: both are dominated by the Python coefficient maths).
     ("ema", "cpu"): ("cpu",),
+    # attention on cuda: Triton, but only for blocks longer than TRITON_ATTENTION_MIN_BLOCK (ops/attention.py):
+    # below that the materialized reference was faster in GPU run 2.
     ("attention", "cuda"): ("triton",),
     ("attention", "cpu"): (),
 }
@@ -106,6 +111,11 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
         _LOGGED.add(key)
         logger.warning("mega_kernels %s on %s falls back to the reference (%s)", op, device.type, "; ".join(tried))
     return "reference"
+
+
+def is_auto(requested: Optional[str]) -> bool:
+    """True when `requested` leaves the choice to `auto` (and MEGA_KERNELS_BACKEND does not name a backend)."""
+    return (requested or "auto") == "auto" and (os.environ.get(ENV_VAR, "auto") or "auto") == "auto"
 
 
 def implementation(op: str, backend: str) -> Callable:

@@ -43,11 +43,29 @@ def _ema_step_fake(x, a, q, c, omega, state, mask):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], a.shape[1]), dtype=_acc(x))
 
 
-ema = register_ema_autograd(torch.ops.mega_kernels.ema_fwd.default, torch.ops.mega_kernels.ema_bwd.default)
+CUDA_MAX_N = 32  # the CUDA kernels keep N states per thread in registers
+
+
+def _check_cuda_n(x, a):
+    """Refuse N > 32 on CUDA here, before the op: GPU run 2 crashed the process (segfault) instead of raising
+    the C++ check's error for N = 33, a failure not yet understood (the C++ check stays as a second guard)."""
+    if x.is_cuda and a.shape[-1] > CUDA_MAX_N:
+        raise RuntimeError(f"ema (cuda): the cuda backend takes an expansion size N <= {CUDA_MAX_N}, got "
+                           f"{a.shape[-1]}; use backend='triton' or 'reference'")
+
+
+_ema = register_ema_autograd(torch.ops.mega_kernels.ema_fwd.default, torch.ops.mega_kernels.ema_bwd.default)
+
+
+def ema(x, a, q, c, omega, **kwargs):
+    """Backend signature of ops.ema (see register_ema_autograd)."""
+    _check_cuda_n(x, a)
+    return _ema(x, a, q, c, omega, **kwargs)
 
 
 def ema_step(x, a, q, c, omega, state, mask=None):
     """One decoding step (not differentiable): x (B, D), state (B, D, N) -> (y (B, D), new state (B, D, N))."""
+    _check_cuda_n(x, a)
     dt = _acc(x)
     return torch.ops.mega_kernels.ema_step.default(
         x.contiguous(), a.to(dt).contiguous(), q.to(dt).contiguous(), c.to(dt).contiguous(),
