@@ -16,7 +16,6 @@ The maths of each kernel and its backward is at the top of attention_fwd.py and 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..reference.attention import LAPLACE_MU, LAPLACE_SIGMA
+from . import interpreting  # noqa: F401  (re-exported to the attention kernels)
 
 ACT_CODES = {"softmax": 0, "laplace": 1, "relu2": 2}
 LOG2E = 1.4426950408889634
@@ -33,32 +33,7 @@ MAX_Z = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _patch_interpreter_index():
-    """Triton 3.6's CPU interpreter keeps program ids as 1-element arrays and turns them into loop bounds with
-    int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays ..."). Re-point `__index__` at the
-    array's single element. Only under TRITON_INTERPRET=1; compiled kernels are untouched."""
-    try:
-        from triton.runtime import interpreter
-    except Exception:  # pragma: no cover - a triton without the interpreter
-        return
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "_mega_patched", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._mega_patched = True
-    interpreter._patch_lang_tensor = patched
-
-
-if interpreting():
-    _patch_interpreter_index()
+# `interpreting` and the NumPy >= 2.4 interpreter patch live in the package __init__ (imported first).
 
 
 # -- device-side helpers --------------------------------------------------------------------------------
