@@ -34,6 +34,8 @@ AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
     # (benchmarks/bench_ema_cpu.py, results/ema_cpu-cpu.json): fwd 16.7 vs 374 ms (22x), fwd+bwd 71.9 vs
     # 856 ms (12x); bidirectional fwd 46 vs 1157 ms (25x), fwd+bwd 190 vs 2663 ms (14x); one decoding step
     # 0.043 vs 0.046 ms (1.1x: both are dominated by the Python coefficient maths).
+    # Rerun on an idle machine (same benchmark): fwd 14.4 vs 172 ms (11.9x), fwd+bwd 52.9 vs 359 ms (6.8x),
+    # bidirectional fwd+bwd 116 vs 1794 ms (15.5x), decoding step 40.5 vs 42.4 us.
     ("ema", "cpu"): ("cpu",),
     # attention on cuda: Triton, but only for blocks longer than TRITON_ATTENTION_MIN_BLOCK (ops/attention.py):
     # below that the materialized reference was faster in GPU run 2.
