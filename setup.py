@@ -5,8 +5,20 @@ you want first; README). The compiled extension (csrc/) is JIT-built with ninja 
 MEGA_KERNELS_BUILD_EXT=1 (with --no-build-isolation) to build it ahead of time instead.
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (mega_kernels/_csrc_root/csrc) so that a non-editable install can still
+    JIT-build the extension (mega_kernels/_build.py looks there when no csrc/ sits beside the package)."""
+
+    def run(self):
+        super().run()
+        shutil.copytree("csrc", os.path.join(self.build_lib, "mega_kernels", "_csrc_root", "csrc"),
+                        dirs_exist_ok=True)
 
 
 def _ext_modules():
@@ -18,6 +30,7 @@ def _ext_modules():
 
 
 ext_modules, cmdclass = _ext_modules()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     name="mega-kernels",
@@ -26,7 +39,6 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mega_kernels", "mega_kernels.*"]),
-    package_data={"mega_kernels": ["csrc/**/*"]},
     python_requires=">=3.10",
     # torch is deliberately not pinned here beyond a floor that any installed torch satisfies, so pip never
     # replaces a CPU or preinstalled torch with a multi-GB CUDA download.

@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE = Path(__file__).resolve().parent
+# A source checkout (or editable install) has csrc/ beside the package; a wheel ships it inside (setup.py).
+ROOT = _PACKAGE.parent if (_PACKAGE.parent / "csrc").is_dir() else _PACKAGE / "_csrc_root"
 CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/ema/ema_cpu.cpp"]
 CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_ops.cpp"]

@@ -20,7 +20,7 @@ def test_env_var_overrides_auto(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "reference")
     assert backends.resolve("ema", "auto", torch.device("cpu")) == "reference"
     monkeypatch.setenv(backends.ENV_VAR, "no-such-backend")
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(ValueError, match="is not a backend"):
         backends.resolve("ema", "auto", torch.device("cpu"))
 
 
@@ -125,3 +125,31 @@ def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
     q, k, v, bias = attention_inputs(1, 9, 9, 4, 3, None, dtype=torch.float32)
     ops.attention(q, k, v, bias)
     assert calls == ["triton", "triton"]
+
+
+def test_env_var_naming_a_backend_an_op_lacks_leaves_that_op_to_auto(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")  # attention has no cpu kernel
+    assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", backends._Entry("x", "y", lambda d: "not built"))
+    with pytest.raises(backends.BackendUnavailable, match="MEGA_KERNELS_BACKEND"):
+        backends.resolve("ema", "auto", torch.device("cpu"))
+
+
+def test_preload_loads_what_ema_step_dispatches_to(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    chosen = backends.preload("cpu")
+    assert chosen["ema_step"] == chosen["ema"]
+
+
+def test_float_mask_means_nonzero_is_a_token():
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    params = ema_params(3, 2)
+    mask = torch.tensor([[1.0, 0.5, 0, 1, 1, 0, 2]] * 2, dtype=torch.float64)
+    got = ops.ema(x, *params, mask=mask, backend="reference")
+    torch.testing.assert_close(got, ops.ema(x, *params, mask=mask != 0, backend="reference"))
+
+
+def test_truncation_rejects_bool():
+    x = torch.randn(1, 4, 2)
+    with pytest.raises(ValueError, match="truncation must be"):
+        ops.ema(x, *ema_params(2, 2, dtype=torch.float32), truncation=True)

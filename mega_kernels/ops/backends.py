@@ -62,6 +62,7 @@ class _Entry:
 
 
 _REGISTRY: Dict[str, Dict[str, _Entry]] = {}
+DISPATCHED_AS = {"ema_step": "ema"}  # ops whose backend is resolved under another op's name
 _LOGGED = set()
 
 
@@ -90,15 +91,21 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
     """The backend to run `op` on `device` (for inputs of `dtype`, when given)."""
     device = torch.device(device)
     name = requested or "auto"
+    source = "backend="
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f"{ENV_VAR}="
+        if name in BACKENDS and name not in _REGISTRY.get(op, {}):
+            name = "auto"  # e.g. MEGA_KERNELS_BACKEND=cpu: attention has no cpu kernel, so auto decides it
     if name != "auto":
         if name not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {name!r}")
+            raise ValueError(f"{source}{name!r} is not a backend; use 'auto' or one of {BACKENDS}")
         reason = unavailable_reason(op, name, device)
         if reason is not None:
-            raise BackendUnavailable(f"{op}: backend {name!r} cannot run on {device.type}: {reason}. "
-                                     f"Use backend='auto' or 'reference', or fix the cause.")
+            fix = f"unset {ENV_VAR} or set it to 'reference'" if source != "backend=" else \
+                "use backend='auto' or 'reference'"
+            raise BackendUnavailable(f"{op}: {source}{name!r} cannot run on {device.type}: {reason}. "
+                                     f"To go on, {fix}, or fix the cause.")
         return name
     tried = []
     for cand in AUTO_ORDER.get((op, device.type), ()):
@@ -135,9 +142,10 @@ def preload(device) -> Dict[str, str]:
     device = torch.device(device)
     chosen = {}
     for op in _REGISTRY:
-        name = resolve(op, "auto", device)
-        _REGISTRY[op][name].load()
-        chosen[op] = name
+        name = resolve(DISPATCHED_AS.get(op, op), "auto", device)
+        if name in _REGISTRY[op]:
+            _REGISTRY[op][name].load()
+            chosen[op] = name
     return chosen
 
 

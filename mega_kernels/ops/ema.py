@@ -68,6 +68,11 @@ def register_ema_autograd(fwd_op, bwd_op) -> Callable:
     return run
 
 
+def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """Any nonzero entry is a token: every backend sees the same boolean mask."""
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0
+
+
 def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state):
     if not isinstance(x, Tensor) or x.dim() != 3:
         raise ValueError(f"ema: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
@@ -94,7 +99,7 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
             raise ValueError(f"ema: mask must be (B, L) = ({bsz}, {length}), got {tuple(mask.shape)}")
         if mask.device != x.device:
             raise ValueError(f"ema: mask is on {mask.device} but x is on {x.device}")
-    if truncation is not None and (not isinstance(truncation, int) or truncation < 1):
+    if truncation is not None and (not isinstance(truncation, int) or isinstance(truncation, bool) or truncation < 1):
         raise ValueError(f"ema: truncation must be a positive int or None, got {truncation!r}")
     if (state is not None or return_state) and bidirectional:
         raise ValueError("ema: a state (state= or return_state=True) exists only for a unidirectional EMA; "
@@ -115,6 +120,7 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
     (kd = 2D when bidirectional). mask (B, L), True/1 = token. state (B, D, N) continues a previous call.
     """
     _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state)
+    mask = _bool_mask(mask)
     if truncation is not None and truncation >= x.shape[1] + (state is not None):
         truncation = None  # K >= L taps: the plain EMA
     name = backends.resolve("ema", backend, x.device, x.dtype)
@@ -134,6 +140,7 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
         raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
               state, True)
+    mask = _bool_mask(mask)
     name = backends.resolve("ema", backend, x.device, x.dtype)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema_step", name)
