@@ -74,7 +74,11 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     vb = _to_blocks(v, size, 0, total)
     pos = torch.arange(size, device=dev)
     bias = rel_bias.to(cd)[width - 1 + pos[None, :] - pos[:, None]]  # (S, S)
-    s = torch.matmul(qb, kb.transpose(1, 2)).to(cd)
+    fuse_bias = activation == "softmax" and qb.dtype == cd
+    if fuse_bias:  # one pass: s = bias + q k^T
+        s = torch.baddbmm(bias, qb, kb.transpose(1, 2))
+    else:
+        s = torch.matmul(qb, kb.transpose(1, 2)).to(cd)
 
     # keep: (G, S) key present and not padding; None when every key is kept
     keep = None
@@ -86,7 +90,8 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     causal_mask = torch.ones(size, size, dtype=torch.bool, device=dev).tril() if causal else None
 
     if activation == "softmax":
-        s = s + bias
+        if not fuse_bias:
+            s = s + bias
         if keep is None and causal_mask is None:
             return torch.softmax(s, dim=-1), vb, (bsz, lq, lk, size, nblocks, total)
         vis = causal_mask[None] if keep is None else exists[:, None, :] & torch.where(
