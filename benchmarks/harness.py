@@ -149,10 +149,11 @@ def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None)
     return path
 
 
-def fill_speedups(rows: List[Row], reference: str = "reference"):
-    """Set each row's speedup against the reference row of the same op, mode, shape and dtype."""
-    ref = {(r.op, r.mode, r.shape, r.dtype): r.ms for r in rows if r.backend == reference and r.ms}
+def fill_speedups(rows: List[Row], reference: Callable[[Row], str] = lambda r: "reference"):
+    """Set each row's speedup against the row of the same op, mode, shape and dtype whose backend is
+    `reference(row)` (by default the backend named "reference")."""
+    ms = {(r.op, r.mode, r.shape, r.dtype, r.backend): r.ms for r in rows if r.ms}
     for r in rows:
-        base = ref.get((r.op, r.mode, r.shape, r.dtype))
+        base = ms.get((r.op, r.mode, r.shape, r.dtype, reference(r)))
         if base and r.ms:
             r.speedup = base / r.ms

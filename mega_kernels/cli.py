@@ -20,7 +20,7 @@ from . import __version__
 from .ops import backends
 from .reference.attention import attention as attention_ref
 from .reference.ema import ema_coefficients, ema_fft
-from .testing import error_and_bound
+from .testing import ema_params, error_and_bound
 
 OPS = ("ema", "attention")
 
@@ -62,18 +62,11 @@ def cmd_info(args) -> int:
 
 def _ema_case(device, dtype, bidirectional, bsz=2, length=67, dim=36, ndim=5):
     gen = torch.Generator().manual_seed(1234 + bidirectional)
-    kd = 2 * dim if bidirectional else dim
-
-    def r(*s, scale=1.0, shift=0.0):
-        return (torch.randn(*s, generator=gen, dtype=torch.float64) * scale + shift)
-
-    sign = torch.tensor([(-1.0) ** i for i in range(ndim)], dtype=torch.float64).view(1, ndim, 1)
-    params = [r(kd, ndim, 1, scale=0.2), r(kd, ndim, 1, scale=0.2), r(kd, ndim, 1, scale=0.02) + sign,
-              r(kd, ndim), r(dim)]
-    x = r(bsz, length, dim)
+    params = ema_params(dim, ndim, bidirectional, generator=gen)
+    x = torch.randn(bsz, length, dim, generator=gen, dtype=torch.float64)
     mask = torch.rand(bsz, length, generator=gen) > 0.2
     mask[0] = True
-    grad = r(bsz, length, dim)
+    grad = torch.randn(bsz, length, dim, generator=gen, dtype=torch.float64)
     return x, params, mask, grad
 
 

@@ -30,3 +30,18 @@ def assert_close_to_reference(name: str, out: torch.Tensor, ref64: torch.Tensor,
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err, bound, base = error_and_bound(out, ref64, ref_lowp, factor)
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (reference's own error {base:.3e})"
+
+
+def ema_params(dim: int, ndim: int, bidirectional: bool = False, dtype=torch.float64, device="cpu",
+               requires_grad: bool = False, generator: Optional[torch.Generator] = None):
+    """Fresh module-shaped EMA parameters [delta, alpha, beta, gamma, omega] drawn like MEGA's init
+    (spec section 8): delta, alpha ~ N(0, 0.2); beta ~ N(0, 0.02) + [1, -1, 1, ...]; gamma, omega ~ N(0, 1)."""
+    kd = 2 * dim if bidirectional else dim
+
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, generator=generator)
+
+    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(ndim)], dtype=dtype).view(1, ndim, 1)
+    params = [randn(kd, ndim, 1) * 0.2, randn(kd, ndim, 1) * 0.2, randn(kd, ndim, 1) * 0.02 + sign,
+              randn(kd, ndim), randn(dim)]
+    return [p.to(device).requires_grad_(requires_grad) for p in params]

@@ -6,7 +6,7 @@ import torch
 
 
 # -- tolerance rule (lives in the package so `mega-kernels check` applies the same rule) ----------------
-from mega_kernels.testing import ATOL, assert_close_to_reference  # noqa: E402,F401
+from mega_kernels.testing import ATOL, assert_close_to_reference, ema_params  # noqa: E402,F401
 
 
 def poisoned_like(t):
@@ -24,20 +24,6 @@ EMA_CASES = [
     (1, 129, 1, 16),
     (2, 1000, 24, 16),
 ]
-
-
-def ema_params(dim, ndim, bidirectional=False, dtype=torch.float64, device="cpu", requires_grad=False):
-    """Fresh module-shaped EMA parameters (delta, alpha, beta, gamma, omega) drawn like MEGA's init."""
-    kd = 2 * dim if bidirectional else dim
-    sign = torch.tensor([1.0 if i % 2 == 0 else -1.0 for i in range(ndim)], dtype=dtype)
-    params = [
-        torch.randn(kd, ndim, 1, dtype=dtype) * 0.2,
-        torch.randn(kd, ndim, 1, dtype=dtype) * 0.2,
-        torch.randn(kd, ndim, 1, dtype=dtype) * 0.02 + sign.view(1, ndim, 1),
-        torch.randn(kd, ndim, dtype=dtype),
-        torch.randn(dim, dtype=dtype),
-    ]
-    return [p.to(device).requires_grad_(requires_grad) for p in params]
 
 
 def random_mask(bsz, length, device="cpu"):

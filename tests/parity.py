@@ -14,6 +14,7 @@ from transformers.models.deprecated.mega import modeling_mega as hf
 
 import mega_kernels
 from mega_kernels import MegaConfig
+from mega_kernels.modules.common import MegaRMSNorm
 from model_helpers import (GRAD_RTOL, OUT_RTOL, SMALL, assert_close, assert_grads_close,  # noqa: F401
                            config_dict, gpu_backends, perturb_, weighted_sum)
 
@@ -23,14 +24,7 @@ def fixed_hf_rmsnorm():
     """transformers' RMSNorm skips the normalisation (spec 9.1); patch in the correct maths while comparing the
     rest of the model (the fix itself is tested against the formula in test_fixed_bugs)."""
     original = hf.MegaRMSNorm.forward
-
-    def forward(self, x):
-        mean_square = torch.mean(torch.square(x), dim=-1, keepdim=True)
-        if self.weight is not None:
-            x = x * self.weight
-        return x * torch.rsqrt(mean_square + self.eps)
-
-    hf.MegaRMSNorm.forward = forward
+    hf.MegaRMSNorm.forward = MegaRMSNorm.forward  # same attribute names (weight, eps)
     try:
         yield
     finally:

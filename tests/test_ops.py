@@ -50,6 +50,7 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(bidirectional=True), "gamma must be"),
     (dict(return_state=True, truncation=2), "truncated EMA"),
     (dict(state=torch.zeros(1, 4, 2)), "state must be"),
+    (dict(omega=[0.0] * 4), "omega must be a tensor"),
 ])
 def test_ema_bad_input(bad, match):
     delta, alpha, beta, gamma, omega = ema_params(4, 3, dtype=torch.float32)
@@ -69,6 +70,7 @@ def test_ema_bad_input(bad, match):
     (lambda t: dict(t, activation="gelu"), "activation must be"),
     (lambda t: dict(t, key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), "key_padding_mask must be"),
     (lambda t: dict(t, chunk_size=0), "chunk_size must be"),
+    (lambda t: dict(t, rel_bias=[0.0] * 9), "rel_bias must be a tensor"),
 ])
 def test_attention_bad_input(change, match):
     q, k, v, bias = attention_inputs(2, 5, 5, 4, 3, None)

@@ -78,6 +78,10 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
         raise ValueError(f"ema: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"ema: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega),
+                    ("mask", mask), ("state", state)):
+        if p is not None and not isinstance(p, Tensor):
+            raise TypeError(f"ema: {name} must be a tensor, got {type(p).__name__}")
     bsz, length, dim = x.shape
     kd = 2 * dim if bidirectional else dim
     if gamma.dim() != 2 or gamma.shape[0] != kd:
