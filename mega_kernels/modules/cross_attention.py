@@ -1,7 +1,4 @@
-"""Gated cross-attention (`cross_attn`, MEGA_SPEC.md section 6), batch-first, in plain PyTorch.
-
-Target queries attend to all source keys (no causality, no chunking), so the Toeplitz-square attention op
-does not apply; the maths is small and lives here:
+"""Gated cross-attention (`cross_attn`, MEGA_SPEC.md section 6), batch-first.
 
     qn = norm(query) if normalize_before_mega else query
     u | r | q = q_proj(qn)                    D (sigmoid) | D (silu) | Z
@@ -10,6 +7,17 @@ does not apply; the maths is small and lives here:
     softmax: s = q k^T Z^-0.5 + bias, padded keys -> -inf (a row with no key gives zeros, not NaN)
     laplace / relu2: s = q k^T / n + bias, n = number of non-padded keys (at least 1); act(s) * key mask
     out = query + u * (dropout(act(h_proj((attn @ v) * r))) - query);  norm(out) if not normalize_before_mega
+
+Where the attention runs:
+- When the module's backend (config.kernel_backend, the "attention" entry) resolves to a kernel backend
+  (triton), through `ops.attention`: target queries attend to all S source keys (no causality, no chunking),
+  so each group of at most S queries is one op call with Lq = rows <= Lk = S, and the op's Toeplitz vector is
+  the module's bias vector shifted so that the op's query positions (S - rows + r) land on the true ones
+  (p + g0 + r); see `_attend_op`. `auto` resolves as the op itself does (the kernel only for blocks longer
+  than TRITON_ATTENTION_MIN_BLOCK).
+- Otherwise (the reference), and always for output_attentions=True or attention dropout in training, the
+  materialized weights `_weights` (B, T, S): the same maths, and cheaper than the op's reference, which pads
+  the queries to an (S, S) block.
 
 Cache: (cross_key (B, S, Z), cross_value (B, S, D)), computed once from the encoder states.
 """
@@ -21,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+from ..ops import backends
+from ..ops.attention import TRITON_ATTENTION_MIN_BLOCK
 from ..reference.attention import laplace, relu2
 from .common import MegaDropout, MegaSequenceNorm, get_activation
 from .embeddings import make_relative_bias
@@ -38,6 +49,7 @@ class MegaGatedCrossAttention(nn.Module):
         self.activation = get_activation(config.activation)
         self.attention_activation = config.attention_activation
         self.prenorm = config.normalize_before_mega
+        self.backend = config.backend_for("attention")
         self.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
         self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
         self.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)
@@ -64,6 +76,51 @@ class MegaGatedCrossAttention(nn.Module):
         p = (laplace if self.attention_activation == "laplace" else relu2)(s / n + bias)
         return p if key_mask is None else p * key_mask[:, None, :]
 
+    def _op_backend(self, q: Tensor, src_len: int) -> Optional[str]:
+        """The kernel backend `ops.attention` would run for this call, or None when it would run the reference
+        (then `_weights` does the same maths): the module's request resolved for q's device and dtype, with
+        the op's `auto` rule for short blocks."""
+        name = backends.resolve("attention", self.backend, q.device, q.dtype)
+        if name == "triton" and backends.is_auto(self.backend) and src_len <= TRITON_ATTENTION_MIN_BLOCK:
+            return None
+        return None if name == "reference" else name
+
+    def _shifted_bias(self, vec: Tensor, width: int, src_len: int, rows: int, first: int) -> Tensor:
+        """The op's (2S - 1,) bias for `rows` queries at absolute positions first.. against S keys.
+
+        The op puts query r at position P = S - rows + r and reads rel'[S - 1 + j - P] = rel'[rows - 1 + j - r];
+        cross-attention needs vec[W - 1 + j - (first + r)], so rel'[m] = vec[m + shift], shift = W - rows -
+        first. Real pairs read m in [0, rows + S - 2], i.e. vec indices [W - first - rows, W + S - 2 - first],
+        inside [0, 2W - 2] because first + rows <= offset + T <= W and S <= W. Entries whose source falls
+        outside vec only meet the op's padding query rows: they are zeros (pad + slice keeps the gradient)."""
+        shift = width - rows - first
+        n = 2 * src_len - 1
+        left, right = max(0, -shift), max(0, shift + n - vec.shape[0])
+        if left or right:
+            vec = F.pad(vec, (left, right))
+        return vec[shift + left: shift + left + n]
+
+    def _attend_op(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], offset: int,
+                   backend: str) -> Tensor:
+        """(attn @ v) (B, T, D) through `ops.attention` on `backend`: groups of at most S queries, each with
+        its shifted bias vector; a batch row with no valid key gives zeros (the op would ignore the padding)."""
+        tgt, src = q.shape[1], k.shape[1]
+        width = max(tgt + offset, src)
+        vec = self.rel_pos_bias.vector(width)
+        outs = []
+        for g0 in range(0, tgt, src):
+            rows = min(src, tgt - g0)
+            bias = self._shifted_bias(vec, width, src, rows, offset + g0)
+            # contiguous: q is a strided view of q_proj's output, and the Triton backward writes dq with q's
+            # strides into a contiguous buffer (mega_kernels/triton/attention_bwd.py)
+            outs.append(ops.attention(q[:, g0: g0 + rows].contiguous(), k, v, bias,
+                                      activation=self.attention_activation, chunk_size=None, causal=False,
+                                      key_padding_mask=key_mask, backend=backend))
+        h = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        if key_mask is not None and self.attention_activation == "softmax":
+            h = h * key_mask.any(-1)[:, None, None].to(h.dtype)
+        return h
+
     def forward(self, query: Tensor, encoder_states: Optional[Tensor], key_mask: Optional[Tensor] = None,
                 cache: Optional[Tuple[Tensor, Tensor]] = None, offset: int = 0, output_attentions: bool = False,
                 use_cache: bool = False):
@@ -83,8 +140,15 @@ class MegaGatedCrossAttention(nn.Module):
         if key_mask is not None and tuple(key_mask.shape) != tuple(key.shape[:2]):
             raise ValueError(f"encoder_attention_mask must be (B, S) = {tuple(key.shape[:2])}, "
                              f"got {tuple(key_mask.shape)}")
-        weights = self._weights(q, key, key_mask, offset).to(value.dtype)
-        h = torch.matmul(self.attention_dropout(weights), self.hidden_dropout(value))
+        value = self.hidden_dropout(value)
+        weights = None
+        drop = self.training and self.attention_dropout.p > 0
+        backend = None if output_attentions or drop else self._op_backend(q, key.shape[1])
+        if backend is None:
+            weights = self._weights(q, key, key_mask, offset).to(value.dtype)
+            h = torch.matmul(self.attention_dropout(weights), value)
+        else:
+            h = self._attend_op(q, key, value, key_mask, offset, backend)
         out = self.dropout(self.activation(self.h_proj(h * r)))
         out = torch.addcmul(query, u, out - query)
         if not self.prenorm:
