@@ -126,6 +126,21 @@ def test_truncation(backend, truncation, bidirectional):
                              truncation=truncation)
 
 
+@pytest.mark.parametrize("bidirectional,truncation", [(False, None), (True, None), (False, 5)])
+def test_zero_and_tiny_input_coefficients(backend, bidirectional, truncation):
+    """States whose input coefficient a = sigmoid(delta) * beta is exactly 0 or denormal-small still carry the
+    incoming state and decay exactly (kernels that scale the state by 1 / a must guard it)."""
+    name, device = backend
+    with_state = not bidirectional and truncation is None
+    x, params, mask, state, gy, gs = _inputs(2, 21, 24, 5, bidirectional, torch.float32, device, True, with_state)
+    beta = params[2].clone()
+    beta[::3] = 0.0
+    beta[1::4, 1] = 1e-30
+    params[2] = beta
+    _check_against_reference(name, x, params, mask, state, gy, gs, bidirectional=bidirectional,
+                             truncation=truncation)
+
+
 def test_split_sequence_equals_one_call(backend):
     """Two calls chained through the state give the output and final state of one call over the whole sequence."""
     name, device = backend

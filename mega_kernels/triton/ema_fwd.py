@@ -15,6 +15,12 @@ Initial states. A sweep starts from a "pre-decayed" state s and steps h_t = s + 
 initial state S enters as s = q S; the backward's adjoint sweep (ema_bwd.py) enters the gradient of the final
 state g_S as s = g_S directly, with no division by q.
 
+Scaled state. The sweep that writes outputs keeps g = h / a instead of h: g_t = q g_{t-1} + u_t is one fused
+multiply-add per state and step (u_t is shared by the N states), and e_t = sum_n (c a) g_t another, against
+three operations per state for h. A state s enters as g = s / a. Coefficients a with |a| < TINY = 2^-64 are
+raised to TINY: h = a g stays exact for the state's own decay, and the input path gains at most
+TINY |c| sum |u| (far below float32 resolution of any output); a state would overflow only past 2^64.
+
 Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
 (in the primary direction's time) and the chunks run in parallel. A chunk's end state is linear in the state
 h_in just before it:  h_end = q^T h_in + a H_loc,  H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}),
@@ -56,6 +62,7 @@ Tensor = torch.Tensor
 
 EPI_STORE, EPI_SILU, EPI_DSILU, EPI_DX = 0, 1, 2, 3  # what the primary sweep writes (see _sweep)
 INTERPRET = interpreting()
+TINY = tl.constexpr(2.0 ** -64)  # smallest |a| the scaled-state sweep divides by (see _safe)
 DEFAULT_CHUNK = 256
 DEFAULT_BLOCK_D = 32
 
@@ -117,11 +124,18 @@ def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
 
 
 @triton.jit
-def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row, td, L, D, K, offs_d,
+def _safe(a):
+    """The input coefficient of the scaled state, a with magnitudes below TINY raised to TINY (see "Scaled
+    state" above); padding lanes (a = 0) give TINY too, harmlessly (their c is 0)."""
+    return tl.where(tl.abs(a) < TINY, TINY, a)
+
+
+@triton.jit
+def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row, td, L, D, K, offs_d,
           EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
           TRUNC: tl.constexpr):
-    """One time step of `_sweep` at (b, t) row index `row` (td: the step leaving a truncated window);
-    returns (s, h)."""
+    """One time step of `_sweep` at (b, t) row index `row` (td: the step leaving a truncated window):
+    g <- q g + u_t (- q^K u_td), e = sum_n (c a) g, then the epilogue; returns the new g."""
     dmask = offs_d < D
     off = row * D + offs_d
     raw = tl.load(u_ptr + off, mask=dmask, other=0.0).to(tl.float32)
@@ -130,11 +144,11 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, 
         keep = tl.load(keep_ptr + row)
     if MASK_IN:
         um = tl.where(keep != 0, raw, 0.0)
-    h = s + a * um[None, :]
+    g = q * g + um[None, :]
     if TRUNC:
         _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-        h = h - aqk * ud[None, :]
-    e = tl.sum(c * h, axis=0)
+        g = g - qk * ud[None, :]
+    e = tl.sum(ca * g, axis=0)
     if ADD_ACC:
         e += tl.load(acc_ptr + off, mask=dmask, other=0.0)
     if EPI == 0:
@@ -151,32 +165,38 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, 
         else:
             gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
             tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
-    return q * h, h
+    return g
 
 
 @triton.jit
-def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, t0, step, n, L, D, K, offs_d,
+def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, t0, step, n, L, D, K, offs_d,
            EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
            TRUNC: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr):
-    """Run h = s + a (u_t - q^K u_{t-step K}), e = sum_n c h, s = q h over n steps from t0; return the last h.
+    """Run the recurrence over n >= 1 steps from t0 from the pre-decayed state s; return the last h.
 
+    In scaled-state form (a' = _safe(a)): g = s / a' + u_t0, then g <- q g + u_t (- q^K u_{t-step K}), and
+    e_t = sum_n (c a') g (h = a' g).
     EPI_STORE: acc[t] = e (float32).  EPI_SILU: out[t] = silu(z), z = e (+ acc[t]) + omega x_t.
     EPI_DSILU: out[t] = gy[t] * silu'(z) (float32).  EPI_DX: out[t] = omega u_t + keep_t * (e (+ acc[t])).
-    UNROLL steps per iteration: their row loads do not depend on h, so they are all in flight at once.
+    UNROLL steps per iteration: their row loads do not depend on g, so they are all in flight at once.
     """
+    a = _safe(a)
+    ca = c * a
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
-    h = s
-    n_main = (n // UNROLL) * UNROLL
-    for i in tl.range(0, n_main, UNROLL, num_stages=STAGES):
+    g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, 1.0, ca, qk, omega, s / a, b, row, t0 - K * step,
+              L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+    row += step
+    n_main = 1 + ((n - 1) // UNROLL) * UNROLL
+    for i in tl.range(1, n_main, UNROLL, num_stages=STAGES):
         for k in tl.static_range(UNROLL):
-            s, h = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row + k * step,
-                         t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+            g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row + k * step,
+                      t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
         row += UNROLL * step
     for i in tl.range(n_main, n):
-        s, h = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, aqk, omega, s, b, row,
-                     t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+        g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row,
+                  t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
         row += step
-    return h
+    return a * g
 
 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
@@ -284,7 +304,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if CARRY:
             s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
-        _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, a2 * _powi(q2, K), 0.0, s2, b,
+        _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
                tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
                0, False, MASK_IN, False, TRUNC, STAGES, UNROLL)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
@@ -314,7 +334,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                 tl.store(nxt, _powi(q, n) * h_in + a * H, mask=sm)
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
-    h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, a * qk, omega, s, b, tp0, step, n, L, D, K,
+    h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, qk, omega, s, b, tp0, step, n, L, D, K,
                offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES, UNROLL)
     if LOOKBACK:
         if (c == 0) & (nc > 1):
