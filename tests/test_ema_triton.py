@@ -156,7 +156,7 @@ CASES = [
     (ema_fwd._scan_out_kernel, dict(scan, EPI=2, BIDIR=True, TRUNC=True, HAS_S0=False, CARRY=True, LOOKBACK=False,
                                     WRITE_FINAL=False, K=1, N=1)),
     (ema_fwd._scan_out_kernel, dict(scan, EPI=3, REVERSE=True, MASK_IN=False, MASK_OUT=True)),
-    (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True)),
+    (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
     (ema_fwd._carry_kernel, dict(HAS_S0=True, BLOCK=128)),
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, STAGES=2)),
     (ema_bwd._param_carry_kernel, dict(HAS_GS=True, BLOCK=128)),

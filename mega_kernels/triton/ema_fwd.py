@@ -104,16 +104,50 @@ def _load_in(u_ptr, keep_ptr, b, t, L, D, offs_d, valid, MASK_IN: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(u_ptr, keep_ptr, row, step, rows_left, D, offs_k, offs_d, MASK_IN: tl.constexpr):
+    """(UNROLL, BLOCK_D) float32 tile of the rows row, row + step, ... (UNROLL = len(offs_k)) of u, masked when
+    MASK_IN; rows k >= rows_left (past the loop's end) are zero."""
+    ok = offs_k < rows_left
+    base = u_ptr + row * D                                   # one 64-bit address, then 32-bit offsets
+    tile = tl.load(base + (offs_k * (step * D))[:, None] + offs_d[None, :],
+                   mask=ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    if MASK_IN:
+        tile = tl.where(tl.load(keep_ptr + row + offs_k * step, mask=ok, other=0)[:, None] != 0, tile, 0.0)
+    return tile
+
+
+@triton.jit
+def _tile_row(tile, offs_k, k: tl.constexpr):
+    """Row k of a tile whose first axis sits in each thread's registers (a register pick, no data exchange)."""
+    return tl.sum(tl.where(offs_k[:, None] == k, tile, 0.0), axis=0)
+
+
+@triton.jit
 def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
-                 MASK_IN: tl.constexpr, TRUNC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """H_loc = sum over the n steps t0, t0+step, ... of q^(steps to the end) (u_t - q^K u_{t - step K})."""
-    dmask = offs_d < D
+                 MASK_IN: tl.constexpr, TRUNC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """H_loc = sum over the n steps t0, t0+step, ... of q^(steps to the end) (u_t - q^K u_{t - step K}).
+    Rows come in tiles of UNROLL loaded two iterations ahead (see _sweep)."""
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    for i in tl.range(0, n):
-        um = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        if MASK_IN:
-            um = tl.where(tl.load(keep_ptr + row) != 0, um, 0.0)
+    n_main = (n // UNROLL) * UNROLL
+    offs_k = tl.arange(0, UNROLL)
+    nxt = _row_tile(u_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN)
+    nxt2 = _row_tile(u_ptr, keep_ptr, row + UNROLL * step, step, n_main - UNROLL, D, offs_k, offs_d, MASK_IN)
+    for i in tl.range(0, n_main, UNROLL, num_stages=1):
+        cur = nxt
+        nxt = nxt2
+        nxt2 = _row_tile(u_ptr, keep_ptr, row + 2 * UNROLL * step, step, n_main - i - 2 * UNROLL, D, offs_k,
+                         offs_d, MASK_IN)
+        for k in tl.static_range(UNROLL):
+            H = q * H + _tile_row(cur, offs_k, k)[None, :]
+            if TRUNC:
+                td = t0 + (i + k - K) * step
+                _, ud = _load_in(u_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+                H = H - qk * ud[None, :]
+        row += UNROLL * step
+    for i in tl.range(n_main, n):
+        _, um = _load_in(u_ptr, keep_ptr, b, t0 + i * step, L, D, offs_d, True, MASK_IN)
         H = q * H + um[None, :]
         if TRUNC:
             td = t0 + (i - K) * step
@@ -131,14 +165,15 @@ def _safe(a):
 
 
 @triton.jit
-def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row, td, L, D, K, offs_d,
+def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b, row, td, L, D, K, offs_d,
           EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
           TRUNC: tl.constexpr):
-    """One time step of `_sweep` at (b, t) row index `row` (td: the step leaving a truncated window):
-    g <- q g + u_t (- q^K u_td), e = sum_n (c a) g, then the epilogue; returns the new g."""
+    """One time step of `_sweep` at (b, t) row index `row` whose input row `raw` (BLOCK_D,) is loaded (td: the
+    step leaving a truncated window): g <- q g + u_t (- q^K u_td), e = sum_n (c a) g, then the epilogue;
+    returns the new g."""
     dmask = offs_d < D
     off = row * D + offs_d
-    raw = tl.load(u_ptr + off, mask=dmask, other=0.0).to(tl.float32)
+    raw = raw.to(tl.float32)
     um = raw
     if MASK_IN or MASK_OUT:
         keep = tl.load(keep_ptr + row)
@@ -182,18 +217,31 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
     """
     a = _safe(a)
     ca = c * a
+    dmask = offs_d < D
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
-    g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, 1.0, ca, qk, omega, s / a, b, row, t0 - K * step,
+    first = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, first, 1.0, ca, qk, omega, s / a, b, row, t0 - K * step,
               L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
     row += step
+    # Main loop: UNROLL steps per iteration from a (UNROLL, BLOCK_D) tile of rows loaded two iterations ahead,
+    # so three tiles' loads are in flight (the time loop is otherwise bound by load latency).
     n_main = 1 + ((n - 1) // UNROLL) * UNROLL
-    for i in tl.range(1, n_main, UNROLL, num_stages=STAGES):
+    offs_k = tl.arange(0, UNROLL)
+    nxt = _row_tile(u_ptr, keep_ptr, row, step, n_main - 1, D, offs_k, offs_d, False)
+    nxt2 = _row_tile(u_ptr, keep_ptr, row + UNROLL * step, step, n_main - 1 - UNROLL, D, offs_k, offs_d, False)
+    for i in tl.range(1, n_main, UNROLL, num_stages=1):
+        cur = nxt
+        nxt = nxt2
+        nxt2 = _row_tile(u_ptr, keep_ptr, row + 2 * UNROLL * step, step, n_main - i - 2 * UNROLL, D, offs_k,
+                         offs_d, False)
         for k in tl.static_range(UNROLL):
-            g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row + k * step,
+            raw = _tile_row(cur, offs_k, k)
+            g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b, row + k * step,
                       t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
         row += UNROLL * step
     for i in tl.range(n_main, n):
-        g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, q, ca, qk, omega, g, b, row,
+        last = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, last, q, ca, qk, omega, g, b, row,
                   t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
         row += step
     return a * g
@@ -202,7 +250,7 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
 def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, CHUNK, NDB,
                         NDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr, TRUNC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
     """buf[c, b, row, :] = a * H_loc of chunk c, for the rows [dirn * D, dirn * D + D) of direction dirn
     (0: primary, 1: reversed), scanning the chunk in that direction."""
     pid = tl.program_id(0)
@@ -228,7 +276,8 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
     t0 = tl.where(fwd, low, low + n - 1)
     step = tl.where(fwd, 1, -1)
-    H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D)
+    H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D,
+                     UNROLL)
     m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + row0 + offs_d[None, :]
     tl.store(ptr, a * H, mask=m)
@@ -323,7 +372,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         nxt = pub + B * D * N
         if c > 0:
             H = _local_state(u_ptr, keep_ptr, q, qk, b, tp0, step, n, L, D, K, offs_d, MASK_IN, TRUNC,
-                             BLOCK_N, BLOCK_D)
+                             BLOCK_N, BLOCK_D, UNROLL)
             flag = flag_ptr + (c - 1) * per_chunk + rem
             ready = tl.atomic_add(flag, 0, sem="acquire")
             while ready == 0:
@@ -404,7 +453,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
             u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
             REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
-            BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+            BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, num_warps=num_warps)
         blk = 128
         _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
             buf, qT, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
