@@ -3,7 +3,8 @@ backward, state, truncation, float16/bfloat16, decoding, gradcheck) run it from 
 
 Without a GPU: the kernels' thread functions (csrc/ema/ema_cuda_threads.cuh) run on the CPU through
 csrc/testing/ema_cuda_emulator.cpp, in launch order, against the float64 reference (chunking, the prefix pass,
-truncation windows across chunks, states, padded N, blocked gradient sums, NaN-filled outputs).
+truncation windows across chunks, states, padded N, blocked gradient sums, NaN-filled outputs), and the
+argument checks the CUDA ops run before anything is allocated or launched (ema_checks.h: N > 32, empty inputs).
 On a GPU (marked `gpu`): many chunks of the chunked forward scan, outputs poisoned with NaN beforehand, a
 bfloat16 shape of realistic size, opcheck and torch.compile on CUDA, determinism, non-contiguous input, a side
 stream, and the errors for what the backend does not take.
@@ -21,7 +22,8 @@ from mega_kernels.reference.ema import ema_step as ref_step
 from test_ema_backends import _check_against_reference, _inputs
 
 _EMULATOR_FILES = ["csrc/testing/ema_cuda_emulator.cpp", "csrc/ema/ema_cuda_threads.cuh",
-                   "csrc/ema/ema_kernels.cuh", "csrc/ema/ema_cuda.h"]
+                   "csrc/ema/ema_kernels.cuh", "csrc/ema/ema_cuda.h", "csrc/ema/ema_checks.h"]
+N33_ERROR = "N = 33 exceeds the CUDA kernels' maximum of 32 .*use backend='triton' or 'reference'"
 
 
 @pytest.fixture(autouse=True)
@@ -123,6 +125,51 @@ def test_cuda_step_logic_on_cpu(emulator):
     got = emulator.step(x.float(), _coefs(a, q, c, 0), omega.float(), state.float(), mask)
     for name, o, r64, r32 in zip(("y", "state"), got, ref, low):
         assert_close_to_reference(name, o, r64, r32)
+
+
+def _emulator_args(bsz, length, dim, ndim, bidirectional=False):
+    delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    x = torch.randn(bsz, length, dim)
+    return x, _coefs(a, q, c, 0), omega.float()
+
+
+@pytest.mark.parametrize("entry", ["fwd", "bwd", "step"])
+def test_cuda_checks_refuse_n33(emulator, entry):
+    """N = 33: the CUDA ops' own check (check_cuda_args, run by the emulator as by ema_cuda_ops.cpp) raises
+    before any kernel code runs; the kernels' register arrays hold at most 32 states."""
+    x, co, omega = _emulator_args(2, 9, 5, 33)
+    with pytest.raises(RuntimeError, match=f"ema_{entry} \\(cuda\\): {N33_ERROR}"):
+        if entry == "fwd":
+            emulator.fwd(x, co, omega, None, None, False, 0, False)
+        elif entry == "bwd":
+            emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, False, 0)
+        else:
+            emulator.step(x[:, 0], co, omega, torch.randn(2, 5, 33), None)
+
+
+def test_cuda_checks_accept_n32_and_refuse_bad_grads(emulator):
+    x, co, omega = _emulator_args(2, 9, 5, 32)
+    y, _, _ = emulator.fwd(x, co, omega, None, None, False, 0, False)
+    assert torch.isfinite(y).all()
+    with pytest.raises(RuntimeError, match="grad_y must have x's shape"):
+        emulator.bwd(torch.randn(2, 8, 5), None, x, co, omega, None, None, False, 0)
+    with pytest.raises(RuntimeError, match="grad_state must be \\(B, D, N\\)"):
+        emulator.bwd(torch.randn_like(x), torch.randn(2, 5, 31), x, co, omega, None, None, False, 0)
+
+
+@pytest.mark.parametrize("bsz,length,dim", [(0, 40, 5), (2, 40, 0), (2, 0, 5)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_empty_inputs_plan_without_dividing_by_zero(emulator, bsz, length, dim, bidirectional):
+    """An empty batch (B = 0 or D = 0) with L > 0: the chunk plan divided by B * D, so the backward's
+    bwd_chunks(B, L, D) in ema_cuda_ops.cpp (and the emulator) died with SIGFPE, killing the process."""
+    x, co, omega = _emulator_args(bsz, length, dim, 4, bidirectional)
+    y, _, plan = emulator.fwd(x, co, omega, None, None, bidirectional, 0, False)
+    assert y.shape == x.shape and plan[1] >= 0
+    dx, da, dq, dc, domega, _ = emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, bidirectional, 0)
+    assert dx.shape == x.shape
+    for g in (da, dq, dc):
+        assert g.shape == co[0].shape and not g.abs().sum()
 
 
 @pytest.mark.gpu
@@ -237,7 +284,7 @@ def test_torch_compile_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("what,match", [("float64", "float64"), ("n33", "N <= 32")])
+@pytest.mark.parametrize("what,match", [("float64", "float64"), ("n33", N33_ERROR)])
 def test_unsupported_input_is_a_clear_error(what, match):
     ndim = 33 if what == "n33" else 4
     dtype = torch.float64 if what == "float64" else torch.float32
@@ -245,3 +292,52 @@ def test_unsupported_input_is_a_clear_error(what, match):
     x = torch.randn(1, 5, 8, dtype=dtype, device="cuda")
     with pytest.raises(RuntimeError, match=match):
         ops.ema(x, *params, backend="cuda")
+
+
+def _cuda_op_args(ndim, bsz=2, length=9, dim=8):
+    import mega_kernels.ops.ema_ext  # noqa: F401  (loads the library)
+
+    delta, alpha, beta, gamma, omega = (p.float().cuda() for p in ema_params(dim, ndim))
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    x = torch.randn(bsz, length, dim, device="cuda")
+    return x, a, q, c, omega
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["ema_fwd", "ema_bwd", "ema_step"])
+def test_registered_ops_refuse_n33_without_the_python_guard(op):
+    """The torch.library ops called directly (no Python guard): N = 33 is a RuntimeError from the C++ check,
+    raised before any allocation or launch, and the process and the device stay usable (GPU run 2 segfaulted)."""
+    x, a, q, c, omega = _cuda_op_args(33)
+    state = torch.randn(x.shape[0], x.shape[2], 33, device="cuda")
+    with pytest.raises(RuntimeError, match=N33_ERROR):
+        if op == "ema_fwd":
+            torch.ops.mega_kernels.ema_fwd(x, a, q, c, omega, None, state, False, 0, True)
+        elif op == "ema_bwd":
+            torch.ops.mega_kernels.ema_bwd(torch.randn_like(x), None, x, a, q, c, omega, None, None, False, 0)
+        else:
+            torch.ops.mega_kernels.ema_step(x[:, 0], a, q, c, omega, state, None)
+    torch.cuda.synchronize()  # no launch was made, so no asynchronous error is pending either
+    x, a, q, c, omega = _cuda_op_args(32)
+    y, _ = torch.ops.mega_kernels.ema_fwd(x, a, q, c, omega, None, None, False, 0, False)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.gpu
+def test_registered_ops_take_empty_inputs():
+    """B = 0 with L > 0: ema_bwd planned its chunks by dividing by B * D (SIGFPE, the process died)."""
+    for bsz, length, dim in [(0, 40, 8), (2, 0, 8), (2, 40, 0)]:
+        x, a, q, c, omega = _cuda_op_args(4, bsz, length, dim)
+        y, _ = torch.ops.mega_kernels.ema_fwd(x, a, q, c, omega, None, None, False, 0, False)
+        grads = torch.ops.mega_kernels.ema_bwd(torch.randn_like(x), None, x, a, q, c, omega, None, None, False, 0)
+        assert y.shape == x.shape and grads[0].shape == x.shape and not grads[1].abs().sum()
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_registered_ops_refuse_mixed_devices():
+    """grad_y on CUDA with everything else on the CPU sends ema_bwd to the CUDA kernel (the dispatcher picks
+    CUDA when any tensor is on it): a clear error, not CPU pointers handed to a kernel."""
+    x, a, q, c, omega = (t.cpu() for t in _cuda_op_args(4))
+    with pytest.raises(RuntimeError, match="grad_y is on cuda"):
+        torch.ops.mega_kernels.ema_bwd(torch.randn_like(x).cuda(), None, x, a, q, c, omega, None, None, False, 0)

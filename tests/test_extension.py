@@ -106,6 +106,7 @@ def test_torch_compile_traces_without_graph_breaks(bidirectional):
     (lambda a: a.update(bidirectional=True), "a must be \\(10, N\\)"),
     (lambda a: a.update(state=torch.zeros(2, 5, 2)), "state must be \\(B, D, N\\)"),
     (lambda a: a.update(truncation=-1), "truncation must be >= 0"),
+    (lambda a: a.update(truncation=2**31), "truncation must be below 2\\^31"),
     (lambda a: a.update(x=a["x"][0]), "x must be \\(B, L, D\\)"),
 ])
 def test_bad_input_names_the_argument(change, match):
@@ -117,6 +118,53 @@ def test_bad_input_names_the_argument(change, match):
     change(kw)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.mega_kernels.ema_fwd(*kw.values())
+
+
+@needs_ext
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(grad_y=a["grad_y"][:, :-1]), "grad_y must have x's shape"),
+    (lambda a: a.update(grad_y=a["grad_y"].to(torch.int32)), "grad_y must be a floating tensor"),
+    (lambda a: a.update(grad_state=torch.ones(2, 5, 2)), "grad_state must be \\(B, D, N\\)"),
+    (lambda a: a.update(grad_state=torch.ones(2, 5, 3, dtype=torch.int64)), "grad_state must be a floating"),
+])
+def test_bad_gradients_name_the_argument(change, match):
+    """ema_bwd's gradient arguments go through the same shared checks (ema_checks.h) on every device."""
+    import mega_kernels.ops.ema_ext  # noqa: F401
+
+    x, a, q, c, omega, mask, _, bi, trunc, _ = _fwd_args(torch.float32, requires_grad=False)
+    kw = dict(grad_y=torch.randn_like(x), grad_state=None, x=x, a=a, q=q, c=c, omega=omega, mask=mask,
+              state=None, bidirectional=bi, truncation=trunc)
+    change(kw)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mega_kernels.ema_bwd(*kw.values())
+
+
+@needs_ext
+def test_python_guard_refuses_n33_on_cuda_with_the_cpp_message():
+    """The guard before the op (ema_ext._check_cuda_n) says what the C++ check says (the emulator tests in
+    test_ema_cuda.py run that check itself); a CUDA tensor is stood in for, so this runs without a GPU."""
+    import types
+
+    from mega_kernels.ops import ema_ext
+
+    a = torch.zeros(8, 33)
+    with pytest.raises(RuntimeError, match="N = 33 exceeds the CUDA kernels' maximum of 32 .*backend='triton'"):
+        ema_ext._check_cuda_n(types.SimpleNamespace(is_cuda=True), a)
+    ema_ext._check_cuda_n(types.SimpleNamespace(is_cuda=True), a[:, :32])  # N = 32 is fine
+    ema_ext._check_cuda_n(torch.zeros(1, 5, 8), a)  # the CPU kernels have no limit on N
+
+
+@needs_ext
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_cpu_backend_takes_n33(bidirectional):
+    """N > 32 is a limit of the CUDA kernels only: the cpu backend runs N = 33 and matches the reference."""
+    params = ema_params(8, 33, bidirectional, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 37, 8, dtype=torch.float64, requires_grad=True)
+    outs = [ops.ema(x, *params, bidirectional=bidirectional, backend=b) for b in ("cpu", "reference")]
+    torch.testing.assert_close(outs[0], outs[1])
+    grads = [torch.autograd.grad(o.sum(), [x] + params) for o in outs]
+    for g_cpu, g_ref in zip(*grads):
+        torch.testing.assert_close(g_cpu, g_ref)
 
 
 def test_import_without_a_compiler_reports_the_reason(tmp_path):

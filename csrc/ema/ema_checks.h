@@ -1,7 +1,18 @@
 // Argument checks and output allocation shared by the CPU and CUDA implementations of the
 // mega_kernels::ema_fwd / ema_bwd / ema_step ops (schemas in csrc/registration.cpp).
+// Every op entry runs its checks first, before it allocates, dispatches or launches anything:
+//   check_ema_args (+ check_ema_grads in ema_bwd), then check_device_type, then for the CUDA ops
+//   check_cuda_args (what the CUDA kernels take: dtype, N <= kMaxN, grid limits).
+// Each message names the argument and what to do instead. The CUDA emulator (csrc/testing) runs the same
+// checks, so tests exercise them on a machine without a GPU.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <stdint.h>
+
+#include <algorithm>
+
+#include "ema_cuda.h"  // the CUDA kernels' limits (torch- and CUDA-free)
 
 namespace mega_kernels {
 namespace ema {
@@ -55,7 +66,68 @@ inline void check_ema_args(const char* op, const at::Tensor& x, const at::Tensor
     check_same_device(op, "state", *state, x);
   }
   TORCH_CHECK(truncation >= 0, op, ": truncation must be >= 0 (0 = none), got ", truncation);
-  TORCH_CHECK(L < (int64_t(1) << 31) && D < (int64_t(1) << 31), op, ": L and D must be below 2^31");
+  // The kernels hold K, B, L and D in 32-bit ints.
+  TORCH_CHECK(truncation <= INT32_MAX, op, ": truncation must be below 2^31, got ", truncation,
+              "; a window of K >= L steps is the plain EMA: pass truncation=0");
+  TORCH_CHECK(B <= INT32_MAX && L <= INT32_MAX && D <= INT32_MAX, op, ": B, L and D must be below 2^31, got x ",
+              x.sizes(), "; split the batch or the sequence");
+}
+
+// ema_bwd's gradients (after check_ema_args): grad_y like x; grad_state (B, D, N) when given and non-empty.
+inline void check_ema_grads(const char* op, const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_state,
+                            const at::Tensor& x, int64_t N, bool bidirectional) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y must have x's shape ", x.sizes(), ", got ",
+              grad_y.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), op, ": grad_y must be a floating tensor, got ",
+              grad_y.scalar_type());
+  check_same_device(op, "grad_y", grad_y, x);
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {
+    const int64_t B = x.size(0), D = x.size(2);
+    TORCH_CHECK(!bidirectional, op, ": grad_state needs a unidirectional EMA; pass grad_state=None");
+    TORCH_CHECK(grad_state->dim() == 3 && grad_state->size(0) == B && grad_state->size(1) == D &&
+                    grad_state->size(2) == N,
+                op, ": grad_state must be (B, D, N) = (", B, ", ", D, ", ", N, "), got ", grad_state->sizes());
+    TORCH_CHECK(at::isFloatingType(grad_state->scalar_type()), op, ": grad_state must be a floating tensor, got ",
+                grad_state->scalar_type());
+    check_same_device(op, "grad_state", *grad_state, x);
+  }
+}
+
+// The kernel of one backend takes tensors of its device type only. The dispatcher picks the CUDA kernel
+// when any argument is on CUDA, so without this a CUDA kernel could receive CPU tensors (or, redispatched
+// by hand, the CPU kernel CUDA ones) and dereference pointers of the wrong memory space.
+inline void check_device_type(const char* op, const at::Tensor& x, at::DeviceType type, const char* backend) {
+  TORCH_CHECK(x.device().type() == type, op, " (", backend, "): x is on ", x.device(), ", but these are the ",
+              backend, " kernels; move every tensor to one device");
+}
+
+// What the CUDA kernels take (csrc/ema/ema_cuda.cu), after check_ema_args: x (B, L, D) float32, float16 or
+// bfloat16; a (kd, N) with 1 <= N <= kMaxN; sizes within the launch grids (scan: the ema_fwd / ema_bwd
+// kernels; otherwise the decoding step, x (B, 1, D)). Runs before any allocation or launch.
+inline void check_cuda_args(const char* op, const at::Tensor& x, const at::Tensor& a, bool bidirectional,
+                            bool scan) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              " (cuda): x must be float32, float16 or bfloat16, got ", dt,
+              "; use backend='cpu' or 'reference' for float64");
+  const int64_t N = a.size(1);
+  TORCH_CHECK(N <= cuda::kMaxN, op, " (cuda): N = ", N, " exceeds the CUDA kernels' maximum of ", cuda::kMaxN,
+              " (N is the expansion size, a.size(1)); use backend='triton' or 'reference'");
+  TORCH_CHECK(a.size(0) * N <= INT32_MAX, op, " (cuda): a has ", a.size(0) * N,
+              " coefficients, more than the kernels' 32-bit index; split the channels");
+  const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
+  if (B == 0 || L == 0 || D == 0) return;  // nothing is launched
+  const auto g = cuda::geometry(B, L, D, bidirectional);
+  if (!scan) {
+    TORCH_CHECK(g.step_blocks <= cuda::kMaxGridX, op, " (cuda): B * D = ", B * D,
+                " exceeds the step kernel's grid; split the batch");
+    return;
+  }
+  TORCH_CHECK(g.rows <= cuda::kMaxGridYZ, op, " (cuda): B = ", B, bidirectional ? " (x 2 directions)" : "",
+              " exceeds the CUDA grid limit of ", cuda::kMaxGridYZ, " rows; split the batch");
+  TORCH_CHECK(g.fwd_chunks <= cuda::kMaxGridYZ && g.bwd_chunks <= cuda::kMaxGridYZ, op, " (cuda): L = ", L,
+              " needs ", std::max(g.fwd_chunks, g.bwd_chunks), " chunks, more than the CUDA grid limit of ",
+              cuda::kMaxGridYZ, "; split the sequence or use backend='triton'");
 }
 
 // q^K, a q^K and K a q^(K-1) for a truncated EMA ((kd, N) each, zeros when K = 0), in dtype `acc`.

@@ -210,6 +210,7 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cpu(const at::Tensor& x, const at::Te
                                                int64_t truncation, bool return_state) {
   check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
   TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
+  check_device_type("ema_fwd", x, at::kCPU, "cpu");
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   auto y = at::empty_like(pr.x);
   auto final_state = return_state ? at::empty({x.size(0), x.size(2), a.size(1)}, x.options().dtype(acc_type(x)))
@@ -229,17 +230,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
     int64_t truncation) {
   check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "ema_bwd: grad_y must have x's shape ", x.sizes(), ", got ",
-              grad_y.sizes());
+  check_ema_grads("ema_bwd", grad_y, grad_state, x, a.size(1), bidirectional);
+  check_device_type("ema_bwd", x, at::kCPU, "cpu");
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   const auto acc = acc_type(x);
   const int64_t B = x.size(0), D = x.size(2), N = a.size(1);
   at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
-  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {
-    TORCH_CHECK(!bidirectional, "ema_bwd: grad_state needs a unidirectional EMA");
-    TORCH_CHECK(grad_state->dim() == 3 && grad_state->size(0) == B && grad_state->size(1) == D &&
-                    grad_state->size(2) == N,
-                "ema_bwd: grad_state must be (B, D, N) = (", B, ", ", D, ", ", N, "), got ", grad_state->sizes());
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {  // checked above
     gs = grad_state->to(acc).contiguous();
   }
   auto dx = at::empty_like(pr.x);
@@ -276,6 +273,7 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::T
   c10::optional<at::Tensor> mask3;
   if (mask.has_value()) mask3 = mask->unsqueeze(1);
   check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
+  check_device_type("ema_step", x, at::kCPU, "cpu");
   const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
   const int64_t B = x.size(0), D = x.size(1), N = a.size(1);
   auto y = at::empty({B, D}, x.options());

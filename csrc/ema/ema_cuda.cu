@@ -24,8 +24,6 @@ namespace ema {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 128;  // channels per block
-
 template <typename T, int NM>
 __global__ void fwd_local_kernel(FwdParams p, Plan plan) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
@@ -93,64 +91,88 @@ __global__ void step_kernel(StepParams p) {
   if (i < static_cast<int64_t>(p.B) * p.D) step_thread<T, NM>(p, i);
 }
 
-const char* check_launch() {
+// The error of the launch just made (a bad configuration is reported here, synchronously), else nullptr.
+// Checked after every launch, so a failed launch never lets the later phases run on a half-written workspace.
+const char* launch_error() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+#define MK_LAUNCH(...)                                 \
+  do {                                                 \
+    __VA_ARGS__;                                       \
+    if (const char* err_ = launch_error()) return err_; \
+  } while (0)
+
+// Sizes the grids cannot hold. The torch glue refuses them with a clearer message before allocating
+// (check_cuda_args, ema_checks.h); this is the launchers' own guard for any other caller.
+const char* grid_error(int B, int L, int D, bool bi) {
+  if (B < 1 || L < 1 || D < 1) return "ema (cuda): empty input reached a launcher (B, L and D must be >= 1)";
+  const Geometry g = geometry(B, L, D, bi);
+  if (g.rows > kMaxGridYZ) return "ema (cuda): B * directions exceeds the grid limit of 65535";
+  if (g.fwd_chunks > kMaxGridYZ || g.bwd_chunks > kMaxGridYZ)
+    return "ema (cuda): L needs more than 65535 chunks (the grid limit)";
+  return nullptr;
 }
 
 template <typename T, int NM>
 const char* fwd(const FwdParams& p, cudaStream_t s) {
+  if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
   const Plan plan = fwd_plan(p.B, p.L, p.D, p.bi);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads;
-  fwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan);
-  fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan);
+  MK_LAUNCH(fwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
   if (p.bi) {
-    const size_t smem = sizeof(float) * kThreads * plan.chunk;
-    fwd_out_kernel<T, NM, true><<<dim3(xb, p.B, plan.nchunks), kThreads, smem, s>>>(p, plan);
+    const size_t smem = sizeof(float) * kThreads * plan.chunk;  // plan.chunk <= kBiChunk: within 48 KiB
+    MK_LAUNCH(fwd_out_kernel<T, NM, true><<<dim3(xb, p.B, plan.nchunks), kThreads, smem, s>>>(p, plan));
   } else {
-    fwd_out_kernel<T, NM, false><<<dim3(xb, p.B, plan.nchunks), kThreads, 0, s>>>(p, plan);
+    MK_LAUNCH(fwd_out_kernel<T, NM, false><<<dim3(xb, p.B, plan.nchunks), kThreads, 0, s>>>(p, plan));
   }
-  return check_launch();
+  return nullptr;
 }
 
 template <typename T, int NM>
 const char* bwd(const BwdParams& p, cudaStream_t s) {
+  if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
   const Plan plan = bwd_plan(p.B, p.L, p.D);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads, C = plan.nchunks;
-  bwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
-  bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan);
-  if (p.bi) bwd_other_output_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
+  MK_LAUNCH(bwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
+  if (p.bi) MK_LAUNCH(bwd_other_output_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
   for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)  // direction 0 forms g, which direction 1 reads
-    bwd_params_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan, dir_idx);
-  bwd_adjoint_local_kernel<NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
-  bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan);
-  bwd_dx_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
-  return check_launch();
+    MK_LAUNCH(bwd_params_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan, dir_idx));
+  MK_LAUNCH(bwd_adjoint_local_kernel<NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(bwd_dx_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
+  return nullptr;
 }
 
 template <typename T, int NM>
 const char* step(const StepParams& p, cudaStream_t s) {
-  const int64_t n = static_cast<int64_t>(p.B) * p.D;
-  step_kernel<T, NM><<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(p);
-  return check_launch();
+  if (p.B < 1 || p.D < 1) return "ema (cuda): empty input reached the step launcher (B and D must be >= 1)";
+  const int64_t blocks = geometry(p.B, 1, p.D, false).step_blocks;
+  if (blocks > kMaxGridX) return "ema (cuda): B * D exceeds the step kernel's grid";
+  MK_LAUNCH(step_kernel<T, NM><<<static_cast<unsigned>(blocks), kStepThreads, 0, s>>>(p));
+  return nullptr;
 }
 
-// Calls F<T, NM>(args...) for the dtype and the smallest NM in {4, 8, 16, 32} with N <= NM.
-#define MK_CUDA_DISPATCH(FN, N, DT, ...)                                                           \
-  do {                                                                                              \
-    if ((N) < 1 || (N) > kMaxN) return "ema (cuda): N must be between 1 and 32";                    \
-    switch (DT) {                                                                                   \
-      case DType::kFloat: MK_CUDA_DISPATCH_N(FN, float, N, __VA_ARGS__);                            \
-      case DType::kHalf: MK_CUDA_DISPATCH_N(FN, __half, N, __VA_ARGS__);                            \
-      case DType::kBFloat16: MK_CUDA_DISPATCH_N(FN, __nv_bfloat16, N, __VA_ARGS__);                 \
-    }                                                                                               \
-    return "ema (cuda): unsupported dtype";                                                         \
-  } while (0)
-#define MK_CUDA_DISPATCH_N(FN, T, N, ...)                      \
-  if ((N) <= 4) return FN<T, 4>(__VA_ARGS__);                   \
-  if ((N) <= 8) return FN<T, 8>(__VA_ARGS__);                   \
-  if ((N) <= 16) return FN<T, 16>(__VA_ARGS__);                 \
-  return FN<T, 32>(__VA_ARGS__)
+// Calls FN<T, NM>(args...) for the dtype and NM = padded_n(N) (the NM the workspaces were sized with).
+// Exhaustive: any other N (N < 1 or N > kMaxN: padded_n gives 0) or dtype returns an error, so no N can
+// reach a kernel whose register arrays are shorter than N.
+#define MK_CUDA_DISPATCH_N(FN, T, N, ...)                                                  \
+  switch (padded_n(N)) {                                                                   \
+    case 4: return FN<T, 4>(__VA_ARGS__);                                                  \
+    case 8: return FN<T, 8>(__VA_ARGS__);                                                  \
+    case 16: return FN<T, 16>(__VA_ARGS__);                                                \
+    case 32: return FN<T, 32>(__VA_ARGS__);                                                \
+    default: return "ema (cuda): the expansion size N must be between 1 and 32 (kMaxN)";   \
+  }
+#define MK_CUDA_DISPATCH(FN, N, DT, ...)                                                   \
+  switch (DT) {                                                                            \
+    case DType::kFloat: MK_CUDA_DISPATCH_N(FN, float, N, __VA_ARGS__)                      \
+    case DType::kHalf: MK_CUDA_DISPATCH_N(FN, __half, N, __VA_ARGS__)                      \
+    case DType::kBFloat16: MK_CUDA_DISPATCH_N(FN, __nv_bfloat16, N, __VA_ARGS__)           \
+    default: return "ema (cuda): unsupported dtype (float32, float16 or bfloat16 only)";   \
+  }
 
 }  // namespace
 

@@ -1,5 +1,8 @@
 // Torch glue of the CUDA EMA kernels (ema_cuda.cu): checks, allocation, stream, dtype; registers the
 // mega_kernels ops for the CUDA dispatch key. Built only when torch has CUDA (mega_kernels/_build.py).
+// Each op validates every input (ema_checks.h: check_ema_args, check_device_type, check_cuda_args) before it
+// allocates, dispatches or launches anything, so an unsupported input is a RuntimeError naming the argument,
+// never a launch with a bad configuration or a kernel whose register arrays are shorter than N.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,20 +15,15 @@ namespace mega_kernels {
 namespace ema {
 namespace {
 
+// x's dtype for the launchers (check_cuda_args refused every other dtype before this is called).
 cuda::DType io_dtype(const char* op, const at::Tensor& x) {
   switch (x.scalar_type()) {
     case at::kFloat: return cuda::DType::kFloat;
     case at::kHalf: return cuda::DType::kHalf;
     case at::kBFloat16: return cuda::DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": the cuda backend takes float32, float16 or bfloat16 x, got ", x.scalar_type(),
-                  "; use backend='cpu' or 'reference' for float64");
+    default: break;
   }
-}
-
-void check_n(const char* op, int64_t N) {
-  TORCH_CHECK(N >= 1 && N <= cuda::kMaxN, op, ": the cuda backend takes an expansion size N <= ", cuda::kMaxN,
-              ", got ", N, "; use backend='triton' or 'reference'");
+  TORCH_CHECK(false, op, " (cuda): x must be float32, float16 or bfloat16, got ", x.scalar_type());
 }
 
 cuda::Coefs6 coefs(const Prepared& p) {
@@ -44,9 +42,10 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cuda(const at::Tensor& x, const at::T
                                                 const c10::optional<at::Tensor>& state, bool bidirectional,
                                                 int64_t truncation, bool return_state) {
   check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  const auto dt = io_dtype("ema_fwd", x);
-  check_n("ema_fwd", a.size(1));
   TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
+  check_device_type("ema_fwd", x, at::kCUDA, "cuda");
+  check_cuda_args("ema_fwd", x, a, bidirectional, /*scan=*/true);
+  const auto dt = io_dtype("ema_fwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   const int B = x.size(0), L = x.size(1), D = x.size(2), N = a.size(1);
@@ -71,24 +70,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
     int64_t truncation) {
   check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  check_ema_grads("ema_bwd", grad_y, grad_state, x, a.size(1), bidirectional);
+  check_device_type("ema_bwd", x, at::kCUDA, "cuda");
+  check_cuda_args("ema_bwd", x, a, bidirectional, /*scan=*/true);
   const auto dt = io_dtype("ema_bwd", x);
-  check_n("ema_bwd", a.size(1));
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), "ema_bwd: grad_y must have x's shape ", x.sizes(), ", got ",
-              grad_y.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   const int B = x.size(0), L = x.size(1), D = x.size(2), N = a.size(1);
   auto fopts = x.options().dtype(at::kFloat);
   at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
-  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {
-    TORCH_CHECK(!bidirectional, "ema_bwd: grad_state needs a unidirectional EMA");
-    TORCH_CHECK(grad_state->dim() == 3 && grad_state->size(0) == B && grad_state->size(1) == D &&
-                    grad_state->size(2) == N,
-                "ema_bwd: grad_state must be (B, D, N) = (", B, ", ", D, ", ", N, "), got ", grad_state->sizes());
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {  // checked above
     gs = grad_state->to(at::kFloat).contiguous();
   }
   auto dx = at::empty_like(pr.x);
-  const int64_t parts = static_cast<int64_t>(B) * (L > 0 ? cuda::bwd_chunks(B, L, D) : 1);  // (b, chunk)
+  // (b, chunk) partial sums; an empty x launches nothing and needs one zero part per batch row
+  const int64_t parts = static_cast<int64_t>(B) * (x.numel() > 0 ? cuda::bwd_chunks(B, L, D) : 1);
   auto pc = at::zeros({parts, 2 * D, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
   auto pomega = at::zeros({parts, D}, fopts);
   auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
@@ -121,8 +117,9 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cuda(const at::Tensor& x, const at::
   c10::optional<at::Tensor> mask3;
   if (mask.has_value()) mask3 = mask->unsqueeze(1);
   check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
+  check_device_type("ema_step", x, at::kCUDA, "cuda");
+  check_cuda_args("ema_step", x.unsqueeze(1), a, false, /*scan=*/false);
   const auto dt = io_dtype("ema_step", x);
-  check_n("ema_step", a.size(1));
   const c10::cuda::CUDAGuard guard(x.device());
   const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
   const int B = x.size(0), D = x.size(1), N = a.size(1);

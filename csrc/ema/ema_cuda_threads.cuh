@@ -10,10 +10,16 @@ namespace mega_kernels {
 namespace ema {
 namespace cuda {
 
-constexpr int kBiChunk = 64;  // bidirectional chunk (shared memory: threads per block * kBiChunk floats)
+static_assert(kBwdMaxChunk == 2 * kSumBlock, "backward chunks hold two blocks of the gradient sums");
+static_assert(kThreads * kBiChunk * sizeof(float) <= 48 * 1024, "the bidirectional forward's shared memory "
+              "(kThreads * kBiChunk floats) must fit the 48 KiB a block gets without opting in");
 
-// States live in NM registers: N padded up to 4, 8, 16 or 32.
-MK_HD int padded_n(int N) { return N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : 32; }
+// States live in NM registers: N padded up to 4, 8, 16 or 32. 0 for an N the kernels do not take
+// (N < 1 or N > kMaxN): every dispatch on padded_n treats 0 as an error, never as the largest NM.
+MK_HD int padded_n(int N) {
+  return N < 1 ? 0 : N <= 4 ? 4 : N <= 8 ? 8 : N <= 16 ? 16 : N <= kMaxN ? 32 : 0;
+}
+static_assert(kMaxN == 32, "padded_n and the dispatches instantiate NM = 4, 8, 16, 32 only");
 
 template <int NM>
 struct Reg {
@@ -32,22 +38,6 @@ struct Reg {
   }
   MK_HD Coefs<float> view() const { return {a, q, c, aqk, qk, kaqk1}; }
 };
-
-struct Plan {
-  int chunk, nchunks;
-};
-
-inline Plan fwd_plan(int B, int L, int D, bool bi) {
-  // Enough threads to fill an H100/H200 (~256K), chunks of at least 32 steps (the workspace traffic per
-  // element is ~4N/chunk floats, so longer chunks are cheaper when the batch already fills the GPU).
-  const int64_t lanes = static_cast<int64_t>(B) * D;
-  int64_t want = (262144 + lanes - 1) / lanes;
-  int chunk = static_cast<int>((L + want - 1) / want);
-  chunk = ((chunk + 31) / 32) * 32;
-  if (chunk < 32) chunk = 32;
-  if (bi && chunk > kBiChunk) chunk = kBiChunk;
-  return {chunk, (L + chunk - 1) / chunk};
-}
 
 // Floats of the forward workspace: one state of padded_n(N) per (b, direction, chunk, channel).
 inline int64_t workspace_floats(const Plan& plan, int B, int D, int N, bool bi) {
@@ -144,13 +134,7 @@ MK_HD void fwd_out_thread(const FwdParams& p, const Plan& plan, int b, int d, in
   });
 }
 
-// -- backward, chunked like the forward (see ema_cuda.cu) ------------------------------------------------
-// Backward chunks are at most 2 * kSumBlock steps: per-chunk partial sums then keep float32 rounding small.
-inline Plan bwd_plan(int B, int L, int D) {
-  Plan plan = fwd_plan(B, L, D, false);
-  if (plan.chunk > 2 * kSumBlock) plan = {2 * kSumBlock, (L + 2 * kSumBlock - 1) / (2 * kSumBlock)};
-  return plan;
-}
+// -- backward, chunked like the forward (see ema_cuda.cu; bwd_plan in ema_cuda.h) -------------------------
 
 // Workspace: regions h, H, P of one state per (b, direction, chunk slot, n, d); slot nchunks holds the
 // final H and P (for the final-state gradient). The adjoint pass reuses region h for its carries.

@@ -2,10 +2,13 @@
 // another in the launch order of ema_cuda.cu, so tests check the kernels' logic (chunking, prefix pass,
 // backward sweeps, blocked sums, padding of N) on a machine without a GPU. float32 only; built by
 // tests/test_ema_cuda.py, never part of the package. Outputs start as NaN: anything left unwritten shows.
+// Each entry first runs the argument checks of the CUDA ops (ema_checks.h, as ema_cuda_ops.cpp does), so the
+// tests also see what the CUDA ops refuse (e.g. N > kMaxN), without a GPU.
 #include <torch/extension.h>
 
 #include <vector>
 
+#include "../ema/ema_checks.h"
 #include "../ema/ema_cuda_threads.cuh"
 
 namespace mc = mega_kernels::ema::cuda;
@@ -93,23 +96,42 @@ Tensors step_nm(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor 
   return {y, ns};
 }
 
-// The NM of the CUDA dispatch (ema_cuda.cu) for N.
-#define MK_EMU_DISPATCH(F, N, ...)                   \
-  switch (mc::padded_n(N)) {                         \
-    case 4: return F<4>(__VA_ARGS__);                \
-    case 8: return F<8>(__VA_ARGS__);                \
-    case 16: return F<16>(__VA_ARGS__);              \
-    default: return F<32>(__VA_ARGS__);              \
+// The NM of the CUDA dispatch (ema_cuda.cu) for N; exhaustive like it (padded_n is 0 for an N out of range).
+#define MK_EMU_DISPATCH(F, N, ...)                                                            \
+  switch (mc::padded_n(N)) {                                                                  \
+    case 4: return F<4>(__VA_ARGS__);                                                         \
+    case 8: return F<8>(__VA_ARGS__);                                                         \
+    case 16: return F<16>(__VA_ARGS__);                                                       \
+    case 32: return F<32>(__VA_ARGS__);                                                       \
+    default: TORCH_CHECK(false, "emulator: no CUDA kernel instantiation for N = ", N);        \
   }
 
+void check_coefs(const Tensors& co) {
+  TORCH_CHECK(co.size() == 6, "emulator: co must hold a, q, c, aqk, qk, kaqk1");
+  for (const auto& t : co) TORCH_CHECK(t.sizes() == co[0].sizes(), "emulator: the coefficients differ in shape");
+}
+
 Tensors fwd(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi, int64_t K, bool ret) {
+  check_coefs(co);
+  mega_kernels::ema::check_ema_args("ema_fwd", x, co[0], co[1], co[2], omega, mask, state, bi, K);
+  mega_kernels::ema::check_cuda_args("ema_fwd", x, co[0], bi, /*scan=*/true);
   MK_EMU_DISPATCH(fwd_nm, co[0].size(1), x, co, omega, mask, state, bi, K, ret);
 }
 Tensors bwd(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi,
             int64_t K) {
+  check_coefs(co);
+  mega_kernels::ema::check_ema_args("ema_bwd", x, co[0], co[1], co[2], omega, mask, state, bi, K);
+  mega_kernels::ema::check_ema_grads("ema_bwd", gy, gs, x, co[0].size(1), bi);
+  mega_kernels::ema::check_cuda_args("ema_bwd", x, co[0], bi, /*scan=*/true);
   MK_EMU_DISPATCH(bwd_nm, co[0].size(1), gy, gs, x, co, omega, mask, state, bi, K);
 }
 Tensors step(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor state, Opt mask) {
+  check_coefs(co);
+  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
+  Opt mask3;
+  if (mask) mask3 = mask->unsqueeze(1);
+  mega_kernels::ema::check_ema_args("ema_step", x.unsqueeze(1), co[0], co[1], co[2], omega, mask3, state, false, 0);
+  mega_kernels::ema::check_cuda_args("ema_step", x.unsqueeze(1), co[0], false, /*scan=*/false);
   MK_EMU_DISPATCH(step_nm, co[0].size(1), x, co, omega, state, mask);
 }
 

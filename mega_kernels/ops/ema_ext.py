@@ -43,15 +43,16 @@ def _ema_step_fake(x, a, q, c, omega, state, mask):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], a.shape[1]), dtype=_acc(x))
 
 
-CUDA_MAX_N = 32  # the CUDA kernels keep N states per thread in registers
+CUDA_MAX_N = 32  # the CUDA kernels keep N states per thread in registers (cuda::kMaxN in csrc/ema/ema_cuda.h)
 
 
 def _check_cuda_n(x, a):
-    """Refuse N > 32 on CUDA here, before the op: GPU run 2 crashed the process (segfault) instead of raising
-    the C++ check's error for N = 33, a failure not yet understood (the C++ check stays as a second guard)."""
+    """Refuse N > 32 on CUDA before the op, with the message of the C++ check (check_cuda_args in
+    csrc/ema/ema_checks.h). The C++ ops validate every input themselves before allocating or launching;
+    this only says it earlier, before the autograd wrapper and the coefficient copies."""
     if x.is_cuda and a.shape[-1] > CUDA_MAX_N:
-        raise RuntimeError(f"ema (cuda): the cuda backend takes an expansion size N <= {CUDA_MAX_N}, got "
-                           f"{a.shape[-1]}; use backend='triton' or 'reference'")
+        raise RuntimeError(f"ema (cuda): N = {a.shape[-1]} exceeds the CUDA kernels' maximum of {CUDA_MAX_N} "
+                           f"(N is the expansion size, a.size(1)); use backend='triton' or 'reference'")
 
 
 _ema = register_ema_autograd(torch.ops.mega_kernels.ema_fwd.default, torch.ops.mega_kernels.ema_bwd.default)
