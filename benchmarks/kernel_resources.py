@@ -81,7 +81,7 @@ def ema_configs():
         state_types.update({k: "i32" for k in "B L D N K CHUNK NDB".split()})
         yield (f"ema chunk_state {dt} N16", F._chunk_state_kernel, state_types,
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
-               max(1, block_d // 32), 1)
+               max(1, block_d // 32), 4)
 
 
 def main():

@@ -54,9 +54,19 @@ def poison(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
 
 
-def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, label=""):
+def _strided(t):
+    """The same values as a non-contiguous view: a column slice of a wider tensor (how the modules split one
+    projection into q, k, v) for 3-d tensors, batch-major strides swapped via a transposed copy otherwise."""
+    if t.dim() != 3:
+        return t
+    wide = torch.nn.functional.pad(t, (2, 3))[..., 2:-3]
+    return wide.transpose(0, 1).contiguous().transpose(0, 1) if t.shape[0] > 1 else wide
+
+
+def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, label="", strided=False):
     """Output and (optionally) all four gradients of the triton backend vs the float64 reference, with the
-    tolerance rule (the reference run in `dtype` gives the error budget)."""
+    tolerance rule (the reference run in `dtype` gives the error budget). strided: q, k, v reach the kernels
+    as non-contiguous views (`_strided`)."""
     chunk = case[5]
     kw = dict(activation=activation, chunk_size=chunk, causal=causal)
     x64 = [t.requires_grad_() for t in attention_inputs(*case)]
@@ -65,7 +75,7 @@ def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, 
     mask_cpu = None if mask is None else mask.cpu()
     ref64 = reference(*x64, key_padding_mask=mask_cpu, **kw)
     reflp = reference(*xlp, key_padding_mask=mask_cpu, **kw)
-    out = ops.attention(*xk, key_padding_mask=mask, backend="triton", **kw)
+    out = ops.attention(*[_strided(t) if strided else t for t in xk], key_padding_mask=mask, backend="triton", **kw)
     assert out.dtype == dtype
     name = f"{case} {activation} causal={causal} {label}"
     assert_close_to_reference(f"{name} out", out.cpu(), ref64, reflp)
@@ -112,6 +122,18 @@ def test_dq_recompute_path_matches_reference(activation, monkeypatch):
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
     check_case(case, activation, True, masks["left"], label="left")
     check_case(case, activation, False, masks["whole_chunk"], label="whole_chunk")
+
+
+@pytest.mark.parametrize("store_ds", [True, False])
+def test_non_contiguous_inputs(store_ds, monkeypatch):
+    """Gradients are written with their own strides, not the inputs' (both dq paths)."""
+    from mega_kernels.triton import attention_bwd as bwd
+
+    if not store_ds:
+        monkeypatch.setattr(bwd, "DS_SCRATCH_LIMIT_BYTES", 0)
+    case = (2, 21, 30, 16, 24, 8)
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    check_case(case, "softmax", True, masks["right"], label="strided", strided=True)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real autotuner runs (test_gpu_lm_tile_shape_bfloat16)")

@@ -141,7 +141,8 @@ def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
-               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, s_cb,
+               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_gb, s_gn, s_gz,
+               s_mb, s_cb,
                Lq, Lk, Z, E, S, W, scale, causal, has_mask, M_LO, NSEG, n_slots,
                ACT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -198,13 +199,14 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
         m -= 1
     idx = m - M_LO
     tl.store(gb_base + idx * T, carry, mask=(idx >= 0) & (idx < NSEG) & (tl.arange(0, T) >= 0))
-    tl.store(DK + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz, dk.to(DK.dtype.element_ty),
+    tl.store(DK + b * s_gb + offs_n[:, None] * s_gn + offs_z[None, :] * s_gz, dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_z[None, :] < Z))
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
-               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, s_cb,
+               s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_gb, s_gm, s_gz,
+               s_mb, s_cb,
                Lq, Lk, Z, E, S, W, scale, causal, has_mask,
                ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -243,12 +245,12 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
         dq = dq * scale
     else:
         dq = dq * inv_count(pos, cs, cnt, causal)[:, None]
-    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz, dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * s_gb + offs_m[:, None] * s_gm + offs_z[None, :] * s_gz, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_qb, s_qm, s_qz, Lq, Lk, Z, S, causal, n_slots,
+def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_gb, s_gm, s_gz, Lq, Lk, Z, S, causal, n_slots,
                   T: tl.constexpr, BLOCK_Z: tl.constexpr):
     """dq for the query tile at absolute positions [pid T, pid T + T) from the stored c_i dS_ij tiles of every
     key tile whose query range (`_query_range`, as in `_dk_kernel`) holds it: dq_i = sum_j (c_i dS_ij) k_j."""
@@ -274,7 +276,7 @@ def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_qb, s_qm, s_qz, Lq, Lk, Z, S, c
         k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
                     mask=(offs_n[:, None] < Lk) & (offs_z[None, :] < Z) & seen, other=0.0)
         dq = tl.dot(ds, k, dq)
-    tl.store(DQ + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz, dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + b * s_gb + offs_m[:, None] * s_gm + offs_z[None, :] * s_gz, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
 
 
@@ -364,8 +366,8 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     store_ds = pb.bsz * n_tiles * n_slots * t * t * q.element_size() <= DS_SCRATCH_LIMIT_BYTES
     ds = torch.empty(pb.bsz * n_tiles * n_slots * t * t if store_ds else 1, dtype=q.dtype, device=q.device)
     _dk_kernel[(n_tiles, pb.bsz)](q, k, v, rel_bias, kpm, counts, stats, delta, do, dk, gb, ds,
-                                  *q.stride(), *k.stride(), *v.stride(), *do.stride(), *mstr, *sizes,
-                                  -m_lo, nseg, n_slots, STORE_DS=store_ds, **common, **cfg)
+                                  *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *mstr,
+                                  *sizes, -m_lo, nseg, n_slots, STORE_DS=store_ds, **common, **cfg)
     # segment s holds diagonals d = (s - m_lo) T + c, so diagonal d sits at flat index d + m_lo T
     flat = gb.sum((0, 1)).reshape(-1)
     dbias = flat[m_lo * t - reach: m_lo * t + reach + 1]
@@ -375,11 +377,11 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     if store_ds:
         first_tile = (pb.lk - pb.lq) // t
         _dq_ds_kernel[(triton.cdiv(pb.lk, t) - first_tile, pb.bsz)](
-            k, ds, dq, *k.stride(), *q.stride(), pb.lq, pb.lk, pb.zdim, pb.size, pb.causal, n_slots, T=t,
+            k, ds, dq, *k.stride(), *dq.stride(), pb.lq, pb.lk, pb.zdim, pb.size, pb.causal, n_slots, T=t,
             BLOCK_Z=pb.block_z, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return dq, dk, dv, dbias
     cfg = config("dq", pb, q.dtype)
     _dq_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
         q, k, v, rel_bias, kpm, counts, stats, delta, do, dq, *q.stride(), *k.stride(), *v.stride(),
-        *do.stride(), *mstr, *sizes, **common, **cfg)
+        *do.stride(), *dq.stride(), *mstr, *sizes, **common, **cfg)
     return dq, dk, dv, dbias
