@@ -127,3 +127,17 @@ def test_modules_pass_the_configured_backend_to_the_ops(monkeypatch):
     with pytest.raises(ValueError, match="kernel_backend"):
         model.set_kernel_backend("fast")
     assert model.config.kernel_backend == "reference"
+
+
+def test_set_kernel_backend_reaches_cross_attention():
+    import mega_kernels
+    from mega_kernels.modules.cross_attention import MegaGatedCrossAttention
+
+    cfg = MegaConfig(vocab_size=20, hidden_size=16, shared_representation_size=8, intermediate_size=8,
+                     nffn_hidden_size=8, num_hidden_layers=2, is_decoder=True, bidirectional=False,
+                     add_cross_attention=True)
+    model = mega_kernels.MegaForCausalLM(cfg)
+    cross = [m for m in model.modules() if isinstance(m, MegaGatedCrossAttention)]
+    assert len(cross) == 2
+    model.set_kernel_backend({"attention": "triton"})
+    assert all(m.backend == "triton" for m in cross)

@@ -17,6 +17,7 @@ from ..config import MegaConfig
 from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, MegaPooler, MegaRMSNorm,
                        MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
 from ..modules.attention import MegaMovingAverageGatedAttention
+from ..modules.cross_attention import MegaGatedCrossAttention
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 Tensor = torch.Tensor
@@ -120,7 +121,7 @@ class MegaPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, MegaMultiDimensionDampedEma):
                 module.backend = self.config.backend_for("ema")
-            elif isinstance(module, MegaMovingAverageGatedAttention):
+            elif isinstance(module, (MegaMovingAverageGatedAttention, MegaGatedCrossAttention)):
                 module.backend = self.config.backend_for("attention")
 
     @property
