@@ -40,7 +40,8 @@ def _tool(name, path, *flags):
 
 
 def report(compiled, tmpdir="/tmp") -> dict:
-    """Registers, local (spill) bytes, shared bytes and the hottest loop's instruction classes."""
+    """Registers, local (spill) bytes, shared bytes and the instruction classes of the longest loop (`loop`,
+    `ops`) and of the three longest (`loops`: (length, classes))."""
     path = os.path.join(tmpdir, f"mk_{os.getpid()}.cubin")
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])
@@ -50,14 +51,20 @@ def report(compiled, tmpdir="/tmp") -> dict:
     os.remove(path)
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
     code = [(int(addr, 16), ins.strip()) for addr, ins in lines]
-    best = (0, 0)
+    loops = []  # (start, end) of every backward branch
     for addr, ins in code:
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
-        if m and int(m.group(1), 16) < addr and addr - int(m.group(1), 16) > best[1] - best[0]:
-            best = (int(m.group(1), 16), addr)
-    body = [ins for addr, ins in code if best[0] <= addr <= best[1]]
-    ops = Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
-    return dict(regs=regs, local=local, shared=shared, loop=len(body), ops=ops)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    loops.sort(key=lambda se: se[0] - se[1])
+
+    def mix(start, end):
+        body = [ins for addr, ins in code if start <= addr <= end]
+        return len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
+
+    measured = [mix(*se) for se in loops[:3]] or [(0, Counter())]
+    loop, ops = measured[0]
+    return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured)
 
 
 def occupancy(regs: int, num_warps: int) -> int:

@@ -93,6 +93,29 @@ def block_key_range(first, last, Lk, S, causal):
 
 
 @triton.jit
+def interior_range(lo, hi, first, last, all_rows, Lk, S, causal, has_mask, BLOCK_N: tl.constexpr):
+    """Key tiles lo + k BLOCK_N of a query tile (positions first..last) split as [lo, int_lo) masked,
+    [int_lo, int_hi) interior, [int_hi, hi) masked. An interior tile needs no mask at all: every key is in the
+    block of every row, visible to it (causal: key <= first) and not padding (no mask given); `all_rows`: the
+    tile has no row past Lq. Returns (int_lo, int_hi), tile-aligned, int_lo <= int_hi."""
+    k_lo = tl.minimum(tl.cdiv(tl.maximum((last // S) * S - lo, 0), BLOCK_N), tl.cdiv(hi - lo, BLOCK_N))
+    int_lo = lo + k_lo * BLOCK_N                             # may pass hi by less than a tile (then no interior)
+    lim = tl.minimum(tl.minimum((first // S) * S + S, Lk), hi)
+    lim = tl.where(causal != 0, tl.minimum(lim, first + 1), lim)
+    n_int = tl.maximum(lim - int_lo, 0) // BLOCK_N
+    n_int = tl.where(all_rows & (has_mask == 0), n_int, 0)
+    return int_lo, int_lo + n_int * BLOCK_N
+
+
+@triton.jit
+def masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N: tl.constexpr):
+    """Start of the t-th masked key tile: those before the interior range, then those after it (there are
+    (int_lo - lo) // BLOCK_N + cdiv(max(hi - int_hi, 0), BLOCK_N) of them)."""
+    n_before = (int_lo - lo) // BLOCK_N
+    return tl.where(t < n_before, lo + t * BLOCK_N, int_hi + (t - n_before) * BLOCK_N)
+
+
+@triton.jit
 def element_act(s, ACT: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
     """laplace (ACT 1) or relu2 (ACT 2) of the float32 scores."""
     if ACT == 1:

@@ -29,9 +29,55 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, block_key_range, config, constants,
-                               describe, element_act, interpreting, inv_count, load_bias, load_key_pad,
-                               mask_args, row_info, visible)
+from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, block_key_range, config, constants, describe, element_act,
+                               interior_range, interpreting, inv_count, load_bias, load_key_pad, mask_args,
+                               masked_tile_start, row_info, visible)
+
+
+@triton.jit
+def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, offs_e, acc, m_i, l_i, inv_n,
+              qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
+              ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+              LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """One key tile [start, start + BLOCK_N) of the forward: scores, bias, activation, acc += p v.
+    MASKED: apply the block / causal / padding / bounds masks; otherwise the tile is interior (interior_range)
+    and every pair is visible."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        n_ok = offs_n < hi
+        kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
+                     mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    else:
+        kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
+                     mask=offs_z[:, None] < Z, other=0.0)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=offs_e[None, :] < E, other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if MASKED:
+        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+        vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
+        bias = load_bias(BIAS, pos, offs_n, W, vis)
+    else:
+        bias = tl.load(BIAS + (W - 1 + offs_n[None, :] - pos[:, None])).to(tl.float32)
+    if ACT == 0:
+        s2 = qk * qscale + bias * 1.4426950408889634
+        if MASKED:
+            s2 = tl.where(vis, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s2 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    else:
+        p = element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C)
+        if MASKED:
+            p = tl.where(vis, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -54,38 +100,27 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
     q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
                 mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
     first = Lk - Lq + pid_m * BLOCK_M
-    lo, hi = block_key_range(first, tl.minimum(first + BLOCK_M, Lk) - 1, Lk, S, causal)
+    last = tl.minimum(first + BLOCK_M, Lk) - 1
+    lo, hi = block_key_range(first, last, Lk, S, causal)
+    int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
+                                    has_mask, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    if ACT == 0:
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        qscale = scale * 1.4426950408889634
-    else:
-        inv_n = inv_count(pos, cs, cnt, causal)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
-                     mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
-        vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
-        bias = load_bias(BIAS, pos, offs_n, W, vis)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
-                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        if ACT == 0:
-            s2 = tl.where(vis, qk * qscale + bias * 1.4426950408889634, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s2, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s2 - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        else:
-            p = tl.where(vis, element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C), 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    qscale = scale * 1.4426950408889634
+    inv_n = inv_count(pos, cs, cnt, causal)
+    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
+    for t in range(0, n_masked):
+        acc, m_i, l_i = _fwd_tile(q, K, V, BIAS, KPM, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi,
+                                  pos, row_ok, cs, ce, cnt, offs_z, offs_e, acc, m_i, l_i, inv_n, qscale,
+                                  s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
+                                  ACT, DOT_PRECISION, True, BLOCK_N, LAPLACE_MU, LAPLACE_C)
+    for start in range(int_lo, int_hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, offs_e,
+                                  acc, m_i, l_i, inv_n, qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z,
+                                  E, W, causal, has_mask, ACT, DOT_PRECISION, False, BLOCK_N, LAPLACE_MU,
+                                  LAPLACE_C)
 
     if ACT == 0:
         has = l_i > 0
