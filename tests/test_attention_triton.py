@@ -122,6 +122,9 @@ def test_dq_recompute_path_matches_reference(activation, monkeypatch):
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
     check_case(case, activation, True, masks["left"], label="left")
     check_case(case, activation, False, masks["whole_chunk"], label="whole_chunk")
+    unmasked = (1, 70, 70, 24, 8, None)                    # unchunked, no padding: interior key tiles
+    check_case(unmasked, activation, True, None, label="none")
+    check_case(unmasked, activation, False, None, label="none")
 
 
 @pytest.mark.parametrize("store_ds", [True, False])

@@ -37,19 +37,25 @@ import triton
 import triton.language as tl
 
 from .attention_common import (NO_SPECIALIZE, autotuned, block_key_range, config, constants, describe,
-                               element_act, element_act_grad, interpreting, inv_count, load_bias,
-                               load_key_pad, mask_args, row_info, visible)
+                               element_act, element_act_grad, interior_query_range, interior_range,
+                               interpreting, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
+                               pair_interior, row_info, visible)
 
 
 @triton.jit
-def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale, causal,
+def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale, causal, interior,
            ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
            LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
     """Recompute a tile: returns p (float32, 0 off the visible pairs), the element scores s, the visibility,
-    and the per-row factor c (Z^-0.5 or 1 / n)."""
+    and the per-row factor c (Z^-0.5 or 1 / n). interior (`pair_interior`): every pair is visible, so the
+    masks and the masked bias gather are skipped."""
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
-    vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
-    bias = load_bias(BIAS, pos, offs_n, W, vis)
+    if interior:
+        vis = tl.full(qk.shape, 1, tl.int1)
+        bias = tl.load(BIAS + (W - 1 + offs_n[None, :] - pos[:, None])).to(tl.float32)
+    else:
+        vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
+        bias = load_bias(BIAS, pos, offs_n, W, vis)
     if ACT == 0:
         s = qk * scale + bias
         p = tl.where(vis, tl.exp2((s - LSE_row[:, None]) * 1.4426950408889634), 0.0)
@@ -99,6 +105,33 @@ def _query_range(pid_n, Lq, Lk, S, T: tl.constexpr, causal):
     return (lo // T) * T, hi
 
 
+@triton.jit
+def _dv_tile(acc, Q, BIAS, CNT, LSE, DO, kt, kp, offs_n, offs_z, offs_e, b, p0, s_qb, s_qm, s_qz, s_db, s_dm,
+             s_de, s_cb, Lq, Lk, Z, E, S, W, scale, causal, has_mask,
+             ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+             LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """acc += p^T dO for the query tile at positions [p0, p0 + BLOCK_M); not MASKED: an interior tile (every
+    row a query, every pair visible: `interior_query_range`)."""
+    pos = p0 + tl.arange(0, BLOCK_M)
+    offs_m = pos - (Lk - Lq)
+    if MASKED:
+        row_ok = (offs_m >= 0) & (pos < Lk)
+    else:
+        row_ok = tl.full((BLOCK_M,), 1, tl.int1)
+    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+    if ACT == 0:
+        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = pos.to(tl.float32)                      # unused by laplace / relu2
+    p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+                          causal, not MASKED, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+    do = tl.load(DO + b * s_db + offs_m[:, None] * s_dm + offs_e[None, :] * s_de,
+                 mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+    return tl.dot(tl.trans(p.to(do.dtype)), do, acc, input_precision=DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_db, s_dm, s_de, s_vb, s_vn, s_ve, s_mb, s_cb,
@@ -118,23 +151,19 @@ def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
     kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
     start, hi = _query_range(pid_n, Lq, Lk, S, BLOCK_N, causal)
     start = (start // BLOCK_M) * BLOCK_M
+    int_lo, int_hi = interior_query_range(start, hi, pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N - 1, Lq, Lk, S,
+                                          causal, has_mask, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
-    for p0 in range(start, hi, BLOCK_M):
-        pos = p0 + tl.arange(0, BLOCK_M)
-        offs_m = pos - (Lk - Lq)
-        row_ok = (offs_m >= 0) & (pos < Lk)
-        cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
-        q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
-                    mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-        if ACT == 0:
-            lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
-        else:
-            lse = pos.to(tl.float32)                      # unused by laplace / relu2
-        p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
-                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
-        do = tl.load(DO + b * s_db + offs_m[:, None] * s_dm + offs_e[None, :] * s_de,
-                     mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-        acc = tl.dot(tl.trans(p.to(do.dtype)), do, acc, input_precision=DOT_PRECISION)
+    n_masked = (int_lo - start) // BLOCK_M + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_M)
+    for t in range(0, n_masked):
+        acc = _dv_tile(acc, Q, BIAS, CNT, LSE, DO, kt, kp, offs_n, offs_z, offs_e, b,
+                       masked_tile_start(t, start, int_lo, int_hi, BLOCK_M), s_qb, s_qm, s_qz, s_db, s_dm, s_de,
+                       s_cb, Lq, Lk, Z, E, S, W, scale, causal, has_mask, ACT, DOT_PRECISION, True, BLOCK_M,
+                       LAPLACE_MU, LAPLACE_C)
+    for p0 in range(int_lo, int_hi, BLOCK_M):
+        acc = _dv_tile(acc, Q, BIAS, CNT, LSE, DO, kt, kp, offs_n, offs_z, offs_e, b, p0, s_qb, s_qm, s_qz,
+                       s_db, s_dm, s_de, s_cb, Lq, Lk, Z, E, S, W, scale, causal, has_mask, ACT, DOT_PRECISION,
+                       False, BLOCK_M, LAPLACE_MU, LAPLACE_C)
     tl.store(DV + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve, acc.to(DV.dtype.element_ty),
              mask=n_ok[:, None] & (offs_e[None, :] < E))
 
@@ -177,8 +206,9 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
         else:
             lse = pos.to(tl.float32)
             delta = lse
+        inner = pair_interior(p0, p0 + T - 1, pid_n * T, pid_n * T + T - 1, Lq, Lk, S, causal, has_mask)
         p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
-                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+                              causal, inner, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
         dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
                       T, T, BLOCK_E, DOT_PRECISION)
         ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
@@ -201,6 +231,26 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
     tl.store(gb_base + idx * T, carry, mask=(idx >= 0) & (idx < NSEG) & (tl.arange(0, T) >= 0))
     tl.store(DK + b * s_gb + offs_n[:, None] * s_gn + offs_z[None, :] * s_gz, dk.to(DK.dtype.element_ty),
              mask=n_ok[:, None] & (offs_z[None, :] < Z))
+
+
+@triton.jit
+def _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, lse, delta,
+             s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, Lk, Z, E, W, scale, causal, has_mask,
+             ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
+             LAPLACE_D: tl.constexpr):
+    """dq += dS k over the key tile [start, start + BLOCK_N); not MASKED: an interior tile (`interior_range`)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
+                mask=n_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+    kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
+    p, s, vis, c = _probs(q, tl.trans(k), pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+                          causal, not MASKED, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
+    dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
+                  BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION)
+    ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -227,20 +277,22 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
         lse = pos.to(tl.float32)
         delta = lse
     first = Lk - Lq + pid_m * BLOCK_M
-    lo, hi = block_key_range(first, tl.minimum(first + BLOCK_M, Lk) - 1, Lk, S, causal)
+    last = tl.minimum(first + BLOCK_M, Lk) - 1
+    lo, hi = block_key_range(first, last, Lk, S, causal)
+    int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
+                                    has_mask, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_Z), dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
-                    mask=n_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-        kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
-        p, s, vis, c = _probs(q, tl.trans(k), pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
-                              causal, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
-        dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
-                      BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION)
-        ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
+    for t in range(0, n_masked):
+        dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi, pos,
+                      offs_m, row_ok, cs, ce, cnt, offs_z, lse, delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db,
+                      s_dm, s_de, s_mb, Lk, Z, E, W, scale, causal, has_mask, ACT, DOT_PRECISION, True, BLOCK_M,
+                      BLOCK_N, BLOCK_E, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
+    for start in range(int_lo, int_hi, BLOCK_N):
+        dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, lse,
+                      delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, Lk, Z, E, W, scale,
+                      causal, has_mask, ACT, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_E, LAPLACE_MU,
+                      LAPLACE_C, LAPLACE_D)
     if ACT == 0:
         dq = dq * scale
     else:

@@ -11,6 +11,13 @@ pair is rel_bias[W - 1 + j - P] (j, P absolute: within a block the difference is
     laplace / relu2:  s = (q . k) / n + bias,           p = act(s) on visible pairs (no normalisation)
                       n = P - cs + 1 when causal, else max(cnt, 1)
 
+Interior tiles. Most (query tile, key tile) pairs of a long block need no mask: every row is a query, every
+key exists and lies in every row's block, is visible (causal: below the diagonal) and no padding mask is given.
+The loops visit those first-class (`interior_range`, `interior_query_range`, `pair_interior`) without the
+per-score mask logic and with an unmasked bias gather: at the LM shape that halves (forward) to thirds (dV)
+the instructions per tile in the sm_90 SASS; the masked tiles (diagonal, block edges, padding, partial
+tiles) keep the full path.
+
 The maths of each kernel and its backward is at the top of attention_fwd.py and attention_bwd.py.
 """
 from __future__ import annotations
@@ -105,6 +112,33 @@ def interior_range(lo, hi, first, last, all_rows, Lk, S, causal, has_mask, BLOCK
     n_int = tl.maximum(lim - int_lo, 0) // BLOCK_N
     n_int = tl.where(all_rows & (has_mask == 0), n_int, 0)
     return int_lo, int_lo + n_int * BLOCK_N
+
+
+@triton.jit
+def interior_query_range(start, hi, k_first, k_last, Lq, Lk, S, causal, has_mask, BLOCK_M: tl.constexpr):
+    """The transpose of `interior_range`: query tiles start + k BLOCK_M (positions, up to hi) seen by the keys
+    k_first..k_last, split as [start, int_lo) masked, [int_lo, int_hi) interior (`pair_interior` holds for
+    each), [int_hi, hi) masked. Returns (int_lo, int_hi), tile-aligned, int_lo <= int_hi."""
+    blk = (k_first // S) * S
+    keys_ok = (k_last < Lk) & (k_last < blk + S) & (has_mask == 0)
+    low = tl.maximum(blk, Lk - Lq)
+    low = tl.where(causal != 0, tl.maximum(low, k_last), low)
+    k_lo = tl.minimum(tl.cdiv(tl.maximum(low - start, 0), BLOCK_M), tl.cdiv(hi - start, BLOCK_M))
+    int_lo = start + k_lo * BLOCK_M
+    lim = tl.minimum(tl.minimum(blk + S, Lk), hi)
+    n_int = tl.where(keys_ok, tl.maximum(lim - int_lo, 0) // BLOCK_M, 0)
+    return int_lo, int_lo + n_int * BLOCK_M
+
+
+@triton.jit
+def pair_interior(p_first, p_last, k_first, k_last, Lq, Lk, S, causal, has_mask):
+    """Whether the tile of query positions p_first..p_last and keys k_first..k_last needs no mask: all rows are
+    queries (>= Lk - Lq), all keys exist, all share one block, every key is visible to every row (causal:
+    k_last <= p_first) and no padding mask is given (the per-iteration form of `interior_range`)."""
+    blk = k_first // S
+    same = (p_first // S == blk) & (p_last // S == blk) & (k_last // S == blk)
+    ok = same & (p_first >= Lk - Lq) & (p_last < Lk) & (k_last < Lk) & (has_mask == 0)
+    return ok & ((causal == 0) | (k_last <= p_first))
 
 
 @triton.jit
