@@ -159,7 +159,7 @@ CASES = [
     (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
     (ema_fwd._carry_kernel, dict(HAS_S0=True, BLOCK=128)),
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, STAGES=2)),
-    (ema_bwd._param_carry_kernel, dict(HAS_GS=True, BLOCK=128)),
+    (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),
 ]
 for fn, consts in CASES:

@@ -7,7 +7,7 @@ Derivation (one channel, the forward rows; u = x * mask, h_{-1} = S, truncation 
     y_t = silu(z_t).
     g_t   = dL/dz_t = dL/dy_t * silu'(z_t),   silu'(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
     domega = sum_{b,t} g_t x_t
-    dc[n]  = sum_t g_t h_t[n]
+    dc[n]  = sum_t g_t h_t[n] = a sum_t g_t H_t[n] + S sum_t g_t q^(t+1)   (h_t = a H_t + q^(t+1) S)
     da[n]  = c sum_t g_t H_t[n] + gS H_{L-1},  H_t = dh_t/da = q H_{t-1} + u_t - q^K u_{t-K},  H_{-1} = 0
     dq[n]  = c sum_t g_t P_t[n] + gS P_{L-1},  P_t = dh_t/dq = q P_{t-1} + h_{t-1} - a K q^(K-1) u_{t-K},
              P_{-1} = 0
@@ -58,9 +58,9 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = 64):
     """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
     channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
-    h, H_run, P_run (H, P from zero) and writes six (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
-    sum g h, sum g H_run, sum g P_run, G = sum g q^m (m = steps since the group start), H_run end, P_run end;
-    and sum g x to dom[group, b]."""
+    h, H_run, P_run (H, P from zero) and writes five (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
+    sum g H_run, sum g P_run, G = sum g q^(m+1) (m = steps since the group start), H_run end, P_run end;
+    and sum g x to dom[group, b]. (sum g h needs no sweep: h = a H + q^(t+1) S, see _param_carry_kernel.)"""
     pid = tl.program_id(0)
     per_group = B * NDIR * NDB
     grp = pid // per_group
@@ -94,17 +94,18 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
         h = tl.load(buf_ptr + (c_in * B + b).to(tl.int64) * kd * N + bst, mask=sm & from_buf, other=0.0)
     if HAS_S:
         h += tl.load(s_ptr + b.to(tl.int64) * D * N + st, mask=sm & (dirn == 0) & (c_in == 0), other=0.0)
+    # scaled state (ema_fwd.py): hs = h / a', P runs scaled too (P = a' Ps), one multiply-add each per step
+    a = _fwd._safe(a)
+    hs = h / a
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
-    sum_h = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     G = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_x = tl.zeros((BLOCK_D,), tl.float32)
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
     for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps) keep float32 rounding ~ (SUB + n/SUB) eps
-        bh = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         bH = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         bG = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -116,24 +117,22 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
             if MASK_IN:
                 um = tl.where(tl.load(keep_ptr + row) != 0, raw, 0.0)
             g = tl.load(g_ptr + off, mask=dmask, other=0.0)
-            P = q * P + h
+            P = q * P + hs
             H = q * H + um[None, :]
-            h = q * h + a * um[None, :]
+            hs = q * hs + um[None, :]
             if TRUNC:
                 td = t0 + (i - K) * step
                 _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                P = P - a * kqk1 * ud[None, :]
+                P = P - kqk1 * ud[None, :]
                 H = H - qk * ud[None, :]
-                h = h - a * qk * ud[None, :]
+                hs = hs - qk * ud[None, :]
             pw = pw * q
             gb = g[None, :]
-            bh += gb * h
             bH += gb * H
             bP += gb * P
             bG += gb * pw
             bx += g * raw
             row += step
-        sum_h += bh
         sum_H += bH
         sum_P += bP
         G += bG
@@ -141,55 +140,63 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
-    tl.store(part, sum_h, mask=sm)
-    tl.store(part + plane, sum_H, mask=sm)
-    tl.store(part + 2 * plane, sum_P, mask=sm)
-    tl.store(part + 3 * plane, G, mask=sm)
-    tl.store(part + 4 * plane, H, mask=sm)
-    tl.store(part + 5 * plane, P, mask=sm)
+    tl.store(part, sum_H, mask=sm)
+    tl.store(part + plane, a * sum_P, mask=sm)
+    tl.store(part + 2 * plane, G, mask=sm)
+    tl.store(part + 3 * plane, H, mask=sm)
+    tl.store(part + 4 * plane, a * P, mask=sm)
     if dirn == 0:
         tl.store(dom_ptr + (grp * B + b).to(tl.int64) * D + offs_d, sum_x, mask=dmask)
 
 
 @triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "GSTEPS", "NG"])
-def _param_carry_kernel(part_ptr, c_ptr, q_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD, D, N, GSTEPS, NG,
-                        HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
+def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD, D, N,
+                        GSTEPS, NG, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
     """Combine the groups of _param_grad_kernel in each row's direction (rows [:D] forward, [D:] backward):
     H_in(next) = q^T H_in + H_run_end, P_in likewise, and sum g H = sum_groups (sum g H_run + H_in G), same for P.
-    Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}), dc = sum g h per batch row."""
+    Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}) and dc = sum g h per batch row, the last
+    from h_t = a H_t + q^(t+1) S (S: the initial state, rows [:D] only): dc = a sum g H + S sum_t g_t q^(t+1),
+    where sum_t g_t q^(t+1) = sum_groups q^(group start) G."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
-    row = e % KD  # partials, q and c are (N, KD) per batch row
+    row = e % KD  # partials, a, q and c are (N, KD) per batch row
     rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
     plane = NG * B * KD * N
     H_in = tl.zeros((BLOCK,), tl.float32)
     P_in = tl.zeros((BLOCK,), tl.float32)
-    acc_h = tl.zeros((BLOCK,), tl.float32)
     acc_H = tl.zeros((BLOCK,), tl.float32)
     acc_P = tl.zeros((BLOCK,), tl.float32)
+    acc_G = tl.zeros((BLOCK,), tl.float32)
+    q_start = tl.full((BLOCK,), 1.0, tl.float32)  # q^(group start) in the row's direction
     for i in range(0, NG):
         gg = tl.where(rev, NG - 1 - i, i)
         ptr = part_ptr + (gg * B + b).to(tl.int64) * KD * N + e
-        G = tl.load(ptr + 3 * plane, mask=em, other=0.0)
-        acc_h += tl.load(ptr, mask=em, other=0.0)
-        acc_H += tl.load(ptr + plane, mask=em, other=0.0) + H_in * G
-        acc_P += tl.load(ptr + 2 * plane, mask=em, other=0.0) + P_in * G
+        G = tl.load(ptr + 2 * plane, mask=em, other=0.0)
+        acc_H += tl.load(ptr, mask=em, other=0.0) + H_in * G
+        acc_P += tl.load(ptr + plane, mask=em, other=0.0) + P_in * G
+        acc_G += q_start * G
         qt = _powi(q, tl.minimum(GSTEPS, L - gg * GSTEPS))
-        H_in = qt * H_in + tl.load(ptr + 4 * plane, mask=em, other=0.0)
-        P_in = qt * P_in + tl.load(ptr + 5 * plane, mask=em, other=0.0)
+        H_in = qt * H_in + tl.load(ptr + 3 * plane, mask=em, other=0.0)
+        P_in = qt * P_in + tl.load(ptr + 4 * plane, mask=em, other=0.0)
+        q_start = q_start * qt
+    a = tl.load(a_ptr + e, mask=em, other=0.0)
     c = tl.load(c_ptr + e, mask=em, other=0.0)
     da = c * acc_H
     dq = c * acc_P
+    dc = a * acc_H
+    st = b.to(tl.int64) * D * N + row * N + e // KD  # (b, row, n) of a (B, D, N) state
+    if HAS_S:
+        dc += tl.load(s_ptr + st, mask=em & ~rev, other=0.0) * acc_G
     if HAS_GS:
-        gs = tl.load(gs_ptr + b.to(tl.int64) * D * N + row * N + e // KD, mask=em & ~rev, other=0.0)
+        gs = tl.load(gs_ptr + st, mask=em & ~rev, other=0.0)
         da += gs * H_in
         dq += gs * P_in
     out = b.to(tl.int64) * KD * N + e
     tl.store(da_ptr + out, da, mask=em)
     tl.store(dq_ptr + out, dq, mask=em)
-    tl.store(dc_ptr + out, acc_h, mask=em)
+    tl.store(dc_ptr + out, dc, mask=em)
 
 
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
@@ -205,7 +212,7 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     ndb = triton.cdiv(dim, block_d)
     group = max(1, group_steps // chunk)
     ngroups = triton.cdiv(triton.cdiv(length, chunk), group)
-    part = _fwd._empty((6, ngroups, bsz, ndim, kd), torch.float32, x.device)
+    part = _fwd._empty((5, ngroups, bsz, ndim, kd), torch.float32, x.device)
     dom = _fwd._empty((ngroups, bsz, dim), torch.float32, x.device)
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
     _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
@@ -215,8 +222,8 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     da, dq, dc = (_fwd._empty((bsz, ndim, kd), torch.float32, x.device) for _ in range(3))
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-        part, cT, qT, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
-        HAS_GS=grad_state is not None, BLOCK=blk)
+        part, aT, cT, qT, state, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
+        HAS_S=state is not None, HAS_GS=grad_state is not None, BLOCK=blk)
     da, dq, dc = (t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
     return da, dq, dc, dom.sum((0, 1))
 
