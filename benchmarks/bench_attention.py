@@ -230,20 +230,17 @@ def check_targets(rows):
 def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
                    kinds=("fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
-    ptxas registers and spill bytes per (kernel, activation). Run with TRITON_INTERPRET unset."""
-    import re
-    import subprocess
-    import tempfile
-
+    registers, spill bytes and the SASS length of its longest loops (masked and interior key tiles) per
+    (kernel, activation), read by `benchmarks.kernel_resources.report`. Run with TRITON_INTERPRET unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from benchmarks.kernel_resources import report
     from mega_kernels.triton import attention_bwd as bw
     from mega_kernels.triton import attention_common as common
     from mega_kernels.triton import attention_fwd as fw
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     zdim, edim, size = {"lm": (256, 2048, 1024), "lra": (64, 256, 128)}[shape]
     pb = common.Problem(1, 4096, 4096, zdim, edim, size, size, 0, 1, max(16, triton.next_power_of_2(zdim)),
                         "ieee" if dtype == torch.float32 else "tf32")
@@ -287,15 +284,9 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
                         attrs[(i,)] = [["tt.divisibility", 16]]
             kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", *target),
                                     options=opts)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
-                fh.write(kernel.asm["ptx"])
-            res = subprocess.run([ptxas, "-v", f"-arch=sm_{target[0]}a", fh.name, "-o", os.devnull],
-                                 capture_output=True, text=True, check=True)
-            os.unlink(fh.name)
-            regs = re.search(r"Used (\d+) registers", res.stderr)
-            spills = re.search(r"(\d+) bytes spill stores", res.stderr)
-            rows.append(dict(kernel=kind, act=act, shared=kernel.metadata.shared, registers=int(regs.group(1)),
-                             spill_bytes=int(spills.group(1)) if spills else 0, **cfg, **opts))
+            res = report(kernel)
+            rows.append(dict(kernel=kind, act=act, shared=kernel.metadata.shared, registers=res["regs"],
+                             spill_bytes=res["local"], loops=res["all_loops"][:3], **cfg, **opts))
     return rows
 
 

@@ -1,10 +1,10 @@
 """Static resource report of the Triton kernels, compiled for a GPU architecture on a machine without one.
 
-    python benchmarks/kernel_resources.py [--arch 90] [--only ema]
+    python -m benchmarks.kernel_resources [--arch 90] [--attention lm]
 
 For each kernel configuration the production launchers use, Triton compiles to a cubin (ptxas ships with
 Triton) and cuobjdump reports registers per thread, spills (local memory) and shared memory; the SASS of the
-hottest loop (the longest backward branch) is counted by instruction class. Registers bound occupancy
+hottest loop (the longest backward branch) is counted by instruction class. Registers bound occupancy (spills: local or stack bytes)
 (65536 per SM / (32 x registers) warps), and the loop's instruction count per time step bounds the issue
 rate, so this predicts GPU behaviour between GPU sessions; it measures nothing (NOTES.md keeps the two apart).
 """
@@ -24,13 +24,14 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int):
     """Compile `fn` (a @triton.jit kernel): `types` maps argument names to Triton types ("*fp32", "i32"); every
-    other argument is a constexpr taken from `consts` (None for an absent pointer)."""
+    other argument is a constexpr taken from `consts` (else its default; None for an absent pointer)."""
     sig, ce = {}, {}
+    defaults = {p.name: p.default for p in fn.params if p.has_default}
     for name in fn.arg_names:
         if name in types:
             sig[name] = types[name]
         else:
-            sig[name], ce[name] = "constexpr", consts.get(name)
+            sig[name], ce[name] = "constexpr", consts.get(name, defaults.get(name))
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
 
@@ -40,13 +41,16 @@ def _tool(name, path, *flags):
 
 
 def report(compiled, tmpdir="/tmp") -> dict:
-    """Registers, local (spill) bytes, shared bytes and the instruction classes of the longest loop (`loop`,
-    `ops`) and of the three longest (`loops`: (length, classes))."""
+    """Registers, local (spill) bytes, shared bytes and the instruction classes of the longest innermost loop
+    (`loop`, `ops`), of the three longest innermost loops (`loops`: (length, classes)) and the length of
+    every loop, longest first (`all_loops`)."""
     path = os.path.join(tmpdir, f"mk_{os.getpid()}.cubin")
     with open(path, "wb") as f:
         f.write(compiled.asm["cubin"])
     usage = _tool("cuobjdump", path, "--dump-resource-usage")
-    regs, local, shared = (int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "LOCAL", "SHARED"))
+    regs, stack, local, shared = (int(re.search(rf"{k}:(\d+)", usage).group(1))
+                                  for k in ("REG", "STACK", "LOCAL", "SHARED"))
+    local = max(local, stack)  # register spills land in the stack frame
     sass = _tool("cuobjdump", path, "-sass")
     os.remove(path)
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)
@@ -56,7 +60,9 @@ def report(compiled, tmpdir="/tmp") -> dict:
         m = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
         if m and int(m.group(1), 16) < addr:
             loops.append((int(m.group(1), 16), addr))
-    loops.sort(key=lambda se: se[0] - se[1])
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    every = sorted(loops, key=lambda se: se[0] - se[1])
+    loops = sorted(inner, key=lambda se: se[0] - se[1])  # innermost loops, longest first
 
     def mix(start, end):
         body = [ins for addr, ins in code if start <= addr <= end]
@@ -64,7 +70,8 @@ def report(compiled, tmpdir="/tmp") -> dict:
 
     measured = [mix(*se) for se in loops[:3]] or [(0, Counter())]
     loop, ops = measured[0]
-    return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured)
+    return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured,
+                all_loops=[mix(*se)[0] for se in every])
 
 
 def occupancy(regs: int, num_warps: int) -> int:
@@ -74,34 +81,52 @@ def occupancy(regs: int, num_warps: int) -> int:
 
 
 def ema_configs():
-    """(label, kernel, types, constexprs, num_warps, time steps per loop iteration) of the EMA scan."""
+    """(label, kernel, types, constexprs, num_warps, time steps per loop iteration) of the EMA kernels with the
+    launchers' GPU settings, unidirectional, no mask, N = 16."""
+    from mega_kernels.triton import ema_bwd as B
     from mega_kernels.triton import ema_fwd as F
+    sizes = {k: "i32" for k in "B L D N K CHUNK NDB".split()}
+    block_d = F.block_d_for(1024)
+    warps = max(1, block_d // 32)
+    scan = dict(BIDIR=False, REVERSE=False, MASK_IN=False, MASK_OUT=False, TRUNC=False, HAS_S0=False, CARRY=True,
+                LOOKBACK=False, WRITE_FINAL=False, STAGES=3, UNROLL=4, BLOCK_N=16, BLOCK_D=block_d)
     for dt in ("fp32", "bf16"):
         types = {"u_ptr": f"*{dt}", "out_ptr": f"*{dt}", "a_ptr": "*fp32", "q_ptr": "*fp32", "c_ptr": "*fp32",
-                 "omega_ptr": "*fp32", "buf_ptr": "*fp32", **{k: "i32" for k in "B L D N K CHUNK NDB".split()}}
-        block_d = F.block_d_for(1024)
-        consts = dict(EPI=F.EPI_SILU, BIDIR=False, REVERSE=False, MASK_IN=False, MASK_OUT=False, TRUNC=False,
-                      HAS_S0=False, CARRY=True, LOOKBACK=False, WRITE_FINAL=False, STAGES=3, UNROLL=4,
-                      BLOCK_N=16, BLOCK_D=block_d)
-        yield f"ema scan_out fwd {dt} N16", F._scan_out_kernel, types, consts, max(1, block_d // 32), 4
-        state_types = {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr")}
-        state_types.update({k: "i32" for k in "B L D N K CHUNK NDB".split()})
-        yield (f"ema chunk_state {dt} N16", F._chunk_state_kernel, state_types,
+                 "omega_ptr": "*fp32", "buf_ptr": "*fp32", **sizes}
+        yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=F.EPI_SILU), warps, 4
+        yield (f"ema fwd chunk_state {dt}", F._chunk_state_kernel,
+               {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
-               max(1, block_d // 32), 4)
+               warps, 4)
+        yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel, dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}"),
+               dict(scan, EPI=F.EPI_DSILU), warps, 4)
+        yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
+               {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
+                "part_ptr": "*fp32", "dom_ptr": "*fp32", "GROUP": "i32", **sizes},
+               dict(NDIR=1, MASK_IN=False, TRUNC=False, HAS_S=False, HAS_BUF=True, STAGES=2, BLOCK_N=16,
+                    BLOCK_D=block_d), warps, 1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--attention", choices=["lm", "lra"],
+                        help="also the attention kernels at that shape (benchmarks.bench_attention.compile_report)")
     args = parser.parse_args()
-    print(f"sm_{args.arch}: registers/thread, spill bytes, shared bytes, warps/SM by registers, hottest loop "
+    print(f"sm_{args.arch}: registers/thread, spill bytes, shared bytes, warps/SM by registers, longest loop "
           "(instructions per time step, main classes)")
     for label, fn, types, consts, warps, steps in ema_configs():
         r = report(compile_kernel(fn, types, consts, warps, args.arch))
-        mix = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(6))
-        print(f"{label:32s} reg {r['regs']:3d} spill {r['local']:3d} smem {r['shared']:5d} "
-              f"warps/SM {occupancy(r['regs'], warps):2d}  loop {r['loop'] / steps:5.1f}/step  [{mix}]")
+        mix = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(5))
+        print(f"{label:28s} reg {r['regs']:3d} spill {r['local']:3d} smem {r['shared']:5d} "
+              f"warps/SM {occupancy(r['regs'], warps):2d}  loop {r['loop'] / steps:6.1f}/step  [{mix}]")
+    if args.attention:
+        from benchmarks.bench_attention import compile_report
+        print("attention: kernel, activation (0 softmax), registers, spill bytes, shared bytes, longest loops "
+              "(SASS instructions per key tile: masked, interior)")
+        for row in compile_report(args.attention):
+            print(f"{row['kernel']:10s} {row['act']} reg {row['registers']:3d} spill {row['spill_bytes']:3d} "
+                  f"smem {row['shared']:6d} loops {row['loops']}")
 
 
 if __name__ == "__main__":
