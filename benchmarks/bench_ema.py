@@ -39,16 +39,14 @@ LONG = (1, 1 << 20, 1024, 16, torch.bfloat16, False)  # fwd+bwd must run; triton
 TINY = [(2, 64, 32, 4, torch.float32, False), (2, 64, 32, 4, torch.float32, True)]
 # Triton variants measured beside the default (launcher tuning of mega_kernels.triton.ema_fwd.ema_scan).
 VARIANTS = {
+    "carry c128": dict(chunk=128, lookback=False),
+    "lookback c256": dict(chunk=256, lookback=True),
     "lookback c128": dict(chunk=128, lookback=True),
-    "lookback c512": dict(chunk=512, lookback=True),
-    "carry c256": dict(chunk=256, lookback=False),
-    "carry c1024": dict(chunk=1024, lookback=False),
+    "carry c512": dict(chunk=512, lookback=False),
+    "carry c256 unroll8": dict(chunk=256, lookback=False, unroll=8),
+    "carry c256 unroll2": dict(chunk=256, lookback=False, unroll=2),
+    "carry c256 bd64": dict(chunk=256, lookback=False, block_d=64, num_warps=2),
     "sequential": dict(chunk=1 << 30),
-    "lookback c256 bd64": dict(chunk=256, lookback=True, block_d=64),
-    "lookback c256 st6": dict(chunk=256, lookback=True, stages=6),
-    "carry c256 st6": dict(chunk=256, lookback=False, stages=6),
-    "lookback c256 unroll1": dict(chunk=256, lookback=True, unroll=1),
-    "lookback c256 unroll8": dict(chunk=256, lookback=True, unroll=8),
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -89,7 +89,7 @@ def ema_configs():
     block_d = F.block_d_for(1024)
     warps = max(1, block_d // 32)
     scan = dict(BIDIR=False, REVERSE=False, MASK_IN=False, MASK_OUT=False, TRUNC=False, HAS_S0=False, CARRY=True,
-                LOOKBACK=False, WRITE_FINAL=False, STAGES=3, UNROLL=4, BLOCK_N=16, BLOCK_D=block_d)
+                LOOKBACK=False, WRITE_FINAL=False, UNROLL=4, BLOCK_N=16, BLOCK_D=block_d)
     for dt in ("fp32", "bf16"):
         types = {"u_ptr": f"*{dt}", "out_ptr": f"*{dt}", "a_ptr": "*fp32", "q_ptr": "*fp32", "c_ptr": "*fp32",
                  "omega_ptr": "*fp32", "buf_ptr": "*fp32", **sizes}

@@ -150,7 +150,7 @@ F32, BF16, U8, I32 = "*fp32", "*bf16", "*u8", "*i32"
 TYPES = dict(u_ptr=BF16, x_ptr=BF16, keep_ptr=U8, out_ptr=BF16, y_ptr=BF16, flag_ptr=I32, ticket_ptr=I32)
 common = dict(BLOCK_N=16, BLOCK_D=32)
 scan = dict(EPI=1, BIDIR=False, REVERSE=False, MASK_IN=True, MASK_OUT=False, TRUNC=False, HAS_S0=True,
-            CARRY=False, LOOKBACK=True, WRITE_FINAL=True, STAGES=3, UNROLL=4)
+            CARRY=False, LOOKBACK=True, WRITE_FINAL=True, UNROLL=4)
 CASES = [
     (ema_fwd._scan_out_kernel, scan),
     (ema_fwd._scan_out_kernel, dict(scan, EPI=2, BIDIR=True, TRUNC=True, HAS_S0=False, CARRY=True, LOOKBACK=False,

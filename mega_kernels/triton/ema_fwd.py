@@ -206,7 +206,7 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b
 @triton.jit
 def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, t0, step, n, L, D, K, offs_d,
            EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
-           TRUNC: tl.constexpr, STAGES: tl.constexpr, UNROLL: tl.constexpr):
+           TRUNC: tl.constexpr, UNROLL: tl.constexpr):
     """Run the recurrence over n >= 1 steps from t0 from the pre-decayed state s; return the last h.
 
     In scaled-state form (a' = _safe(a)): g = s / a' + u_t0, then g <- q g + u_t (- q^K u_{t-step K}), and
@@ -315,7 +315,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                      final_ptr, flag_ptr, ticket_ptr, B, L, D, N, K, CHUNK, NDB,
                      EPI: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr,
                      MASK_OUT: tl.constexpr, TRUNC: tl.constexpr, HAS_S0: tl.constexpr, CARRY: tl.constexpr,
-                     LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr, STAGES: tl.constexpr,
+                     LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr,
                      UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
     into acc, then the primary rows writing the epilogue. Chunk 0 starts from s0 (or zero); chunk c > 0 from
@@ -355,7 +355,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
             s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
         _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
                tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
-               0, False, MASK_IN, False, TRUNC, STAGES, UNROLL)
+               0, False, MASK_IN, False, TRUNC, UNROLL)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
     a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
     q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
@@ -384,7 +384,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
     h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, qk, omega, s, b, tp0, step, n, L, D, K,
-               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, STAGES, UNROLL)
+               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, UNROLL)
     if LOOKBACK:
         if (c == 0) & (nc > 1):
             tl.store(nxt, h, mask=sm)
@@ -411,8 +411,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None, stages: int = 3,
-             unroll: int = 4):
+             block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4):
     """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
     buf, chunk): buf (nc, B, N, kd) holds h_in(c) for chunks c >= 1 (None for a single chunk).
 
@@ -420,9 +419,9 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
     state of the primary rows. reverse: the primary rows run backward in time. chunk: steps per chunk (None:
     DEFAULT_CHUNK; >= L: one sequential program per channel block). lookback: single-pass look-back (one
-    direction only) instead of the three-pass carry (the default, measured faster). block_d, num_warps: channels and warps per
-    program; stages: software-pipelining depth of the time loop; unroll: time steps per loop iteration (their
-    row loads are issued together).
+    direction only) instead of the three-pass carry (the default, measured faster). block_d, num_warps: channels
+    and warps per program; unroll: time steps per loop iteration (rows arrive as (unroll, block_d) tiles loaded
+    two iterations ahead).
     """
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -437,7 +436,6 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     lookback = lookback and nc > 1 and not bidirectional
     carry = nc > 1 and not lookback
     num_warps = num_warps or max(1, block_d // 32)
-    stages = 1 if INTERPRET else stages
     block_n = _block_n(ndim)
     out = _empty(u.shape, out_dtype, u.device)
     acc = None
@@ -465,7 +463,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
         chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
-        CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, STAGES=stages, UNROLL=unroll, BLOCK_N=block_n,
+        CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, UNROLL=unroll, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps)
     return out, final, buf, chunk
 
