@@ -117,6 +117,24 @@ def _row_tile(u_ptr, keep_ptr, row, step, rows_left, D, offs_k, offs_d, MASK_IN:
 
 
 @triton.jit
+def _tiles_ahead(u_ptr, keep_ptr, row, step, rows_left, D, offs_k, offs_d, MASK_IN: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """The first two tiles of a loop over rows_left rows from `row`, UNROLL rows per iteration."""
+    return (_row_tile(u_ptr, keep_ptr, row, step, rows_left, D, offs_k, offs_d, MASK_IN),
+            _row_tile(u_ptr, keep_ptr, row + UNROLL * step, step, rows_left - UNROLL, D, offs_k, offs_d, MASK_IN))
+
+
+@triton.jit
+def _advance(u_ptr, keep_ptr, nxt, nxt2, row, step, rows_left, D, offs_k, offs_d, MASK_IN: tl.constexpr,
+             UNROLL: tl.constexpr):
+    """One iteration of the two-ahead tile pipeline whose current rows start at `row` (rows_left from there):
+    returns (the tile to compute now, the next one, the load issued for two iterations ahead)."""
+    ahead = _row_tile(u_ptr, keep_ptr, row + 2 * UNROLL * step, step, rows_left - 2 * UNROLL, D, offs_k, offs_d,
+                      MASK_IN)
+    return nxt, nxt2, ahead
+
+
+@triton.jit
 def _tile_row(tile, offs_k, k: tl.constexpr):
     """Row k of a tile whose first axis sits in each thread's registers (a register pick, no data exchange)."""
     return tl.sum(tl.where(offs_k[:, None] == k, tile, 0.0), axis=0)
@@ -132,13 +150,10 @@ def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     n_main = (n // UNROLL) * UNROLL
     offs_k = tl.arange(0, UNROLL)
-    nxt = _row_tile(u_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN)
-    nxt2 = _row_tile(u_ptr, keep_ptr, row + UNROLL * step, step, n_main - UNROLL, D, offs_k, offs_d, MASK_IN)
+    nxt, nxt2 = _tiles_ahead(u_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
     for i in tl.range(0, n_main, UNROLL, num_stages=1):
-        cur = nxt
-        nxt = nxt2
-        nxt2 = _row_tile(u_ptr, keep_ptr, row + 2 * UNROLL * step, step, n_main - i - 2 * UNROLL, D, offs_k,
-                         offs_d, MASK_IN)
+        cur, nxt, nxt2 = _advance(u_ptr, keep_ptr, nxt, nxt2, row, step, n_main - i, D, offs_k, offs_d, MASK_IN,
+                                  UNROLL)
         for k in tl.static_range(UNROLL):
             H = q * H + _tile_row(cur, offs_k, k)[None, :]
             if TRUNC:
@@ -227,13 +242,10 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
     # so three tiles' loads are in flight (the time loop is otherwise bound by load latency).
     n_main = 1 + ((n - 1) // UNROLL) * UNROLL
     offs_k = tl.arange(0, UNROLL)
-    nxt = _row_tile(u_ptr, keep_ptr, row, step, n_main - 1, D, offs_k, offs_d, False)
-    nxt2 = _row_tile(u_ptr, keep_ptr, row + UNROLL * step, step, n_main - 1 - UNROLL, D, offs_k, offs_d, False)
+    nxt, nxt2 = _tiles_ahead(u_ptr, keep_ptr, row, step, n_main - 1, D, offs_k, offs_d, False, UNROLL)
     for i in tl.range(1, n_main, UNROLL, num_stages=1):
-        cur = nxt
-        nxt = nxt2
-        nxt2 = _row_tile(u_ptr, keep_ptr, row + 2 * UNROLL * step, step, n_main - i - 2 * UNROLL, D, offs_k,
-                         offs_d, False)
+        cur, nxt, nxt2 = _advance(u_ptr, keep_ptr, nxt, nxt2, row, step, n_main - i, D, offs_k, offs_d, False,
+                                  UNROLL)
         for k in tl.static_range(UNROLL):
             raw = _tile_row(cur, offs_k, k)
             g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b, row + k * step,
