@@ -42,7 +42,7 @@ def emulator():
     """The CUDA thread functions compiled for the CPU (built once per source hash into the extension cache)."""
     from torch.utils import cpp_extension
 
-    flags = ["-O2", "-DMK_TIME_UNROLL=8"]  # the GPU's software pipelining of the forward sweeps, on the CPU
+    flags = ["-O2"]
     digest = hashlib.sha256((torch.__version__ + str(flags)).encode())
     for rel in _EMULATOR_FILES:
         digest.update((_build.ROOT / rel).read_bytes())
@@ -81,11 +81,39 @@ EMULATOR_CASES = {  # (B, L, D, N, bidirectional, truncation, with_state)
 
 @pytest.mark.parametrize("case", EMULATOR_CASES)
 def test_cuda_kernel_logic_on_cpu(emulator, case):
-    bsz, length, dim, ndim, bidirectional, truncation, with_state = EMULATOR_CASES[case]
+    _check_emulator(emulator, case, *EMULATOR_CASES[case])
+
+
+@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks", "n1_bi_window"])
+def test_cuda_kernel_logic_zero_and_tiny_input_coefficients(emulator, case):
+    """Input coefficients a = sigmoid(delta) beta exactly 0 or ~1e-30 (below the 2^-64 floor of the scaled
+    state g = h / a' of the output sweeps, and of the backward's scaled local P sum): the state still enters,
+    decays and leaves exactly (chunk states across several chunks, a state in and out, windows)."""
+
+    def edit_beta(beta):
+        beta = beta.clone()
+        beta[::3] = 0.0
+        beta[1::4, -1] = 1e-30
+        return beta
+
+    _check_emulator(emulator, case, *EMULATOR_CASES[case], edit_beta=edit_beta)
+
+
+@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks_bi", "n1_bi_window"])
+def test_cuda_kernel_logic_without_mask(emulator, case):
+    """No mask: the kernels compiled without the mask (a separate instantiation of every sweep over x)."""
+    _check_emulator(emulator, case, *EMULATOR_CASES[case], masked=False)
+
+
+def _check_emulator(emulator, case, bsz, length, dim, ndim, bidirectional, truncation, with_state, edit_beta=None,
+                    masked=True):
+    """Forward (y, final state) and backward of the emulated CUDA kernels vs the float64 reference."""
     delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
+    if edit_beta is not None:
+        beta = edit_beta(beta)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     x = torch.randn(bsz, length, dim, dtype=torch.float64)
-    mask = random_mask(bsz, length)
+    mask = random_mask(bsz, length) if masked else None
     state = torch.randn(bsz, dim, ndim, dtype=torch.float64) if with_state else None
     gy = torch.randn(bsz, length, dim, dtype=torch.float64)
     gs = torch.randn(bsz, dim, ndim, dtype=torch.float64) if with_state else None

@@ -9,6 +9,10 @@
 //              p starts from `state`);
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
+//              It keeps the scaled state g = h / a' (two multiply-adds per state and step; ema_kernels.cuh).
+// The sweeps over x (phases 1 and 3, and the backward's phase 1 and bidirectional output) load their rows a
+// group ahead of the arithmetic (sweep_rows, ema_cuda_threads.cuh); each case of (mask given, K > 0) is its
+// own kernel (template arguments MASK, TRUNC), so no case pays the registers or the tests of another.
 // Backward: the same chunking for every sweep of "Backward" in ema_kernels.cuh: (1) each chunk's H and
 // P from zero, (2) a prefix pass for the (h, H, P) entering each chunk, [bidirectional: the backward
 // direction's output into g's buffer], (3) per chunk the parameter sweep (g formed by direction 0) with
@@ -24,10 +28,11 @@ namespace ema {
 namespace cuda {
 namespace {
 
-template <typename T, int NM>
+// MASK, TRUNC: a mask is given, K > 0 (the sweep variant; pick_sweep in ema_cuda_threads.cuh).
+template <typename T, int NM, bool MASK, bool TRUNC>
 __global__ void fwd_local_kernel(FwdParams p, Plan plan) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
-  if (d < p.D) fwd_local_thread<T, NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
+  if (d < p.D) fwd_local_thread<T, NM, MASK, TRUNC>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
 }
 
 template <int NM>
@@ -36,11 +41,12 @@ __global__ void fwd_prefix_kernel(FwdParams p, Plan plan) {
   if (d < p.D) fwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
 }
 
-template <typename T, int NM, bool BI>
+template <typename T, int NM, bool BI, bool MASK, bool TRUNC>
 __global__ void fwd_out_kernel(FwdParams p, Plan plan) {
   extern __shared__ float ebuf[];  // [chunk step][thread]: the backward direction's output
   const int d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (d < p.D) fwd_out_thread<T, NM, BI>(p, plan, blockIdx.y, d, blockIdx.z, ebuf + threadIdx.x, blockDim.x);
+  if (d < p.D)
+    fwd_out_thread<T, NM, BI, MASK, TRUNC>(p, plan, blockIdx.y, d, blockIdx.z, ebuf + threadIdx.x, blockDim.x);
 }
 
 // Backward kernels: grid (channel blocks, B or B * directions, chunks), as the forward's.
@@ -48,20 +54,20 @@ __global__ void fwd_out_kernel(FwdParams p, Plan plan) {
   if (d >= p.D) return;                                                      \
   const int ndir = p.bi ? 2 : 1;                                             \
   (void)ndir
-template <typename T, int NM>
+template <typename T, int NM, bool MASK, bool TRUNC>
 __global__ void bwd_local_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_local_thread<T, NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
+  bwd_local_thread<T, NM, MASK, TRUNC>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
 }
 template <int NM>
 __global__ void bwd_prefix_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
   bwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
 }
-template <typename T, int NM>
+template <typename T, int NM, bool MASK, bool TRUNC>
 __global__ void bwd_other_output_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_other_output_thread<T, NM>(p, plan, blockIdx.y, d, blockIdx.z);
+  bwd_other_output_thread<T, NM, MASK, TRUNC>(p, plan, blockIdx.y, d, blockIdx.z);
 }
 template <typename T, int NM>
 __global__ void bwd_params_kernel(BwdParams p, Plan plan, int dir_idx) {
@@ -114,20 +120,27 @@ const char* grid_error(int B, int L, int D, bool bi) {
   return nullptr;
 }
 
-template <typename T, int NM>
-const char* fwd(const FwdParams& p, cudaStream_t s) {
-  if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
+template <typename T, int NM, bool MASK, bool TRUNC>
+const char* fwd_sweeps(const FwdParams& p, cudaStream_t s) {
   const Plan plan = fwd_plan(p.B, p.L, p.D, p.bi);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads;
-  MK_LAUNCH(fwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(fwd_local_kernel<T, NM, MASK, TRUNC><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
   MK_LAUNCH(fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
   if (p.bi) {
     const size_t smem = sizeof(float) * kThreads * plan.chunk;  // plan.chunk <= kBiChunk: within 48 KiB
-    MK_LAUNCH(fwd_out_kernel<T, NM, true><<<dim3(xb, p.B, plan.nchunks), kThreads, smem, s>>>(p, plan));
+    MK_LAUNCH(fwd_out_kernel<T, NM, true, MASK, TRUNC><<<dim3(xb, p.B, plan.nchunks), kThreads, smem, s>>>(p, plan));
   } else {
-    MK_LAUNCH(fwd_out_kernel<T, NM, false><<<dim3(xb, p.B, plan.nchunks), kThreads, 0, s>>>(p, plan));
+    MK_LAUNCH(fwd_out_kernel<T, NM, false, MASK, TRUNC><<<dim3(xb, p.B, plan.nchunks), kThreads, 0, s>>>(p, plan));
   }
   return nullptr;
+}
+
+template <typename T, int NM>
+const char* fwd(const FwdParams& p, cudaStream_t s) {
+  if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
+  return pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
+    return fwd_sweeps<T, NM, decltype(mask)::value, decltype(trunc)::value>(p, s);
+  });
 }
 
 template <typename T, int NM>
@@ -135,9 +148,17 @@ const char* bwd(const BwdParams& p, cudaStream_t s) {
   if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
   const Plan plan = bwd_plan(p.B, p.L, p.D);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads, C = plan.nchunks;
-  MK_LAUNCH(bwd_local_kernel<T, NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
+    constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
+    bwd_local_kernel<T, NM, M, TR><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
+  }));
   MK_LAUNCH(bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
-  if (p.bi) MK_LAUNCH(bwd_other_output_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
+  if (p.bi) {
+    MK_LAUNCH(pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
+      constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
+      bwd_other_output_kernel<T, NM, M, TR><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
+    }));
+  }
   for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)  // direction 0 forms g, which direction 1 reads
     MK_LAUNCH(bwd_params_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan, dir_idx));
   MK_LAUNCH(bwd_adjoint_local_kernel<NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));

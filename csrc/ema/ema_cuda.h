@@ -18,6 +18,7 @@ constexpr int kThreads = 128;         // channels per block of the scan kernels 
 constexpr int kStepThreads = 256;     // threads per block of the decoding step (grid x: B * D / 256)
 constexpr int kBiChunk = 64;          // bidirectional forward chunk (shared memory: kThreads * kBiChunk floats)
 constexpr int kBwdMaxChunk = 256;     // backward chunk cap (2 * kSumBlock of ema_kernels.cuh)
+constexpr int kRowGroup = 8;          // rows a scan thread loads one group ahead of its arithmetic
 constexpr int64_t kMaxGridX = 2147483647;  // CUDA grid limits
 constexpr int64_t kMaxGridYZ = 65535;
 

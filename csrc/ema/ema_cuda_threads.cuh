@@ -56,25 +56,152 @@ MK_HD int64_t ws_index(int b, int dir_idx, int ndir, int chunk, int nch, int n, 
   return ((((static_cast<int64_t>(b) * ndir + dir_idx) * nch + chunk) * NM + n) * D) + d;
 }
 
+// -- the time loop of every sweep over x: rows loaded a group ahead --------------------------------------
+// A sweep's loads do not depend on its state, so sweep_rows issues the loads of the next group of U steps
+// before it computes the current U steps: each thread keeps a group of rows in flight while it computes
+// (a scan that loads each row when it needs it waits for the memory latency at every step). A group holds
+// kRowGroup rows of x: U = kRowGroup steps, kRowGroup / 2 when truncated (x_i and x_{i-K} per step), and
+// kRowGroup / 4 when truncated and masked (four loads per step; more would cost N = 32 spills). The rows
+// stay raw in registers (converted and masked where used), so no instruction waits on them early.
+// MASK (a mask is given) and TRUNC (K > 0) are compile-time, as kernel template arguments: each case is
+// its own kernel, with no test inside the time loop and its own register count (pick_sweep below).
+template <bool MASK, bool TRUNC>
+constexpr int row_group_steps() { return TRUNC ? (MASK ? kRowGroup / 4 : kRowGroup / 2) : kRowGroup; }
+
+// Where a sweep reads the group at position ib: element off of x and moff of the mask; one position
+// further is step (mstep) elements, K positions back is back (mback). Offsets, not pointers: past the
+// sweep's ends they are formed but never read.
+template <typename T>
+struct RowCursor {
+  const T* x;
+  const bool* mask;
+  int64_t off, step, back;
+  int moff, mstep, mback;
+};
+
+template <typename T, bool MASK, bool TRUNC>
+struct RowGroup {
+  static constexpr int U = row_group_steps<MASK, TRUNC>();
+  T x[U], xo[U];           // x at the positions ib + k and (TRUNC) ib + k - K of the direction
+  bool keep[U], keepo[U];  // their mask (MASK)
+  // Loads the group at c: the rows k < left (positions before the sweep's end) and, for xo, k >= -before
+  // (ib + k - K >= 0); the others read as 0. When every row of the group exists (the usual case; the test
+  // is the same for the whole warp) the loads need no predicates, which the compiler would otherwise keep
+  // few of and answer by issuing the loads late, after the arithmetic.
+  MK_HD void load(const RowCursor<T>& c, int left, int before) {
+    if (left >= U && (!TRUNC || before >= 0)) {
+      MK_UNROLL for (int k = 0; k < U; ++k) {
+        const int64_t o = c.off + k * c.step;
+        const int mo = c.moff + k * c.mstep;
+        x[k] = c.x[o];
+        if (MASK) keep[k] = c.mask[mo];
+        if (TRUNC) {
+          xo[k] = c.x[o - c.back];
+          if (MASK) keepo[k] = c.mask[mo - c.mback];
+        }
+      }
+      return;
+    }
+    MK_UNROLL for (int k = 0; k < U; ++k) {
+      const bool ok = k < left, oko = ok && k >= -before;
+      const int64_t o = c.off + k * c.step;
+      const int mo = c.moff + k * c.mstep;
+      x[k] = ok ? c.x[o] : T(0.f);
+      if (MASK) keep[k] = ok && c.mask[mo];
+      if (TRUNC) {
+        xo[k] = oko ? c.x[o - c.back] : T(0.f);
+        if (MASK) keepo[k] = oko && c.mask[mo - c.mback];
+      }
+    }
+  }
+  MK_HD float raw(int k) const { return to_acc<float>(x[k]); }
+  MK_HD float xm(int k) const { return (!MASK || keep[k]) ? to_acc<float>(x[k]) : 0.f; }
+  MK_HD float xom(int k) const { return TRUNC && (!MASK || keepo[k]) ? to_acc<float>(xo[k]) : 0.f; }
+};
+
+// Runs body(i, x_i, xm_i, xm_{i-K}) for the positions i = i0 .. i1-1 of direction dir, in order
+// (xm: masked; xm_{i-K} = 0 without TRUNC or for i < K). MASK: in.mask is not null.
+template <typename T, bool MASK, bool TRUNC, typename Body>
+MK_HD void sweep_rows(const Lanes<T>& in, int dir, int i0, int i1, int K, Body body) {
+  using Group = RowGroup<T, MASK, TRUNC>;
+  constexpr int U = Group::U;
+  const int t0 = time_of(i0, dir, in.L);
+  const int64_t step = dir > 0 ? in.ts : -in.ts;
+  RowCursor<T> c{in.x, in.mask, static_cast<int64_t>(t0) * in.ts, step, static_cast<int64_t>(K) * step,
+                 t0, dir, dir > 0 ? K : -K};
+  Group next;
+  next.load(c, i1 - i0, i0 - K);
+  int ib = i0;
+  for (; ib + U <= i1; ib += U) {  // full groups
+    const Group cur = next;
+    c.off += U * c.step;
+    c.moff += U * c.mstep;
+    next.load(c, i1 - ib - U, ib + U - K);
+    MK_UNROLL for (int k = 0; k < U; ++k) body(ib + k, cur.raw(k), cur.xm(k), cur.xom(k));
+  }
+  MK_UNROLL for (int k = 0; k < U; ++k) {  // the last, partial group (already loaded)
+    if (ib + k >= i1) break;
+    body(ib + k, next.raw(k), next.xm(k), next.xom(k));
+  }
+}
+
+// Host side (launchers, emulator): f(Flag<MASK>(), Flag<TRUNC>()) for a mask given or not and K > 0 or not,
+// so each caller instantiates the four cases of the sweep kernels the same way.
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+template <typename F>
+inline auto pick_sweep(bool mask, bool trunc, F&& f) -> decltype(f(Flag<false>(), Flag<false>())) {
+  if (mask) return trunc ? f(Flag<true>(), Flag<true>()) : f(Flag<true>(), Flag<false>());
+  return trunc ? f(Flag<false>(), Flag<true>()) : f(Flag<false>(), Flag<false>());
+}
+
+// The output sweep over positions [i0, i1) of direction dir from the state h entering it (h_{i0-1}), in
+// the scaled-state form of ema_kernels.cuh: g = h / a', g <- q g + xm_i - q^K xm_{i-K}, and
+// emit(t, e_t = sum_n (c a') g, x_t) at each step (the callers need only e, not the final state).
+template <typename T, int NM, bool MASK, bool TRUNC, typename Emit>
+MK_HD void out_sweep(const Lanes<T>& in, int dir, int i0, int i1, int K, const Reg<NM>& r, const float* h,
+                     Emit emit) {
+  float q[NM], ca[NM], qk[NM], g[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {  // padded states: a = c = q = 0, so ca = 0 and g is never read
+    const float as = scaled_coef(r.a[n]);
+    q[n] = r.q[n];
+    ca[n] = r.c[n] * as;
+    qk[n] = r.qk[n];
+    g[n] = h[n] / as;
+  }
+  sweep_rows<T, MASK, TRUNC>(in, dir, i0, i1, K, [&](int i, float x, float xm, float xo) {
+    float e = 0.f;
+    MK_UNROLL for (int n = 0; n < NM; ++n) {
+      float gv = q[n] * g[n] + xm;
+      if (TRUNC) gv -= qk[n] * xo;
+      g[n] = gv;
+      e += ca[n] * gv;
+    }
+    emit(time_of(i, dir, in.L), e, x);
+  });
+}
+
 // Phase 1 for (batch b, direction dir_idx, channel d, chunk): the chunk's end state from 0 into the workspace.
-template <typename T, int NM>
+// The input sum u = q u + xm - q^K xm_{i-K} (H of "Backward" in ema_kernels.cuh): one multiply-add per state
+// and step; the end state from 0 is h = a u.
+template <typename T, int NM, bool MASK, bool TRUNC>
 MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
   const int ndir = p.bi ? 2 : 1;
   const int dir = dir_idx ? -1 : 1;
   Reg<NM> r;
   r.load(p.cf, dir_idx * p.D + d, p.N);
   const Lanes<T> in{static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.L * p.D + d,
-                    p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
+                    MASK ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
   float u[NM];
   MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = 0.f;
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, dir, i0, i1);
-  if (p.K > 0) {
-    scan_input_sum<NM, true>(in, dir, i0, i1, p.K, r.q, r.qk, u);
-  } else {
-    scan_input_sum<NM, false>(in, dir, i0, i1, p.K, r.q, r.qk, u);
-  }
-  MK_UNROLL for (int n = 0; n < NM; ++n)  // the end state from 0 is h = a u
+  sweep_rows<T, MASK, TRUNC>(in, dir, i0, i1, p.K, [&](int, float, float xm, float xo) {
+    MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = r.q[n] * u[n] + xm - (TRUNC ? r.qk[n] * xo : 0.f);
+  });
+  MK_UNROLL for (int n = 0; n < NM; ++n)
     p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = r.a[n] * u[n];
 }
 
@@ -106,11 +233,11 @@ MK_HD void fwd_prefix_thread(const FwdParams& p, const Plan& plan, int b, int di
 }
 
 // Phase 3 for (b, d, chunk): y over the chunk. ebuf[step * es] holds the backward direction's output (BI).
-template <typename T, int NM, bool BI>
+template <typename T, int NM, bool BI, bool MASK, bool TRUNC>
 MK_HD void fwd_out_thread(const FwdParams& p, const Plan& plan, int b, int d, int chunk, float* ebuf, int es) {
   const int ndir = BI ? 2 : 1, t0 = chunk * plan.chunk;
   const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
-  const Lanes<T> in{static_cast<const T*>(p.x) + base, p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr,
+  const Lanes<T> in{static_cast<const T*>(p.x) + base, MASK ? p.mask + static_cast<int64_t>(b) * p.L : nullptr,
                     p.D, p.L, 1};
   Reg<NM> r;
   float h[NM];
@@ -119,18 +246,17 @@ MK_HD void fwd_out_thread(const FwdParams& p, const Plan& plan, int b, int d, in
     r.load(p.cf, p.D + d, p.N);
     MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 1, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
     chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
-    scan_fwd<1, NM>(in, -1, i0, i1, p.K, p.N, r.view(), h,
-                    [&](int t, const float* e) { ebuf[(t - t0) * es] = e[0]; });
+    out_sweep<T, NM, MASK, TRUNC>(in, -1, i0, i1, p.K, r, h, [&](int t, float e, float) { ebuf[(t - t0) * es] = e; });
   }
   r.load(p.cf, d, p.N);
   MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 0, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
   chunk_positions(chunk, plan.chunk, p.L, 1, i0, i1);
   const float om = p.omega[d];
   T* y = static_cast<T*>(p.y) + base;
-  scan_fwd<1, NM>(in, 1, i0, i1, p.K, p.N, r.view(), h, [&](int t, const float* e) {
-    float z = e[0] + om * to_acc<float>(in.x[static_cast<int64_t>(t) * p.D]);
+  out_sweep<T, NM, MASK, TRUNC>(in, 1, i0, i1, p.K, r, h, [&](int t, float e, float x) {
+    float z = e + om * x;
     if (BI) z += ebuf[(t - t0) * es];
-    y[static_cast<int64_t>(t) * p.D] = from_acc<T>(silu(z));
+    y[static_cast<int64_t>(t) * p.D] = from_acc<T>(silu_fast(z));
   });
 }
 
@@ -163,29 +289,32 @@ struct BwdView {
 };
 
 // Phase 1 for (b, direction, d, chunk): from zero over the chunk, u = H and v = P of the chunk alone
-// (v = q v + a u_prev - K a q^(K-1) xm_{t-K}, since the chunk's own h is a u).
-template <typename T, int NM>
+// (v = q v + a u_prev - K a q^(K-1) xm_{t-K}, since the chunk's own h is a u). v is kept scaled as
+// s = v / a' (a' of the scaled state, ema_kernels.cuh): s = q s + u_prev - (K a q^(K-1) / a') xm_{t-K}, one
+// multiply-add fewer per state and step; v = a' s at the end (exact to kScaledTiny |u| where a is raised).
+template <typename T, int NM, bool MASK, bool TRUNC>
 MK_HD void bwd_local_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
   const BwdView w(p, plan, b, dir_idx, d);
   Reg<NM> r;
   r.load(p.cf, w.row, p.N);
   const Lanes<T> in = w.lanes<T>();
-  float u[NM], v[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = v[n] = 0.f;
+  float u[NM], sv[NM], as[NM], kq[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    u[n] = sv[n] = 0.f;
+    as[n] = scaled_coef(r.a[n]);
+    kq[n] = TRUNC ? r.kaqk1[n] / as[n] : 0.f;
+  }
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-  for (int i = i0; i < i1; ++i) {
-    float xv, xo = 0.f;
-    load_xm<1>(&xv, in, i, w.dir);
-    if (p.K > 0) load_xm<1>(&xo, in, i - p.K, w.dir);
+  sweep_rows<T, MASK, TRUNC>(in, w.dir, i0, i1, p.K, [&](int, float, float xv, float xo) {
     MK_UNROLL for (int n = 0; n < NM; ++n) {
-      v[n] = r.q[n] * v[n] + r.a[n] * u[n] - r.kaqk1[n] * xo;
-      u[n] = r.q[n] * u[n] + xv - r.qk[n] * xo;
+      sv[n] = r.q[n] * sv[n] + u[n] - (TRUNC ? kq[n] * xo : 0.f);
+      u[n] = r.q[n] * u[n] + xv - (TRUNC ? r.qk[n] * xo : 0.f);
     }
-  }
+  });
   MK_UNROLL for (int n = 0; n < NM; ++n) {
     w.ws<NM>(1, chunk, n) = u[n];
-    w.ws<NM>(2, chunk, n) = v[n];
+    w.ws<NM>(2, chunk, n) = as[n] * sv[n];
   }
 }
 
@@ -224,7 +353,7 @@ MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int di
 
 // Bidirectional only, for (b, d, chunk): the backward direction's output over the chunk into gbuf (it
 // enters z, which the forward direction's parameter pass needs).
-template <typename T, int NM>
+template <typename T, int NM, bool MASK, bool TRUNC>
 MK_HD void bwd_other_output_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
   const BwdView w(p, plan, b, 1, d);
   Reg<NM> r;
@@ -234,8 +363,8 @@ MK_HD void bwd_other_output_thread(const BwdParams& p, const Plan& plan, int b, 
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
   float* gbuf = p.gbuf + static_cast<int64_t>(b) * p.L * p.D + d;
-  scan_fwd<1, NM>(w.lanes<T>(), -1, i0, i1, p.K, p.N, r.view(), h,
-                  [&](int t, const float* e) { gbuf[static_cast<int64_t>(t) * p.D] = e[0]; });
+  out_sweep<T, NM, MASK, TRUNC>(w.lanes<T>(), -1, i0, i1, p.K, r, h,
+                                [&](int t, float e, float) { gbuf[static_cast<int64_t>(t) * p.D] = e; });
 }
 
 // Phase 3 for (b, direction, d, chunk): the parameter-gradient sweep over the chunk (direction 0 also

@@ -7,6 +7,11 @@
 //   forward:   h_t = q h_{t-1} + a xm_t - a q^K xm_{t-K}        (h_{-1} = state s, 0 when truncated)
 //              e_t = sum_n c h_t,   z_t = e_t [+ e'_t of the other direction] + omega x_t,   y_t = silu(z_t)
 // The truncated form keeps exactly the taps k[l] = sum_n c a q^l, l < K, of the convolution.
+// Scaled state (the CUDA sweeps that only need e): with a' = a, or kScaledTiny where |a| < kScaledTiny,
+//   g = h / a':  g_t = q g_{t-1} + xm_t - q^K xm_{t-K},   e_t = sum_n (c a') g_t,   h_t = a' g_t,
+//   one multiply-add per state for g (xm_t is shared by the N states) and one for e, against three for h.
+//   A state s enters as g = s / a'. Where a is raised to a', h keeps its own decay exactly and the input path
+//   gains at most kScaledTiny |c| sum |xm| (far below float32 resolution); g overflows only for |s| > 2^64.
 // A "direction" is a time order: dir = +1 runs t = 0..L-1; dir = -1 runs t = L-1..0 (the backward rows
 // [D, 2D) of a bidirectional EMA), so both use the same code on the position i along the direction.
 //
@@ -48,14 +53,10 @@
 #endif
 // The per-n lane loops below take restrict pointers so the host compiler vectorises them over W.
 #define MK_R __restrict__
-// Forward sweeps load MK_TIME_UNROLL steps of x before computing them, so a GPU thread keeps several
-// loads in flight (one at a time leaves the scan latency-bound). The host needs no such help.
+// scan_fwd loads MK_TIME_UNROLL steps of x before computing them. The host (its only user) needs no such
+// help; the CUDA sweeps keep their loads a group of rows ahead themselves (sweep_rows, ema_cuda_threads.cuh).
 #ifndef MK_TIME_UNROLL
-#if defined(__CUDACC__)
-#define MK_TIME_UNROLL 8
-#else
 #define MK_TIME_UNROLL 1
-#endif
 #endif
 
 namespace mega_kernels {
@@ -100,6 +101,16 @@ template <typename A>
 MK_HD A silu(A z) { return z * sigmoid(z); }
 template <typename A>
 MK_HD A dsilu(A z) { A s = sigmoid(z); return s * (A(1) + z * (A(1) - s)); }
+// silu of the CUDA forward output: on the GPU z / (1 + e^-z) with the fast division (__fdividef, 2 ulp; the
+// IEEE division adds a range test, a branch and a called slow path to every step of the sweep). It gives 0
+// where 1 + e^-z exceeds 2^126 (z < -87.3, where |silu(z)| < 1e-35). Host: silu.
+MK_HD float silu_fast(float z) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(z, 1.f + expf(-z));
+#else
+  return silu(z);
+#endif
+}
 
 // Coefficients of one direction for a lane group, each [n * W + w] (see the header comment).
 template <typename A>
@@ -214,6 +225,11 @@ MK_HD void fold_sums(A* MK_R total, A* MK_R part, int count) {
 
 MK_HD int time_of(int i, int dir, int L) { return dir > 0 ? i : L - 1 - i; }
 
+// The input coefficient a' of the scaled state (see the header comment): |a| < 2^-64 (0 included) is raised
+// to 2^-64, so 1 / a' is finite. A NaN a stays NaN.
+constexpr float kScaledTiny = 0x1p-64f;
+MK_HD float scaled_coef(float a) { return fabsf(a) < kScaledTiny ? kScaledTiny : a; }
+
 // xm at position i along the direction (0 outside [0, L), where masked, or in padded lanes).
 template <int W, typename T, typename A>
 MK_HD void load_xm(A* dst, const Lanes<T>& in, int i, int dir) {
@@ -264,25 +280,6 @@ MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, c
     scan_fwd_k<W, NM, true>(in, dir, i0, i1, K, N, cf, h, emit);
   } else {
     scan_fwd_k<W, NM, false>(in, dir, i0, i1, K, N, cf, h, emit);
-  }
-}
-
-// The input sum of [i0, i1) alone: u = q u + xm - q^K xm_{i-K} (H of "Backward": h = a u when started at
-// 0), one multiply-add per state and step; the CUDA forward's first phase.
-template <int NM, bool TRUNC, typename T, typename A>
-MK_HD void scan_input_sum(const Lanes<T>& in, int dir, int i0, int i1, int K, const A* q, const A* qk, A* u) {
-  constexpr int U = MK_TIME_UNROLL;
-  for (int ib = i0; ib < i1; ib += U) {
-    A xv[U], xo[U];
-    MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
-      load_xm<1>(&xv[k], in, ib + k < i1 ? ib + k : -1, dir);
-      xo[k] = A(0);
-      if (TRUNC) load_xm<1>(&xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
-    }
-    MK_UNROLL for (int k = 0; k < U; ++k) {
-      if (ib + k >= i1) break;
-      MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = q[n] * u[n] + xv[k] - (TRUNC ? qk[n] * xo[k] : A(0));
-    }
   }
 }
 

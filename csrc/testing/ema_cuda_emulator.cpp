@@ -32,18 +32,21 @@ Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt s
   mc::FwdParams p{x.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state), y.data_ptr(),
                   ret ? fs.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
   const mc::Plan plan = mc::fwd_plan(B, L, D, bi);
-  for (int c = 0; c < plan.nchunks; ++c)
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM>(p, plan, bd / ndir, bd % ndir, d, c);
-  for (int bd = 0; bd < B * ndir; ++bd)
-    for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
   std::vector<float> ebuf(plan.chunk, NAN);
-  for (int c = 0; c < plan.nchunks; ++c)
-    for (int b = 0; b < B; ++b)
-      for (int d = 0; d < D; ++d) {
-        if (bi) mc::fwd_out_thread<float, NM, true>(p, plan, b, d, c, ebuf.data(), 1);
-        else mc::fwd_out_thread<float, NM, false>(p, plan, b, d, c, ebuf.data(), 1);
-      }
+  mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {  // as fwd() in ema_cuda.cu
+    constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
+    for (int c = 0; c < plan.nchunks; ++c)
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+    for (int c = 0; c < plan.nchunks; ++c)
+      for (int b = 0; b < B; ++b)
+        for (int d = 0; d < D; ++d) {
+          if (bi) mc::fwd_out_thread<float, NM, true, M, TR>(p, plan, b, d, c, ebuf.data(), 1);
+          else mc::fwd_out_thread<float, NM, false, M, TR>(p, plan, b, d, c, ebuf.data(), 1);
+        }
+  });
   return {y, fs, torch::tensor({plan.chunk, plan.nchunks})};
 }
 
@@ -62,15 +65,18 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
                   pa.data_ptr<float>(), pq.data_ptr<float>(), pom.data_ptr<float>(), gbuf.data_ptr<float>(),
                   dxm.data_ptr<float>(), ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
   // the launches of ema_cuda.cu's bwd(), in order
-  for (int c = 0; c < C; ++c)
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::bwd_local_thread<float, NM>(p, plan, bd / ndir, bd % ndir, d, c);
-  for (int bd = 0; bd < B * ndir; ++bd)
-    for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
-  if (bi)
+  mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
+    constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
     for (int c = 0; c < C; ++c)
-      for (int b = 0; b < B; ++b)
-        for (int d = 0; d < D; ++d) mc::bwd_other_output_thread<float, NM>(p, plan, b, d, c);
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d) mc::bwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+    if (bi)
+      for (int c = 0; c < C; ++c)
+        for (int b = 0; b < B; ++b)
+          for (int d = 0; d < D; ++d) mc::bwd_other_output_thread<float, NM, M, TR>(p, plan, b, d, c);
+  });
   for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)
     for (int c = 0; c < C; ++c)
       for (int b = 0; b < B; ++b)
