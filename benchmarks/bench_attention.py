@@ -228,7 +228,7 @@ def check_targets(rows):
 
 
 def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
-                   kinds=("fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
+                   kinds=("lse", "fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     registers, spill bytes and the SASS length of its longest loops (masked and interior key tiles) per
     (kernel, activation), read by `benchmarks.kernel_resources.report`. Run with TRITON_INTERPRET unset."""
@@ -248,7 +248,8 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
     unit = ("s_qz", "s_kz", "s_ve", "s_oe", "s_de")          # specialised to 1 at launch, as Triton does
     f32 = ("BIAS", "LSE", "DELTA", "GB", "ACC", "M", "L")
     rows = []
-    for kind, fn in (("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel), ("fwd_e512", fw._fwd_kernel),
+    for kind, fn in (("lse", fw._lse_kernel), ("fwd", fw._fwd_kernel), ("fwd_e256", fw._fwd_kernel),
+                     ("fwd_e512", fw._fwd_kernel),
                      ("decode", fw._decode_kernel), ("dv_e512", bw._dv_kernel),
                      ("dv", bw._dv_kernel), ("dk", bw._dk_kernel), ("dq", bw._dq_kernel),
                      ("dq_ds", bw._dq_ds_kernel)):
@@ -265,6 +266,10 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
                 consts.update(ACT=act, **common.constants())
             if kind == "dk":
                 consts["STORE_DS"] = True
+            if fn is fw._fwd_kernel:   # as the launcher decides it
+                consts["PRE_LSE"] = act == 0 and pb.edim >= fw.PRE_LSE_MIN_E
+            if kind == "lse":
+                consts = {key: val for key, val in consts.items() if key in fn.arg_names}
             if "DOT_PRECISION" in fn.arg_names:
                 consts["DOT_PRECISION"] = pb.dot_precision
             consts.update({n: 1 for n in unit if n in fn.arg_names})

@@ -284,6 +284,11 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     in shared memory and spill at most 160 bytes per thread (the softmax dK kernel at Z = 256, which also
     stores the dS tiles). float32 (exact "ieee" dots, a correctness path, not a fast one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
+    if kind == "lse":       # softmax pre-pass for wide E (attention_fwd.PRE_LSE_MIN_E): program = query tile
+        if interpreting() or dtype == torch.float32:
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        # sm_90 at Z 256: 174 registers and no spill (BN 64: 255 registers, 432 bytes spilled)
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
     if kind == "decode":    # program = (batch, key split, E tile), vector maths
         return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
     if interpreting():

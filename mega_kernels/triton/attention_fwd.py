@@ -13,7 +13,10 @@ zeros (stats lse = +inf there, so the backward's exp(s - lse) is 0).
 
 E is tiled in the grid (program = query tile x E tile x batch): every E tile recomputes the same scores, which
 costs Z / BLOCK_E extra matmul work but keeps the accumulator (BLOCK_M, BLOCK_E) in registers for any E.
-The E-tile-0 program writes the per-row lse (natural log) used by the backward.
+The E-tile-0 program writes the per-row lse (natural log) used by the backward. For wide E (softmax,
+E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes the lse from the scores alone first; the E tiles then
+take p = exp(s - lse) directly (PRE_LSE) with no running max, sum or accumulator rescale, which every E tile
+would otherwise repeat.
 
 Key range of a query tile: from the block start of its first row to the block end of its last row (to its
 last row + 1 when causal), so key tiles above the diagonal and outside the tile's blocks are never visited;
@@ -35,25 +38,19 @@ from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, block_k
 
 
 @triton.jit
-def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, offs_e, acc, m_i, l_i, inv_n,
-              qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
-              ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
-              LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
-    """One key tile [start, start + BLOCK_N) of the forward: scores, bias, activation, acc += p v.
-    MASKED: apply the block / causal / padding / bounds masks; otherwise the tile is interior (interior_range)
-    and every pair is visible."""
+def _score_tile(q, K, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, inv_n, qscale, s_kb, s_kn, s_kz,
+                s_mb, Lk, Z, W, causal, has_mask, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                MASKED: tl.constexpr, BLOCK_N: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """Scores of the key tile [start, start + BLOCK_N): softmax: s log2(e) (-inf off the visible pairs);
+    laplace / relu2: act(s) (0 off them). MASKED: apply the block / causal / padding / bounds masks; otherwise
+    the tile is interior (interior_range) and every pair is visible."""
     offs_n = start + tl.arange(0, BLOCK_N)
     if MASKED:
-        n_ok = offs_n < hi
         kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
-                     mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
-                    mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                     mask=(offs_n[None, :] < hi) & (offs_z[:, None] < Z), other=0.0)
     else:
         kt = tl.load(K + b * s_kb + offs_n[None, :] * s_kn + offs_z[:, None] * s_kz,
                      mask=offs_z[:, None] < Z, other=0.0)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
-                    mask=offs_e[None, :] < E, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if MASKED:
         kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
@@ -62,41 +59,64 @@ def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z
     else:
         bias = tl.load(BIAS + (W - 1 + offs_n[None, :] - pos[:, None])).to(tl.float32)
     if ACT == 0:
-        s2 = qk * qscale + bias * 1.4426950408889634
+        sc = qk * qscale + bias * 1.4426950408889634
         if MASKED:
-            s2 = tl.where(vis, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s2 - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
+            sc = tl.where(vis, sc, float("-inf"))
     else:
-        p = element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C)
+        sc = element_act(qk * inv_n[:, None] + bias, ACT, LAPLACE_MU, LAPLACE_C)
         if MASKED:
-            p = tl.where(vis, p, 0.0)
+            sc = tl.where(vis, sc, 0.0)
+    return sc
+
+
+@triton.jit
+def _online_update(sc, m_i, l_i):
+    """Online softmax step on log2-domain scores: (p, alpha, new max, new sum); p = 2^(sc - max)."""
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(sc - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, offs_e, acc, m_i, l_i, inv_n,
+              qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
+              ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, PRE_LSE: tl.constexpr,
+              BLOCK_N: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """One key tile of the forward: acc += p v. Softmax with PRE_LSE: m_i holds the final log2-domain lse and
+    p = 2^(sc - lse) needs no rescaling; otherwise the online update."""
+    sc = _score_tile(q, K, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, inv_n, qscale, s_kb, s_kn,
+                     s_kz, s_mb, Lk, Z, W, causal, has_mask, ACT, DOT_PRECISION, MASKED, BLOCK_N, LAPLACE_MU,
+                     LAPLACE_C)
+    offs_n = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=(offs_n[:, None] < hi) & (offs_e[None, :] < E), other=0.0)
+    else:
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
+                    mask=offs_e[None, :] < E, other=0.0)
+    if ACT != 0:
+        p = sc
+    elif PRE_LSE:
+        p = tl.exp2(sc - m_i[:, None])
+    else:
+        p, alpha, m_i, l_i = _online_update(sc, m_i, l_i)
+        acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=NO_SPECIALIZE)
-def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
-                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_ob, s_om, s_oe, s_mb, s_cb,
-                Lq, Lk, Z, E, S, W, scale, causal, has_mask,
-                ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
-                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
-    pid_e = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+@triton.jit
+def _fwd_setup(Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """Rows, q tile and key ranges of query tile pid_m: (offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo,
+    int_hi, n_masked) (masked key tiles: `masked_tile_start`; interior ones: [int_lo, int_hi))."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_z = tl.arange(0, BLOCK_Z)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     row_ok = offs_m < Lq
     pos = Lk - Lq + offs_m
     cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
-
     q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
                 mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
     first = Lk - Lq + pid_m * BLOCK_M
@@ -104,25 +124,76 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
     lo, hi = block_key_range(first, last, Lk, S, causal)
     int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
                                     has_mask, BLOCK_N)
+    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
+    return offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked
 
-    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
+                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_mb, s_cb,
+                Lq, Lk, Z, S, W, scale, causal, has_mask,
+                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_Z: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+    """The softmax pre-pass for wide E: each row's lse (natural log; +inf for rows with no visible key) from
+    the scores alone, so that the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = _fwd_setup(
+        Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
+    offs_z = tl.arange(0, BLOCK_Z)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qscale = scale * 1.4426950408889634
+    for t in range(0, n_masked):
+        sc = _score_tile(q, K, BIAS, KPM, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi, pos, row_ok,
+                         cs, ce, cnt, offs_z, qscale, qscale, s_kb, s_kn, s_kz, s_mb, Lk, Z, W, causal, has_mask,
+                         0, DOT_PRECISION, True, BLOCK_N, LAPLACE_MU, LAPLACE_C)
+        _, _, m_i, l_i = _online_update(sc, m_i, l_i)
+    for start in range(int_lo, int_hi, BLOCK_N):
+        sc = _score_tile(q, K, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, qscale, qscale, s_kb,
+                         s_kn, s_kz, s_mb, Lk, Z, W, causal, has_mask, 0, DOT_PRECISION, False, BLOCK_N,
+                         LAPLACE_MU, LAPLACE_C)
+        _, _, m_i, l_i = _online_update(sc, m_i, l_i)
+    has = l_i > 0
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(LSE + b * Lq + offs_m, lse, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
+                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_ob, s_om, s_oe, s_mb, s_cb,
+                Lq, Lk, Z, E, S, W, scale, causal, has_mask,
+                ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, PRE_LSE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
+                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
+    pid_e = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = _fwd_setup(
+        Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
+    offs_z = tl.arange(0, BLOCK_Z)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    if PRE_LSE:    # m_i: the final lse in the log2 domain (+inf for rows with no visible key: p = 0)
+        m_i = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    qscale = scale * 1.4426950408889634
     inv_n = inv_count(pos, cs, cnt, causal)
-    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
     for t in range(0, n_masked):
         acc, m_i, l_i = _fwd_tile(q, K, V, BIAS, KPM, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi,
                                   pos, row_ok, cs, ce, cnt, offs_z, offs_e, acc, m_i, l_i, inv_n, qscale,
                                   s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
-                                  ACT, DOT_PRECISION, True, BLOCK_N, LAPLACE_MU, LAPLACE_C)
+                                  ACT, DOT_PRECISION, True, PRE_LSE, BLOCK_N, LAPLACE_MU, LAPLACE_C)
     for start in range(int_lo, int_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, offs_e,
                                   acc, m_i, l_i, inv_n, qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z,
-                                  E, W, causal, has_mask, ACT, DOT_PRECISION, False, BLOCK_N, LAPLACE_MU,
-                                  LAPLACE_C)
+                                  E, W, causal, has_mask, ACT, DOT_PRECISION, False, PRE_LSE, BLOCK_N,
+                                  LAPLACE_MU, LAPLACE_C)
 
-    if ACT == 0:
+    if ACT == 0 and not PRE_LSE:
         has = l_i > 0
         acc = acc / tl.where(has, l_i, 1.0)[:, None]
         if pid_e == 0:
@@ -194,10 +265,24 @@ def _fwd_kinds(pb: Problem):
     return ("fwd", "fwd_e256", "fwd_e512") if pb.edim >= 1024 else ("fwd", "fwd_e256")
 
 
+# Softmax with E >= PRE_LSE_MIN_E runs the `_lse_kernel` pre-pass (one score pass over the keys) so that each of
+# its E tiles skips the online max / sum / accumulator rescale: at the LM shape (E 2048) the rescale alone is
+# BLOCK_E / (warps' share) multiplies per thread and key tile in every E tile, the pre-pass one score pass.
+PRE_LSE_MIN_E = 1024
+
+
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
     lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
+    pre_lse = pb.act == 0 and pb.edim >= PRE_LSE_MIN_E
+    if pre_lse:
+        cfg = config("lse", pb, q.dtype)
+        _lse_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
+            q, k, rel_bias, kpm, counts, lse, *q.stride(), *k.stride(), kpm.stride(0), counts.stride(0),
+            pb.lq, pb.lk, pb.zdim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
+            DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, LAPLACE_MU=constants()["LAPLACE_MU"],
+            LAPLACE_C=constants()["LAPLACE_C"], **cfg)
     if pb.edim >= 256 and q.dtype != torch.float32 and not interpreting():
         kernel, cfg = autotuned(_fwd_kernel, _fwd_kinds(pb), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
@@ -209,7 +294,7 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
         q, k, v, rel_bias, kpm, counts, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), kpm.stride(0), counts.stride(0),
         pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
-        ACT=pb.act, DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
+        ACT=pb.act, DOT_PRECISION=pb.dot_precision, PRE_LSE=pre_lse, BLOCK_Z=pb.block_z, **cfg, **constants())
     return out, lse
 
 
