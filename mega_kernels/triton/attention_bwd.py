@@ -36,10 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (NO_SPECIALIZE, autotuned, block_key_range, config, constants, describe,
-                               element_act, element_act_grad, interior_query_range, interior_range,
-                               interpreting, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
-                               pair_interior, row_info, visible)
+from .attention_common import (NO_SPECIALIZE, autotuned, config, constants, describe, element_act,
+                               element_act_grad, interior_query_range, interpreting, inv_count, load_bias,
+                               load_key_pad, mask_args, masked_tile_start, pair_interior, query_tile, row_info,
+                               visible)
 
 
 @triton.jit
@@ -263,26 +263,16 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
     b = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
+        Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
     offs_z = tl.arange(0, BLOCK_Z)
-    row_ok = offs_m < Lq
-    pos = Lk - Lq + offs_m
-    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
-                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
     if ACT == 0:
         lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
     else:
         lse = pos.to(tl.float32)
         delta = lse
-    first = Lk - Lq + pid_m * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, Lk) - 1
-    lo, hi = block_key_range(first, last, Lk, S, causal)
-    int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
-                                    has_mask, BLOCK_N)
     dq = tl.zeros((BLOCK_M, BLOCK_Z), dtype=tl.float32)
-    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
     for t in range(0, n_masked):
         dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi, pos,
                       offs_m, row_ok, cs, ce, cnt, offs_z, lse, delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db,

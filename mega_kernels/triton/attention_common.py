@@ -142,6 +142,27 @@ def pair_interior(p_first, p_last, k_first, k_last, Lq, Lk, S, causal, has_mask)
 
 
 @triton.jit
+def query_tile(Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """Rows, q tile and key ranges of query tile pid_m: (offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo,
+    int_hi, n_masked) (masked key tiles: `masked_tile_start`; interior ones: [int_lo, int_hi))."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_z = tl.arange(0, BLOCK_Z)
+    row_ok = offs_m < Lq
+    pos = Lk - Lq + offs_m
+    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
+    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
+                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
+    first = Lk - Lq + pid_m * BLOCK_M
+    last = tl.minimum(first + BLOCK_M, Lk) - 1
+    lo, hi = block_key_range(first, last, Lk, S, causal)
+    int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
+                                    has_mask, BLOCK_N)
+    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
+    return offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked
+
+
+@triton.jit
 def masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N: tl.constexpr):
     """Start of the t-th masked key tile: those before the interior range, then those after it (there are
     (int_lo - lo) // BLOCK_N + cdiv(max(hi - int_hi, 0), BLOCK_N) of them)."""

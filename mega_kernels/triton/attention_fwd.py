@@ -32,9 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, block_key_range, config, constants, describe, element_act,
-                               interior_range, interpreting, inv_count, load_bias, load_key_pad, mask_args,
-                               masked_tile_start, row_info, visible)
+from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, config, constants, describe, element_act,
+                               interpreting, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
+                               query_tile, row_info, visible)
 
 
 @triton.jit
@@ -107,27 +107,6 @@ def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z
     return acc, m_i, l_i
 
 
-@triton.jit
-def _fwd_setup(Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr):
-    """Rows, q tile and key ranges of query tile pid_m: (offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo,
-    int_hi, n_masked) (masked key tiles: `masked_tile_start`; interior ones: [int_lo, int_hi))."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_z = tl.arange(0, BLOCK_Z)
-    row_ok = offs_m < Lq
-    pos = Lk - Lq + offs_m
-    cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
-    q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
-                mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-    first = Lk - Lq + pid_m * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, Lk) - 1
-    lo, hi = block_key_range(first, last, Lk, S, causal)
-    int_lo, int_hi = interior_range(lo, hi, first, last, pid_m * BLOCK_M + BLOCK_M <= Lq, Lk, S, causal,
-                                    has_mask, BLOCK_N)
-    n_masked = (int_lo - lo) // BLOCK_N + tl.cdiv(tl.maximum(hi - int_hi, 0), BLOCK_N)
-    return offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked
-
-
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                 s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_mb, s_cb,
@@ -138,7 +117,7 @@ def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
     the scores alone, so that the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = _fwd_setup(
+    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
         Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
     offs_z = tl.arange(0, BLOCK_Z)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -169,7 +148,7 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)      # last (busiest causal) query tiles first
     pid_e = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = _fwd_setup(
+    offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
         Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
     offs_z = tl.arange(0, BLOCK_Z)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
