@@ -1,6 +1,6 @@
 """Static resource report of the Triton kernels, compiled for a GPU architecture on a machine without one.
 
-    python -m benchmarks.kernel_resources [--arch 90] [--attention lm]
+    python -m benchmarks.kernel_resources [--arch 90] [--cuda] [--attention lm]
 
 For each kernel configuration the production launchers use, Triton compiles to a cubin (ptxas ships with
 Triton) and cuobjdump reports registers per thread, spills (local memory) and shared memory; the SASS of the
@@ -107,9 +107,31 @@ def ema_configs():
                     BLOCK_D=block_d), warps, 1)
 
 
+def cuda_report(path: str = "csrc/ema/ema_cuda.cu", arch: int = 90) -> list:
+    """(kernel, registers, stack bytes, shared bytes) of every kernel in a .cu file compiled by nvcc for `arch`
+    (flags of scripts/compile_cuda.sh; about a minute), names demangled when c++filt is present."""
+    import shutil
+    import tempfile
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        subprocess.run([nvcc, "-std=c++20", "-O3", "-cubin", f"-arch=sm_{arch}", "-Icsrc", path, "-o", cubin],
+                       check=True, capture_output=True, text=True)
+        usage = _tool("cuobjdump", cubin, "--dump-resource-usage")
+    rows = []
+    for name, body in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage):
+        if shutil.which("c++filt"):  # "void ns::(anonymous namespace)::kernel<T, 16>(args)" -> "kernel<T, 16>"
+            name = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
+            name = re.sub(r"^void |\(anonymous namespace\)::|\w+::", "", name).split("(")[0]
+        regs, stack, shared = (int(re.search(rf"{k}:(\d+)", body).group(1)) for k in ("REG", "STACK", "SHARED"))
+        rows.append((name, regs, stack, shared))
+    return sorted(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--cuda", action="store_true", help="also the CUDA EMA kernels (nvcc, about a minute)")
     parser.add_argument("--attention", choices=["lm", "lra"],
                         help="also the attention kernels at that shape (benchmarks.bench_attention.compile_report)")
     args = parser.parse_args()
@@ -120,6 +142,10 @@ def main():
         mix = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(5))
         print(f"{label:28s} reg {r['regs']:3d} spill {r['local']:3d} smem {r['shared']:5d} "
               f"warps/SM {occupancy(r['regs'], warps):2d}  loop {r['loop'] / steps:6.1f}/step  [{mix}]")
+    if args.cuda:
+        print("cuda: kernel, registers, stack (spill) bytes, shared bytes")
+        for name, regs, stack, shared in cuda_report(arch=args.arch):
+            print(f"{name[:60]:60s} reg {regs:3d} stack {stack:4d} smem {shared:6d}")
     if args.attention:
         from benchmarks.bench_attention import compile_report
         print("attention: kernel, activation (0 softmax), registers, spill bytes, shared bytes, longest loops "
