@@ -76,6 +76,10 @@ EMULATOR_CASES = {  # (B, L, D, N, bidirectional, truncation, with_state)
     "one_step_bi": (1, 1, 7, 3, True, 0, False),
     "n32_state": (2, 100, 5, 32, False, 0, True),
     "n1_bi_window": (1, 50, 3, 1, True, 7, False),
+    # N > 16: the backward forms g first, then sums the states 16 at a time (and its prefix takes 8 per thread)
+    "n32_bi": (2, 100, 5, 32, True, 0, False),
+    "n20_window": (2, 130, 4, 20, False, 9, False),
+    "n27_bi_window": (2, 100, 3, 27, True, 40, False),
 }
 
 
@@ -84,33 +88,45 @@ def test_cuda_kernel_logic_on_cpu(emulator, case):
     _check_emulator(emulator, case, *EMULATOR_CASES[case])
 
 
-@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks", "n1_bi_window"])
+def _zero_and_tiny(coef):
+    coef = coef.clone()
+    coef[::3] = 0.0
+    coef[1::4, -1] = 1e-30
+    return coef
+
+
+@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks", "n1_bi_window", "n32_state",
+                                  "n27_bi_window"])
 def test_cuda_kernel_logic_zero_and_tiny_input_coefficients(emulator, case):
     """Input coefficients a = sigmoid(delta) beta exactly 0 or ~1e-30 (below the 2^-64 floor of the scaled
-    state g = h / a' of the output sweeps, and of the backward's scaled local P sum): the state still enters,
-    decays and leaves exactly (chunk states across several chunks, a state in and out, windows)."""
-
-    def edit_beta(beta):
-        beta = beta.clone()
-        beta[::3] = 0.0
-        beta[1::4, -1] = 1e-30
-        return beta
-
-    _check_emulator(emulator, case, *EMULATOR_CASES[case], edit_beta=edit_beta)
+    state g = h / a' of the output sweeps, and of the backward's scaled P and h in its local and parameter
+    sweeps): the state still enters, decays and leaves exactly (chunk states across several chunks, a state in
+    and out, windows, the parameter sums 16 states at a time)."""
+    _check_emulator(emulator, case, *EMULATOR_CASES[case], edit_beta=_zero_and_tiny)
 
 
-@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks_bi", "n1_bi_window"])
+@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks_bi", "n32_state", "n27_bi_window"])
+def test_cuda_kernel_logic_zero_and_tiny_output_coefficients(emulator, case):
+    """Output coefficients c = gamma / sqrt(N) exactly 0 or ~1e-30 (below the 2^-64 floor of the adjoint's
+    scaled form mu = lam / c'): the carry from later chunks and the final-state gradient still pass through."""
+    _check_emulator(emulator, case, *EMULATOR_CASES[case], edit_gamma=_zero_and_tiny)
+
+
+@pytest.mark.parametrize("case", ["chunks_state", "chunks_bi", "window_across_chunks_bi", "n1_bi_window", "n32_bi",
+                                  "n20_window"])
 def test_cuda_kernel_logic_without_mask(emulator, case):
     """No mask: the kernels compiled without the mask (a separate instantiation of every sweep over x)."""
     _check_emulator(emulator, case, *EMULATOR_CASES[case], masked=False)
 
 
 def _check_emulator(emulator, case, bsz, length, dim, ndim, bidirectional, truncation, with_state, edit_beta=None,
-                    masked=True):
+                    masked=True, edit_gamma=None):
     """Forward (y, final state) and backward of the emulated CUDA kernels vs the float64 reference."""
     delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
     if edit_beta is not None:
         beta = edit_beta(beta)
+    if edit_gamma is not None:
+        gamma = edit_gamma(gamma)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     x = torch.randn(bsz, length, dim, dtype=torch.float64)
     mask = random_mask(bsz, length) if masked else None
@@ -133,7 +149,7 @@ def _check_emulator(emulator, case, bsz, length, dim, ndim, bidirectional, trunc
     f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
     y, final, plan = emulator.fwd(f(x), co, f(omega), mask, f(state), bidirectional, truncation, with_state)
     grads = emulator.bwd(f(gy), f(gs), f(x), co, f(omega), mask, f(state), bidirectional, truncation)
-    if case.startswith("chunks") or case.startswith("window"):
+    if case.startswith("chunks") or case.startswith("window") or case.startswith("n2") or case.startswith("n32"):
         assert plan[1] > 1, "the case must span several chunks"
     got = [y] + ([final] if with_state else []) + list(grads[:5]) + ([grads[5]] if with_state else [])
     names = ["y"] + (["final_state"] if with_state else []) + ["dx", "da", "dq", "dc", "domega"] + \

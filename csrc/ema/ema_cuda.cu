@@ -10,14 +10,18 @@
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
 //              It keeps the scaled state g = h / a' (two multiply-adds per state and step; ema_kernels.cuh).
-// The sweeps over x (phases 1 and 3, and the backward's phase 1 and bidirectional output) load their rows a
-// group ahead of the arithmetic (sweep_rows, ema_cuda_threads.cuh); each case of (mask given, K > 0) is its
-// own kernel (template arguments MASK, TRUNC), so no case pays the registers or the tests of another.
+// Every sweep over time (forward phases 1 and 3, backward phases 1, 3, 4 and 6 and the bidirectional output)
+// loads its rows a group ahead of the arithmetic (sweep_rows, ema_cuda_threads.cuh); each case of (mask
+// given, K > 0) is its own kernel (template arguments MASK, TRUNC; the adjoint's, which read g, not x, only
+// TRUNC), so no case pays the registers or the tests of another.
 // Backward: the same chunking for every sweep of "Backward" in ema_kernels.cuh: (1) each chunk's H and
-// P from zero, (2) a prefix pass for the (h, H, P) entering each chunk, [bidirectional: the backward
-// direction's output into g's buffer], (3) per chunk the parameter sweep (g formed by direction 0) with
-// partial sums per (b, chunk), (4-5) the adjoint carry per chunk and its prefix pass from the later side,
-// (6) the adjoint output and dx. The caller sums the partials over (b, chunk) in a fixed order.
+// P from zero, (2) a prefix pass for the (h, H, P) entering each chunk (a thread per group of kPrefixStates
+// states), [bidirectional: the backward direction's output into g's buffer], (3) per chunk the parameter
+// sweep (g formed by direction 0; H and P = a' Ps, with h = a H unless a state is given; more than
+// kParamStates states: g first, then the sums kParamStates states at a time) with partial sums per
+// (b, chunk), (4-5) the adjoint carry per chunk (scaled, mu = lam / c') and its prefix pass from the later
+// side, (6) the adjoint output and dx. The caller sums the partials over (b, chunk) in a fixed order.
+// Phase 3 is a kernel per pass (ParamPass: with or without a state, bidirectional, direction 1).
 // States and coefficients are float32 registers, zero-padded to NM >= N.
 #include <cuda_runtime.h>
 
@@ -62,32 +66,32 @@ __global__ void bwd_local_kernel(BwdParams p, Plan plan) {
 template <int NM>
 __global__ void bwd_prefix_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
+  bwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z * kPrefixStates);
 }
 template <typename T, int NM, bool MASK, bool TRUNC>
 __global__ void bwd_other_output_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
   bwd_other_output_thread<T, NM, MASK, TRUNC>(p, plan, blockIdx.y, d, blockIdx.z);
 }
-template <typename T, int NM>
-__global__ void bwd_params_kernel(BwdParams p, Plan plan, int dir_idx) {
+template <typename T, int NM, bool MASK, bool TRUNC, int PASS>
+__global__ void bwd_params_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_params_thread<T, NM>(p, plan, blockIdx.y, dir_idx, d, blockIdx.z);
+  bwd_params_thread<T, NM, MASK, TRUNC, PASS>(p, plan, blockIdx.y, d, blockIdx.z);
 }
-template <int NM>
+template <int NM, bool TRUNC>
 __global__ void bwd_adjoint_local_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_adjoint_local_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
+  bwd_adjoint_local_thread<NM, TRUNC>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
 }
 template <int NM>
 __global__ void bwd_adjoint_prefix_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
   bwd_adjoint_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
 }
-template <typename T, int NM>
+template <typename T, int NM, bool TRUNC>
 __global__ void bwd_dx_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_dx_thread<T, NM>(p, plan, blockIdx.y, d, blockIdx.z);
+  bwd_dx_thread<T, NM, TRUNC>(p, plan, blockIdx.y, d, blockIdx.z);
 }
 #undef MK_BWD_CHANNEL
 
@@ -146,24 +150,39 @@ const char* fwd(const FwdParams& p, cudaStream_t s) {
 template <typename T, int NM>
 const char* bwd(const BwdParams& p, cudaStream_t s) {
   if (const char* err = grid_error(p.B, p.L, p.D, p.bi)) return err;
+  if (p.state != nullptr && (p.K > 0 || p.bi)) return "ema (cuda): a state needs a unidirectional EMA with K = 0";
   const Plan plan = bwd_plan(p.B, p.L, p.D);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads, C = plan.nchunks;
   MK_LAUNCH(pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
     constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
     bwd_local_kernel<T, NM, M, TR><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
   }));
-  MK_LAUNCH(bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(bwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir, prefix_groups<NM>()), kThreads, 0, s>>>(p, plan));
   if (p.bi) {
     MK_LAUNCH(pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
       constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
       bwd_other_output_kernel<T, NM, M, TR><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
     }));
   }
-  for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)  // direction 0 forms g, which direction 1 reads
-    MK_LAUNCH(bwd_params_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan, dir_idx));
-  MK_LAUNCH(bwd_adjoint_local_kernel<NM><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  for (int dir_idx = 0; dir_idx < ndir; ++dir_idx) {  // direction 0 forms g, which direction 1 reads
+    MK_LAUNCH(pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
+      constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
+      pick_param_pass<TR>(p, dir_idx, [&](auto pass) {
+        bwd_params_kernel<T, NM, M, TR, decltype(pass)::value><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
+      });
+    }));
+  }
+  if (p.K > 0) {
+    MK_LAUNCH(bwd_adjoint_local_kernel<NM, true><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  } else {
+    MK_LAUNCH(bwd_adjoint_local_kernel<NM, false><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
+  }
   MK_LAUNCH(bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
-  MK_LAUNCH(bwd_dx_kernel<T, NM><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
+  if (p.K > 0) {
+    MK_LAUNCH(bwd_dx_kernel<T, NM, true><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
+  } else {
+    MK_LAUNCH(bwd_dx_kernel<T, NM, false><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
+  }
   return nullptr;
 }
 

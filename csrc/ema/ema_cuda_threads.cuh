@@ -56,34 +56,56 @@ MK_HD int64_t ws_index(int b, int dir_idx, int ndir, int chunk, int nch, int n, 
   return ((((static_cast<int64_t>(b) * ndir + dir_idx) * nch + chunk) * NM + n) * D) + d;
 }
 
-// -- the time loop of every sweep over x: rows loaded a group ahead --------------------------------------
+// -- the time loop of every sweep: rows loaded a group ahead ----------------------------------------------
 // A sweep's loads do not depend on its state, so sweep_rows issues the loads of the next group of U steps
 // before it computes the current U steps: each thread keeps a group of rows in flight while it computes
 // (a scan that loads each row when it needs it waits for the memory latency at every step). A group holds
-// kRowGroup rows of x: U = kRowGroup steps, kRowGroup / 2 when truncated (x_i and x_{i-K} per step), and
-// kRowGroup / 4 when truncated and masked (four loads per step; more would cost N = 32 spills). The rows
-// stay raw in registers (converted and masked where used), so no instruction waits on them early.
+// about kRowGroup rows: U = kRowGroup steps of x alone, kRowGroup / 2 when truncated (x_i and x_{i-K} per
+// step), kRowGroup / 4 when truncated and masked (four loads per step; more would cost N = 32 spills); each
+// side row (below) counts as one more row per step (2 rows: kRowGroup / 2, 3-4: / 4, more: / 8). The rows stay
+// raw in registers (converted and masked where used), so no instruction waits on them early.
 // MASK (a mask is given) and TRUNC (K > 0) are compile-time, as kernel template arguments: each case is
 // its own kernel, with no test inside the time loop and its own register count (pick_sweep below).
-template <bool MASK, bool TRUNC>
-constexpr int row_group_steps() { return TRUNC ? (MASK ? kRowGroup / 4 : kRowGroup / 2) : kRowGroup; }
+// Side rows (the backward's sweeps): SIDE_T reads gy (x's type), SIDE_F a float row (g, or a partial output),
+// both laid out like x and read at x's positions, unmasked.
+template <bool MASK, bool TRUNC, int SIDES = 0>
+constexpr int row_group_steps() {
+  constexpr int rows = (TRUNC ? (MASK ? 4 : 2) : 1) + SIDES;
+  return rows <= 1 ? kRowGroup : rows == 2 ? kRowGroup / 2 : rows <= 4 ? kRowGroup / 4 : kRowGroup / 8;
+}
 
-// Where a sweep reads the group at position ib: element off of x and moff of the mask; one position
-// further is step (mstep) elements, K positions back is back (mback). Offsets, not pointers: past the
-// sweep's ends they are formed but never read.
+// Where a sweep reads the group at position ib: element off of x (and of the side rows) and moff of the
+// mask; one position further is step (mstep) elements, K positions back is back (mback). Offsets, not
+// pointers: past the sweep's ends they are formed but never read.
 template <typename T>
 struct RowCursor {
   const T* x;
   const bool* mask;
+  const T* gy;
+  const float* gf;
   int64_t off, step, back;
   int moff, mstep, mback;
 };
 
-template <typename T, bool MASK, bool TRUNC>
+// The side rows of a sweep (pointers at (b, t = 0, d), like Lanes::x); null where not read.
+template <typename T>
+struct Sides {
+  const T* gy;
+  const float* gf;
+};
+
+// One step of a sweep as its body sees it: x_i, xm_i (masked), xm_{i-K} (0 without TRUNC or for i < K), and
+// the side rows gy_i, gf_i (0 where not read).
+struct Row {
+  float x, xm, xo, gy, gf;
+};
+
+template <typename T, bool MASK, bool TRUNC, bool SIDE_T, bool SIDE_F>
 struct RowGroup {
-  static constexpr int U = row_group_steps<MASK, TRUNC>();
-  T x[U], xo[U];           // x at the positions ib + k and (TRUNC) ib + k - K of the direction
-  bool keep[U], keepo[U];  // their mask (MASK)
+  static constexpr int U = row_group_steps<MASK, TRUNC, int(SIDE_T) + int(SIDE_F)>();
+  T x[U], xo[U], gy[U];    // x at the positions ib + k and (TRUNC) ib + k - K of the direction; gy (SIDE_T)
+  float gf[U];             // SIDE_F
+  bool keep[U], keepo[U];  // the mask of x and xo (MASK)
   // Loads the group at c: the rows k < left (positions before the sweep's end) and, for xo, k >= -before
   // (ib + k - K >= 0); the others read as 0. When every row of the group exists (the usual case; the test
   // is the same for the whole warp) the loads need no predicates, which the compiler would otherwise keep
@@ -99,6 +121,8 @@ struct RowGroup {
           xo[k] = c.x[o - c.back];
           if (MASK) keepo[k] = c.mask[mo - c.mback];
         }
+        if (SIDE_T) gy[k] = c.gy[o];
+        if (SIDE_F) gf[k] = c.gf[o];
       }
       return;
     }
@@ -112,37 +136,65 @@ struct RowGroup {
         xo[k] = oko ? c.x[o - c.back] : T(0.f);
         if (MASK) keepo[k] = oko && c.mask[mo - c.mback];
       }
+      if (SIDE_T) gy[k] = ok ? c.gy[o] : T(0.f);
+      if (SIDE_F) gf[k] = ok ? c.gf[o] : 0.f;
     }
   }
-  MK_HD float raw(int k) const { return to_acc<float>(x[k]); }
-  MK_HD float xm(int k) const { return (!MASK || keep[k]) ? to_acc<float>(x[k]) : 0.f; }
-  MK_HD float xom(int k) const { return TRUNC && (!MASK || keepo[k]) ? to_acc<float>(xo[k]) : 0.f; }
+  MK_HD Row row(int k) const {
+    const float v = to_acc<float>(x[k]);
+    return {v, (!MASK || keep[k]) ? v : 0.f, TRUNC && (!MASK || keepo[k]) ? to_acc<float>(xo[k]) : 0.f,
+            SIDE_T ? to_acc<float>(gy[k]) : 0.f, SIDE_F ? gf[k] : 0.f};
+  }
 };
 
-// Runs body(i, x_i, xm_i, xm_{i-K}) for the positions i = i0 .. i1-1 of direction dir, in order
-// (xm: masked; xm_{i-K} = 0 without TRUNC or for i < K). MASK: in.mask is not null.
-template <typename T, bool MASK, bool TRUNC, typename Body>
-MK_HD void sweep_rows(const Lanes<T>& in, int dir, int i0, int i1, int K, Body body) {
-  using Group = RowGroup<T, MASK, TRUNC>;
+// Runs body(i, row_i) for the positions i = i0 .. i1-1 of direction dir, in order; with PEEL the first
+// position runs first(i0, row_i0) instead (a sweep whose first step differs, with no test in the loop).
+// MASK: in.mask is not null; SIDE_T / SIDE_F: sd.gy / sd.gf are read.
+template <typename T, bool MASK, bool TRUNC, bool SIDE_T, bool SIDE_F, bool PEEL, typename First, typename Body>
+MK_HD void sweep_rows_impl(const Lanes<T>& in, const Sides<T>& sd, int dir, int i0, int i1, int K, First first,
+                           Body body) {
+  using Group = RowGroup<T, MASK, TRUNC, SIDE_T, SIDE_F>;
   constexpr int U = Group::U;
   const int t0 = time_of(i0, dir, in.L);
   const int64_t step = dir > 0 ? in.ts : -in.ts;
-  RowCursor<T> c{in.x, in.mask, static_cast<int64_t>(t0) * in.ts, step, static_cast<int64_t>(K) * step,
-                 t0, dir, dir > 0 ? K : -K};
+  RowCursor<T> c{in.x, in.mask, sd.gy, sd.gf, static_cast<int64_t>(t0) * in.ts, step,
+                 static_cast<int64_t>(K) * step, t0, dir, dir > 0 ? K : -K};
   Group next;
   next.load(c, i1 - i0, i0 - K);
   int ib = i0;
+  if constexpr (PEEL) {  // the first group, its first step by `first`
+    if (ib + U > i1) {
+      if (ib < i1) first(ib, next.row(0));
+      MK_UNROLL for (int k = 1; k < U; ++k) {
+        if (ib + k >= i1) break;
+        body(ib + k, next.row(k));
+      }
+      return;
+    }
+    const Group cur = next;
+    c.off += U * c.step;
+    c.moff += U * c.mstep;
+    next.load(c, i1 - ib - U, ib + U - K);
+    first(ib, cur.row(0));
+    MK_UNROLL for (int k = 1; k < U; ++k) body(ib + k, cur.row(k));
+    ib += U;
+  }
   for (; ib + U <= i1; ib += U) {  // full groups
     const Group cur = next;
     c.off += U * c.step;
     c.moff += U * c.mstep;
     next.load(c, i1 - ib - U, ib + U - K);
-    MK_UNROLL for (int k = 0; k < U; ++k) body(ib + k, cur.raw(k), cur.xm(k), cur.xom(k));
+    MK_UNROLL for (int k = 0; k < U; ++k) body(ib + k, cur.row(k));
   }
   MK_UNROLL for (int k = 0; k < U; ++k) {  // the last, partial group (already loaded)
     if (ib + k >= i1) break;
-    body(ib + k, next.raw(k), next.xm(k), next.xom(k));
+    body(ib + k, next.row(k));
   }
+}
+
+template <typename T, bool MASK, bool TRUNC, bool SIDE_T = false, bool SIDE_F = false, typename Body>
+MK_HD void sweep_rows(const Lanes<T>& in, const Sides<T>& sd, int dir, int i0, int i1, int K, Body body) {
+  sweep_rows_impl<T, MASK, TRUNC, SIDE_T, SIDE_F, false>(in, sd, dir, i0, i1, K, body, body);
 }
 
 // Host side (launchers, emulator): f(Flag<MASK>(), Flag<TRUNC>()) for a mask given or not and K > 0 or not,
@@ -159,10 +211,10 @@ inline auto pick_sweep(bool mask, bool trunc, F&& f) -> decltype(f(Flag<false>()
 
 // The output sweep over positions [i0, i1) of direction dir from the state h entering it (h_{i0-1}), in
 // the scaled-state form of ema_kernels.cuh: g = h / a', g <- q g + xm_i - q^K xm_{i-K}, and
-// emit(t, e_t = sum_n (c a') g, x_t) at each step (the callers need only e, not the final state).
-template <typename T, int NM, bool MASK, bool TRUNC, typename Emit>
-MK_HD void out_sweep(const Lanes<T>& in, int dir, int i0, int i1, int K, const Reg<NM>& r, const float* h,
-                     Emit emit) {
+// emit(t, e_t = sum_n (c a') g, row_i) at each step (the callers need only e, not the final state).
+template <typename T, int NM, bool MASK, bool TRUNC, bool SIDE_T = false, bool SIDE_F = false, typename Emit>
+MK_HD void out_sweep(const Lanes<T>& in, const Sides<T>& sd, int dir, int i0, int i1, int K, const Reg<NM>& r,
+                     const float* h, Emit emit) {
   float q[NM], ca[NM], qk[NM], g[NM];
   MK_UNROLL for (int n = 0; n < NM; ++n) {  // padded states: a = c = q = 0, so ca = 0 and g is never read
     const float as = scaled_coef(r.a[n]);
@@ -171,15 +223,15 @@ MK_HD void out_sweep(const Lanes<T>& in, int dir, int i0, int i1, int K, const R
     qk[n] = r.qk[n];
     g[n] = h[n] / as;
   }
-  sweep_rows<T, MASK, TRUNC>(in, dir, i0, i1, K, [&](int i, float x, float xm, float xo) {
+  sweep_rows<T, MASK, TRUNC, SIDE_T, SIDE_F>(in, sd, dir, i0, i1, K, [&](int i, const Row& s) {
     float e = 0.f;
     MK_UNROLL for (int n = 0; n < NM; ++n) {
-      float gv = q[n] * g[n] + xm;
-      if (TRUNC) gv -= qk[n] * xo;
+      float gv = q[n] * g[n] + s.xm;
+      if (TRUNC) gv -= qk[n] * s.xo;
       g[n] = gv;
       e += ca[n] * gv;
     }
-    emit(time_of(i, dir, in.L), e, x);
+    emit(time_of(i, dir, in.L), e, s);
   });
 }
 
@@ -198,8 +250,8 @@ MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir
   MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = 0.f;
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, dir, i0, i1);
-  sweep_rows<T, MASK, TRUNC>(in, dir, i0, i1, p.K, [&](int, float, float xm, float xo) {
-    MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = r.q[n] * u[n] + xm - (TRUNC ? r.qk[n] * xo : 0.f);
+  sweep_rows<T, MASK, TRUNC>(in, {}, dir, i0, i1, p.K, [&](int, const Row& s) {
+    MK_UNROLL for (int n = 0; n < NM; ++n) u[n] = r.q[n] * u[n] + s.xm - (TRUNC ? r.qk[n] * s.xo : 0.f);
   });
   MK_UNROLL for (int n = 0; n < NM; ++n)
     p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = r.a[n] * u[n];
@@ -246,15 +298,16 @@ MK_HD void fwd_out_thread(const FwdParams& p, const Plan& plan, int b, int d, in
     r.load(p.cf, p.D + d, p.N);
     MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 1, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
     chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
-    out_sweep<T, NM, MASK, TRUNC>(in, -1, i0, i1, p.K, r, h, [&](int t, float e, float) { ebuf[(t - t0) * es] = e; });
+    out_sweep<T, NM, MASK, TRUNC>(in, {}, -1, i0, i1, p.K, r, h,
+                                  [&](int t, float e, const Row&) { ebuf[(t - t0) * es] = e; });
   }
   r.load(p.cf, d, p.N);
   MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = p.workspace[ws_index(b, 0, ndir, chunk, plan.nchunks, n, NM, d, p.D)];
   chunk_positions(chunk, plan.chunk, p.L, 1, i0, i1);
   const float om = p.omega[d];
   T* y = static_cast<T*>(p.y) + base;
-  out_sweep<T, NM, MASK, TRUNC>(in, 1, i0, i1, p.K, r, h, [&](int t, float e, float x) {
-    float z = e + om * x;
+  out_sweep<T, NM, MASK, TRUNC>(in, {}, 1, i0, i1, p.K, r, h, [&](int t, float e, const Row& s) {
+    float z = e + om * s.x;
     if (BI) z += ebuf[(t - t0) * es];
     y[static_cast<int64_t>(t) * p.D] = from_acc<T>(silu_fast(z));
   });
@@ -306,10 +359,10 @@ MK_HD void bwd_local_thread(const BwdParams& p, const Plan& plan, int b, int dir
   }
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-  sweep_rows<T, MASK, TRUNC>(in, w.dir, i0, i1, p.K, [&](int, float, float xv, float xo) {
+  sweep_rows<T, MASK, TRUNC>(in, {}, w.dir, i0, i1, p.K, [&](int, const Row& s) {
     MK_UNROLL for (int n = 0; n < NM; ++n) {
-      sv[n] = r.q[n] * sv[n] + u[n] - (TRUNC ? kq[n] * xo : 0.f);
-      u[n] = r.q[n] * u[n] + xv - (TRUNC ? r.qk[n] * xo : 0.f);
+      sv[n] = r.q[n] * sv[n] + u[n] - (TRUNC ? kq[n] * s.xo : 0.f);
+      u[n] = r.q[n] * u[n] + s.xm - (TRUNC ? r.qk[n] * s.xo : 0.f);
     }
   });
   MK_UNROLL for (int n = 0; n < NM; ++n) {
@@ -318,36 +371,45 @@ MK_HD void bwd_local_thread(const BwdParams& p, const Plan& plan, int b, int dir
   }
 }
 
-// Phase 2 for (b, direction, d): the (h, H, P) entering each chunk, in the direction's order. Over a chunk
-// of len steps: h' = q^len h + a u, H' = q^len H + u, P' = q^len P + len q^(len-1) h + v (P = dh/dq).
+// Phase 2 for (b, direction, d) and the states n0 .. n0 + prefix_states(NM) - 1: the (h, H, P) entering each
+// chunk, in the direction's order. Over a chunk of len steps: h' = q^len h + a u, H' = q^len H + u,
+// P' = q^len P + len q^(len-1) h + v (P = dh/dq). Each state's prefix is its own, so a thread takes a group of
+// kPrefixStates of them (grid z: the groups): few registers, and more threads for this serial pass.
+constexpr int kPrefixStates = 8;
 template <int NM>
-MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d) {
+constexpr int prefix_groups() { return NM < kPrefixStates ? 1 : NM / kPrefixStates; }
+
+template <int NM>
+MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int n0) {
+  constexpr int NS = NM < kPrefixStates ? NM : kPrefixStates;
   const BwdView w(p, plan, b, dir_idx, d);
-  float a[NM], q[NM], h[NM], H[NM], P[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    const bool in = n < p.N;
-    a[n] = in ? p.cf.a[w.row * p.N + n] : 0.f;
-    q[n] = in ? p.cf.q[w.row * p.N + n] : 0.f;
-    h[n] = (in && dir_idx == 0 && p.state) ? p.state[w.state_index(n)] : 0.f;
+  float a[NS], q[NS], h[NS], H[NS], P[NS];
+  MK_UNROLL for (int n = 0; n < NS; ++n) {
+    const int m = n0 + n;
+    const bool in = m < p.N;
+    a[n] = in ? p.cf.a[w.row * p.N + m] : 0.f;
+    q[n] = in ? p.cf.q[w.row * p.N + m] : 0.f;
+    h[n] = (in && dir_idx == 0 && p.state) ? p.state[w.state_index(m)] : 0.f;
     H[n] = P[n] = 0.f;
   }
   for (int k = 0; k < plan.nchunks; ++k) {
     const int chunk = dir_idx ? plan.nchunks - 1 - k : k;
     const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const float u = w.ws<NM>(1, chunk, n), v = w.ws<NM>(2, chunk, n);
+    MK_UNROLL for (int n = 0; n < NS; ++n) {
+      const int m = n0 + n;
+      const float u = w.ws<NM>(1, chunk, m), v = w.ws<NM>(2, chunk, m);
       const float ql1 = powf(q[n], static_cast<float>(len - 1)), ql = ql1 * q[n];
-      w.ws<NM>(0, chunk, n) = h[n];
-      w.ws<NM>(1, chunk, n) = H[n];
-      w.ws<NM>(2, chunk, n) = P[n];
+      w.ws<NM>(0, chunk, m) = h[n];
+      w.ws<NM>(1, chunk, m) = H[n];
+      w.ws<NM>(2, chunk, m) = P[n];
       P[n] = ql * P[n] + static_cast<float>(len) * ql1 * h[n] + v;
       H[n] = ql * H[n] + u;
       h[n] = ql * h[n] + a[n] * u;
     }
   }
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    w.ws<NM>(1, plan.nchunks, n) = H[n];
-    w.ws<NM>(2, plan.nchunks, n) = P[n];
+  MK_UNROLL for (int n = 0; n < NS; ++n) {
+    w.ws<NM>(1, plan.nchunks, n0 + n) = H[n];
+    w.ws<NM>(2, plan.nchunks, n0 + n) = P[n];
   }
 }
 
@@ -363,63 +425,216 @@ MK_HD void bwd_other_output_thread(const BwdParams& p, const Plan& plan, int b, 
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, -1, i0, i1);
   float* gbuf = p.gbuf + static_cast<int64_t>(b) * p.L * p.D + d;
-  out_sweep<T, NM, MASK, TRUNC>(w.lanes<T>(), -1, i0, i1, p.K, r, h,
-                                [&](int t, float e, float) { gbuf[static_cast<int64_t>(t) * p.D] = e; });
+  out_sweep<T, NM, MASK, TRUNC>(w.lanes<T>(), {}, -1, i0, i1, p.K, r, h,
+                                [&](int t, float e, const Row&) { gbuf[static_cast<int64_t>(t) * p.D] = e; });
 }
 
-// Phase 3 for (b, direction, d, chunk): the parameter-gradient sweep over the chunk (direction 0 also
-// forms g into gbuf), partial sums per (b, chunk) into pc, pa, pq, pomega ((B * nchunks, ...) arrays).
-template <typename T, int NM>
-MK_HD void bwd_params_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
-  const BwdView w(p, plan, b, dir_idx, d);
+// -- phase 3, the parameter sums ---------------------------------------------------------------------------
+// Per chunk, from the (h, H, P) entering it, the sums sc = sum g h, sH = sum g H, sP = sum g P ("Backward" in
+// ema_kernels.cuh), in scaled form like the forward (a' = scaled_coef(a)):
+//   P = a' Ps:  Ps <- q Ps + h_{i-1} / a' - (K a q^(K-1) / a') xm_{i-K}       (one multiply-add, untruncated)
+//   without an initial state h = a H at every step (h and H obey the same recurrence, from h_{-1} = 0), so
+//   h is not swept: Ps takes H_{i-1} for h_{i-1} / a' (exact where a = a'; where |a| < 2^-64 P gains at most
+//   2^-64 |H| per step, as the local pass), e = sum_n (c a) H, and dc = a sH needs no sum of its own;
+//   with a state (unidirectional, never truncated: check_ema_args) hs = h / a' is swept beside H:
+//   hs <- q hs + xm_i, e = sum_n (c a') hs, dc = a' sum g hs.
+// Per state and step: 5 multiply-adds (H, Ps, e, sH, sP), 7 with a state; the sweep holds H, Ps, sH, sP and
+// the coefficients q and c a [, q^K and K a q^(K-1) / a'] [, hs and its sum]: 6 to 8 floats per state.
+// More than kParamStates states at once would spill (N = 32: 192 to 256 floats), so a thread then forms g
+// first in an output sweep (form_g_sweep: two multiply-adds per state) and sums groups of kParamStates
+// states reading g back, each group one more sweep over x and g (4 multiply-adds per state, 6 with a state).
+
+// The passes of phase 3 (bwd_params_thread's PASS): direction 0 forms g = gy silu'(z) into gbuf and the sum
+// of g x (omega's gradient); direction 1 (bidirectional) then reads g from gbuf.
+enum ParamPass : int {
+  kFormG = 0,       // direction 0 of a unidirectional EMA without an initial state
+  kFormGState = 1,  // the same with an initial state (K = 0)
+  kFormGBi = 2,     // direction 0 of a bidirectional EMA: z adds the backward direction's output (in gbuf)
+  kReadG = 3,       // direction 1
+};
+constexpr int kParamStates = 16;
+
+template <int V>
+struct Const {
+  static constexpr int value = V;
+};
+// Host side: f(Const<PASS>()) for the pass of direction dir_idx (a state with K > 0 is refused before).
+template <bool TRUNC, typename F>
+inline auto pick_param_pass(const BwdParams& p, int dir_idx, F&& f) -> decltype(f(Const<kFormG>())) {
+  if (dir_idx > 0) return f(Const<kReadG>());
+  if (p.bi) return f(Const<kFormGBi>());
+  if constexpr (!TRUNC) {
+    if (p.state != nullptr) return f(Const<kFormGState>());
+  }
+  return f(Const<kFormG>());
+}
+
+template <typename T>
+MK_HD Sides<T> bwd_sides(const BwdParams& p, int b, int d) {
+  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
+  return {static_cast<const T*>(p.gy) + base, p.gbuf + base};
+}
+
+// Direction 0 with more than kParamStates states: the output sweep over the chunk from the entering h forms
+// g = gy silu'(e [+ e of direction 1] + omega x) into gbuf; omega's partial sum into pomega.
+template <typename T, int NM, bool MASK, bool TRUNC, int PASS>
+MK_HD void form_g_sweep(const BwdView& w, int chunk, int i0, int i1) {
+  constexpr bool EXTRA = PASS == kFormGBi;
+  const BwdParams& p = w.p;
   Reg<NM> r;
   r.load(p.cf, w.row, p.N);
-  float h[NM], H[NM], P[NM], sc[NM], sH[NM], sP[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    h[n] = w.ws<NM>(0, chunk, n);
-    H[n] = w.ws<NM>(1, chunk, n);
-    P[n] = w.ws<NM>(2, chunk, n);
-    sc[n] = sH[n] = sP[n] = 0.f;
-  }
-  int i0, i1;
-  chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-  const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
-  const T* gy = static_cast<const T*>(p.gy) + base;
-  float* gbuf = p.gbuf + base;
-  const float om = p.omega[d];
+  float h[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) h[n] = w.ws<NM>(0, chunk, n);
+  const Sides<T> sd = bwd_sides<T>(p, w.b, w.d);
+  float* gbuf = p.gbuf + static_cast<int64_t>(w.b) * p.L * p.D + w.d;
+  const float om = p.omega[w.d];
   float somega = 0.f;
-  if (dir_idx == 0) {
-    scan_params<1, NM, true>(w.lanes<T>(), gy, p.bi ? static_cast<const float*>(gbuf) : nullptr, gbuf, p.D, &om,
-                             &somega, 1, i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
-    p.pomega[(static_cast<int64_t>(b) * plan.nchunks + chunk) * p.D + d] = somega;
-  } else {
-    scan_params<1, NM, false>(w.lanes<T>(), gy, static_cast<const float*>(nullptr), gbuf, p.D, &om, &somega, -1,
-                              i0, i1, p.K, p.N, r.view(), h, H, P, sc, sH, sP);
+  out_sweep<T, NM, MASK, TRUNC, true, EXTRA>(w.lanes<T>(), sd, w.dir, i0, i1, p.K, r, h,
+                                             [&](int t, float e, const Row& s) {
+    const float g = s.gy * dsilu_fast(e + (EXTRA ? s.gf : 0.f) + om * s.x);
+    gbuf[static_cast<int64_t>(t) * p.D] = g;
+    somega += g * s.x;
+  });
+  p.pomega[(static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * p.D + w.d] = somega;
+}
+
+// The sums of the NP states n0 .. n0+NP-1 over the chunk into pc, pa, pq (partials per (b, chunk)). FORM_G:
+// the sweep holds every state and forms g itself (into gbuf, omega's sum into pomega); else it reads g.
+template <typename T, int NM, int NP, bool MASK, bool TRUNC, int PASS, bool FORM_G>
+MK_HD void param_sweep(const BwdView& w, int chunk, int n0, int i0, int i1) {
+  constexpr bool STATE = PASS == kFormGState, EXTRA = PASS == kFormGBi;
+  static_assert(!FORM_G || NP == NM, "forming g takes every state");
+  const BwdParams& p = w.p;
+  float q[NP], cav[NP], qk[NP], kq[NP], H[NP], ps[NP], hs[NP], sH[NP], sP[NP], sc[NP];
+  MK_UNROLL for (int n = 0; n < NP; ++n) {  // padded states: every coefficient and state 0
+    const int m = n0 + n, j = w.row * p.N + m;
+    const bool in = m < p.N;
+    const float a = in ? p.cf.a[j] : 0.f, as = scaled_coef(a);
+    q[n] = in ? p.cf.q[j] : 0.f;
+    cav[n] = in ? p.cf.c[j] * (STATE ? as : a) : 0.f;
+    qk[n] = TRUNC && in ? p.cf.qk[j] : 0.f;
+    kq[n] = TRUNC && in ? p.cf.kaqk1[j] / as : 0.f;
+    H[n] = in ? w.ws<NM>(1, chunk, m) : 0.f;
+    ps[n] = in ? w.ws<NM>(2, chunk, m) / as : 0.f;
+    hs[n] = STATE && in ? w.ws<NM>(0, chunk, m) / as : 0.f;
+    sH[n] = sP[n] = sc[n] = 0.f;
   }
-  const bool last = dir_idx == 0 && chunk == plan.nchunks - 1 && p.gstate != nullptr;
-  const int64_t o0 = ((static_cast<int64_t>(b) * plan.nchunks + chunk) * 2 * p.D + w.row) * p.N;
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    if (n < p.N) {  // a gradient G of the final state adds G H_{L-1} to da and G P_{L-1} to dq
-      const float g = last ? p.gstate[w.state_index(n)] : 0.f;
-      p.pc[o0 + n] = sc[n];
-      p.pa[o0 + n] = r.c[n] * sH[n] + g * w.ws<NM>(1, plan.nchunks, n);
-      p.pq[o0 + n] = r.c[n] * sP[n] + g * w.ws<NM>(2, plan.nchunks, n);
+  const Sides<T> sd = bwd_sides<T>(p, w.b, w.d);
+  float* gbuf = p.gbuf + static_cast<int64_t>(w.b) * p.L * p.D + w.d;
+  const float om = p.omega[w.d];
+  float somega = 0.f;
+  sweep_rows<T, MASK, TRUNC, FORM_G, !FORM_G || EXTRA>(w.lanes<T>(), sd, w.dir, i0, i1, p.K,
+                                                        [&](int i, const Row& s) {
+    float e = 0.f;
+    MK_UNROLL for (int n = 0; n < NP; ++n) {
+      float Hn = q[n] * H[n] + s.xm;
+      if (TRUNC) Hn -= qk[n] * s.xo;
+      if (STATE) {
+        const float hn = q[n] * hs[n] + s.xm - (TRUNC ? qk[n] * s.xo : 0.f);
+        ps[n] = q[n] * ps[n] + hs[n] - (TRUNC ? kq[n] * s.xo : 0.f);
+        hs[n] = hn;
+        if (FORM_G) e += cav[n] * hn;
+      } else {
+        ps[n] = q[n] * ps[n] + H[n] - (TRUNC ? kq[n] * s.xo : 0.f);
+        if (FORM_G) e += cav[n] * Hn;
+      }
+      H[n] = Hn;
+    }
+    float g = s.gf;
+    if (FORM_G) {
+      g = s.gy * dsilu_fast(e + (EXTRA ? s.gf : 0.f) + om * s.x);
+      gbuf[static_cast<int64_t>(time_of(i, w.dir, p.L)) * p.D] = g;
+      somega += g * s.x;
+    }
+    MK_UNROLL for (int n = 0; n < NP; ++n) {
+      sH[n] += g * H[n];
+      sP[n] += g * ps[n];
+      if (STATE) sc[n] += g * hs[n];
+    }
+  });
+  if (FORM_G) p.pomega[(static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * p.D + w.d] = somega;
+  const bool last = w.dir_idx == 0 && chunk == w.plan.nchunks - 1 && p.gstate != nullptr;
+  const int64_t o0 = ((static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * 2 * p.D + w.row) * p.N;
+  MK_UNROLL for (int n = 0; n < NP; ++n) {
+    const int m = n0 + n;
+    if (m < p.N) {  // a gradient G of the final state adds G H_{L-1} to da and G P_{L-1} to dq
+      const float a = p.cf.a[w.row * p.N + m], c = p.cf.c[w.row * p.N + m], as = scaled_coef(a);
+      const float G = last ? p.gstate[w.state_index(m)] : 0.f;
+      p.pc[o0 + m] = STATE ? as * sc[n] : a * sH[n];
+      p.pa[o0 + m] = c * sH[n] + G * w.ws<NM>(1, w.plan.nchunks, m);
+      p.pq[o0 + m] = c * as * sP[n] + G * w.ws<NM>(2, w.plan.nchunks, m);
     }
   }
 }
 
-// Phase 4 for (b, direction, d, chunk): the adjoint carry over the chunk from 0 (against the direction).
-template <int NM>
-MK_HD void bwd_adjoint_local_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
-  const BwdView w(p, plan, b, dir_idx, d);
-  Reg<NM> r;
-  r.load(p.cf, w.row, p.N);
-  float carry[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = 0.f;
+// Phase 3 for (b, d, chunk) in the direction of PASS: the parameter sums over the chunk, partial sums per
+// (b, chunk) into pc, pa, pq, pomega ((B * nchunks, ...) arrays); direction 0 also forms g into gbuf.
+template <typename T, int NM, bool MASK, bool TRUNC, int PASS>
+MK_HD void bwd_params_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
+  constexpr int NP = NM < kParamStates ? NM : kParamStates;
+  constexpr bool FORMS = PASS != kReadG, FUSED = NP == NM;
+  const BwdView w(p, plan, b, FORMS ? 0 : 1, d);
   int i0, i1;
   chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-  scan_adjoint<1, NM>(static_cast<const float*>(p.gbuf + static_cast<int64_t>(b) * p.L * p.D + d),
-                      static_cast<float*>(nullptr), p.D, p.L, w.dir, i0, i1, p.K, p.N, r.view(), carry, false);
+  if constexpr (FORMS && !FUSED) form_g_sweep<T, NM, MASK, TRUNC, PASS>(w, chunk, i0, i1);
+  MK_NO_UNROLL for (int n0 = 0; n0 < NM; n0 += NP)
+    param_sweep<T, NM, NP, MASK, TRUNC, PASS, FORMS && FUSED>(w, chunk, n0, i0, i1);
+}
+
+// -- phases 4 to 6, the adjoint ------------------------------------------------------------------------------
+// The adjoint lam_i = r_i + c (g_i - q^K g_{i+K}), r_{i-1} = q lam_i, runs against the direction: it is the
+// forward scan over g with a and c swapped and time reversed (positions j = L-1-i of direction -dir, where
+// g_{i+K} is the row K positions back). Scaled like the forward's state, mu = lam / c' (c' = scaled_coef(c)):
+//   mu <- q mu + g_i - q^K g_{i+K},   sum_n a lam = sum_n (a c') mu,   r = q c' mu,
+// one multiply-add per state and step for the carry and one for the output. A carry r entering the chunk
+// enters its first step as mu = r / c' + g_i - q^K g_{i+K} (a peeled step; no division by q, which may be 0).
+// Where |c| < 2^-64, lam gains at most 2^-64 |g - q^K g_{i+K}| per step (the forward's bound).
+
+// The adjoint over the chunk [i0, i1) of w's direction from the carry r (N values; updated to the carry
+// leaving the chunk, q lam_{i0}), emit(t, sum_n a lam_t, row) at each step; ACC: the rows' gf side is dxm.
+template <int NM, bool TRUNC, bool ACC, bool PEEL, typename Emit>
+MK_HD void adjoint_sweep(const BwdView& w, int i0, int i1, float* carry, Emit emit) {
+  const BwdParams& p = w.p;
+  Reg<NM> r;
+  r.load(p.cf, w.row, p.N);
+  float q[NM], ac[NM], qk[NM], rho[NM], mu[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {  // padded states: a = c = q = 0, so ac = 0 and the carry stays 0
+    const float cs = scaled_coef(r.c[n]);
+    q[n] = r.q[n];
+    ac[n] = r.a[n] * cs;
+    qk[n] = r.qk[n];
+    rho[n] = PEEL ? carry[n] / cs : 0.f;
+    mu[n] = 0.f;
+  }
+  const int64_t base = static_cast<int64_t>(w.b) * p.L * p.D + w.d;
+  const Lanes<float> in{p.gbuf + base, nullptr, p.D, p.L, 1};
+  const Sides<float> sd{nullptr, ACC ? p.dxm + base : nullptr};
+  const int dir = -w.dir;
+  auto step = [&](int j, const Row& s, bool first) {
+    float dv = 0.f;
+    MK_UNROLL for (int n = 0; n < NM; ++n) {
+      float m = (first ? rho[n] : q[n] * mu[n]) + s.x;
+      if (TRUNC) m -= qk[n] * s.xo;
+      mu[n] = m;
+      dv += ac[n] * m;
+    }
+    emit(time_of(j, dir, p.L), dv, s);
+  };
+  sweep_rows_impl<float, false, TRUNC, false, ACC, PEEL>(
+      in, sd, dir, p.L - i1, p.L - i0, p.K, [&](int j, const Row& s) { step(j, s, true); },
+      [&](int j, const Row& s) { step(j, s, false); });
+  // from a zero carry lam = c mu exactly; from r, lam = c' mu (the bound above)
+  MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = q[n] * (PEEL ? scaled_coef(r.c[n]) : r.c[n]) * mu[n];
+}
+
+// Phase 4 for (b, direction, d, chunk): the adjoint carry over the chunk from 0 (against the direction).
+template <int NM, bool TRUNC>
+MK_HD void bwd_adjoint_local_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int chunk) {
+  const BwdView w(p, plan, b, dir_idx, d);
+  float carry[NM];
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+  adjoint_sweep<NM, TRUNC, false, false>(w, i0, i1, carry, [](int, float, const Row&) {});
   MK_UNROLL for (int n = 0; n < NM; ++n) w.ws<NM>(0, chunk, n) = carry[n];
 }
 
@@ -449,21 +664,30 @@ MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b
   }
 }
 
-// Phase 6 for (b, d, chunk): the adjoint over the chunk in each direction from its entering carry, then
-// dx = omega g + mask sum_n a lam over the chunk's times.
-template <typename T, int NM>
+// Phase 6 for (b, d, chunk): the adjoint over the chunk in each direction from its entering carry (direction
+// 1 adds its sum to direction 0's in dxm), then dx = omega g + mask sum_n a lam over the chunk's times.
+template <typename T, int NM, bool TRUNC>
 MK_HD void bwd_dx_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
   const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
-  for (int dir_idx = 0; dir_idx < (p.bi ? 2 : 1); ++dir_idx) {
-    const BwdView w(p, plan, b, dir_idx, d);
-    Reg<NM> r;
-    r.load(p.cf, w.row, p.N);
-    float carry[NM];
-    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
+  float* dxm = p.dxm + base;
+  float carry[NM];
+  {
+    const BwdView w(p, plan, b, 0, d);
     int i0, i1;
     chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-    scan_adjoint<1, NM>(static_cast<const float*>(p.gbuf + base), p.dxm + base, p.D, p.L, w.dir, i0, i1, p.K,
-                        p.N, r.view(), carry, dir_idx > 0);
+    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
+    adjoint_sweep<NM, TRUNC, false, true>(w, i0, i1, carry, [&](int t, float dv, const Row&) {
+      dxm[static_cast<int64_t>(t) * p.D] = dv;
+    });
+  }
+  if (p.bi) {
+    const BwdView w(p, plan, b, 1, d);
+    int i0, i1;
+    chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
+    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
+    adjoint_sweep<NM, TRUNC, true, true>(w, i0, i1, carry, [&](int t, float dv, const Row& s) {
+      dxm[static_cast<int64_t>(t) * p.D] = s.gf + dv;
+    });
   }
   const int t0 = chunk * plan.chunk, t1 = p.L < t0 + plan.chunk ? p.L : t0 + plan.chunk;
   const float om = p.omega[d];
@@ -471,7 +695,7 @@ MK_HD void bwd_dx_thread(const BwdParams& p, const Plan& plan, int b, int d, int
   for (int t = t0; t < t1; ++t) {
     const int64_t j = static_cast<int64_t>(t) * p.D;
     const float m = (p.mask == nullptr || p.mask[static_cast<int64_t>(b) * p.L + t]) ? 1.f : 0.f;
-    dx[j] = from_acc<T>(om * p.gbuf[base + j] + m * p.dxm[base + j]);
+    dx[j] = from_acc<T>(om * p.gbuf[base + j] + m * dxm[j]);
   }
 }
 

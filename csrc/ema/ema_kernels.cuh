@@ -44,12 +44,15 @@
 #include <cuda_fp16.h>
 #define MK_HD __host__ __device__ __forceinline__
 #define MK_UNROLL _Pragma("unroll")
+#define MK_NO_UNROLL _Pragma("unroll 1")
 #elif defined(__GNUC__)
 #define MK_HD inline __attribute__((always_inline))
 #define MK_UNROLL
+#define MK_NO_UNROLL
 #else
 #define MK_HD inline
 #define MK_UNROLL
+#define MK_NO_UNROLL
 #endif
 // The per-n lane loops below take restrict pointers so the host compiler vectorises them over W.
 #define MK_R __restrict__
@@ -109,6 +112,16 @@ MK_HD float silu_fast(float z) {
   return __fdividef(z, 1.f + expf(-z));
 #else
   return silu(z);
+#endif
+}
+// silu'(z) of the CUDA backward sweeps, with the same fast division: sigmoid(z) = 1 / (1 + e^-z) is 0 where
+// 1 + e^-z exceeds 2^126 (z < -87.3, where |silu'(z)| < 1e-36). Host: dsilu.
+MK_HD float dsilu_fast(float z) {
+#if defined(__CUDA_ARCH__)
+  const float s = __fdividef(1.f, 1.f + expf(-z));
+  return s * (1.f + z * (1.f - s));
+#else
+  return dsilu(z);
 #endif
 }
 

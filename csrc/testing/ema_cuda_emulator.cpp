@@ -70,25 +70,29 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
     for (int c = 0; c < C; ++c)
       for (int bd = 0; bd < B * ndir; ++bd)
         for (int d = 0; d < D; ++d) mc::bwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+    for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
     if (bi)
       for (int c = 0; c < C; ++c)
         for (int b = 0; b < B; ++b)
           for (int d = 0; d < D; ++d) mc::bwd_other_output_thread<float, NM, M, TR>(p, plan, b, d, c);
-  });
-  for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)
+    for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)
+      mc::pick_param_pass<TR>(p, dir_idx, [&](auto pass) {
+        for (int c = 0; c < C; ++c)
+          for (int b = 0; b < B; ++b)
+            for (int d = 0; d < D; ++d)
+              mc::bwd_params_thread<float, NM, M, TR, decltype(pass)::value>(p, plan, b, d, c);
+      });
+    for (int c = 0; c < C; ++c)
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d) mc::bwd_adjoint_local_thread<NM, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    for (int bd = 0; bd < B * ndir; ++bd)
+      for (int d = 0; d < D; ++d) mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
     for (int c = 0; c < C; ++c)
       for (int b = 0; b < B; ++b)
-        for (int d = 0; d < D; ++d) mc::bwd_params_thread<float, NM>(p, plan, b, dir_idx, d, c);
-  for (int c = 0; c < C; ++c)
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::bwd_adjoint_local_thread<NM>(p, plan, bd / ndir, bd % ndir, d, c);
-  for (int bd = 0; bd < B * ndir; ++bd)
-    for (int d = 0; d < D; ++d) mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
-  for (int c = 0; c < C; ++c)
-    for (int b = 0; b < B; ++b)
-      for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM>(p, plan, b, d, c);
+        for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM, TR>(p, plan, b, d, c);
+  });
   return {dx, pa.sum(0).narrow(0, 0, kd), pq.sum(0).narrow(0, 0, kd), pc.sum(0).narrow(0, 0, kd), pom.sum(0), ds};
 }
 
