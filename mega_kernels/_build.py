@@ -17,7 +17,7 @@ CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/ema/ema_cpu.cpp"]
 CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_ops.cpp"]
 HEADERS = ["csrc/ema/ema_kernels.cuh", "csrc/ema/ema_checks.h", "csrc/ema/ema_cuda.h",
-           "csrc/ema/ema_cuda_threads.cuh"]
+           "csrc/ema/ema_cuda_threads.cuh", "csrc/ema/ema_cuda_threads_bwd.cuh"]
 CXX_FLAGS = ["-O3"]
 CUDA_ARCHS = ("80", "90")
 NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)

@@ -22,6 +22,7 @@ from mega_kernels.reference.ema import ema_step as ref_step
 from test_ema_backends import _check_against_reference, _inputs
 
 _EMULATOR_FILES = ["csrc/testing/ema_cuda_emulator.cpp", "csrc/ema/ema_cuda_threads.cuh",
+                   "csrc/ema/ema_cuda_threads_bwd.cuh",
                    "csrc/ema/ema_kernels.cuh", "csrc/ema/ema_cuda.h", "csrc/ema/ema_checks.h"]
 N33_ERROR = "N = 33 exceeds the CUDA kernels' maximum of 32 .*use backend='triton' or 'reference'"
 

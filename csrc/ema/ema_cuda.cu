@@ -25,7 +25,7 @@
 // States and coefficients are float32 registers, zero-padded to NM >= N.
 #include <cuda_runtime.h>
 
-#include "ema_cuda_threads.cuh"
+#include "ema_cuda_threads_bwd.cuh"
 
 namespace mega_kernels {
 namespace ema {

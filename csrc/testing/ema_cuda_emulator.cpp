@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "../ema/ema_checks.h"
-#include "../ema/ema_cuda_threads.cuh"
+#include "../ema/ema_cuda_threads_bwd.cuh"
 
 namespace mc = mega_kernels::ema::cuda;
 using Tensors = std::vector<torch::Tensor>;
