@@ -24,6 +24,13 @@ def _head_tuple(loss, logits, out):
     return ((loss,) if loss is not None else ()) + tuple(logits) + rest
 
 
+def _logits_output(cls, loss, logits, out, return_dict):
+    """A single-logits head's return: `cls` (loss, logits, hidden_states, attentions), or transformers' tuple."""
+    if not return_dict:
+        return _head_tuple(loss, (logits,), out)
+    return cls(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
 class _LMHeadModel(MegaPreTrainedModel):
     """Shared body of the two LM heads: mega -> [dense + tanh] -> output projection tied to the embeddings."""
 
@@ -84,9 +91,7 @@ class MegaForMaskedLM(_LMHeadModel):
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self._logits(out.last_hidden_state)
         loss = None if labels is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        if not return_dict:
-            return _head_tuple(loss, (logits,), out)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+        return _logits_output(MaskedLMOutput, loss, logits, out, return_dict)
 
 
 class MegaClassificationHead(nn.Module):
@@ -138,10 +143,7 @@ class MegaForSequenceClassification(MegaPreTrainedModel):
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(out.last_hidden_state)
         loss = None if labels is None else _classification_loss(self.config, logits, labels)
-        if not return_dict:
-            return _head_tuple(loss, (logits,), out)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                        attentions=out.attentions)
+        return _logits_output(SequenceClassifierOutput, loss, logits, out, return_dict)
 
 
 class MegaForMultipleChoice(MegaPreTrainedModel):
@@ -171,10 +173,7 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
                         return_dict=True)
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, num_choices)
         loss = None if labels is None else F.cross_entropy(logits, labels)
-        if not return_dict:
-            return _head_tuple(loss, (logits,), out)
-        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                         attentions=out.attentions)
+        return _logits_output(MultipleChoiceModelOutput, loss, logits, out, return_dict)
 
 
 class MegaForTokenClassification(MegaPreTrainedModel):
@@ -196,10 +195,7 @@ class MegaForTokenClassification(MegaPreTrainedModel):
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        if not return_dict:
-            return _head_tuple(loss, (logits,), out)
-        return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
-                                     attentions=out.attentions)
+        return _logits_output(TokenClassifierOutput, loss, logits, out, return_dict)
 
 
 class MegaForQuestionAnswering(MegaPreTrainedModel):

@@ -31,7 +31,7 @@ from torch import nn
 from .. import ops
 from ..ops.attention import block_length
 from ..reference.attention import attention_weights
-from .common import MegaDropout, MegaSequenceNorm, get_activation
+from .common import init_gated_attention
 from .ema import MegaMultiDimensionDampedEma
 from .embeddings import make_relative_bias
 
@@ -59,15 +59,8 @@ class MegaMovingAverageGatedAttention(nn.Module):
         self.config = config
         d, z, e = config.hidden_size, config.shared_representation_size, config.intermediate_size
         self.dims = (d, z, e)
-        self.activation = get_activation(config.activation)
-        self.attention_activation = config.attention_activation
         self.chunk_size = config.chunk_size if config.use_chunking else None
-        self.prenorm = config.normalize_before_mega
-        self.backend = config.backend_for("attention")
-        self.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
-        self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
-        self.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)
-        self.norm = MegaSequenceNorm(config.normalization_type, d, affine=config.norm_affine)
+        init_gated_attention(self, config)
         self.ema_gate = MegaMultiDimensionDampedEma(config)
         self.v_proj = nn.Linear(d, e)
         self.mx_proj = nn.Linear(d, z + e + 2 * d)

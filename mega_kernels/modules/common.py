@@ -124,3 +124,16 @@ class MegaSequenceNorm(nn.Module):
                 raise ValueError(f"batchnorm input must be (B, L, D), got {tuple(x.shape)}")
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         return self.norm(x)
+
+
+def init_gated_attention(module: nn.Module, config) -> None:
+    """What the gated self- and cross-attention layers share (spec sections 5-6): the activations, pre- or
+    post-norm, the attention backend, the three dropouts and the sequence norm (in transformers' order)."""
+    module.activation = get_activation(config.activation)
+    module.attention_activation = config.attention_activation
+    module.prenorm = config.normalize_before_mega
+    module.backend = config.backend_for("attention")
+    module.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
+    module.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
+    module.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)
+    module.norm = MegaSequenceNorm(config.normalization_type, config.hidden_size, affine=config.norm_affine)

@@ -33,7 +33,7 @@ from .. import ops
 from ..ops import backends
 from ..ops.attention import TRITON_ATTENTION_MIN_BLOCK
 from ..reference.attention import laplace, relu2
-from .common import MegaDropout, MegaSequenceNorm, get_activation
+from .common import init_gated_attention
 from .embeddings import make_relative_bias
 
 Tensor = torch.Tensor
@@ -46,14 +46,7 @@ class MegaGatedCrossAttention(nn.Module):
         super().__init__()
         d, z = config.hidden_size, config.shared_representation_size
         self.dims = (d, z)
-        self.activation = get_activation(config.activation)
-        self.attention_activation = config.attention_activation
-        self.prenorm = config.normalize_before_mega
-        self.backend = config.backend_for("attention")
-        self.dropout = MegaDropout(config.dropout_prob, config.use_feature_dropout)
-        self.hidden_dropout = MegaDropout(config.hidden_dropout_prob, config.use_feature_dropout)
-        self.attention_dropout = MegaDropout(config.attention_probs_dropout_prob, False)
-        self.norm = MegaSequenceNorm(config.normalization_type, d, affine=config.norm_affine)
+        init_gated_attention(self, config)
         self.k_proj = nn.Linear(d, z)
         self.v_proj = nn.Linear(d, d)
         self.q_proj = nn.Linear(d, 2 * d + z)

@@ -68,6 +68,19 @@ def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale,
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT: tl.constexpr):
+    """Per query row: (lse, delta) of the softmax (see the top of this file); placeholders for laplace / relu2,
+    which use neither."""
+    if ACT == 0:
+        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse = pos.to(tl.float32)
+        delta = lse
+    return lse, delta
+
+
+@triton.jit
 def _dscores(p, s, vis, dp, delta, ACT: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
              LAPLACE_D: tl.constexpr):
     """dL/ds for a tile (float32, 0 off the visible pairs)."""
@@ -200,12 +213,7 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
         cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
         q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
                     mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-        if ACT == 0:
-            lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
-        else:
-            lse = pos.to(tl.float32)
-            delta = lse
+        lse, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
         inner = pair_interior(p0, p0 + T - 1, pid_n * T, pid_n * T + T - 1, Lq, Lk, S, causal, has_mask)
         p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
                               causal, inner, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
@@ -266,12 +274,7 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
     offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
         Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
     offs_z = tl.arange(0, BLOCK_Z)
-    if ACT == 0:
-        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
-        delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
-    else:
-        lse = pos.to(tl.float32)
-        delta = lse
+    lse, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
     dq = tl.zeros((BLOCK_M, BLOCK_Z), dtype=tl.float32)
     for t in range(0, n_masked):
         dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi, pos,

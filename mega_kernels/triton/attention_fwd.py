@@ -112,7 +112,8 @@ def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                 s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_mb, s_cb,
                 Lq, Lk, Z, S, W, scale, causal, has_mask,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_Z: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
+                BLOCK_Z: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
+                LAPLACE_D: tl.constexpr):
     """The softmax pre-pass for wide E: each row's lse (natural log; +inf for rows with no visible key) from
     the scores alone, so that the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -260,8 +261,7 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
         _lse_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
             q, k, rel_bias, kpm, counts, lse, *q.stride(), *k.stride(), kpm.stride(0), counts.stride(0),
             pb.lq, pb.lk, pb.zdim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
-            DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, LAPLACE_MU=constants()["LAPLACE_MU"],
-            LAPLACE_C=constants()["LAPLACE_C"], **cfg)
+            DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
     if pb.edim >= 256 and q.dtype != torch.float32 and not interpreting():
         kernel, cfg = autotuned(_fwd_kernel, _fwd_kinds(pb), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa

@@ -61,14 +61,8 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     h, H_run, P_run (H, P from zero) and writes five (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
     sum g H_run, sum g P_run, G = sum g q^(m+1) (m = steps since the group start), H_run end, P_run end;
     and sum g x to dom[group, b]. (sum g h needs no sweep: h = a H + q^(t+1) S, see _param_carry_kernel.)"""
-    pid = tl.program_id(0)
+    grp, b, dirn, offs_d = _fwd._program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     per_group = B * NDIR * NDB
-    grp = pid // per_group
-    rem = pid % per_group
-    b = rem // (NDIR * NDB)
-    rb = rem % (NDIR * NDB)
-    dirn = rb // NDB
-    offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     dmask = offs_d < D
     sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)

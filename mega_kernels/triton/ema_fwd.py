@@ -82,6 +82,15 @@ def _coef(ptr, row0, offs_n, offs_d, N, D, KD, other=0.0):
 
 
 @triton.jit
+def _program(pid, B, NDIR, NDB, BLOCK_D: tl.constexpr):
+    """Program pid of a grid ordered (outer, b, direction, channel block) -> (outer, b, direction, channels)."""
+    per_outer = B * NDIR * NDB
+    rb = pid % (NDIR * NDB)
+    offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return pid // per_outer, (pid % per_outer) // (NDIR * NDB), rb // NDB, offs_d
+
+
+@triton.jit
 def _powi(q, k):
     """q ** k for q in [0, 1] (float32 tile) and an integer k >= 0 (a tensor, or a constexpr when Triton
     specializes an argument equal to 1); q ** 0 = 1 even for q = 0."""
@@ -265,14 +274,7 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
     """buf[c, b, row, :] = a * H_loc of chunk c, for the rows [dirn * D, dirn * D + D) of direction dirn
     (0: primary, 1: reversed), scanning the chunk in that direction."""
-    pid = tl.program_id(0)
-    per_chunk = B * NDIR * NDB
-    c = pid // per_chunk
-    rem = pid % per_chunk
-    b = rem // (NDIR * NDB)
-    rb = rem % (NDIR * NDB)
-    dirn = rb // NDB
-    offs_d = (rb % NDB) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c, b, dirn, offs_d = _program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     row0 = dirn * D
     KD = NDIR * D
