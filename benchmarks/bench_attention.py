@@ -120,7 +120,7 @@ def sdpa_dense_bias_peer(b, L, z, e, causal):
 
 
 def bench_shape(rows, name, spec, device, dtype, quick):
-    from benchmarks.harness import measure
+    from benchmarks.harness import kernel_ms, measure
     from mega_kernels.ops.attention_triton import attention as triton_attention
     from mega_kernels.reference.attention import attention as reference
 
@@ -166,6 +166,8 @@ def bench_shape(rows, name, spec, device, dtype, quick):
             if r.ms:
                 r.tflops = mult * flops / (r.ms * 1e-3) / 1e12
                 r.note = r.note or note
+                if backend == "triton-softmax" and name in ("LM", "LRA", "tiny-chunked"):
+                    r.extra["kernel_ms"] = kernel_ms(call, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if device.type == "cuda":

@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -72,6 +72,40 @@ def peak_mib(fn: Callable[[], object], device) -> Optional[float]:
     fn()
     _sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def kernel_ms(fn: Callable[[], object], device, *, rep: int = 5, top: int = 10) -> Dict[str, float]:
+    """Where one call of fn spends its time, from torch.profiler: {kernel name: ms per call} for the `top`
+    largest, decreasing. On a GPU the device time of each CUDA kernel (Triton kernels under their own names,
+    so a multi-launch op shows each of its passes); on the CPU each op's self time. fn is warmed up first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    gpu = device.type == "cuda"
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+        for _ in range(rep):
+            fn()
+        _sync(device)
+    times: Dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if gpu else evt.self_cpu_time_total
+        if us > 0 and not evt.key.startswith("ProfilerStep"):
+            times[evt.key] = times.get(evt.key, 0.0) + us / 1e3 / rep
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
+
+
+def format_kernels(rows: List[Row]) -> str:
+    """The kernel breakdowns (extra["kernel_ms"]) of the rows that have one, a block each."""
+    lines = []
+    for r in rows:
+        split = r.extra.get("kernel_ms")
+        if split:
+            lines.append(f"# where the time goes: {r.op} {r.mode} {r.shape} {r.dtype} {r.backend} "
+                         f"({r.ms:.3f} ms per call)" if r.ms else f"# {r.op} {r.mode} {r.shape} {r.backend}")
+            lines += [f"  {ms:9.3f} ms  {name[:90]}" for name, ms in split.items()]
+    return "\n".join(lines)
 
 
 def copy_ms(nbytes: int, device) -> float:
@@ -145,6 +179,9 @@ def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None)
         json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=1)
     print(f"# {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']})")
     print(format_table(rows))
+    breakdown = format_kernels(rows)
+    if breakdown:
+        print(breakdown)
     print(f"# written to {path}")
     return path
 

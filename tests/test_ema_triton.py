@@ -104,6 +104,29 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_backward_workspace_peak(monkeypatch, bidirectional):
+    """The backward's live bytes (every kernel output and workspace, counted from allocation to release) stay
+    within 8 bytes per element of x for 16-bit x: g (float32) and one float32 sum or the 16-bit dx, never g,
+    a float32 sum and dx together (the issue's peak-memory target is 1.5x the bytes of x, y and their
+    gradients, 8 bytes per element in 16 bits)."""
+    import weakref
+    live, peak = [0], [0]
+
+    def tracked(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        live[0] += t.nbytes
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(t, lambda n=t.nbytes: live.__setitem__(0, live[0] - n))
+        return t
+
+    coefs, _, x, mask, _, gy, _ = _case(1, 512, 8, 2, bidirectional, False, dtype=torch.float16)
+    monkeypatch.setattr(fwd_mod, "_empty", tracked)
+    grads = ema_bwd(gy, None, x, *coefs, mask, None, bidirectional, 0, chunk=128)
+    assert grads[0].dtype == torch.float16
+    assert peak[0] <= 8.5 * x.numel(), f"backward peak {peak[0] / x.numel():.2f} bytes per element"
+
+
 def test_backward_is_deterministic():
     coefs, _, x, mask, _, gy, _ = _case(3, 37, 5, 3, True, False)
     first = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)

@@ -242,10 +242,16 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     s0 = None if state is None else (q * state).contiguous()
     g, _, buf, chunk = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
                     epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
+    # A bidirectional adjoint sums two sweeps in a float32 buffer: for 16-bit x that buffer is dx itself, cast
+    # once g is freed, so g, the sum and a 16-bit dx are never all alive (peak 8 instead of 10 bytes per element).
+    wide_dx = bidirectional and x.dtype != torch.float32
     dx, lam0, _, _ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
-                        epilogue=EPI_DX, out_dtype=x.dtype, reverse=True, mask_in=False,
-                        write_final=state is not None, **tuning)
+                        epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
+                        mask_in=False, write_final=state is not None, **tuning)
     da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
                                          truncation, block_d=tuning.get("block_d"), group_steps=group_steps)
+    del g
+    if wide_dx:
+        dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
     return dx, da, dq, dc, domega, dstate
