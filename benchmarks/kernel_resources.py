@@ -98,13 +98,14 @@ def ema_configs():
                {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
                warps, 4)
-        yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel, dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}"),
+        yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
+               dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
                dict(scan, EPI=F.EPI_DSILU), warps, 4)
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
-                "part_ptr": "*fp32", "dom_ptr": "*fp32", "GROUP": "i32", **sizes},
-               dict(NDIR=1, MASK_IN=False, TRUNC=False, HAS_S=False, HAS_BUF=True, STAGES=2, BLOCK_N=16,
-                    BLOCK_D=block_d), warps, 1)
+                "part_ptr": "*fp32", "GROUP": "i32", **sizes},
+               dict(NDIR=1, MASK_IN=False, TRUNC=False, HAS_S=False, HAS_BUF=True, UNROLL=4, BLOCK_N=16,
+                    BLOCK_D=block_d), warps, 4)
 
 
 def cuda_report(path: str = "csrc/ema/ema_cuda.cu", arch: int = 90) -> list:

@@ -106,25 +106,26 @@ def test_outputs_poisoned_with_nan(monkeypatch):
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_backward_workspace_peak(monkeypatch, bidirectional):
-    """The backward's live bytes (every kernel output and workspace, counted from allocation to release) stay
-    within 8 bytes per element of x for 16-bit x: g (float32) and one float32 sum or the 16-bit dx, never g,
-    a float32 sum and dx together (the issue's peak-memory target is 1.5x the bytes of x, y and their
-    gradients, 8 bytes per element in 16 bits)."""
+    """The backward's live (B, L, D) buffers (kernel outputs and workspaces, counted from allocation to
+    release; the small per-chunk ones are not counted) stay within 8 bytes per element for 16-bit x: g
+    (float32) and one float32 sum or the 16-bit dx, never g, a float32 sum and dx together (the issue's
+    peak-memory target is 1.5x the bytes of x, y and their gradients, 8 bytes per element in 16 bits)."""
     import weakref
     live, peak = [0], [0]
+    coefs, _, x, mask, _, gy, _ = _case(1, 512, 8, 2, bidirectional, False, dtype=torch.float16)
 
     def tracked(shape, dtype, device):
         t = torch.empty(shape, dtype=dtype, device=device)
-        live[0] += t.nbytes
-        peak[0] = max(peak[0], live[0])
-        weakref.finalize(t, lambda n=t.nbytes: live.__setitem__(0, live[0] - n))
+        if t.numel() == x.numel():
+            live[0] += t.nbytes
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(t, lambda n=t.nbytes: live.__setitem__(0, live[0] - n))
         return t
 
-    coefs, _, x, mask, _, gy, _ = _case(1, 512, 8, 2, bidirectional, False, dtype=torch.float16)
     monkeypatch.setattr(fwd_mod, "_empty", tracked)
     grads = ema_bwd(gy, None, x, *coefs, mask, None, bidirectional, 0, chunk=128)
     assert grads[0].dtype == torch.float16
-    assert peak[0] <= 8.5 * x.numel(), f"backward peak {peak[0] / x.numel():.2f} bytes per element"
+    assert peak[0] <= 8 * x.numel(), f"backward peak {peak[0] / x.numel():.2f} bytes per element"
 
 
 def test_backward_is_deterministic():
@@ -181,7 +182,7 @@ CASES = [
     (ema_fwd._scan_out_kernel, dict(scan, EPI=3, REVERSE=True, MASK_IN=False, MASK_OUT=True)),
     (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
     (ema_fwd._carry_kernel, dict(HAS_S0=True, BLOCK=128)),
-    (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, STAGES=2)),
+    (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, UNROLL=4)),
     (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),
 ]

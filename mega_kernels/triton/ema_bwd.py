@@ -31,7 +31,8 @@ The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
 
 which is the forward's chunked scan with a <-> c swapped, time reversed, the mask moved to the output and the
 pre-decayed initial state s = gS (ema_fwd.py's state convention). So the backward is three launches of work:
-(1) the forward scan recomputing z and writing g (float32), (2) the adjoint scan writing dx and lambda_0,
+(1) the forward scan recomputing z and writing g (float32) and per-chunk sums of g x (domega), (2) the
+adjoint scan writing dx and lambda_0,
 (3) the grouped parameter sweep and its carry, writing per-program partial sums reduced in a fixed order
 (the carry kernel, then torch.sum over the batch; no atomics: the same result on every run).
 """
@@ -44,31 +45,50 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
-from .ema_fwd import (EPI_DSILU, EPI_DX, INTERPRET, _block_n, _coef, _load_in, _powi, block_d_for, check_inputs,
+from .ema_fwd import (EPI_DSILU, EPI_DX, _block_n, _coef, _load_in, _powi, block_d_for, check_inputs,
                       ema_scan, keep_of)
 
 Tensor = torch.Tensor
 PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
 
 
+@triton.jit
+def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bG, q, qk, kqk1, TRUNC: tl.constexpr):
+    """One step of the parameter sweep from the masked input um, g = dL/dz and (TRUNC) the input ud leaving the
+    window, all (BLOCK_D,): advance hs (= h / a'), H_run, P_run (scaled, P = a' Ps) and pw = q^(m+1), and add
+    g H, g P, g pw to the block sums."""
+    P = q * P + hs
+    H = q * H + um[None, :]
+    hs = q * hs + um[None, :]
+    if TRUNC:
+        P = P - kqk1 * ud[None, :]
+        H = H - qk * ud[None, :]
+        hs = hs - qk * ud[None, :]
+    pw = pw * q
+    gb = g[None, :]
+    return hs, H, P, pw, bH + gb * H, bP + gb * P, bG + gb * pw
+
+
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "GROUP", "NDB"])
-def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, dom_ptr,
+def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr,
                        B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
-                       TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, STAGES: tl.constexpr,
+                       TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, UNROLL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = 64):
     """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
     channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
     h, H_run, P_run (H, P from zero) and writes five (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
-    sum g H_run, sum g P_run, G = sum g q^(m+1) (m = steps since the group start), H_run end, P_run end;
-    and sum g x to dom[group, b]. (sum g h needs no sweep: h = a H + q^(t+1) S, see _param_carry_kernel.)"""
+    sum g H_run, sum g P_run, G = sum g q^(m+1) (m = steps since the group start), H_run end, P_run end.
+    (sum g h needs no sweep: h = a H + q^(t+1) S, see _param_carry_kernel; sum g x comes from the scan that
+    wrote g.) Rows of x and g arrive as (UNROLL, BLOCK_D) tiles loaded two iterations ahead (ema_fwd._sweep):
+    with one row of each in flight per step the sweep would wait on memory, not on its arithmetic."""
     grp, b, dirn, offs_d = _fwd._program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     per_group = B * NDIR * NDB
     offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, UNROLL)
     dmask = offs_d < D
     sm = (offs_n[:, None] < N) & (offs_d[None, :] < D)
     row0 = dirn * D
     kd = NDIR * D
-    a = _coef(a_ptr, row0, offs_n, offs_d, N, D, kd)
     q = _coef(q_ptr, row0, offs_n, offs_d, N, D, kd, 1.0)
     qk = _powi(q, K)
     kqk1 = K * _powi(q, K - 1)
@@ -89,48 +109,48 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     if HAS_S:
         h += tl.load(s_ptr + b.to(tl.int64) * D * N + st, mask=sm & (dirn == 0) & (c_in == 0), other=0.0)
     # scaled state (ema_fwd.py): hs = h / a', P runs scaled too (P = a' Ps), one multiply-add each per step
-    a = _fwd._safe(a)
-    hs = h / a
+    hs = h / _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
     sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     G = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    sum_x = tl.zeros((BLOCK_D,), tl.float32)
-    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each iteration
+    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
+    n_main = (n // UNROLL) * UNROLL
+    xn, xn2 = _fwd._tiles_ahead(x_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
+    gn, gn2 = _fwd._tiles_ahead(g_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, False, UNROLL)
     for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps) keep float32 rounding ~ (SUB + n/SUB) eps
         bH = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         bG = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        bx = tl.zeros((BLOCK_D,), tl.float32)
-        for i in tl.range(j0, tl.minimum(j0 + SUB, n), num_stages=STAGES):
-            off = row * D + offs_d
-            raw = tl.load(x_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-            um = raw
-            if MASK_IN:
-                um = tl.where(tl.load(keep_ptr + row) != 0, raw, 0.0)
-            g = tl.load(g_ptr + off, mask=dmask, other=0.0)
-            P = q * P + hs
-            H = q * H + um[None, :]
-            hs = q * hs + um[None, :]
+        for i in tl.range(j0, tl.minimum(j0 + SUB, n_main), UNROLL, num_stages=1):
+            xc, xn, xn2 = _fwd._advance(x_ptr, keep_ptr, xn, xn2, row, step, n_main - i, D, offs_k, offs_d,
+                                        MASK_IN, UNROLL)
+            gc, gn, gn2 = _fwd._advance(g_ptr, keep_ptr, gn, gn2, row, step, n_main - i, D, offs_k, offs_d,
+                                        False, UNROLL)
+            for k in tl.static_range(UNROLL):
+                um = _fwd._tile_row(xc, offs_k, k)
+                ud = um
+                if TRUNC:
+                    td = t0 + (i + k - K) * step
+                    _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+                hs, H, P, pw, bH, bP, bG = _param_step(um, _fwd._tile_row(gc, offs_k, k), ud, hs, H, P, pw, bH,
+                                                       bP, bG, q, qk, kqk1, TRUNC)
+            row += UNROLL * step
+        for i in tl.range(tl.maximum(j0, n_main), tl.minimum(j0 + SUB, n)):  # the last n % UNROLL steps
+            _, um = _load_in(x_ptr, keep_ptr, b, t0 + i * step, L, D, offs_d, True, MASK_IN)
+            g = tl.load(g_ptr + row * D + offs_d, mask=dmask, other=0.0)
+            ud = um
             if TRUNC:
                 td = t0 + (i - K) * step
                 _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                P = P - kqk1 * ud[None, :]
-                H = H - qk * ud[None, :]
-                hs = hs - qk * ud[None, :]
-            pw = pw * q
-            gb = g[None, :]
-            bH += gb * H
-            bP += gb * P
-            bG += gb * pw
-            bx += g * raw
+            hs, H, P, pw, bH, bP, bG = _param_step(um, g, ud, hs, H, P, pw, bH, bP, bG, q, qk, kqk1, TRUNC)
             row += step
         sum_H += bH
         sum_P += bP
         G += bG
-        sum_x += bx
+    a = _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))  # loaded again: not held through the sweep
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
@@ -139,8 +159,6 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     tl.store(part + 2 * plane, G, mask=sm)
     tl.store(part + 3 * plane, H, mask=sm)
     tl.store(part + 4 * plane, a * P, mask=sm)
-    if dirn == 0:
-        tl.store(dom_ptr + (grp * B + b).to(tl.int64) * D + offs_d, sum_x, mask=dmask)
 
 
 @triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "GSTEPS", "NG"])
@@ -196,9 +214,10 @@ def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
                     state: Optional[Tensor], grad_state: Optional[Tensor], buf: Optional[Tensor], chunk: int,
                     bidirectional: bool, truncation: int, block_d: Optional[int] = None,
-                    group_steps: int = PARAM_GROUP_STEPS) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(da, dq, dc) (kd, N) and domega (D,), float32, from g = dL/dz (B, L, D) float32 and the chunk states
-    `buf` of the scan that computed g (chunk length `chunk`); deterministic (fixed-order sums, no atomics)."""
+                    group_steps: int = PARAM_GROUP_STEPS, unroll: int = 4) -> Tuple[Tensor, Tensor, Tensor]:
+    """(da, dq, dc) (kd, N) float32 from g = dL/dz (B, L, D) float32 and the chunk states `buf` of the scan
+    that computed g (chunk length `chunk`); deterministic (fixed-order sums, no atomics). unroll: time steps
+    per loop iteration of the sweep (rows of x and g arrive as (unroll, block_d) tiles)."""
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
@@ -207,19 +226,18 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     group = max(1, group_steps // chunk)
     ngroups = triton.cdiv(triton.cdiv(length, chunk), group)
     part = _fwd._empty((5, ngroups, bsz, ndim, kd), torch.float32, x.device)
-    dom = _fwd._empty((ngroups, bsz, dim), torch.float32, x.device)
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
     _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
-        x, keep, g, aT, qT, state, buf, part, dom, bsz, length, dim, ndim, truncation, chunk, group, ndb,
+        x, keep, g, aT, qT, state, buf, part, bsz, length, dim, ndim, truncation, chunk, group, ndb,
         NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
-        HAS_BUF=buf is not None, STAGES=1 if INTERPRET else 2, BLOCK_N=_block_n(ndim), BLOCK_D=block_d, num_warps=max(1, block_d // 32))
+        HAS_BUF=buf is not None, UNROLL=unroll, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
+        num_warps=max(1, block_d // 32))
     da, dq, dc = (_fwd._empty((bsz, ndim, kd), torch.float32, x.device) for _ in range(3))
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
         part, aT, cT, qT, state, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
         HAS_S=state is not None, HAS_GS=grad_state is not None, BLOCK=blk)
-    da, dq, dc = (t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
-    return da, dq, dc, dom.sum((0, 1))
+    return tuple(t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
 
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
@@ -240,18 +258,19 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     s0 = None if state is None else (q * state).contiguous()
-    g, _, buf, chunk = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
+    g, _, buf, chunk, dom = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
                     epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
     # A bidirectional adjoint sums two sweeps in a float32 buffer: for 16-bit x that buffer is dx itself, cast
     # once g is freed, so g, the sum and a 16-bit dx are never all alive (peak 8 instead of 10 bytes per element).
     wide_dx = bidirectional and x.dtype != torch.float32
-    dx, lam0, _, _ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
+    dx, lam0, *_ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
                         epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
                         mask_in=False, write_final=state is not None, **tuning)
-    da, dq, dc, domega = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
-                                         truncation, block_d=tuning.get("block_d"), group_steps=group_steps)
+    da, dq, dc = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional, truncation,
+                                 block_d=tuning.get("block_d"), group_steps=group_steps,
+                                 unroll=tuning.get("unroll", 4))
     del g
     if wide_dx:
         dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
-    return dx, da, dq, dc, domega, dstate
+    return dx, da, dq, dc, dom.sum((0, 1)), dstate

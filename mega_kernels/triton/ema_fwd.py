@@ -50,7 +50,7 @@ mask (B, L) bool or None; state (B, D, N) float32 or None.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -194,8 +194,9 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b
           TRUNC: tl.constexpr):
     """One time step of `_sweep` at (b, t) row index `row` whose input row `raw` (BLOCK_D,) is loaded (td: the
     step leaving a truncated window): g <- q g + u_t (- q^K u_td), e = sum_n (c a) g, then the epilogue;
-    returns the new g."""
+    returns the new g and, for EPI_DSILU, the step's term dL/dz * x of the gradient of omega (else zeros)."""
     dmask = offs_d < D
+    w = tl.zeros_like(raw)
     off = row * D + offs_d
     raw = raw.to(tl.float32)
     um = raw
@@ -223,15 +224,18 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b
             tl.store(out_ptr + off, (z * sig).to(out_ptr.dtype.element_ty), mask=dmask)
         else:
             gy = tl.load(gy_ptr + off, mask=dmask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + off, gy * sig * (1.0 + z * (1.0 - sig)), mask=dmask)
-    return g
+            gz = gy * sig * (1.0 + z * (1.0 - sig))
+            tl.store(out_ptr + off, gz, mask=dmask)
+            w = gz * raw
+    return g, w
 
 
 @triton.jit
 def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, t0, step, n, L, D, K, offs_d,
            EPI: tl.constexpr, ADD_ACC: tl.constexpr, MASK_IN: tl.constexpr, MASK_OUT: tl.constexpr,
            TRUNC: tl.constexpr, UNROLL: tl.constexpr):
-    """Run the recurrence over n >= 1 steps from t0 from the pre-decayed state s; return the last h.
+    """Run the recurrence over n >= 1 steps from t0 from the pre-decayed state s; return the last h and, for
+    EPI_DSILU, sum_t dL/dz_t x_t over the n steps (BLOCK_D,) (the gradient of omega; zeros otherwise).
 
     In scaled-state form (a' = _safe(a)): g = s / a' + u_t0, then g <- q g + u_t (- q^K u_{t-step K}), and
     e_t = sum_n (c a') g (h = a' g).
@@ -244,8 +248,8 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
     dmask = offs_d < D
     row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
     first = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-    g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, first, 1.0, ca, qk, omega, s / a, b, row, t0 - K * step,
-              L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+    g, dom = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, first, 1.0, ca, qk, omega, s / a, b, row,
+                   t0 - K * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
     row += step
     # Main loop: UNROLL steps per iteration from a (UNROLL, BLOCK_D) tile of rows loaded two iterations ahead,
     # so three tiles' loads are in flight (the time loop is otherwise bound by load latency).
@@ -257,15 +261,19 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
                                   UNROLL)
         for k in tl.static_range(UNROLL):
             raw = _tile_row(cur, offs_k, k)
-            g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b, row + k * step,
-                      t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+            g, w = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b, row + k * step,
+                         t0 + (i + k - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+            if EPI == 2:
+                dom += w
         row += UNROLL * step
     for i in tl.range(n_main, n):
         last = tl.load(u_ptr + row * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        g = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, last, q, ca, qk, omega, g, b, row,
-                  t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+        g, w = _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, last, q, ca, qk, omega, g, b, row,
+                     t0 + (i - K) * step, L, D, K, offs_d, EPI, ADD_ACC, MASK_IN, MASK_OUT, TRUNC)
+        if EPI == 2:
+            dom += w
         row += step
-    return a * g
+    return a * g, dom
 
 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
@@ -326,7 +334,7 @@ def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
 def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_ptr, omega_ptr, s0_ptr, buf_ptr,
-                     final_ptr, flag_ptr, ticket_ptr, B, L, D, N, K, CHUNK, NDB,
+                     final_ptr, dom_ptr, flag_ptr, ticket_ptr, B, L, D, N, K, CHUNK, NDB,
                      EPI: tl.constexpr, BIDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr,
                      MASK_OUT: tl.constexpr, TRUNC: tl.constexpr, HAS_S0: tl.constexpr, CARRY: tl.constexpr,
                      LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr,
@@ -334,7 +342,8 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
     into acc, then the primary rows writing the epilogue. Chunk 0 starts from s0 (or zero); chunk c > 0 from
     s = q h_in(c) with h_in(c) = buf[c], left there by _carry_kernel (CARRY) or published by chunk c-1
-    (LOOKBACK: chunk c waits for it, then publishes buf[c+1] = q^T h_in(c) + a H_loc before its own sweep)."""
+    (LOOKBACK: chunk c waits for it, then publishes buf[c+1] = q^T h_in(c) + a H_loc before its own sweep).
+    EPI_DSILU also writes the chunk's share of the gradient of omega, dom[c, b, :] = sum_t dL/dz_t x_t."""
     if LOOKBACK:
         pid = tl.atomic_add(ticket_ptr, 1)
     else:
@@ -367,9 +376,8 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if CARRY:
             s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
-        _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
-               tp0 + (n - 1) * step, -step, n, L, D, K, offs_d,
-               0, False, MASK_IN, False, TRUNC, UNROLL)
+        _, _ = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
+                      tp0 + (n - 1) * step, -step, n, L, D, K, offs_d, 0, False, MASK_IN, False, TRUNC, UNROLL)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
     a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
     q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
@@ -397,8 +405,10 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                 tl.store(nxt, _powi(q, n) * h_in + a * H, mask=sm)
                 tl.debug_barrier()
                 tl.atomic_xchg(flag_ptr + c * per_chunk + rem, 1, sem="release")
-    h = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, qk, omega, s, b, tp0, step, n, L, D, K,
-               offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, UNROLL)
+    h, dom = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, cc, qk, omega, s, b, tp0, step, n, L, D, K,
+                    offs_d, EPI, BIDIR, MASK_IN, MASK_OUT, TRUNC, UNROLL)
+    if EPI == 2:
+        tl.store(dom_ptr + (c * B + b).to(tl.int64) * D + offs_d, dom, mask=offs_d < D)
     if LOOKBACK:
         if (c == 0) & (nc > 1):
             tl.store(nxt, h, mask=sm)
@@ -421,13 +431,21 @@ def block_d_for(dim: int, block_d: Optional[int] = None) -> int:
     return min(256, max(2, triton.next_power_of_2(dim))) if INTERPRET else DEFAULT_BLOCK_D
 
 
+class Scan(NamedTuple):
+    """What `ema_scan` returns."""
+    out: Tensor              # (B, L, D) in the requested dtype
+    final: Optional[Tensor]  # (B, D, N) float32 last state, when write_final
+    buf: Optional[Tensor]    # (nc, B, N, kd) float32 h_in(c) of chunks c >= 1 (None for a single chunk)
+    chunk: int               # steps per chunk
+    dom: Optional[Tensor]    # (nc, B, D) float32 per-chunk sums of dL/dz * x (EPI_DSILU only)
+
+
 def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4):
-    """Run the chunked scan of u (B, L, D); return (out (B, L, D) out_dtype, final h (B, D, N) or None,
-    buf, chunk): buf (nc, B, N, kd) holds h_in(c) for chunks c >= 1 (None for a single chunk).
+             block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4) -> Scan:
+    """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
     the input (mask_in) or to the EMA part of the EPI_DX output. s0: (B, D, N) float32 incoming pre-decayed
@@ -456,6 +474,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     if bidirectional:
         acc = out if out_dtype == torch.float32 else _empty(u.shape, torch.float32, u.device)
     final = _empty((bsz, dim, ndim), torch.float32, u.device) if write_final else None
+    dom = _empty((nc, bsz, dim), torch.float32, u.device) if epilogue == EPI_DSILU else None
     kd = q.shape[0]
     buf = flags = ticket = None
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see _coef
@@ -474,12 +493,12 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
     _scan_out_kernel[(nc * bsz * ndb,)](
-        u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, flags, ticket, bsz, length, dim, ndim, truncation,
-        chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
+        u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, dom, flags, ticket, bsz, length, dim, ndim,
+        truncation, chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, UNROLL=unroll, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps)
-    return out, final, buf, chunk
+    return Scan(out, final, buf, chunk, dom)
 
 
 def check_inputs(fn: str, x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],
@@ -530,6 +549,6 @@ def ema_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Opt
     if truncation >= x.shape[1]:
         truncation = 0
     s0 = None if state is None else (q * state).contiguous()
-    y, final, _, _ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
+    y, final, *_ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
                         epilogue=EPI_SILU, out_dtype=x.dtype, write_final=return_state, **tuning)
     return y, (final if return_state else x.new_empty(0, dtype=torch.float32))
