@@ -155,10 +155,12 @@ def test_non_contiguous_inputs(store_ds, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real autotuner runs (test_gpu_lm_tile_shape_bfloat16)")
+@pytest.mark.parametrize("zdim", [16, 72])
 @pytest.mark.parametrize("pick", [0, 1, 2])
-def test_gpu_tile_configs_and_autotune_plumbing(pick, monkeypatch):
+def test_gpu_tile_configs_and_autotune_plumbing(pick, zdim, monkeypatch):
     """The GPU path under the interpreter: GPU tile configs (BM 128 / BE 512 / T 64 ...) and the autotuned
-    launches (grid from the chosen config), each candidate config in turn, against the reference."""
+    launches (grid from the chosen config), each candidate config in turn, against the reference; Z 16 and
+    72 take the two tile shapes of "fwd_e256" (q tile up to 64 or 128 wide)."""
     from mega_kernels.triton import attention_bwd, attention_common, attention_fwd
 
     class PickOne:  # stands in for triton.autotune: runs candidate `pick` (no timing on the CPU)
@@ -180,7 +182,7 @@ def test_gpu_tile_configs_and_autotune_plumbing(pick, monkeypatch):
         monkeypatch.setattr(mod, "interpreting", lambda: False)
     monkeypatch.setattr(attention_common.triton, "autotune", PickOne)
     monkeypatch.setattr(attention_common, "_TUNED", {})
-    case = (1, 70, 70, 16, 1040, 64)
+    case = (1, 70, 70, zdim, 1040, 64)
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
     check_case(case, "softmax", True, masks["left"], dtype=torch.float16, label="left")
     check_case(case, "relu2", False, masks["whole_chunk"], dtype=torch.float16, label="whole_chunk")

@@ -321,14 +321,19 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     if kind == "fwd":       # program = (query tile, E tile): acc (BM, BE), q (BM, BZ), scores (BM, BN)
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_E=max(16, min(128, np2e)), num_warps=8,
                     num_stages=2 if wide else 3)
-    if kind == "fwd_e256":  # the forward's second candidate for E >= 256 (autotuned against "fwd"): half the
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=256, num_warps=8, num_stages=2)  # score recompute
-    if kind == "fwd_e512":  # third candidate for E >= 1024: a quarter of the recompute, 16 warps share the acc
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_E=512, num_warps=16, num_stages=2)
+    # The wide-E candidates ("fwd_e256", "fwd_e512", "dv_e512") were chosen from their sm_90 code
+    # (`--compile-report`): fewest instructions per key tile x warps / (BM x BN x BE), and no spill inside the
+    # key loop (the 16-warp tiles of run 2 spilled there; benchmarks/NOTES.md, session 4).
+    if kind == "fwd_e256":  # candidate for E >= 256 (autotuned against "fwd"): half the score recompute, 128
+        if pb.block_z <= 64:  # query rows per K / V tile; BN 64 and 3 stages fit only with a narrow q tile
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_E=256, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=32, BLOCK_E=256, num_warps=8, num_stages=2)
+    if kind == "fwd_e512":  # third candidate for E >= 1024: a quarter of the recompute
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_E=512, num_warps=8, num_stages=2)
     if kind == "dv":        # program = (key tile, E tile): acc (BN, BE); BE 256 halves the score recompute
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(256, np2e)), num_warps=8, num_stages=2)
-    if kind == "dv_e512":   # autotuned against "dv" for E >= 1024: half again the recompute, 16 warps
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_E=512, num_warps=16, num_stages=2)
+    if kind == "dv_e512":   # autotuned against "dv" for E >= 1024: half again the recompute
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_E=512, num_warps=8, num_stages=2)
     if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(32 if wide else 128, np2e)), num_warps=8,
                     num_stages=2)

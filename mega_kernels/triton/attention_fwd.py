@@ -239,8 +239,8 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
 
 
 # For E >= 256 in 16-bit on a GPU the forward picks by timing, once per (Z, E, causal), between "fwd"
-# (BM 128, BE 128), "fwd_e256" (BM 64, BE 256) and, for E >= 1024, "fwd_e512" (BM 64, BE 512, 16 warps): a
-# wider E tile recomputes the scores less often (Z / BE), a taller one reuses each K / V tile for more rows.
+# (BM 128, BE 128), "fwd_e256" (BM 128, BE 256) and, for E >= 1024, "fwd_e512" (BM 64, BE 512): a wider E
+# tile recomputes the scores less often (Z / BE), a taller one reuses each K / V tile for more rows.
 def _fwd_kinds(pb: Problem):
     return ("fwd", "fwd_e256", "fwd_e512") if pb.edim >= 1024 else ("fwd", "fwd_e256")
 
