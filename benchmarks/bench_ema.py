@@ -125,6 +125,52 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
     del x, params, gy
 
 
+TARGET = "B8 L4096 D1024 N16"
+
+
+def check_targets(rows) -> list:
+    """The targets of issues 3 (triton) and 5 (cuda) against this run's rows (after fill_speedups): a
+    PASS / FAIL / n/a line each, printed and returned."""
+    def row(shape, dtype, backend, mode):
+        return next((r for r in rows if (r.shape, r.dtype, r.backend, r.mode) == (shape, dtype, backend, mode)
+                     and r.ms), None)
+
+    lines = []
+
+    def check(text, value, ok):
+        verdict = "n/a " if value is None else "PASS" if ok(value) else "FAIL"
+        lines.append(f"{verdict}  {text}: {'-' if value is None else format(value, '.2f')}")
+
+    uni, bi = f"{TARGET} uni", f"{TARGET} bi"
+    for backend in ("triton", "cuda"):
+        for dt in ("fp32", "bf16"):
+            r = row(uni, dt, backend, "fwd")
+            check(f"{backend} {dt} fwd >= 0.70 of the copy floor", r and r.floor_fraction, lambda v: v >= 0.70)
+    for mode, factor in (("fwd", 25), ("fwd+bwd", 20)):
+        r = row(uni, "fp32", "triton", mode)
+        check(f"triton fp32 {mode} >= {factor}x the FFT reference", r and r.speedup, lambda v, f=factor: v >= f)
+    for dt in ("fp32", "bf16"):
+        u, b = row(uni, dt, "triton", "fwd"), row(bi, dt, "triton", "fwd")
+        check(f"triton {dt} fwd bidirectional / unidirectional <= 1.5", u and b and b.ms / u.ms, lambda v: v <= 1.5)
+    for r in rows:
+        if r.backend == "triton" and r.mode == "fwd+bwd" and "peak_over_x_y_dx_dy" in r.extra:
+            check(f"triton {r.shape} {r.dtype} fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)",
+                  r.extra["peak_over_x_y_dx_dy"], lambda v: v <= 1.5)
+    long = next((r for r in rows if r.shape.startswith("B1 L1048576") and r.backend == "triton"
+                 and r.mode == "fwd+bwd"), None)
+    if long is not None:
+        lines.append(f"{'PASS' if long.ms else 'FAIL'}  triton B1 L1048576 bf16 fwd+bwd runs: "
+                     f"{long.ms if long.ms else long.note}")
+    for t in rows:
+        c = row(t.shape, t.dtype, "cuda", t.mode) if t.backend == "triton" and t.ms else None
+        if c is not None:
+            check(f"cuda no slower than triton (5% noise allowed), {t.shape} {t.dtype} {t.mode}: triton / cuda ms",
+                  t.ms / c.ms,
+                  lambda v: v >= 0.95)
+    print("# targets\n" + "\n".join(lines))
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="GPU smoke run: the target shape only, no variants")
@@ -145,6 +191,7 @@ def main(argv=None):
         bench_shape(rows, LONG, ["triton"], device, {})
     fill_speedups(rows)
     save_rows(rows, "bench_ema" + ("-tiny" if tiny else "-quick" if args.quick else ""), device)
+    check_targets(rows)
 
 
 if __name__ == "__main__":

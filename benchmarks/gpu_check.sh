@@ -52,6 +52,13 @@ stamp "mega-kernels check"
 timeout 40 python -m mega_kernels.cli check --device cuda > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
 tail -4 "$OUT/check.log"
 
-stamp "summary"
-for f in bench_ema bench_attention; do echo "== $f"; grep -vE "^\s*$" "$OUT/$f.log" | tail -40; done
+stamp "summary"  # the target-shape rows, where their time goes, and each issue's targets (PASS / FAIL / n/a)
+echo "== bench_ema"
+grep -E "^ema .*(B8 L4096 D1024 N16 uni|B1 L1048576).* (reference|triton|cuda) " "$OUT/bench_ema.log" | head -16
+grep -A4 "where the time goes" "$OUT/bench_ema.log" | head -24
+sed -n '/^# targets/,$p' "$OUT/bench_ema.log"
+echo "== bench_attention"
+grep -E "^attention .*Z256 E2048 C1024.*(reference|triton|flex|sdpa)" "$OUT/bench_attention.log" | head -14
+grep -A4 "where the time goes" "$OUT/bench_attention.log" | head -24
+sed -n '/^# targets/,$p' "$OUT/bench_attention.log"
 stamp "done"

@@ -157,12 +157,12 @@ def environment(device) -> dict:
 
 
 def format_table(rows: List[Row]) -> str:
-    head = f"{'op':<10}{'mode':<9}{'shape':<34}{'dtype':<6}{'backend':<16}{'ms':>9}{'x ref':>8}{'floor':>7}{'TF/s':>7}{'MiB':>8}  note"
+    head = f"{'op':<10}{'mode':<9}{'shape':<34}{'dtype':<10}{'backend':<19}{'ms':>9}{'x ref':>8}{'floor':>7}{'TF/s':>7}{'MiB':>8}  note"
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(v, fmt):
             return format(v, fmt) if v is not None else "-"
-        lines.append(f"{r.op:<10}{r.mode:<9}{r.shape:<34}{r.dtype:<6}{r.backend:<16}{f(r.ms, '9.3f'):>9}"
+        lines.append(f"{r.op:<10}{r.mode:<9}{r.shape:<34}{r.dtype:<10}{r.backend:<19}{f(r.ms, '9.3f'):>9}"
                      f"{f(r.speedup, '8.1f'):>8}{f(r.floor_fraction, '7.2f'):>7}{f(r.tflops, '7.0f'):>7}"
                      f"{f(r.peak_mib, '8.0f'):>8}  {r.note}")
     return "\n".join(lines)

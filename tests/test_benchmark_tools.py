@@ -31,3 +31,34 @@ def test_kernel_ms_names_the_costly_op_first():
     assert split["aten::mm"] > 5 * split.get("aten::add_", 0.0)
     text = format_kernels([Row("op", "fwd", "S", "fp64", "cpu", 1.0, extra={"kernel_ms": split})])
     assert "where the time goes: op fwd S fp64 cpu" in text and "aten::mm" in text
+
+
+def test_bench_ema_target_lines():
+    """bench_ema's target check reads the rows it should: verdicts for made-up rows on both sides of each line."""
+    from benchmarks.bench_ema import check_targets
+    from benchmarks.harness import Row
+
+    uni, bi = "B8 L4096 D1024 N16 uni", "B8 L4096 D1024 N16 bi"
+    rows = [Row("ema", "fwd", uni, "fp32", "triton", 0.10, speedup=30.0, floor_fraction=0.9),
+            Row("ema", "fwd+bwd", uni, "fp32", "triton", 0.50, speedup=12.0,
+                extra={"peak_over_x_y_dx_dy": 0.8}),
+            Row("ema", "fwd", bi, "fp32", "triton", 0.16),
+            Row("ema", "fwd", uni, "bf16", "triton", 0.20, floor_fraction=0.3),
+            Row("ema", "fwd", bi, "bf16", "triton", 0.20),
+            Row("ema", "fwd+bwd", bi, "bf16", "triton", 1.0, extra={"peak_over_x_y_dx_dy": 1.63}),
+            Row("ema", "fwd", uni, "fp32", "cuda", 0.12, floor_fraction=0.75),
+            Row("ema", "fwd+bwd", "B1 L1048576 D1024 N16 uni", "bf16", "triton", None, note="OOM")]
+    verdict = {line[6:].split(":")[0]: line[:4] for line in check_targets(rows)}
+    assert verdict["triton fp32 fwd >= 0.70 of the copy floor"] == "PASS"
+    assert verdict["triton bf16 fwd >= 0.70 of the copy floor"] == "FAIL"
+    assert verdict["cuda fp32 fwd >= 0.70 of the copy floor"] == "PASS"
+    assert verdict["cuda bf16 fwd >= 0.70 of the copy floor"] == "n/a "
+    assert verdict["triton fp32 fwd >= 25x the FFT reference"] == "PASS"
+    assert verdict["triton fp32 fwd+bwd >= 20x the FFT reference"] == "FAIL"
+    assert verdict["triton fp32 fwd bidirectional / unidirectional <= 1.5"] == "FAIL"   # 1.6
+    assert verdict["triton bf16 fwd bidirectional / unidirectional <= 1.5"] == "PASS"   # 1.0
+    assert verdict[f"triton {uni} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "PASS"
+    assert verdict[f"triton {bi} bf16 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "FAIL"
+    assert verdict["triton B1 L1048576 bf16 fwd+bwd runs"] == "FAIL"
+    slower = "cuda no slower than triton (5% noise allowed), " + uni + " fp32 fwd"
+    assert verdict[slower] == "FAIL"   # 0.10 / 0.12 ms
