@@ -103,7 +103,7 @@ def ema_configs():
                dict(scan, EPI=F.EPI_DSILU), warps, 4)
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
-                "part_ptr": "*fp32", "GROUP": "i32", **sizes},
+                "part_ptr": "*fp32", "adj_ptr": "*fp32", "GROUP": "i32", **sizes},
                dict(NDIR=1, MASK_IN=False, TRUNC=False, HAS_S=False, HAS_BUF=True, UNROLL=4, BLOCK_N=16,
                     BLOCK_D=block_d), warps, 4)
 

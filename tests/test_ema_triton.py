@@ -128,6 +128,24 @@ def test_backward_workspace_peak(monkeypatch, bidirectional):
     assert peak[0] <= 8 * x.numel(), f"backward peak {peak[0] / x.numel():.2f} bytes per element"
 
 
+@pytest.mark.parametrize("truncation", [0, 5])
+def test_adjoint_takes_its_local_states_from_the_parameter_sweep(monkeypatch, truncation):
+    """Without truncation the backward runs one chunk-state pass (the recomputed forward), not two: the adjoint
+    scan's chunk-local states come from the parameter sweep. With truncation the adjoint computes its own."""
+    launches = []
+    real = fwd_mod._chunk_state_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(fwd_mod, "_chunk_state_kernel", Counted())
+    coefs, coefs64, x, mask, _, gy, _ = _case(2, 19, 5, 3, True, False)
+    _check(x, coefs, coefs64, mask, None, gy, None, True, truncation, block_d=4, chunk=4, param_group_steps=8)
+    assert len(launches) == (2 if truncation == 0 else 3)  # forward + recomputed forward (+ adjoint)
+
+
 def test_backward_is_deterministic():
     coefs, _, x, mask, _, gy, _ = _case(3, 37, 5, 3, True, False)
     first = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)
@@ -181,7 +199,7 @@ CASES = [
                                     WRITE_FINAL=False, K=1, N=1)),
     (ema_fwd._scan_out_kernel, dict(scan, EPI=3, REVERSE=True, MASK_IN=False, MASK_OUT=True)),
     (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
-    (ema_fwd._carry_kernel, dict(HAS_S0=True, BLOCK=128)),
+    (ema_fwd._carry_kernel, dict(REVERSE=True, HAS_S0=True, SCALE_LOC=True, BLOCK=128)),
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, UNROLL=4)),
     (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),

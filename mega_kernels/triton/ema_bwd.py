@@ -30,11 +30,12 @@ The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
     dS = q lambda_0
 
 which is the forward's chunked scan with a <-> c swapped, time reversed, the mask moved to the output and the
-pre-decayed initial state s = gS (ema_fwd.py's state convention). So the backward is three launches of work:
+pre-decayed initial state s = gS (ema_fwd.py's state convention). So the backward is three steps of work:
 (1) the forward scan recomputing z and writing g (float32) and per-chunk sums of g x (domega), (2) the
-adjoint scan writing dx and lambda_0,
-(3) the grouped parameter sweep and its carry, writing per-program partial sums reduced in a fixed order
-(the carry kernel, then torch.sum over the batch; no atomics: the same result on every run).
+grouped parameter sweep and its carry, writing per-program partial sums reduced in a fixed order (the carry
+kernel, then torch.sum over the batch; no atomics: the same result on every run), and each chunk's
+sum_j g q^j, which is the adjoint scan's chunk-local state (without truncation), (3) the adjoint scan, from
+those local states straight to its carry and output pass, writing dx and lambda_0.
 """
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple
 
 
 @triton.jit
-def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bG, q, qk, kqk1, TRUNC: tl.constexpr):
+def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC: tl.constexpr):
     """One step of the parameter sweep from the masked input um, g = dL/dz and (TRUNC) the input ud leaving the
-    window, all (BLOCK_D,): advance hs (= h / a'), H_run, P_run (scaled, P = a' Ps) and pw = q^(m+1), and add
-    g H, g P, g pw to the block sums."""
+    window, all (BLOCK_D,): add g H, g P and g pw (pw = q^j, j = steps since the chunk start) to the block sums,
+    then advance hs (= h / a'), H_run, P_run (scaled, P = a' Ps) and pw."""
     P = q * P + hs
     H = q * H + um[None, :]
     hs = q * hs + um[None, :]
@@ -64,22 +65,24 @@ def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bG, q, qk, kqk1, TRUNC: tl.cons
         P = P - kqk1 * ud[None, :]
         H = H - qk * ud[None, :]
         hs = hs - qk * ud[None, :]
-    pw = pw * q
     gb = g[None, :]
-    return hs, H, P, pw, bH + gb * H, bP + gb * P, bG + gb * pw
+    return hs, H, P, pw * q, bH + gb * H, bP + gb * P, bA + gb * pw
 
 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "GROUP", "NDB"])
-def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr,
+def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, adj_ptr,
                        B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
                        TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, UNROLL: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = 64):
     """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
     channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
-    h, H_run, P_run (H, P from zero) and writes five (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
-    sum g H_run, sum g P_run, G = sum g q^(m+1) (m = steps since the group start), H_run end, P_run end.
-    (sum g h needs no sweep: h = a H + q^(t+1) S, see _param_carry_kernel; sum g x comes from the scan that
-    wrote g.) Rows of x and g arrive as (UNROLL, BLOCK_D) tiles loaded two iterations ahead (ema_fwd._sweep):
+    h, H_run, P_run (H, P from zero) and writes four (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
+    sum g H_run, sum g P_run, H_run end, P_run end; and for each chunk cp of the group
+    adj[cp, b, :, row] = A_cp = sum_j g q^j (j = steps since the chunk start in the direction's order).
+    A_cp is the chunk-local state of the adjoint scan (ema_bwd), which then needs no chunk-state pass of its own,
+    and _param_carry_kernel builds G = sum g q^(m+1) (m = steps since the group start) from it. (sum g h needs no
+    sweep: h = a H + q^(t+1) S; sum g x comes from the scan that wrote g.) Rows of x and g arrive as
+    (UNROLL, BLOCK_D) tiles loaded two iterations ahead (ema_fwd._sweep), the pipeline restarting at each chunk:
     with one row of each in flight per step the sweep would wait on memory, not on its arithmetic."""
     grp, b, dirn, offs_d = _fwd._program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     per_group = B * NDIR * NDB
@@ -95,10 +98,6 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     nc = (L + CHUNK - 1) // CHUNK
     c_first = grp * GROUP                                  # the group's scan chunks: [c_first, c_last]
     c_last = tl.minimum(c_first + GROUP, nc) - 1
-    v0 = c_first * CHUNK
-    n = tl.minimum(GROUP * CHUNK, L - v0)
-    t0 = tl.where(dirn == 0, v0, v0 + n - 1)
-    step = tl.where(dirn == 0, 1, -1)
     c_in = tl.where(dirn == 0, c_first, c_last)            # the chunk whose h_in starts this direction's sweep
     st = offs_d[None, :] * N + offs_n[:, None]               # within a (D, N) state
     bst = offs_n[:, None] * kd + row0 + offs_d[None, :]     # within an (N, kd) chunk state or partial
@@ -112,63 +111,69 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     hs = h / _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
     sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    G = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
-    n_main = (n // UNROLL) * UNROLL
-    xn, xn2 = _fwd._tiles_ahead(x_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
-    gn, gn2 = _fwd._tiles_ahead(g_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, False, UNROLL)
-    for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps) keep float32 rounding ~ (SUB + n/SUB) eps
-        bH = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        bG = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        for i in tl.range(j0, tl.minimum(j0 + SUB, n_main), UNROLL, num_stages=1):
-            xc, xn, xn2 = _fwd._advance(x_ptr, keep_ptr, xn, xn2, row, step, n_main - i, D, offs_k, offs_d,
-                                        MASK_IN, UNROLL)
-            gc, gn, gn2 = _fwd._advance(g_ptr, keep_ptr, gn, gn2, row, step, n_main - i, D, offs_k, offs_d,
-                                        False, UNROLL)
-            for k in tl.static_range(UNROLL):
-                um = _fwd._tile_row(xc, offs_k, k)
+    step = tl.where(dirn == 0, 1, -1)
+    for k in range(0, c_last - c_first + 1):  # the group's chunks in the direction's order
+        cp = tl.where(dirn == 0, c_first + k, c_last - k)
+        n = tl.minimum(CHUNK, L - cp * CHUNK)
+        n_main = (n // UNROLL) * UNROLL
+        t0 = tl.where(dirn == 0, cp * CHUNK, cp * CHUNK + n - 1)
+        row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
+        xn, xn2 = _fwd._tiles_ahead(x_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
+        gn, gn2 = _fwd._tiles_ahead(g_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, False, UNROLL)
+        pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
+        A = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps): float32 rounding ~ (SUB + n/SUB) eps
+            bH = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            bA = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+            for i in tl.range(j0, tl.minimum(j0 + SUB, n_main), UNROLL, num_stages=1):
+                xc, xn, xn2 = _fwd._advance(x_ptr, keep_ptr, xn, xn2, row, step, n_main - i, D, offs_k, offs_d,
+                                            MASK_IN, UNROLL)
+                gc, gn, gn2 = _fwd._advance(g_ptr, keep_ptr, gn, gn2, row, step, n_main - i, D, offs_k, offs_d,
+                                            False, UNROLL)
+                for u in tl.static_range(UNROLL):
+                    um = _fwd._tile_row(xc, offs_k, u)
+                    ud = um
+                    if TRUNC:
+                        td = t0 + (i + u - K) * step
+                        _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
+                    hs, H, P, pw, bH, bP, bA = _param_step(um, _fwd._tile_row(gc, offs_k, u), ud, hs, H, P, pw,
+                                                           bH, bP, bA, q, qk, kqk1, TRUNC)
+                row += UNROLL * step
+            for i in tl.range(tl.maximum(j0, n_main), tl.minimum(j0 + SUB, n)):  # the last n % UNROLL steps
+                _, um = _load_in(x_ptr, keep_ptr, b, t0 + i * step, L, D, offs_d, True, MASK_IN)
+                g = tl.load(g_ptr + row * D + offs_d, mask=dmask, other=0.0)
                 ud = um
                 if TRUNC:
-                    td = t0 + (i + k - K) * step
+                    td = t0 + (i - K) * step
                     _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                hs, H, P, pw, bH, bP, bG = _param_step(um, _fwd._tile_row(gc, offs_k, k), ud, hs, H, P, pw, bH,
-                                                       bP, bG, q, qk, kqk1, TRUNC)
-            row += UNROLL * step
-        for i in tl.range(tl.maximum(j0, n_main), tl.minimum(j0 + SUB, n)):  # the last n % UNROLL steps
-            _, um = _load_in(x_ptr, keep_ptr, b, t0 + i * step, L, D, offs_d, True, MASK_IN)
-            g = tl.load(g_ptr + row * D + offs_d, mask=dmask, other=0.0)
-            ud = um
-            if TRUNC:
-                td = t0 + (i - K) * step
-                _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-            hs, H, P, pw, bH, bP, bG = _param_step(um, g, ud, hs, H, P, pw, bH, bP, bG, q, qk, kqk1, TRUNC)
-            row += step
-        sum_H += bH
-        sum_P += bP
-        G += bG
+                hs, H, P, pw, bH, bP, bA = _param_step(um, g, ud, hs, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC)
+                row += step
+            sum_H += bH
+            sum_P += bP
+            A += bA
+        tl.store(adj_ptr + (cp * B + b).to(tl.int64) * kd * N + bst, A, mask=sm)
     a = _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))  # loaded again: not held through the sweep
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
     tl.store(part, sum_H, mask=sm)
     tl.store(part + plane, a * sum_P, mask=sm)
-    tl.store(part + 2 * plane, G, mask=sm)
-    tl.store(part + 3 * plane, H, mask=sm)
-    tl.store(part + 4 * plane, a * P, mask=sm)
+    tl.store(part + 2 * plane, H, mask=sm)
+    tl.store(part + 3 * plane, a * P, mask=sm)
 
 
-@triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "GSTEPS", "NG"])
-def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD, D, N,
-                        GSTEPS, NG, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "CHUNK", "GROUP", "NG"])
+def _param_carry_kernel(part_ptr, adj_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD,
+                        D, N, CHUNK, GROUP, NG, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
     """Combine the groups of _param_grad_kernel in each row's direction (rows [:D] forward, [D:] backward):
-    H_in(next) = q^T H_in + H_run_end, P_in likewise, and sum g H = sum_groups (sum g H_run + H_in G), same for P.
-    Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}) and dc = sum g h per batch row, the last
-    from h_t = a H_t + q^(t+1) S (S: the initial state, rows [:D] only): dc = a sum g H + S sum_t g_t q^(t+1),
-    where sum_t g_t q^(t+1) = sum_groups q^(group start) G."""
+    H_in(next) = q^T H_in + H_run_end, P_in likewise, and sum g H = sum_groups (sum g H_run + H_in G), same for P,
+    with G = sum g q^(m+1) = sum over the group's chunks (in the direction's order) of q^(1 + steps before the
+    chunk) A_chunk. Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}) and dc = sum g h per batch
+    row, the last from h_t = a H_t + q^(t+1) S (S: the initial state, rows [:D] only): dc = a sum g H +
+    S sum_t g_t q^(t+1), where sum_t g_t q^(t+1) = sum_groups q^(group start) G."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
@@ -176,6 +181,7 @@ def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq
     rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
     plane = NG * B * KD * N
+    nc = (L + CHUNK - 1) // CHUNK
     H_in = tl.zeros((BLOCK,), tl.float32)
     P_in = tl.zeros((BLOCK,), tl.float32)
     acc_H = tl.zeros((BLOCK,), tl.float32)
@@ -184,14 +190,22 @@ def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq
     q_start = tl.full((BLOCK,), 1.0, tl.float32)  # q^(group start) in the row's direction
     for i in range(0, NG):
         gg = tl.where(rev, NG - 1 - i, i)
+        c_first = gg * GROUP
+        c_last = tl.minimum(c_first + GROUP, nc) - 1
+        G = tl.zeros((BLOCK,), tl.float32)
+        qo = q  # q^(1 + steps before the chunk within the group)
+        for k in range(0, GROUP):
+            cp = tl.where(rev, c_last - k, c_first + k)
+            ok = em & (k <= c_last - c_first)
+            G += qo * tl.load(adj_ptr + (cp * B + b).to(tl.int64) * KD * N + e, mask=ok, other=0.0)
+            qo = qo * _powi(q, tl.maximum(tl.minimum(CHUNK, L - cp * CHUNK), 0))
         ptr = part_ptr + (gg * B + b).to(tl.int64) * KD * N + e
-        G = tl.load(ptr + 2 * plane, mask=em, other=0.0)
         acc_H += tl.load(ptr, mask=em, other=0.0) + H_in * G
         acc_P += tl.load(ptr + plane, mask=em, other=0.0) + P_in * G
         acc_G += q_start * G
-        qt = _powi(q, tl.minimum(GSTEPS, L - gg * GSTEPS))
-        H_in = qt * H_in + tl.load(ptr + 3 * plane, mask=em, other=0.0)
-        P_in = qt * P_in + tl.load(ptr + 4 * plane, mask=em, other=0.0)
+        qt = _powi(q, tl.minimum(GROUP * CHUNK, L - gg * GROUP * CHUNK))
+        H_in = qt * H_in + tl.load(ptr + 2 * plane, mask=em, other=0.0)
+        P_in = qt * P_in + tl.load(ptr + 3 * plane, mask=em, other=0.0)
         q_start = q_start * qt
     a = tl.load(a_ptr + e, mask=em, other=0.0)
     c = tl.load(c_ptr + e, mask=em, other=0.0)
@@ -214,30 +228,36 @@ def _param_carry_kernel(part_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
                     state: Optional[Tensor], grad_state: Optional[Tensor], buf: Optional[Tensor], chunk: int,
                     bidirectional: bool, truncation: int, block_d: Optional[int] = None,
-                    group_steps: int = PARAM_GROUP_STEPS, unroll: int = 4) -> Tuple[Tensor, Tensor, Tensor]:
+                    group_steps: int = PARAM_GROUP_STEPS, unroll: int = 4
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dq, dc) (kd, N) float32 from g = dL/dz (B, L, D) float32 and the chunk states `buf` of the scan
-    that computed g (chunk length `chunk`); deterministic (fixed-order sums, no atomics). unroll: time steps
-    per loop iteration of the sweep (rows of x and g arrive as (unroll, block_d) tiles)."""
+    that computed g (chunk length `chunk`), and adj (nc, B, N, kd) float32: each chunk's local state of the
+    adjoint scan (sum_j g q^j over the chunk, j counted in the adjoint's direction; `ema_scan(local=adj)`).
+    Deterministic (fixed-order sums, no atomics). unroll: time steps per loop iteration of the sweep (rows of x
+    and g arrive as (unroll, block_d) tiles)."""
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
     block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
     group = max(1, group_steps // chunk)
-    ngroups = triton.cdiv(triton.cdiv(length, chunk), group)
-    part = _fwd._empty((5, ngroups, bsz, ndim, kd), torch.float32, x.device)
+    nc = triton.cdiv(length, chunk)
+    ngroups = triton.cdiv(nc, group)
+    part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)
+    adj = _fwd._empty((nc, bsz, ndim, kd), torch.float32, x.device)
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
     _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
-        x, keep, g, aT, qT, state, buf, part, bsz, length, dim, ndim, truncation, chunk, group, ndb,
+        x, keep, g, aT, qT, state, buf, part, adj, bsz, length, dim, ndim, truncation, chunk, group, ndb,
         NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
         HAS_BUF=buf is not None, UNROLL=unroll, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
         num_warps=max(1, block_d // 32))
     da, dq, dc = (_fwd._empty((bsz, ndim, kd), torch.float32, x.device) for _ in range(3))
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-        part, aT, cT, qT, state, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, group * chunk, ngroups,
+        part, adj, aT, cT, qT, state, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, chunk, group, ngroups,
         HAS_S=state is not None, HAS_GS=grad_state is not None, BLOCK=blk)
-    return tuple(t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
+    da, dq, dc = (t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
+    return da, dq, dc, adj
 
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
@@ -260,15 +280,18 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     s0 = None if state is None else (q * state).contiguous()
     g, _, buf, chunk, dom = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
                     epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
-    # A bidirectional adjoint sums two sweeps in a float32 buffer: for 16-bit x that buffer is dx itself, cast
-    # once g is freed, so g, the sum and a 16-bit dx are never all alive (peak 8 instead of 10 bytes per element).
+    da, dq, dc, adj = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
+                                      truncation, block_d=tuning.get("block_d"), group_steps=group_steps,
+                                      unroll=tuning.get("unroll", 4))
+    # The adjoint scan takes its chunk-local states from the parameter sweep (`adj`; without truncation, whose
+    # local states also hold the taps q^K g_(t+K) leaving each window). A bidirectional adjoint sums two sweeps
+    # in a float32 buffer: for 16-bit x that buffer is dx itself, cast once g is freed, so g, the sum and a
+    # 16-bit dx are never all alive (peak 8 instead of 10 bytes per element).
     wide_dx = bidirectional and x.dtype != torch.float32
     dx, lam0, *_ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
-                        epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
-                        mask_in=False, write_final=state is not None, **tuning)
-    da, dq, dc = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional, truncation,
-                                 block_d=tuning.get("block_d"), group_steps=group_steps,
-                                 unroll=tuning.get("unroll", 4))
+                            epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
+                            mask_in=False, write_final=state is not None, local=adj if truncation == 0 else None,
+                            **dict(tuning, chunk=chunk))
     del g
     if wide_dx:
         dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)

@@ -22,7 +22,7 @@ raised to TINY: h = a g stays exact for the state's own decay, and the input pat
 TINY |c| sum |u| (far below float32 resolution of any output); a state would overflow only past 2^64.
 
 Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
-(in the primary direction's time) and the chunks run in parallel. A chunk's end state is linear in the state
+(steps [cT, cT + T), the last chunk shorter, whichever way a direction runs) and the chunks run in parallel. A chunk's end state is linear in the state
 h_in just before it:  h_end = q^T h_in + a H_loc,  H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}),
 the chunk's own contribution from a zero state (one cheap sweep, H <- q H + u). Chunk c > 0 then sweeps from
 s = q h_in(c); `buf` keeps h_in(c) of every chunk c > 0 (chunk 0 starts from the caller's s), and the backward
@@ -280,8 +280,8 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
 def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, CHUNK, NDB,
                         NDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr, TRUNC: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
-    """buf[c, b, row, :] = a * H_loc of chunk c, for the rows [dirn * D, dirn * D + D) of direction dirn
-    (0: primary, 1: reversed), scanning the chunk in that direction."""
+    """buf[c, b, row, :] = a * H_loc of chunk c (steps [c T, c T + T) in physical time), for the rows
+    [dirn * D, dirn * D + D) of direction dirn (0: primary, 1: reversed), scanning the chunk in that direction."""
     c, b, dirn, offs_d = _program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     row0 = dirn * D
@@ -291,12 +291,8 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     qk = _powi(q, K)
     v0 = c * CHUNK
     n = tl.minimum(CHUNK, L - v0)
-    if REVERSE:
-        low = L - v0 - n
-    else:
-        low = v0
     fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
-    t0 = tl.where(fwd, low, low + n - 1)
+    t0 = tl.where(fwd, v0, v0 + n - 1)
     step = tl.where(fwd, 1, -1)
     H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D,
                      UNROLL)
@@ -306,19 +302,22 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
 
 
 @triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "CHUNK", "NC"])
-def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
-                  HAS_S0: tl.constexpr, BLOCK: tl.constexpr):
-    """Scan across chunks: replace buf[c] (local end states a H_loc) by h_in(c), the state h just before chunk c
-    in each row's direction (h_end = q^T h_in + a H_loc). Rows [:D] go in chunk order 0..NC-1, rows [D:] in the
-    order NC-1..0. The first chunk of each order starts from the pre-decayed s0 (rows [:D]) or 0, so its h_end
-    is q^(T-1) s0 + a H_loc, and its own buf entry is left 0 (_scan_out_kernel reads s0 there).
+def _carry_kernel(buf_ptr, q_ptr, a_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
+                  REVERSE: tl.constexpr, HAS_S0: tl.constexpr, SCALE_LOC: tl.constexpr, BLOCK: tl.constexpr):
+    """Scan across chunks: replace buf[c] (local end states a H_loc; H_loc alone when SCALE_LOC) by h_in(c), the
+    state h just before chunk c in each row's direction (h_end = q^T h_in + a H_loc). Rows [:D] go in chunk order
+    0..NC-1 (NC-1..0 when REVERSE), rows [D:] the other way. The first chunk of each order starts from the
+    pre-decayed s0 (rows [:D]) or 0, so its h_end is q^(T-1) s0 + a H_loc, and its own buf entry is left 0
+    (_scan_out_kernel reads s0 there).
     """
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
     row = e % KD  # buf and q are (N, KD) per batch row (see _coef)
-    rev = row >= D
+    rev = (row >= D) != REVERSE
     q = tl.load(q_ptr + e, mask=em, other=1.0)
+    if SCALE_LOC:
+        a = tl.load(a_ptr + e, mask=em, other=0.0)
     s0 = tl.zeros((BLOCK,), tl.float32)
     if HAS_S0:
         s0 = tl.load(s0_ptr + b.to(tl.int64) * D * N + row * N + e // KD, mask=em & (row < D), other=0.0)
@@ -327,6 +326,8 @@ def _carry_kernel(buf_ptr, q_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
         cc = tl.where(rev, NC - 1 - i, i)
         ptr = buf_ptr + (cc * B + b).to(tl.int64) * KD * N + e
         loc = tl.load(ptr, mask=em, other=0.0)
+        if SCALE_LOC:
+            loc = a * loc
         tl.store(ptr, h, mask=em)
         steps = tl.minimum(CHUNK, L - cc * CHUNK)
         h = tl.where(i == 0, _powi(q, steps - 1) * s0, _powi(q, steps) * h) + loc
@@ -339,11 +340,13 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
                      MASK_OUT: tl.constexpr, TRUNC: tl.constexpr, HAS_S0: tl.constexpr, CARRY: tl.constexpr,
                      LOOKBACK: tl.constexpr, WRITE_FINAL: tl.constexpr,
                      UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program = one chunk c of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
-    into acc, then the primary rows writing the epilogue. Chunk 0 starts from s0 (or zero); chunk c > 0 from
-    s = q h_in(c) with h_in(c) = buf[c], left there by _carry_kernel (CARRY) or published by chunk c-1
-    (LOOKBACK: chunk c waits for it, then publishes buf[c+1] = q^T h_in(c) + a H_loc before its own sweep).
-    EPI_DSILU also writes the chunk's share of the gradient of omega, dom[c, b, :] = sum_t dL/dz_t x_t."""
+    """One program = one chunk of one batch row b and BLOCK_D channels: sweep the reversed rows (bidirectional)
+    into acc, then the primary rows writing the epilogue. Chunks are numbered c in the primary sweep's order:
+    physical chunk cp = c (cp = nc - 1 - c when REVERSE) holds steps [cp T, cp T + T). Chunk c = 0 starts from
+    s0 (or zero); chunk c > 0 from s = q h_in with h_in = buf[cp], left there by _carry_kernel (CARRY), or
+    buf[c] published by chunk c-1 (LOOKBACK: chunk c waits for it, then publishes buf[c+1] = q^T h_in + a H_loc
+    before its own sweep). EPI_DSILU also writes the chunk's share of the gradient of omega,
+    dom[c, b, :] = sum_t dL/dz_t x_t."""
     if LOOKBACK:
         pid = tl.atomic_add(ticket_ptr, 1)
     else:
@@ -358,10 +361,14 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     nc = (L + CHUNK - 1) // CHUNK
     kd = D * (2 if BIDIR else 1)
     KD = kd
-    v0 = c * CHUNK
+    if REVERSE:  # the physical chunk, its first step in the primary sweep and the sweep's direction
+        cp = nc - 1 - c
+    else:
+        cp = c
+    v0 = cp * CHUNK
     n = tl.minimum(CHUNK, L - v0)
-    if REVERSE:  # first physical step and direction of the primary sweep
-        tp0 = L - 1 - v0
+    if REVERSE:
+        tp0 = v0 + n - 1
         step = -1
     else:
         tp0 = v0
@@ -375,7 +382,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         c2 = _coef(c_ptr, D, offs_n, offs_d, N, D, KD)
         s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         if CARRY:
-            s2 = q2 * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
+            s2 = q2 * tl.load(buf_ptr + (cp * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
         _, _ = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
                       tp0 + (n - 1) * step, -step, n, L, D, K, offs_d, 0, False, MASK_IN, False, TRUNC, UNROLL)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
@@ -388,7 +395,7 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     if HAS_S0:
         s = tl.load(s0_ptr + b.to(tl.int64) * D * N + st_off, mask=sm & (c == 0), other=0.0)
     if CARRY:
-        s += q * tl.load(buf_ptr + (c * B + b).to(tl.int64) * kd * N + bst, mask=sm & (c > 0), other=0.0)
+        s += q * tl.load(buf_ptr + (cp * B + b).to(tl.int64) * kd * N + bst, mask=sm & (c > 0), other=0.0)
     if LOOKBACK:
         pub = buf_ptr + (c * B + b).to(tl.int64) * D * N + bst  # h_in(c); chunk c publishes h_in(c + 1)
         nxt = pub + B * D * N
@@ -435,7 +442,8 @@ class Scan(NamedTuple):
     """What `ema_scan` returns."""
     out: Tensor              # (B, L, D) in the requested dtype
     final: Optional[Tensor]  # (B, D, N) float32 last state, when write_final
-    buf: Optional[Tensor]    # (nc, B, N, kd) float32 h_in(c) of chunks c >= 1 (None for a single chunk)
+    buf: Optional[Tensor]    # (nc, B, N, kd) float32 h_in of each physical chunk after the first in its
+                             # direction's order (None for a single chunk)
     chunk: int               # steps per chunk
     dom: Optional[Tensor]    # (nc, B, D) float32 per-chunk sums of dL/dz * x (EPI_DSILU only)
 
@@ -444,7 +452,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              s0: Optional[Tensor], *, bidirectional: bool, truncation: int, epilogue: int,
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
-             block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4) -> Scan:
+             block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4,
+             local: Optional[Tensor] = None) -> Scan:
     """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -453,7 +462,9 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     DEFAULT_CHUNK; >= L: one sequential program per channel block). lookback: single-pass look-back (one
     direction only) instead of the three-pass carry (the default, measured faster). block_d, num_warps: channels
     and warps per program; unroll: time steps per loop iteration (rows arrive as (unroll, block_d) tiles loaded
-    two iterations ahead).
+    two iterations ahead). local: (nc, B, N, kd) float32 chunk-local states H_loc of u (not yet times a),
+    computed elsewhere (the backward's parameter sweep does it for the adjoint scan): the three-pass carry then
+    skips its chunk-state pass and turns `local` into its buf in place.
     """
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -479,15 +490,19 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     buf = flags = ticket = None
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see _coef
     if carry:
-        buf = _empty((nc, bsz, ndim, kd), torch.float32, u.device)
-        ndir = 2 if bidirectional else 1
-        _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
-            u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
-            REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
-            BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, num_warps=num_warps)
+        if local is not None:
+            buf = local
+        else:
+            buf = _empty((nc, bsz, ndim, kd), torch.float32, u.device)
+            ndir = 2 if bidirectional else 1
+            _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
+                u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
+                REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
+                BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, num_warps=num_warps)
         blk = 128
         _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-            buf, qT, s0, bsz, length, kd, dim, ndim, chunk, nc, HAS_S0=s0 is not None, BLOCK=blk)
+            buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=reverse, HAS_S0=s0 is not None,
+            SCALE_LOC=local is not None, BLOCK=blk)
     elif lookback:
         buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
