@@ -88,9 +88,9 @@ def _fns(x, params, gy, bidirectional, backend, tuning=None):
     def fwd():
         return ema_fwd(xd, a, q, c, omega, None, None, bidirectional, 0, False, **tuning)
 
-    def fwd_bwd():
-        ema_fwd(xd, a, q, c, omega, None, None, bidirectional, 0, False, **tuning)
-        return ema_bwd(gy, None, xd, a, q, c, omega, None, None, bidirectional, 0, **tuning)
+    def fwd_bwd():  # as the op does it: the forward's chunk states go to the backward
+        _, _, states = ema_fwd(xd, a, q, c, omega, None, None, bidirectional, 0, False, return_states=True, **tuning)
+        return ema_bwd(gy, None, xd, a, q, c, omega, None, None, bidirectional, 0, states=states, **tuning)
     return fwd, fwd_bwd
 
 

@@ -146,6 +146,30 @@ def test_adjoint_takes_its_local_states_from_the_parameter_sweep(monkeypatch, tr
     assert len(launches) == (2 if truncation == 0 else 3)  # forward + recomputed forward (+ adjoint)
 
 
+def test_backward_reuses_the_forward_chunk_states(monkeypatch):
+    """Through ops.ema (autograd), the backward's recomputation of the forward starts from the chunk states the
+    forward saved: one chunk-state pass in all (the forward's), not two; gradients as without them."""
+    launches = []
+    real = fwd_mod._chunk_state_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(4, 2, False)]
+    x = torch.randn(2, 520, 4, device=DEVICE, requires_grad=True)  # three chunks of 256
+    monkeypatch.setattr(fwd_mod, "_chunk_state_kernel", Counted())
+    y = ops.ema(x, *params, backend="triton")
+    grads = torch.autograd.grad(y.square().sum(), [x, *params])
+    assert len(launches) == 1
+    a, q, c = ema_coefficients(*params[:4])
+    direct = ema_bwd((2 * y).detach(), None, x.detach(), a.detach(), q.detach(), c.detach(), params[4].detach(),
+                     None, None, False, 0)
+    torch.testing.assert_close(grads[0], direct[0])
+    assert len(launches) == 2  # without saved states the backward computes its own
+
+
 def test_backward_is_deterministic():
     coefs, _, x, mask, _, gy, _ = _case(3, 37, 5, 3, True, False)
     first = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)
@@ -160,15 +184,21 @@ def test_opcheck():
     torch.library.opcheck(ema_fwd_triton, (x, *coefs, mask, state, False, 0, True))
     torch.library.opcheck(ema_fwd_triton, (x, *_coefs(3, 2, True)[0], None, None, True, 2, False))
     torch.library.opcheck(ema_bwd_triton, (gy, gs, x, *coefs, mask, state, False, 0))
+    x2, gy2 = torch.randn(2, 300, 3, device=DEVICE), torch.randn(2, 300, 3, device=DEVICE)  # two chunks
+    _, _, saved = ema_fwd_triton(x2, *coefs, None, None, False, 0, False)
+    assert tuple(saved.shape) == (2, 2, 2, 3)  # (nc, B, N, kd)
+    torch.library.opcheck(ema_bwd_triton, (gy2, None, x2, *coefs, None, None, False, 0, saved))
     torch.library.opcheck(ema_step_triton, (x[:, 0].contiguous(), *coefs, state, mask[:, 0].contiguous()))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("length", [9, 300])
+def test_torch_compile_fullgraph(length):
     """torch.compile traces the op without graph breaks, forward and backward (aot_eager on the CPU, where
-    inductor would compile C++; inductor on a GPU)."""
+    inductor would compile C++; inductor on a GPU); L = 300 is two chunks, so the forward saves chunk states
+    (the fake op must give their shape)."""
     torch._dynamo.reset()
     params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(5, 3, True)]
-    x = torch.randn(2, 9, 5, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, length, 5, device=DEVICE, requires_grad=True)
     fn = lambda x, *p: ops.ema(x, *p, bidirectional=True, backend="triton")  # noqa: E731
     # Eager first: the backend registry imports its module lazily, which dynamo cannot trace.
     ref = fn(x, *params)

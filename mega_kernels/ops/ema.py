@@ -30,27 +30,33 @@ EMA_FWD_SCHEMA = ("(Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, Tensor
 EMA_BWD_SCHEMA = ("(Tensor grad_y, Tensor? grad_state, Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, "
                   "Tensor? mask, Tensor? state, bool bidirectional, int truncation) "
                   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+# A backend may save work for its backward: its forward returns a third tensor (empty when there is nothing to
+# save) and its backward takes it last (the Triton backend's chunk states).
+EMA_FWD_SAVING_SCHEMA = EMA_FWD_SCHEMA.replace("-> (Tensor, Tensor)", "-> (Tensor, Tensor, Tensor)")
+EMA_BWD_SAVED_SCHEMA = EMA_BWD_SCHEMA.replace("int truncation)", "int truncation, Tensor? saved=None)")
 EMA_STEP_SCHEMA = ("(Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, Tensor state, Tensor? mask) "
                    "-> (Tensor, Tensor)")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def register_ema_autograd(fwd_op, bwd_op) -> Callable:
+def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
     """Make `fwd_op` differentiable with `bwd_op`; return a callable with the backend signature
-    `(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)`."""
+    `(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)`. saves: the pair has the
+    EMA_FWD_SAVING_SCHEMA / EMA_BWD_SAVED_SCHEMA schemas (the forward's third output goes to the backward)."""
 
     def setup_context(ctx, inputs, output):
         x, a, q, c, omega, mask, state, bidirectional, truncation, return_state = inputs
-        ctx.save_for_backward(x, a, q, c, omega, mask, state)
+        ctx.save_for_backward(x, a, q, c, omega, mask, state, output[2] if saves else None)
         ctx.flags = (bidirectional, truncation, return_state)
 
-    def backward(ctx, grad_y, grad_state):
-        x, a, q, c, omega, mask, state = ctx.saved_tensors
+    def backward(ctx, grad_y, grad_state, *_):
+        x, a, q, c, omega, mask, state, saved = ctx.saved_tensors
         bidirectional, truncation, return_state = ctx.flags
         gs = grad_state if return_state else None
-        gx, ga, gq, gc, gomega, gstate = bwd_op(grad_y.contiguous(), None if gs is None else gs.contiguous(),
-                                                x, a, q, c, omega, mask, state, bidirectional, truncation)
+        args = (grad_y.contiguous(), None if gs is None else gs.contiguous(), x, a, q, c, omega, mask, state,
+                bidirectional, truncation) + ((saved,) if saves else ())
+        gx, ga, gq, gc, gomega, gstate = bwd_op(*args)
         return gx, ga, gq, gc, gomega, None, (gstate if state is not None else None), None, None, None
 
     torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
@@ -58,11 +64,11 @@ def register_ema_autograd(fwd_op, bwd_op) -> Callable:
     def run(x, a, q, c, omega, *, mask=None, bidirectional=False, truncation=None, state=None,
             return_state=False):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 stays (cpu backend)
-        y, final = fwd_op(x.contiguous(), a.to(dt).contiguous(), q.to(dt).contiguous(),
-                          c.to(dt).contiguous(), omega.to(dt).contiguous(),
-                          None if mask is None else mask.to(torch.bool).contiguous(),
-                          None if state is None else state.to(dt).contiguous(),
-                          bidirectional, truncation or 0, return_state)
+        y, final, *_ = fwd_op(x.contiguous(), a.to(dt).contiguous(), q.to(dt).contiguous(),
+                              c.to(dt).contiguous(), omega.to(dt).contiguous(),
+                              None if mask is None else mask.to(torch.bool).contiguous(),
+                              None if state is None else state.to(dt).contiguous(),
+                              bidirectional, truncation or 0, return_state)
         return (y, final) if return_state else y
 
     return run

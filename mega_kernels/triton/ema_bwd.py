@@ -262,10 +262,11 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
 
 def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, q: Tensor, c: Tensor,
             omega: Tensor, mask: Optional[Tensor], state: Optional[Tensor], bidirectional: bool, truncation: int,
-            **tuning) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            states: Optional[Tensor] = None, **tuning) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx (B, L, D) in x's dtype, da, dq, dc (kd, N), domega (D,), dstate (B, D, N) or empty) of
     the forward `ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, ...)` given grad_y
-    (B, L, D) and grad_state (B, D, N) float32 or None."""
+    (B, L, D) and grad_state (B, D, N) float32 or None. states: the chunk states that forward returned
+    (return_states=True, the same tuning; empty or None: recomputed)."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous():
         raise ValueError(f"ema_bwd: grad_y must be a contiguous {tuple(x.shape)} tensor, got {tuple(grad_y.shape)}")
@@ -278,8 +279,10 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     s0 = None if state is None else (q * state).contiguous()
+    states = states if states is not None and states.numel() > 0 else None
     g, _, buf, chunk, dom = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
-                    epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, **tuning)
+                                     epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, states=states,
+                                     **tuning)
     da, dq, dc, adj = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
                                       truncation, block_d=tuning.get("block_d"), group_steps=group_steps,
                                       unroll=tuning.get("unroll", 4))

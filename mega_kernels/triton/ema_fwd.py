@@ -453,7 +453,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              out_dtype: torch.dtype, reverse: bool = False, mask_in: bool = True, gy: Optional[Tensor] = None,
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
              block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4,
-             local: Optional[Tensor] = None) -> Scan:
+             local: Optional[Tensor] = None, states: Optional[Tensor] = None) -> Scan:
     """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -464,7 +464,9 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     and warps per program; unroll: time steps per loop iteration (rows arrive as (unroll, block_d) tiles loaded
     two iterations ahead). local: (nc, B, N, kd) float32 chunk-local states H_loc of u (not yet times a),
     computed elsewhere (the backward's parameter sweep does it for the adjoint scan): the three-pass carry then
-    skips its chunk-state pass and turns `local` into its buf in place.
+    skips its chunk-state pass and turns `local` into its buf in place. states: the buf of an earlier scan of the
+    same u, coefficients, s0 and chunking (the forward's, for the backward's recomputation; read only): the
+    three-pass carry then skips both its chunk-state and carry passes.
     """
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -489,7 +491,12 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     kd = q.shape[0]
     buf = flags = ticket = None
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see _coef
-    if carry:
+    if carry and states is not None:
+        if tuple(states.shape) != (nc, bsz, ndim, kd):
+            raise ValueError(f"ema_scan: states must be the (nc, B, N, kd) = {(nc, bsz, ndim, kd)} chunk states of "
+                             f"an identical scan, got {tuple(states.shape)}")
+        buf = states
+    elif carry:
         if local is not None:
             buf = local
         else:
@@ -555,15 +562,31 @@ def keep_of(mask: Optional[Tensor]) -> Optional[Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
+def chunk_states_shape(x_shape, n: int, bidirectional: bool, chunk: Optional[int] = None) -> Tuple[int, ...]:
+    """Shape of the chunk states `ema_fwd(..., return_states=True)` returns for x of x_shape (B, L, D): (nc, B, N,
+    kd) when the default three-pass carry runs (more than one chunk), else (0,). Also the fake op's."""
+    bsz, length, dim = x_shape
+    nc = (length + (chunk or DEFAULT_CHUNK) - 1) // (chunk or DEFAULT_CHUNK)
+    return (nc, bsz, n, 2 * dim if bidirectional else dim) if nc > 1 else (0,)
+
+
 def ema_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],
             state: Optional[Tensor], bidirectional: bool, truncation: int, return_state: bool,
-            **tuning) -> Tuple[Tensor, Tensor]:
+            return_states: bool = False, **tuning) -> Tuple[Tensor, ...]:
     """y = silu(EMA(x * mask) + omega * x) (B, L, D) in x's dtype, and the final state (B, D, N) float32
-    (an empty tensor unless return_state). `tuning`: chunk, lookback, block_d, num_warps of `ema_scan`."""
+    (an empty tensor unless return_state); with return_states also the chunk states (`chunk_states_shape`), which
+    `ema_bwd(..., states=)` reuses instead of recomputing them. `tuning`: chunk, lookback, block_d, num_warps,
+    unroll of `ema_scan`."""
     check_inputs("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if truncation >= x.shape[1]:
         truncation = 0
     s0 = None if state is None else (q * state).contiguous()
-    y, final, *_ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional, truncation=truncation,
-                        epilogue=EPI_SILU, out_dtype=x.dtype, write_final=return_state, **tuning)
-    return y, (final if return_state else x.new_empty(0, dtype=torch.float32))
+    y, final, buf, *_ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional,
+                                 truncation=truncation, epilogue=EPI_SILU, out_dtype=x.dtype,
+                                 write_final=return_state, **tuning)
+    final = final if return_state else x.new_empty(0, dtype=torch.float32)
+    if not return_states:
+        return y, final
+    if tuning.get("lookback") or buf is None:  # a look-back buf is laid out by sweep order, not reusable
+        buf = x.new_empty(0, dtype=torch.float32)
+    return y, final, buf
