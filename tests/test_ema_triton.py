@@ -128,38 +128,36 @@ def test_backward_workspace_peak(monkeypatch, bidirectional):
     assert peak[0] <= 8 * x.numel(), f"backward peak {peak[0] / x.numel():.2f} bytes per element"
 
 
+@pytest.fixture
+def chunk_state_launches(monkeypatch):
+    """The grids of every `_chunk_state_kernel` launch from here on (a list that grows)."""
+    launches = []
+    real = fwd_mod._chunk_state_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(fwd_mod, "_chunk_state_kernel", Counted())
+    return launches
+
+
 @pytest.mark.parametrize("truncation", [0, 5])
-def test_adjoint_takes_its_local_states_from_the_parameter_sweep(monkeypatch, truncation):
+def test_adjoint_takes_its_local_states_from_the_parameter_sweep(chunk_state_launches, truncation):
     """Without truncation the backward runs one chunk-state pass (the recomputed forward), not two: the adjoint
     scan's chunk-local states come from the parameter sweep. With truncation the adjoint computes its own."""
-    launches = []
-    real = fwd_mod._chunk_state_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(fwd_mod, "_chunk_state_kernel", Counted())
     coefs, coefs64, x, mask, _, gy, _ = _case(2, 19, 5, 3, True, False)
     _check(x, coefs, coefs64, mask, None, gy, None, True, truncation, block_d=4, chunk=4, param_group_steps=8)
-    assert len(launches) == (2 if truncation == 0 else 3)  # forward + recomputed forward (+ adjoint)
+    assert len(chunk_state_launches) == (2 if truncation == 0 else 3)  # forward + recomputed forward (+ adjoint)
 
 
-def test_backward_reuses_the_forward_chunk_states(monkeypatch):
+def test_backward_reuses_the_forward_chunk_states(chunk_state_launches):
     """Through ops.ema (autograd), the backward's recomputation of the forward starts from the chunk states the
     forward saved: one chunk-state pass in all (the forward's), not two; gradients as without them."""
-    launches = []
-    real = fwd_mod._chunk_state_kernel
-
-    class Counted:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
+    launches = chunk_state_launches
     params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(4, 2, False)]
     x = torch.randn(2, 520, 4, device=DEVICE, requires_grad=True)  # three chunks of 256
-    monkeypatch.setattr(fwd_mod, "_chunk_state_kernel", Counted())
     y = ops.ema(x, *params, backend="triton")
     grads = torch.autograd.grad(y.square().sum(), [x, *params])
     assert len(launches) == 1
