@@ -79,8 +79,10 @@ def _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, **
 CARRY = dict(chunk=8, lookback=False, param_group_steps=16, unroll=1)
 LOOKBACK = dict(chunk=8, lookback=True, param_group_steps=8)
 SEQUENTIAL = dict(chunk=64)
+# chunks of 6 steps with 4-row tiles: every chunk ends in a partial tile (the sweeps' scalar tails mid-sequence)
+ODD_CHUNK = dict(chunk=6, lookback=False, param_group_steps=12, unroll=4)
 VARIANTS = [(bi, trunc, tuning) for bi in (False, True) for trunc in (0, 5)
-            for tuning in ((CARRY, LOOKBACK, SEQUENTIAL) if not bi else (CARRY, SEQUENTIAL))]
+            for tuning in ((CARRY, LOOKBACK, SEQUENTIAL, ODD_CHUNK) if not bi else (CARRY, SEQUENTIAL, ODD_CHUNK))]
 
 
 @pytest.mark.parametrize("bidirectional,truncation,tuning", VARIANTS, ids=str)
