@@ -17,10 +17,12 @@ All three parameter sums are forward sweeps that recompute h, so no L x N state 
 parallel over groups of whole scan chunks (`_param_grad_kernel`): a group starts from the true h of the forward
 scan's `buf` (h_in of its first chunk) and runs H_run, P_run from zero; since H and P are linear recurrences with
 decay q, the true values are H_t = H_run_t + q^m H_in, P_t = P_run_t + q^m P_in (m = steps since the group
-start; P_run already sees the true h), so each group writes sum g h, sum g H_run, sum g P_run, G = sum g q^m
-and its H_run, P_run end values, and `_param_carry_kernel` walks the groups in order carrying
+start; P_run already sees the true h), so each group writes sum g H_run, sum g P_run, its H_run, P_run end
+values, and per chunk A = sum_j g q^j (j = steps since the chunk start); `_param_carry_kernel` builds
+G = sum g q^(m+1) from the A of the group's chunks and walks the groups in order carrying
 H_in <- q^T H_in + H_run_end (P likewise) and adding H_in G, P_in G. The backward rows of a bidirectional EMA
-run the same sweeps backward in time.
+run the same sweeps backward in time. The sweep that computes z recomputes the forward from the chunk states
+the forward saved (ema_fwd(..., return_states=True)) when it has them.
 
 The input gradient is the adjoint of the convolution, an anti-causal EMA of g:
 
