@@ -365,8 +365,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("shape", ["lm", "lra"])
 def test_gpu_configs_compile_for_sm90(shape):
     """Compiles every kernel with its GPU tile config for sm_90 (in a subprocess without TRITON_INTERPRET):
-    it must fit in shared memory (227 KiB on sm_90) and spill at most a few registers (<= 256 bytes per thread,
-    L1-resident; the LM shape's softmax dK kernel spills 160)."""
+    it must fit in shared memory (227 KiB on sm_90) and spill at most a few registers (<= 128 bytes per thread,
+    L1-resident; 72 at most now, the LM shape's laplace dQ kernel)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-m", "benchmarks.bench_attention", "--compile-report", shape],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -375,7 +375,7 @@ def test_gpu_configs_compile_for_sm90(shape):
     assert len(rows) == 20
     for row in rows:
         assert row["shared"] <= 227 * 1024, row
-        assert row["spill_bytes"] <= 256, row
+        assert row["spill_bytes"] <= 128, row
 
 
 # -- GPU only --------------------------------------------------------------------------------------------

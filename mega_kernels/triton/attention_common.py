@@ -302,8 +302,8 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     E >= 1024 (dV) in 16-bit on a GPU `autotuned` times the "fwd" / "fwd_e256" / "fwd_e512" and "dv" /
     "dv_e512" candidates (the dK tile stays fixed: the bias-gradient scratch depends on it). The GPU configs
     were checked by compiling for sm_90 (`python -m benchmarks.bench_attention --compile-report lm`): they fit
-    in shared memory and spill at most 160 bytes per thread (the softmax dK kernel at Z = 256, which also
-    stores the dS tiles). float32 (exact "ieee" dots, a correctness path, not a fast one) uses small tiles."""
+    in shared memory and spill at most 72 bytes per thread (the laplace dQ kernel at Z = 256). float32 (exact
+    "ieee" dots, a correctness path, not a fast one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
     if kind == "lse":       # softmax pre-pass for wide E (attention_fwd.PRE_LSE_MIN_E): program = query tile
         if interpreting() or dtype == torch.float32:
@@ -336,7 +336,7 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     if kind == "dv_e512":   # autotuned against "dv" for E >= 1024: half again the recompute
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_E=512, num_warps=8, num_stages=2)
     if kind == "dk":        # program = key tile, square T x T tiles (bias diagonals), acc dk (T, BZ)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(32 if wide else 128, np2e)), num_warps=8,
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(64 if wide else 128, np2e)), num_warps=8,
                     num_stages=2)
     if kind == "dq":        # program = query tile, acc dq (BM, BZ)
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_E=max(16, min(64 if wide else 128, np2e)), num_warps=8,
