@@ -160,7 +160,8 @@ def environment(device) -> dict:
 
 
 def format_table(rows: List[Row]) -> str:
-    head = f"{'op':<10}{'mode':<9}{'shape':<34}{'dtype':<10}{'backend':<19}{'ms':>9}{'x ref':>8}{'floor':>7}{'TF/s':>7}{'MiB':>8}  note"
+    head = (f"{'op':<10}{'mode':<9}{'shape':<34}{'dtype':<10}{'backend':<19}{'ms':>9}{'x ref':>8}{'floor':>7}"
+            f"{'TF/s':>7}{'MiB':>8}  note")
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(v, fmt):

@@ -22,8 +22,11 @@ raised to TINY: h = a g stays exact for the state's own decay, and the input pat
 TINY |c| sum |u| (far below float32 resolution of any output); a state would overflow only past 2^64.
 
 Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
-(steps [cT, cT + T), the last chunk shorter, whichever way a direction runs) and the chunks run in parallel. A chunk's end state is linear in the state
-h_in just before it:  h_end = q^T h_in + a H_loc,  H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}),
+(steps [cT, cT + T), the last chunk shorter, whichever way a direction runs) and the chunks run in parallel.
+A chunk's end state is linear in the state h_in just before it:
+
+    h_end = q^T h_in + a H_loc,  H_loc = sum_{t in chunk} q^(t_end - t) (u_t - q^K u_{t-K}),
+
 the chunk's own contribution from a zero state (one cheap sweep, H <- q H + u). Chunk c > 0 then sweeps from
 s = q h_in(c); `buf` keeps h_in(c) of every chunk c > 0 (chunk 0 starts from the caller's s), and the backward
 reuses it (ema_bwd.py). Two ways to fill it:
@@ -516,7 +519,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
     _scan_out_kernel[(nc * bsz * ndb,)](
         u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, dom, flags, ticket, bsz, length, dim, ndim,
-        truncation, chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse, MASK_IN=keep is not None and mask_in,
+        truncation, chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse,
+        MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, UNROLL=unroll, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps)
