@@ -155,12 +155,13 @@ def test_non_contiguous_inputs(store_ds, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real autotuner runs (test_gpu_lm_tile_shape_bfloat16)")
-@pytest.mark.parametrize("zdim", [16, 72])
+@pytest.mark.parametrize("zdim", [16, 72, 136])
 @pytest.mark.parametrize("pick", [0, 1, 2])
 def test_gpu_tile_configs_and_autotune_plumbing(pick, zdim, monkeypatch):
     """The GPU path under the interpreter: GPU tile configs (BM 128 / BE 512 / T 64 ...) and the autotuned
     launches (grid from the chosen config), each candidate config in turn, against the reference; Z 16 and
-    72 take the two tile shapes of "fwd_e256" (q tile up to 64 or 128 wide)."""
+    72 take the two tile shapes of "fwd_e256" (q tile up to 64 or 128 wide), Z 136 the wide-q tiles (q tile
+    256: dK and dQ sweep E in smaller steps)."""
     from mega_kernels.triton import attention_bwd, attention_common, attention_fwd
 
     class PickOne:  # stands in for triton.autotune: runs candidate `pick` (no timing on the CPU)

@@ -58,8 +58,8 @@ PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple
 @triton.jit
 def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC: tl.constexpr):
     """One step of the parameter sweep from the masked input um, g = dL/dz and (TRUNC) the input ud leaving the
-    window, all (BLOCK_D,): add g H, g P and g pw (pw = q^j, j = steps since the chunk start) to the block sums,
-    then advance hs (= h / a'), H_run, P_run (scaled, P = a' Ps) and pw."""
+    window, all (BLOCK_D,): advance hs (= h / a'), H_run and P_run (scaled, P = a' Ps) to this step, add g H,
+    g P and g pw (pw = q^j, j = steps since the chunk start) to the block sums, then advance pw."""
     P = q * P + hs
     H = q * H + um[None, :]
     hs = q * hs + um[None, :]

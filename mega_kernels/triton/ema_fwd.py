@@ -199,9 +199,9 @@ def _step(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, raw, q, ca, qk, omega, g, b
     step leaving a truncated window): g <- q g + u_t (- q^K u_td), e = sum_n (c a) g, then the epilogue;
     returns the new g and, for EPI_DSILU, the step's term dL/dz * x of the gradient of omega (else zeros)."""
     dmask = offs_d < D
-    w = tl.zeros_like(raw)
     off = row * D + offs_d
     raw = raw.to(tl.float32)
+    w = tl.zeros_like(raw)
     um = raw
     if MASK_IN or MASK_OUT:
         keep = tl.load(keep_ptr + row)
