@@ -69,7 +69,7 @@ def report(compiled, tmpdir="/tmp") -> dict:
         return len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
 
     measured = [mix(*se) for se in loops[:3]] or [(0, Counter())]
-    loop, ops = measured[0]
+    loop, ops = measured[0]  # an upper bound where LLVM unrolled a scalar tail loop longer than the main loop
     return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured,
                 all_loops=[mix(*se)[0] for se in every])
 

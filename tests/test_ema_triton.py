@@ -92,6 +92,15 @@ def test_chunked_variants(bidirectional, truncation, tuning):
     _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, truncation, block_d=4, **tuning)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_carry_over_many_chunk_groups(bidirectional):
+    """34 chunks (the last one partial): the carry scans them in groups of 16 (ema_fwd._carry_kernel), so the
+    state crosses a group boundary in every scan, forward and backward, in both directions."""
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 100, 3, 2, bidirectional, not bidirectional)
+    _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, block_d=4, chunk=3, lookback=False,
+           param_group_steps=48, unroll=1)
+
+
 def test_outputs_poisoned_with_nan(monkeypatch):
     """Every output and workspace starts as NaN: the kernels must write each element they later read."""
     monkeypatch.setattr(fwd_mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
@@ -231,12 +240,13 @@ CASES = [
     (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
     (ema_fwd._carry_kernel, dict(REVERSE=True, HAS_S0=True, SCALE_LOC=True, BLOCK=128)),
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, UNROLL=4)),
-    (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128)),
+    (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128, GROUP_P2=4)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),
 ]
 for fn, consts in CASES:
     if "BLOCK" not in consts:
         consts = dict(common, **consts)
+    consts = dict({p.name: p.default for p in fn.params if p.has_default}, **consts)  # defaulted constexprs
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}
     for warps in (1, 2):
@@ -292,6 +302,19 @@ def test_gpu_long_sequence(dtype, bidirectional):
                    dict(chunk=4096)):
         if not (bidirectional and tuning.get("lookback")):
             _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, **tuning)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_gpu_silu_extremes(bidirectional):
+    """On a GPU the sweeps' sigmoid is the approximate exp2 and reciprocal with denormals flushed
+    (ema_fwd._sigmoid): pre-activations from about -1000 to 1000 (both saturated ends and the flushed range
+    below -87) keep y and every gradient at the float64 reference."""
+    with_state = not bidirectional
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 600, 40, 16, bidirectional, with_state)
+    x = x * torch.logspace(-3, 3, x.shape[1], device="cuda")[None, :, None]
+    _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, chunk=64, lookback=False,
+           param_group_steps=128)
 
 
 @pytest.mark.gpu

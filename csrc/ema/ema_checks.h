@@ -1,8 +1,8 @@
 // Argument checks and output allocation shared by the CPU and CUDA implementations of the
 // mega_kernels::ema_fwd / ema_bwd / ema_step ops (schemas in csrc/registration.cpp).
-// Every op entry runs its checks first, before it allocates, dispatches or launches anything:
-//   check_ema_args (+ check_ema_grads in ema_bwd), then check_device_type, then for the CUDA ops
-//   check_cuda_args (what the CUDA kernels take: dtype, N <= kMaxN, grid limits).
+// Every op entry runs its checks first, before it allocates, dispatches or launches anything: check_fwd,
+// check_bwd or check_step, which run check_ema_args (+ check_ema_grads in ema_bwd), then check_device_type,
+// then the backend's own limits (check_cuda_args for the CUDA ops: dtype, N <= kMaxN, grid limits).
 // Each message names the argument and what to do instead. The CUDA emulator (csrc/testing) runs the same
 // checks, so tests exercise them on a machine without a GPU.
 #pragma once
@@ -130,6 +130,50 @@ inline void check_cuda_args(const char* op, const at::Tensor& x, const at::Tenso
               cuda::kMaxGridYZ, "; split the sequence or use backend='triton'");
 }
 
+// A backend as the op entries check it: its name in messages, the device type of its tensors, and the limits of
+// its kernels beyond the arguments' validity (check_cuda_args; nullptr where every valid input runs).
+struct Backend {
+  const char* name;
+  at::DeviceType type;
+  void (*limits)(const char* op, const at::Tensor& x, const at::Tensor& a, bool bidirectional, bool scan);
+};
+
+// The checks ema_fwd runs first on every backend.
+inline void check_fwd(const Backend& be, const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
+                      const at::Tensor& c, const at::Tensor& omega, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& state, bool bidirectional, int64_t truncation,
+                      bool return_state) {
+  check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
+  check_device_type("ema_fwd", x, be.type, be.name);
+  if (be.limits != nullptr) be.limits("ema_fwd", x, a, bidirectional, /*scan=*/true);
+}
+
+// The checks ema_bwd runs first on every backend.
+inline void check_bwd(const Backend& be, const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_state,
+                      const at::Tensor& x, const at::Tensor& a, const at::Tensor& q, const at::Tensor& c,
+                      const at::Tensor& omega, const c10::optional<at::Tensor>& mask,
+                      const c10::optional<at::Tensor>& state, bool bidirectional, int64_t truncation) {
+  check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
+  check_ema_grads("ema_bwd", grad_y, grad_state, x, a.size(1), bidirectional);
+  check_device_type("ema_bwd", x, be.type, be.name);
+  if (be.limits != nullptr) be.limits("ema_bwd", x, a, bidirectional, /*scan=*/true);
+}
+
+// The checks ema_step runs first on every backend. x (B, D) and mask (B,) are checked as a sequence of one
+// step, x (B, 1, D); returns that sequence's mask (B, 1) for prepare().
+inline c10::optional<at::Tensor> check_step(const Backend& be, const at::Tensor& x, const at::Tensor& a,
+                                            const at::Tensor& q, const at::Tensor& c, const at::Tensor& omega,
+                                            const at::Tensor& state, const c10::optional<at::Tensor>& mask) {
+  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
+  c10::optional<at::Tensor> mask1;
+  if (mask.has_value()) mask1 = mask->unsqueeze(1);
+  check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask1, state, false, 0);
+  check_device_type("ema_step", x, be.type, be.name);
+  if (be.limits != nullptr) be.limits("ema_step", x.unsqueeze(1), a, false, /*scan=*/false);
+  return mask1;
+}
+
 // q^K, a q^K and K a q^(K-1) for a truncated EMA ((kd, N) each, zeros when K = 0), in dtype `acc`.
 struct TruncCoefs {
   at::Tensor aqk, qk, kaqk1;
@@ -164,6 +208,21 @@ inline Prepared prepare(const at::Tensor& x, const at::Tensor& a, const at::Tens
   r.aqk = tc.aqk;
   r.qk = tc.qk;
   r.kaqk1 = tc.kaqk1;
+  return r;
+}
+
+// ema_bwd's gradients as the kernels read them: grad_y contiguous in x's dtype; grad_state in the accumulation
+// dtype, undefined when absent or empty.
+struct PreparedGrads {
+  at::Tensor gy, gs;
+};
+inline PreparedGrads prepare_grads(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_state,
+                                   const at::Tensor& x) {
+  PreparedGrads r;
+  r.gy = grad_y.to(x.scalar_type()).contiguous();
+  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {  // checked by check_bwd
+    r.gs = grad_state->to(acc_type(x)).contiguous();
+  }
   return r;
 }
 

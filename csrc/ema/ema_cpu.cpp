@@ -203,14 +203,14 @@ Args<T, A> make_args(const Prepared& pr, bool bi, int64_t K) {
     default: TORCH_CHECK(false, "ema: unsupported dtype ", dtype);                                \
   }
 
+const Backend kCpu{"cpu", at::kCPU, nullptr};  // the CPU kernels take every valid input
+
 std::tuple<at::Tensor, at::Tensor> ema_fwd_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
                                                const at::Tensor& c, const at::Tensor& omega,
                                                const c10::optional<at::Tensor>& mask,
                                                const c10::optional<at::Tensor>& state, bool bidirectional,
                                                int64_t truncation, bool return_state) {
-  check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
-  check_device_type("ema_fwd", x, at::kCPU, "cpu");
+  check_fwd(kCpu, x, a, q, c, omega, mask, state, bidirectional, truncation, return_state);
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   auto y = at::empty_like(pr.x);
   auto final_state = return_state ? at::empty({x.size(0), x.size(2), a.size(1)}, x.options().dtype(acc_type(x)))
@@ -229,16 +229,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& a, const at::Tensor& q, const at::Tensor& c, const at::Tensor& omega,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
     int64_t truncation) {
-  check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  check_ema_grads("ema_bwd", grad_y, grad_state, x, a.size(1), bidirectional);
-  check_device_type("ema_bwd", x, at::kCPU, "cpu");
+  check_bwd(kCpu, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation);
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   const auto acc = acc_type(x);
   const int64_t B = x.size(0), D = x.size(2), N = a.size(1);
-  at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
-  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {  // checked above
-    gs = grad_state->to(acc).contiguous();
-  }
+  const auto grads = prepare_grads(grad_y, grad_state, x);
+  const at::Tensor &gy = grads.gy, &gs = grads.gs;
   auto dx = at::empty_like(pr.x);
   auto opts = x.options().dtype(acc);
   auto pc = at::zeros({B, 2 * D, N}, opts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);  // per batch
@@ -269,12 +265,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
                                                 const at::Tensor& c, const at::Tensor& omega,
                                                 const at::Tensor& state, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
-  c10::optional<at::Tensor> mask3;
-  if (mask.has_value()) mask3 = mask->unsqueeze(1);
-  check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
-  check_device_type("ema_step", x, at::kCPU, "cpu");
-  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
+  const auto mask1 = check_step(kCpu, x, a, q, c, omega, state, mask);
+  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask1, state, 0);
   const int64_t B = x.size(0), D = x.size(1), N = a.size(1);
   auto y = at::empty({B, D}, x.options());
   auto out_state = at::empty({B, D, N}, x.options().dtype(acc_type(x)));

@@ -1,7 +1,7 @@
 // Torch glue of the CUDA EMA kernels (ema_cuda.cu): checks, allocation, stream, dtype; registers the
 // mega_kernels ops for the CUDA dispatch key. Built only when torch has CUDA (mega_kernels/_build.py).
-// Each op validates every input (ema_checks.h: check_ema_args, check_device_type, check_cuda_args) before it
-// allocates, dispatches or launches anything, so an unsupported input is a RuntimeError naming the argument,
+// Each op validates every input (ema_checks.h: check_fwd / check_bwd / check_step with check_cuda_args as the
+// backend's limits) before it allocates, dispatches or launches anything, so an unsupported input is a RuntimeError naming the argument,
 // never a launch with a bad configuration or a kernel whose register arrays are shorter than N.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +14,8 @@
 namespace mega_kernels {
 namespace ema {
 namespace {
+
+const Backend kCuda{"cuda", at::kCUDA, check_cuda_args};
 
 // x's dtype for the launchers (check_cuda_args refused every other dtype before this is called).
 cuda::DType io_dtype(const char* op, const at::Tensor& x) {
@@ -41,10 +43,7 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cuda(const at::Tensor& x, const at::T
                                                 const c10::optional<at::Tensor>& mask,
                                                 const c10::optional<at::Tensor>& state, bool bidirectional,
                                                 int64_t truncation, bool return_state) {
-  check_ema_args("ema_fwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  TORCH_CHECK(!(return_state && bidirectional), "ema_fwd: return_state needs a unidirectional EMA");
-  check_device_type("ema_fwd", x, at::kCUDA, "cuda");
-  check_cuda_args("ema_fwd", x, a, bidirectional, /*scan=*/true);
+  check_fwd(kCuda, x, a, q, c, omega, mask, state, bidirectional, truncation, return_state);
   const auto dt = io_dtype("ema_fwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
@@ -69,19 +68,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& a, const at::Tensor& q, const at::Tensor& c, const at::Tensor& omega,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& state, bool bidirectional,
     int64_t truncation) {
-  check_ema_args("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation);
-  check_ema_grads("ema_bwd", grad_y, grad_state, x, a.size(1), bidirectional);
-  check_device_type("ema_bwd", x, at::kCUDA, "cuda");
-  check_cuda_args("ema_bwd", x, a, bidirectional, /*scan=*/true);
+  check_bwd(kCuda, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation);
   const auto dt = io_dtype("ema_bwd", x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto pr = prepare(x, a, q, c, omega, mask, state, truncation);
   const int B = x.size(0), L = x.size(1), D = x.size(2), N = a.size(1);
   auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor gy = grad_y.to(x.scalar_type()).contiguous(), gs;
-  if (grad_state.has_value() && grad_state->defined() && grad_state->numel() > 0) {  // checked above
-    gs = grad_state->to(at::kFloat).contiguous();
-  }
+  const auto grads = prepare_grads(grad_y, grad_state, x);
+  const at::Tensor &gy = grads.gy, &gs = grads.gs;
   auto dx = at::empty_like(pr.x);
   // (b, chunk) partial sums; an empty x launches nothing and needs one zero part per batch row
   const int64_t parts = static_cast<int64_t>(B) * (x.numel() > 0 ? cuda::bwd_chunks(B, L, D) : 1);
@@ -113,15 +107,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 std::tuple<at::Tensor, at::Tensor> ema_step_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& q,
                                                  const at::Tensor& c, const at::Tensor& omega,
                                                  const at::Tensor& state, const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
-  c10::optional<at::Tensor> mask3;
-  if (mask.has_value()) mask3 = mask->unsqueeze(1);
-  check_ema_args("ema_step", x.unsqueeze(1), a, q, c, omega, mask3, state, false, 0);
-  check_device_type("ema_step", x, at::kCUDA, "cuda");
-  check_cuda_args("ema_step", x.unsqueeze(1), a, false, /*scan=*/false);
+  const auto mask1 = check_step(kCuda, x, a, q, c, omega, state, mask);
   const auto dt = io_dtype("ema_step", x);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask3, state, 0);
+  const auto pr = prepare(x.unsqueeze(1), a, q, c, omega, mask1, state, 0);
   const int B = x.size(0), D = x.size(1), N = a.size(1);
   auto y = at::empty({B, D}, x.options());
   auto new_state = at::empty({B, D, N}, x.options().dtype(at::kFloat));

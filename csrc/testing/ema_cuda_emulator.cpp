@@ -116,6 +116,9 @@ Tensors step_nm(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor 
     default: TORCH_CHECK(false, "emulator: no CUDA kernel instantiation for N = ", N);        \
   }
 
+// The CUDA ops' checks, on the CPU tensors the emulator runs the kernels' code on.
+const mega_kernels::ema::Backend kEmulated{"cuda", at::kCPU, mega_kernels::ema::check_cuda_args};
+
 void check_coefs(const Tensors& co) {
   TORCH_CHECK(co.size() == 6, "emulator: co must hold a, q, c, aqk, qk, kaqk1");
   for (const auto& t : co) TORCH_CHECK(t.sizes() == co[0].sizes(), "emulator: the coefficients differ in shape");
@@ -123,25 +126,18 @@ void check_coefs(const Tensors& co) {
 
 Tensors fwd(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi, int64_t K, bool ret) {
   check_coefs(co);
-  mega_kernels::ema::check_ema_args("ema_fwd", x, co[0], co[1], co[2], omega, mask, state, bi, K);
-  mega_kernels::ema::check_cuda_args("ema_fwd", x, co[0], bi, /*scan=*/true);
+  mega_kernels::ema::check_fwd(kEmulated, x, co[0], co[1], co[2], omega, mask, state, bi, K, ret);
   MK_EMU_DISPATCH(fwd_nm, co[0].size(1), x, co, omega, mask, state, bi, K, ret);
 }
 Tensors bwd(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi,
             int64_t K) {
   check_coefs(co);
-  mega_kernels::ema::check_ema_args("ema_bwd", x, co[0], co[1], co[2], omega, mask, state, bi, K);
-  mega_kernels::ema::check_ema_grads("ema_bwd", gy, gs, x, co[0].size(1), bi);
-  mega_kernels::ema::check_cuda_args("ema_bwd", x, co[0], bi, /*scan=*/true);
+  mega_kernels::ema::check_bwd(kEmulated, gy, gs, x, co[0], co[1], co[2], omega, mask, state, bi, K);
   MK_EMU_DISPATCH(bwd_nm, co[0].size(1), gy, gs, x, co, omega, mask, state, bi, K);
 }
 Tensors step(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor state, Opt mask) {
   check_coefs(co);
-  TORCH_CHECK(x.dim() == 2, "ema_step: x must be (B, D), got ", x.sizes());
-  Opt mask3;
-  if (mask) mask3 = mask->unsqueeze(1);
-  mega_kernels::ema::check_ema_args("ema_step", x.unsqueeze(1), co[0], co[1], co[2], omega, mask3, state, false, 0);
-  mega_kernels::ema::check_cuda_args("ema_step", x.unsqueeze(1), co[0], false, /*scan=*/false);
+  mega_kernels::ema::check_step(kEmulated, x, co[0], co[1], co[2], omega, state, mask);
   MK_EMU_DISPATCH(step_nm, co[0].size(1), x, co, omega, state, mask);
 }
 

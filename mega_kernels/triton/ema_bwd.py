@@ -169,13 +169,16 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
 
 @triton.jit(do_not_specialize=["B", "L", "KD", "D", "N", "CHUNK", "GROUP", "NG"])
 def _param_carry_kernel(part_ptr, adj_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, da_ptr, dq_ptr, dc_ptr, B, L, KD,
-                        D, N, CHUNK, GROUP, NG, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, BLOCK: tl.constexpr):
+                        D, N, CHUNK, GROUP, NG, HAS_S: tl.constexpr, HAS_GS: tl.constexpr, BLOCK: tl.constexpr,
+                        GROUP_P2: tl.constexpr):
     """Combine the groups of _param_grad_kernel in each row's direction (rows [:D] forward, [D:] backward):
     H_in(next) = q^T H_in + H_run_end, P_in likewise, and sum g H = sum_groups (sum g H_run + H_in G), same for P,
     with G = sum g q^(m+1) = sum over the group's chunks (in the direction's order) of q^(1 + steps before the
     chunk) A_chunk. Writes da = c sum g H (+ gS H_{L-1}), dq = c sum g P (+ gS P_{L-1}) and dc = sum g h per batch
     row, the last from h_t = a H_t + q^(t+1) S (S: the initial state, rows [:D] only): dc = a sum g H +
-    S sum_t g_t q^(t+1), where sum_t g_t q^(t+1) = sum_groups q^(group start) G."""
+    S sum_t g_t q^(t+1), where sum_t g_t q^(t+1) = sum_groups q^(group start) G. A group's G comes from one
+    (GROUP_P2, BLOCK) load of its chunks' A (GROUP_P2 >= GROUP, a power of two), so each group waits for one load
+    latency, not one per chunk."""
     b = tl.program_id(0)
     e = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     em = e < KD * N
@@ -190,17 +193,22 @@ def _param_carry_kernel(part_ptr, adj_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, d
     acc_P = tl.zeros((BLOCK,), tl.float32)
     acc_G = tl.zeros((BLOCK,), tl.float32)
     q_start = tl.full((BLOCK,), 1.0, tl.float32)  # q^(group start) in the row's direction
+    offs_k = tl.arange(0, GROUP_P2)[:, None]  # the group's k-th chunk in the row's direction
+    e2, em2, rev2, q2 = e[None, :], em[None, :], rev[None, :], q[None, :]
     for i in range(0, NG):
         gg = tl.where(rev, NG - 1 - i, i)
         c_first = gg * GROUP
         c_last = tl.minimum(c_first + GROUP, nc) - 1
-        G = tl.zeros((BLOCK,), tl.float32)
-        qo = q  # q^(1 + steps before the chunk within the group)
-        for k in range(0, GROUP):
-            cp = tl.where(rev, c_last - k, c_first + k)
-            ok = em & (k <= c_last - c_first)
-            G += qo * tl.load(adj_ptr + (cp * B + b).to(tl.int64) * KD * N + e, mask=ok, other=0.0)
-            qo = qo * _powi(q, tl.maximum(tl.minimum(CHUNK, L - cp * CHUNK), 0))
+        # G = sum_k q^(1 + steps before chunk k within the group) A_k: every chunk is CHUNK long but the last
+        # physical one, so the steps before chunk k run from the group's first step (forward) or last (reverse)
+        # to chunk k's first or last step
+        cf, cl = c_first[None, :], c_last[None, :]
+        cp = tl.where(rev2, cl - offs_k, cf + offs_k)
+        before = tl.where(rev2, tl.minimum(L, (cl + 1) * CHUNK) - tl.minimum(L, (cp + 1) * CHUNK),
+                          (cp - cf) * CHUNK)
+        ok = em2 & (offs_k <= cl - cf)
+        A = tl.load(adj_ptr + (cp * B + b).to(tl.int64) * KD * N + e2, mask=ok, other=0.0)
+        G = tl.sum(tl.where(ok, _powi(q2, 1 + tl.maximum(before, 0)) * A, 0.0), axis=0)
         ptr = part_ptr + (gg * B + b).to(tl.int64) * KD * N + e
         acc_H += tl.load(ptr, mask=em, other=0.0) + H_in * G
         acc_P += tl.load(ptr + plane, mask=em, other=0.0) + P_in * G
@@ -257,7 +265,7 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
         part, adj, aT, cT, qT, state, grad_state, da, dq, dc, bsz, length, kd, dim, ndim, chunk, group, ngroups,
-        HAS_S=state is not None, HAS_GS=grad_state is not None, BLOCK=blk)
+        HAS_S=state is not None, HAS_GS=grad_state is not None, BLOCK=blk, GROUP_P2=triton.next_power_of_2(group))
     da, dq, dc = (t.sum(0).t().contiguous() for t in (da, dq, dc))  # (B, N, kd) -> (kd, N)
     return da, dq, dc, adj
 
