@@ -66,7 +66,7 @@ Tensor = torch.Tensor
 EPI_STORE, EPI_SILU, EPI_DSILU, EPI_DX = 0, 1, 2, 3  # what the primary sweep writes (see _sweep)
 INTERPRET = interpreting()
 TINY = tl.constexpr(2.0 ** -64)  # smallest |a| the scaled-state sweep divides by (see _safe)
-FAST_SIGMOID = tl.constexpr(not INTERPRET)  # see _sigmoid
+FAST_SIGMOID = tl.constexpr(not INTERPRET and torch.version.hip is None)  # PTX available (see _sigmoid)
 DEFAULT_CHUNK = 256
 DEFAULT_BLOCK_D = 32
 
@@ -190,7 +190,7 @@ def _sigmoid(z):
     """sigmoid(z) = 1 / (1 + 2^(-z log2 e)). On a GPU as four instructions: the approximate exp2 and reciprocal
     (2 and 1 ulp) with denormals flushed, instead of tl.sigmoid's range-checked division and denormal-safe exp2
     (13 SASS instructions; the sweep issues it every step). Flushing changes silu(z) only by < 1e-37 absolute.
-    Under the interpreter (no PTX) it is tl.sigmoid."""
+    Under the interpreter and on ROCm (no PTX) it is tl.sigmoid."""
     if FAST_SIGMOID:
         return tl.inline_asm_elementwise(
             "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; add.f32 t, t, 0f3F800000; "
