@@ -3,10 +3,10 @@
     mega_kernels::ema_fwd_triton   EMA_FWD_SAVING_SCHEMA -> (y (B, L, D), final state (B, D, N) or empty,
                                                              chunk states (nc, B, N, kd) or empty)
     mega_kernels::ema_bwd_triton   EMA_BWD_SAVED_SCHEMA  -> (dx, da, dq, dc, domega, dstate or empty)
+    mega_kernels::ema_step_triton  EMA_STEP_SCHEMA       -> (y (B, D), new state (B, D, N))
 
 The forward's chunk states go to the backward, whose recomputation of the forward then skips its chunk-state
 and carry passes (one read of x less).
-    mega_kernels::ema_step_triton  EMA_STEP_SCHEMA  -> (y (B, D), new state (B, D, N))
 
 `custom_op` + `register_fake` (not `triton_op`): it traces under torch.compile on a GPU and also on the CPU
 under TRITON_INTERPRET=1, where the interpreter's data access breaks triton_op's fake-tensor tracing

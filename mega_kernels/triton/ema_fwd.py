@@ -380,7 +380,7 @@ def _carry_kernel(buf_ptr, q_ptr, a_ptr, s0_ptr, B, L, KD, D, N, CHUNK, NC,
     row = e % KD  # buf and q are (N, KD) per batch row (see _coef)
     rev = (row >= D) != REVERSE
     q = tl.load(q_ptr + e, mask=em, other=1.0)[None, :]
-    a = q
+    a = q  # read only when SCALE_LOC
     if SCALE_LOC:
         a = tl.load(a_ptr + e, mask=em, other=0.0)[None, :]
     s0 = tl.zeros((1, BLOCK), tl.float32)
