@@ -81,6 +81,10 @@ EMULATOR_CASES = {  # (B, L, D, N, bidirectional, truncation, with_state)
     "n32_bi": (2, 100, 5, 32, True, 0, False),
     "n20_window": (2, 130, 4, 20, False, 9, False),
     "n27_bi_window": (2, 100, 3, 27, True, 40, False),
+    # 35 chunks: the prefix passes load 16, 8 or 4 chunks ahead (walk_chunks), so several full groups and a
+    # partial one
+    "many_chunks_state": (2, 1100, 3, 3, False, 0, True),
+    "many_chunks_n20_bi": (1, 1100, 3, 20, True, 0, False),
 }
 
 

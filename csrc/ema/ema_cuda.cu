@@ -4,9 +4,9 @@
 // Forward: a chunked scan, x read twice and y written once, no atomics or inter-block waiting.
 //   1. local:  thread (b, direction, channel d, chunk of T steps) sums its chunk's input (u = q u + xm) and
 //              stores the end state from 0, a u (N floats), in the workspace;
-//   2. prefix: thread (b, direction, d) walks its chunks in the direction's order, replacing each end
-//              state by the state entering that chunk: p <- q^len p + a u (len: the chunk's length;
-//              p starts from `state`);
+//   2. prefix: thread (b, direction, d, group of kPrefixStates states) walks its chunks in the direction's
+//              order, replacing each end state by the state entering that chunk: p <- q^len p + a u (len: the
+//              chunk's length; p starts from `state`), loading a group of chunks ahead (walk_chunks);
 //   3. output: thread (b, d, chunk) reruns the chunk from its entering state and writes y; for a
 //              bidirectional EMA it first runs the backward direction over the same times into shared memory.
 //              It keeps the scaled state g = h / a' (two multiply-adds per state and step; ema_kernels.cuh).
@@ -40,9 +40,9 @@ __global__ void fwd_local_kernel(FwdParams p, Plan plan) {
 }
 
 template <int NM>
-__global__ void fwd_prefix_kernel(FwdParams p, Plan plan) {
+__global__ void fwd_prefix_kernel(FwdParams p, Plan plan) {  // grid z: the groups of kPrefixStates states
   const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
-  if (d < p.D) fwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
+  if (d < p.D) fwd_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z * kPrefixStates);
 }
 
 template <typename T, int NM, bool BI, bool MASK, bool TRUNC>
@@ -86,7 +86,7 @@ __global__ void bwd_adjoint_local_kernel(BwdParams p, Plan plan) {
 template <int NM>
 __global__ void bwd_adjoint_prefix_kernel(BwdParams p, Plan plan) {
   MK_BWD_CHANNEL;
-  bwd_adjoint_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d);
+  bwd_adjoint_prefix_thread<NM>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z * kPrefixStates);
 }
 template <typename T, int NM, bool TRUNC>
 __global__ void bwd_dx_kernel(BwdParams p, Plan plan) {
@@ -129,7 +129,7 @@ const char* fwd_sweeps(const FwdParams& p, cudaStream_t s) {
   const Plan plan = fwd_plan(p.B, p.L, p.D, p.bi);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads;
   MK_LAUNCH(fwd_local_kernel<T, NM, MASK, TRUNC><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
-  MK_LAUNCH(fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir, prefix_groups<NM>()), kThreads, 0, s>>>(p, plan));
   if (p.bi) {
     const size_t smem = sizeof(float) * kThreads * plan.chunk;  // plan.chunk <= kBiChunk: within 48 KiB
     MK_LAUNCH(fwd_out_kernel<T, NM, true, MASK, TRUNC><<<dim3(xb, p.B, plan.nchunks), kThreads, smem, s>>>(p, plan));
@@ -177,7 +177,7 @@ const char* bwd(const BwdParams& p, cudaStream_t s) {
   } else {
     MK_LAUNCH(bwd_adjoint_local_kernel<NM, false><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
   }
-  MK_LAUNCH(bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir), kThreads, 0, s>>>(p, plan));
+  MK_LAUNCH(bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir, prefix_groups<NM>()), kThreads, 0, s>>>(p, plan));
   if (p.K > 0) {
     MK_LAUNCH(bwd_dx_kernel<T, NM, true><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
   } else {

@@ -258,30 +258,71 @@ MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir
     p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = r.a[n] * u[n];
 }
 
-// Phase 2 for (b, dir_idx, d): each chunk's end state becomes the state entering it; final state out.
+// -- the prefix passes: one serial walk over a lane's chunks -----------------------------------------------
+// Each prefix pass (forward phase 2, backward phases 2 and 5) walks the chunks of one (b, direction, channel)
+// in order, reading each chunk's local value and overwriting it with the carry entering that chunk. A load
+// after a store to the same buffer cannot be moved above it, so a walk that loads a chunk's values when it
+// reaches them waits a full memory latency per chunk (Triton's carry measured ~0.8 us a chunk, GPU run 2):
+// 256 waits at B1 L65536. walk_chunks loads G chunks' values before it folds and stores any of them: one wait
+// per group. A thread takes kPrefixStates states (grid z: the groups), so G groups of them fit in registers.
+constexpr int kPrefixStates = 8;
 template <int NM>
-MK_HD void fwd_prefix_thread(const FwdParams& p, const Plan& plan, int b, int dir_idx, int d) {
+MK_HD constexpr int prefix_groups() { return NM < kPrefixStates ? 1 : NM / kPrefixStates; }
+template <int NM>
+MK_HD constexpr int prefix_states() { return NM < kPrefixStates ? NM : kPrefixStates; }
+
+// Calls load(k, j) for the chunks k of a group (j: the slot in the group, a compile-time index once unrolled),
+// then fold(k, j) for the same chunks in order; k runs 0 .. nchunks-1 in walk order.
+template <int G, typename Load, typename Fold>
+MK_HD void walk_chunks(int nchunks, Load load, Fold fold) {
+  for (int k0 = 0; k0 < nchunks; k0 += G) {
+    MK_UNROLL for (int j = 0; j < G; ++j) if (k0 + j < nchunks) load(k0 + j, j);
+    MK_UNROLL for (int j = 0; j < G; ++j) if (k0 + j < nchunks) fold(k0 + j, j);
+  }
+}
+
+// Steps in (physical) chunk `chunk`: plan.chunk except in the last one.
+MK_HD int chunk_length(const Plan& plan, int L, int chunk) {
+  const int rest = L - chunk * plan.chunk;
+  return plan.chunk < rest ? plan.chunk : rest;
+}
+
+// q^len for a chunk of len steps; qc = q^plan.chunk (computed once per walk) serves every full chunk.
+MK_HD float chunk_decay(float q, float qc, int len, const Plan& plan) {
+  return len == plan.chunk ? qc : powf(q, static_cast<float>(len));
+}
+
+// Phase 2 for (b, dir_idx, d) and the states n0 .. n0 + prefix_states<NM>() - 1: each chunk's end state
+// becomes the state entering it; final state out.
+template <int NM>
+MK_HD void fwd_prefix_thread(const FwdParams& p, const Plan& plan, int b, int dir_idx, int d, int n0) {
+  constexpr int NS = prefix_states<NM>(), G = 64 / NS;
   const int ndir = p.bi ? 2 : 1;
   const int row = dir_idx * p.D + d;
-  float pre[NM], q[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    const bool in = n < p.N;
-    q[n] = in ? p.cf.q[row * p.N + n] : 0.f;
-    pre[n] = (in && dir_idx == 0 && p.state) ? p.state[(static_cast<int64_t>(b) * p.D + d) * p.N + n] : 0.f;
+  float pre[NS], q[NS], qc[NS], u[G][NS];
+  MK_UNROLL for (int n = 0; n < NS; ++n) {
+    const int m = n0 + n;
+    const bool in = m < p.N;
+    q[n] = in ? p.cf.q[row * p.N + m] : 0.f;
+    qc[n] = powf(q[n], static_cast<float>(plan.chunk));
+    pre[n] = (in && dir_idx == 0 && p.state) ? p.state[(static_cast<int64_t>(b) * p.D + d) * p.N + m] : 0.f;
   }
-  for (int k = 0; k < plan.nchunks; ++k) {
-    const int chunk = dir_idx ? plan.nchunks - 1 - k : k;
-    const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const int64_t j = ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D);
-      const float u = p.workspace[j];
-      p.workspace[j] = pre[n];
-      pre[n] = powf(q[n], static_cast<float>(len)) * pre[n] + u;
-    }
-  }
+  auto phys = [&](int k) { return dir_idx ? plan.nchunks - 1 - k : k; };  // the k-th chunk in walk order
+  auto at = [&](int k, int n) -> float& {
+    return p.workspace[ws_index(b, dir_idx, ndir, phys(k), plan.nchunks, n0 + n, NM, d, p.D)];
+  };
+  walk_chunks<G>(
+      plan.nchunks, [&](int k, int j) { MK_UNROLL for (int n = 0; n < NS; ++n) u[j][n] = at(k, n); },
+      [&](int k, int j) {
+        const int len = chunk_length(plan, p.L, phys(k));
+        MK_UNROLL for (int n = 0; n < NS; ++n) {
+          at(k, n) = pre[n];
+          pre[n] = chunk_decay(q[n], qc[n], len, plan) * pre[n] + u[j][n];
+        }
+      });
   if (p.final_state && dir_idx == 0) {
-    MK_UNROLL for (int n = 0; n < NM; ++n)
-      if (n < p.N) p.final_state[(static_cast<int64_t>(b) * p.D + d) * p.N + n] = pre[n];
+    MK_UNROLL for (int n = 0; n < NS; ++n)
+      if (n0 + n < p.N) p.final_state[(static_cast<int64_t>(b) * p.D + d) * p.N + n0 + n] = pre[n];
   }
 }
 

@@ -66,42 +66,46 @@ MK_HD void bwd_local_thread(const BwdParams& p, const Plan& plan, int b, int dir
   }
 }
 
-// Phase 2 for (b, direction, d) and the states n0 .. n0 + prefix_states(NM) - 1: the (h, H, P) entering each
-// chunk, in the direction's order. Over a chunk of len steps: h' = q^len h + a u, H' = q^len H + u,
-// P' = q^len P + len q^(len-1) h + v (P = dh/dq). Each state's prefix is its own, so a thread takes a group of
-// kPrefixStates of them (grid z: the groups): few registers, and more threads for this serial pass.
-constexpr int kPrefixStates = 8;
-template <int NM>
-constexpr int prefix_groups() { return NM < kPrefixStates ? 1 : NM / kPrefixStates; }
-
+// Phase 2 for (b, direction, d) and the states n0 .. n0 + prefix_states<NM>() - 1: the (h, H, P) entering
+// each chunk, in the direction's order. Over a chunk of len steps: h' = q^len h + a u, H' = q^len H + u,
+// P' = q^len P + len q^(len-1) h + v (P = dh/dq). Each state's prefix is its own (walk_chunks: a thread per
+// kPrefixStates states, two values a chunk, so G = 4 chunks loaded at a time).
 template <int NM>
 MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int n0) {
-  constexpr int NS = NM < kPrefixStates ? NM : kPrefixStates;
+  constexpr int NS = prefix_states<NM>(), G = 32 / NS;
   const BwdView w(p, plan, b, dir_idx, d);
-  float a[NS], q[NS], h[NS], H[NS], P[NS];
+  float a[NS], q[NS], qc1[NS], h[NS], H[NS], P[NS], u[G][NS], v[G][NS];
   MK_UNROLL for (int n = 0; n < NS; ++n) {
     const int m = n0 + n;
     const bool in = m < p.N;
     a[n] = in ? p.cf.a[w.row * p.N + m] : 0.f;
     q[n] = in ? p.cf.q[w.row * p.N + m] : 0.f;
+    qc1[n] = powf(q[n], static_cast<float>(plan.chunk - 1));
     h[n] = (in && dir_idx == 0 && p.state) ? p.state[w.state_index(m)] : 0.f;
     H[n] = P[n] = 0.f;
   }
-  for (int k = 0; k < plan.nchunks; ++k) {
-    const int chunk = dir_idx ? plan.nchunks - 1 - k : k;
-    const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
-    MK_UNROLL for (int n = 0; n < NS; ++n) {
-      const int m = n0 + n;
-      const float u = w.ws<NM>(1, chunk, m), v = w.ws<NM>(2, chunk, m);
-      const float ql1 = powf(q[n], static_cast<float>(len - 1)), ql = ql1 * q[n];
-      w.ws<NM>(0, chunk, m) = h[n];
-      w.ws<NM>(1, chunk, m) = H[n];
-      w.ws<NM>(2, chunk, m) = P[n];
-      P[n] = ql * P[n] + static_cast<float>(len) * ql1 * h[n] + v;
-      H[n] = ql * H[n] + u;
-      h[n] = ql * h[n] + a[n] * u;
-    }
-  }
+  auto phys = [&](int k) { return dir_idx ? plan.nchunks - 1 - k : k; };  // the k-th chunk in walk order
+  walk_chunks<G>(
+      plan.nchunks,
+      [&](int k, int j) {
+        MK_UNROLL for (int n = 0; n < NS; ++n) {
+          u[j][n] = w.ws<NM>(1, phys(k), n0 + n);
+          v[j][n] = w.ws<NM>(2, phys(k), n0 + n);
+        }
+      },
+      [&](int k, int j) {
+        const int chunk = phys(k), len = chunk_length(plan, p.L, chunk);
+        MK_UNROLL for (int n = 0; n < NS; ++n) {
+          const int m = n0 + n;
+          const float ql1 = len == plan.chunk ? qc1[n] : powf(q[n], static_cast<float>(len - 1)), ql = ql1 * q[n];
+          w.ws<NM>(0, chunk, m) = h[n];
+          w.ws<NM>(1, chunk, m) = H[n];
+          w.ws<NM>(2, chunk, m) = P[n];
+          P[n] = ql * P[n] + static_cast<float>(len) * ql1 * h[n] + v[j][n];
+          H[n] = ql * H[n] + u[j][n];
+          h[n] = ql * h[n] + a[n] * u[j][n];
+        }
+      });
   MK_UNROLL for (int n = 0; n < NS; ++n) {
     w.ws<NM>(1, plan.nchunks, n0 + n) = H[n];
     w.ws<NM>(2, plan.nchunks, n0 + n) = P[n];
@@ -333,29 +337,35 @@ MK_HD void bwd_adjoint_local_thread(const BwdParams& p, const Plan& plan, int b,
   MK_UNROLL for (int n = 0; n < NM; ++n) w.ws<NM>(0, chunk, n) = carry[n];
 }
 
-// Phase 5 for (b, direction, d): the carry entering each chunk from its later side (r' = q^len r + local),
-// starting from the final-state gradient; what leaves the first chunk is the initial-state gradient.
+// Phase 5 for (b, direction, d) and the states n0 .. n0 + prefix_states<NM>() - 1: the carry entering each
+// chunk from its later side (r' = q^len r + local), starting from the final-state gradient; what leaves the
+// first chunk is the initial-state gradient. Walked as the forward's prefix (walk_chunks).
 template <int NM>
-MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d) {
+MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b, int dir_idx, int d, int n0) {
+  constexpr int NS = prefix_states<NM>(), G = 64 / NS;
   const BwdView w(p, plan, b, dir_idx, d);
-  float q[NM], carry[NM];
-  MK_UNROLL for (int n = 0; n < NM; ++n) {
-    const bool in = n < p.N;
-    q[n] = in ? p.cf.q[w.row * p.N + n] : 0.f;
-    carry[n] = (in && dir_idx == 0 && p.gstate) ? p.gstate[w.state_index(n)] : 0.f;
+  float q[NS], qc[NS], carry[NS], local[G][NS];
+  MK_UNROLL for (int n = 0; n < NS; ++n) {
+    const int m = n0 + n;
+    const bool in = m < p.N;
+    q[n] = in ? p.cf.q[w.row * p.N + m] : 0.f;
+    qc[n] = powf(q[n], static_cast<float>(plan.chunk));
+    carry[n] = (in && dir_idx == 0 && p.gstate) ? p.gstate[w.state_index(m)] : 0.f;
   }
-  for (int k = 0; k < plan.nchunks; ++k) {
-    const int chunk = dir_idx ? k : plan.nchunks - 1 - k;
-    const int rest = p.L - chunk * plan.chunk, len = plan.chunk < rest ? plan.chunk : rest;
-    MK_UNROLL for (int n = 0; n < NM; ++n) {
-      const float local = w.ws<NM>(0, chunk, n);
-      w.ws<NM>(0, chunk, n) = carry[n];
-      carry[n] = powf(q[n], static_cast<float>(len)) * carry[n] + local;
-    }
-  }
+  auto phys = [&](int k) { return dir_idx ? k : plan.nchunks - 1 - k; };  // against the direction
+  walk_chunks<G>(
+      plan.nchunks,
+      [&](int k, int j) { MK_UNROLL for (int n = 0; n < NS; ++n) local[j][n] = w.ws<NM>(0, phys(k), n0 + n); },
+      [&](int k, int j) {
+        const int len = chunk_length(plan, p.L, phys(k));
+        MK_UNROLL for (int n = 0; n < NS; ++n) {
+          w.ws<NM>(0, phys(k), n0 + n) = carry[n];
+          carry[n] = chunk_decay(q[n], qc[n], len, plan) * carry[n] + local[j][n];
+        }
+      });
   if (dir_idx == 0 && p.dstate) {
-    MK_UNROLL for (int n = 0; n < NM; ++n)
-      if (n < p.N) p.dstate[w.state_index(n)] = carry[n];
+    MK_UNROLL for (int n = 0; n < NS; ++n)
+      if (n0 + n < p.N) p.dstate[w.state_index(n0 + n)] = carry[n];
   }
 }
 

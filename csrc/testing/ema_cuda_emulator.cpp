@@ -38,8 +38,9 @@ Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt s
     for (int c = 0; c < plan.nchunks; ++c)
       for (int bd = 0; bd < B * ndir; ++bd)
         for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+    for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
     for (int c = 0; c < plan.nchunks; ++c)
       for (int b = 0; b < B; ++b)
         for (int d = 0; d < D; ++d) {
@@ -87,8 +88,10 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
     for (int c = 0; c < C; ++c)
       for (int bd = 0; bd < B * ndir; ++bd)
         for (int d = 0; d < D; ++d) mc::bwd_adjoint_local_thread<NM, TR>(p, plan, bd / ndir, bd % ndir, d, c);
-    for (int bd = 0; bd < B * ndir; ++bd)
-      for (int d = 0; d < D; ++d) mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d);
+    for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
+      for (int bd = 0; bd < B * ndir; ++bd)
+        for (int d = 0; d < D; ++d)
+          mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
     for (int c = 0; c < C; ++c)
       for (int b = 0; b < B; ++b)
         for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM, TR>(p, plan, b, d, c);
