@@ -77,7 +77,7 @@ struct BwdParams {
   void* dx; float* dstate;                    // dstate optional
   float *pc, *pa, *pq, *pomega;               // partial sums per (b, chunk): (B * C, 2D, N) x 3, (B * C, D),
                                               // zero-filled, C = bwd_chunks(B, L, D)
-  float *gbuf, *dxm;                          // workspaces (B, L, D) each
+  float *gbuf, *dxm;                          // workspaces (B, L, D) each; dxm bidirectional only (else null)
   float* workspace;                           // bwd_workspace_floats(...) floats
   int B, L, D, N, K; bool bi;
 };

@@ -83,14 +83,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto pomega = at::zeros({parts, D}, fopts);
   auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
   if (x.numel() > 0) {
-    auto gbuf = at::empty({B, L, D}, fopts), dxm = at::empty({B, L, D}, fopts);
+    auto gbuf = at::empty({B, L, D}, fopts);
+    auto dxm = bidirectional ? at::empty({B, L, D}, fopts) : at::Tensor();  // direction 0's share of dx
     auto ws = at::empty({cuda::bwd_workspace_floats(B, L, D, N, bidirectional)}, fopts);
     cuda::BwdParams p{pr.x.data_ptr(), gy.data_ptr(), mask_ptr(pr), coefs(pr), pr.omega.data_ptr<float>(),
                       state_ptr(pr), gs.defined() ? gs.data_ptr<float>() : nullptr, dx.data_ptr(),
                       dstate.defined() ? dstate.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
                       pa.data_ptr<float>(), pq.data_ptr<float>(), pomega.data_ptr<float>(), gbuf.data_ptr<float>(),
-                      dxm.data_ptr<float>(), ws.data_ptr<float>(), B, L, D, N, static_cast<int>(truncation),
-                      bidirectional};
+                      dxm.defined() ? dxm.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L, D, N,
+                      static_cast<int>(truncation), bidirectional};
     raise_if("ema_bwd", cuda::launch_bwd(p, dt, c10::cuda::getCurrentCUDAStream().stream()));
   } else if (dstate.defined()) {
     dstate.copy_(gs.defined() ? gs : at::zeros_like(dstate));  // L = 0: the state passes through

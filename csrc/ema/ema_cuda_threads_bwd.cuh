@@ -369,39 +369,37 @@ MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b
   }
 }
 
-// Phase 6 for (b, d, chunk): the adjoint over the chunk in each direction from its entering carry (direction
-// 1 adds its sum to direction 0's in dxm), then dx = omega g + mask sum_n a lam over the chunk's times.
+// Phase 6 for (b, d, chunk): the adjoint over the chunk in each direction from its entering carry; the last
+// sweep writes dx = omega g + mask sum_n a lam as it goes (g_t is its own input row). Bidirectional: direction
+// 0 leaves its sum_n a lam in dxm, which direction 1's sweep reads beside g and adds.
 template <typename T, int NM, bool TRUNC>
 MK_HD void bwd_dx_thread(const BwdParams& p, const Plan& plan, int b, int d, int chunk) {
   const int64_t base = static_cast<int64_t>(b) * p.L * p.D + d;
-  float* dxm = p.dxm + base;
-  float carry[NM];
-  {
-    const BwdView w(p, plan, b, 0, d);
-    int i0, i1;
-    chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
-    adjoint_sweep<NM, TRUNC, false, true>(w, i0, i1, carry, [&](int t, float dv, const Row&) {
-      dxm[static_cast<int64_t>(t) * p.D] = dv;
-    });
-  }
-  if (p.bi) {
-    const BwdView w(p, plan, b, 1, d);
-    int i0, i1;
-    chunk_positions(chunk, plan.chunk, p.L, w.dir, i0, i1);
-    MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w.ws<NM>(0, chunk, n);
-    adjoint_sweep<NM, TRUNC, true, true>(w, i0, i1, carry, [&](int t, float dv, const Row& s) {
-      dxm[static_cast<int64_t>(t) * p.D] = s.gf + dv;
-    });
-  }
-  const int t0 = chunk * plan.chunk, t1 = p.L < t0 + plan.chunk ? p.L : t0 + plan.chunk;
+  const bool* mask = p.mask ? p.mask + static_cast<int64_t>(b) * p.L : nullptr;
   const float om = p.omega[d];
   T* dx = static_cast<T*>(p.dx) + base;
-  for (int t = t0; t < t1; ++t) {
-    const int64_t j = static_cast<int64_t>(t) * p.D;
-    const float m = (p.mask == nullptr || p.mask[static_cast<int64_t>(b) * p.L + t]) ? 1.f : 0.f;
-    dx[j] = from_acc<T>(om * p.gbuf[base + j] + m * dxm[j]);
+  auto write_dx = [&](int t, float g, float lam_sum) {
+    const float m = (mask == nullptr || mask[t]) ? 1.f : 0.f;
+    dx[static_cast<int64_t>(t) * p.D] = from_acc<T>(om * g + m * lam_sum);
+  };
+  float carry[NM];
+  int i0, i1;
+  const BwdView w0(p, plan, b, 0, d);
+  chunk_positions(chunk, plan.chunk, p.L, w0.dir, i0, i1);
+  MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w0.ws<NM>(0, chunk, n);
+  if (!p.bi) {
+    adjoint_sweep<NM, TRUNC, false, true>(w0, i0, i1, carry,
+                                          [&](int t, float dv, const Row& s) { write_dx(t, s.x, dv); });
+    return;
   }
+  float* dxm = p.dxm + base;
+  adjoint_sweep<NM, TRUNC, false, true>(w0, i0, i1, carry,
+                                        [&](int t, float dv, const Row&) { dxm[static_cast<int64_t>(t) * p.D] = dv; });
+  const BwdView w1(p, plan, b, 1, d);
+  chunk_positions(chunk, plan.chunk, p.L, w1.dir, i0, i1);
+  MK_UNROLL for (int n = 0; n < NM; ++n) carry[n] = w1.ws<NM>(0, chunk, n);
+  adjoint_sweep<NM, TRUNC, true, true>(w1, i0, i1, carry,
+                                       [&](int t, float dv, const Row& s) { write_dx(t, s.x, s.gf + dv); });
 }
 
 }  // namespace cuda

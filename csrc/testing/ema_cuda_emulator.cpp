@@ -57,14 +57,15 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
   const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), kd = bi ? 2 * D : D, ndir = bi ? 2 : 1;
   const mc::Plan plan = mc::bwd_plan(B, L, D);
   const int C = plan.nchunks;
-  auto dx = nans(x.sizes()), ds = nans({B, D, N}), gbuf = nans({B, L, D}), dxm = nans({B, L, D});
+  auto dx = nans(x.sizes()), ds = nans({B, D, N}), gbuf = nans({B, L, D});
+  auto dxm = bi ? nans({B, L, D}) : torch::Tensor();  // as the CUDA op: direction 0's share of dx, bidirectional
   auto ws = nans({3 * mc::bwd_region_floats(plan, B, D, N, bi)});
   auto pc = torch::zeros({B * C, 2 * D, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
   auto pom = torch::zeros({B * C, D});
   mc::BwdParams p{x.data_ptr(), gy.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state),
                   fptr(gs), dx.data_ptr(), state ? ds.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
                   pa.data_ptr<float>(), pq.data_ptr<float>(), pom.data_ptr<float>(), gbuf.data_ptr<float>(),
-                  dxm.data_ptr<float>(), ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
+                  bi ? dxm.data_ptr<float>() : nullptr, ws.data_ptr<float>(), B, L, D, N, static_cast<int>(K), bi};
   // the launches of ema_cuda.cu's bwd(), in order
   mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
     constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
