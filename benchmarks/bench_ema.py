@@ -47,6 +47,10 @@ VARIANTS = {
     "carry c256 unroll2": dict(chunk=256, lookback=False, unroll=2),
     "carry c256 bd64": dict(chunk=256, lookback=False, block_d=64, num_warps=2),
     "sequential": dict(chunk=1 << 30),
+    # the forward on tensor cores (mega_kernels/triton/ema_tc.py), at the B8 L4096 D1024 shapes only (each new
+    # dtype / direction compiles two kernels); "tf32" (one TF32 product) is for bf16 only
+    "tc c256": dict(chunk=256, tensor_cores=True),
+    "tc c256 tf32": dict(chunk=256, tensor_cores=True, tc_precision="tf32"),
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -106,7 +110,9 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
     floors = {"fwd": copy_ms(2 * nbytes, device), "fwd+bwd": copy_ms(5 * nbytes, device)}
     runs = [(name, None) for name in backends]
     if "triton" in backends:  # look-back exists for one direction only
-        runs += [(f"triton[{v}]", t) for v, t in variants.items() if not (bidirectional and t.get("lookback"))]
+        runs += [(f"triton[{v}]", t) for v, t in variants.items() if not (bidirectional and t.get("lookback"))
+                 and not (t.get("tensor_cores") and ((bsz, length, dim) != (8, 4096, 1024)
+                                                     or t.get("tc_precision") == "tf32" and dtype != torch.bfloat16))]
     for name, tuning in runs:
         backend = name.split("[")[0]
         fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
@@ -118,7 +124,7 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
                 r.floor_fraction = floors[mode] / r.ms
                 if r.peak_mib is not None and mode == "fwd+bwd":
                     r.extra["peak_over_x_y_dx_dy"] = r.peak_mib * 2**20 / (4 * nbytes)
-                if breakdown and tuning is None and backend in ("triton", "cuda"):
+                if breakdown and (tuning is None or name == "triton[tc c256]") and backend in ("triton", "cuda"):
                     r.extra["kernel_ms"] = kernel_ms(fn, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -156,6 +162,10 @@ def check_targets(rows) -> list:
         if r.backend == "triton" and r.mode == "fwd+bwd" and "peak_over_x_y_dx_dy" in r.extra:
             check(f"triton {r.shape} {r.dtype} fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)",
                   r.extra["peak_over_x_y_dx_dy"], lambda v: v <= 1.5)
+    for dt in ("fp32", "bf16"):  # the tensor-core variant, to pick the default from (not a target of its own)
+        r = row(uni, dt, "triton[tc c256]", "fwd")
+        check(f"(variant) triton[tc c256] {dt} fwd >= 0.70 of the copy floor", r and r.floor_fraction,
+              lambda v: v >= 0.70)
     long = next((r for r in rows if r.shape.startswith("B1 L1048576") and r.backend == "triton"
                  and r.mode == "fwd+bwd"), None)
     if long is not None:

@@ -22,9 +22,10 @@ from triton.backends.compiler import GPUTarget
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int):
+def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int, divisible=()):
     """Compile `fn` (a @triton.jit kernel): `types` maps argument names to Triton types ("*fp32", "i32"); every
-    other argument is a constexpr taken from `consts` (else its default; None for an absent pointer)."""
+    other argument is a constexpr taken from `consts` (else its default; None for an absent pointer). `divisible`:
+    arguments Triton may take as multiples of 16 (pointers: 16-byte aligned), as it specializes them at launch."""
     sig, ce = {}, {}
     defaults = {p.name: p.default for p in fn.params if p.has_default}
     for name in fn.arg_names:
@@ -32,7 +33,8 @@ def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int):
             sig[name] = types[name]
         else:
             sig[name], ce[name] = "constexpr", consts.get(name, defaults.get(name))
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in divisible}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
 
 
@@ -81,10 +83,12 @@ def occupancy(regs: int, num_warps: int) -> int:
 
 
 def ema_configs():
-    """(label, kernel, types, constexprs, num_warps, time steps per loop iteration) of the EMA kernels with the
-    launchers' GPU settings, unidirectional, no mask, N = 16."""
+    """(label, kernel, types, constexprs, num_warps, warp-steps per loop iteration, arguments divisible by 16) of
+    the EMA kernels with the launchers' GPU settings, unidirectional, no mask, N = 16. A warp-step is 32 elements
+    (one time step of a warp's 32 channels), so every kernel's loop is reported per 32 elements."""
     from mega_kernels.triton import ema_bwd as B
     from mega_kernels.triton import ema_fwd as F
+    from mega_kernels.triton import ema_tc as TC
     sizes = {k: "i32" for k in "B L D N K CHUNK NDB".split()}
     block_d = F.block_d_for(1024)
     warps = max(1, block_d // 32)
@@ -93,19 +97,33 @@ def ema_configs():
     for dt in ("fp32", "bf16"):
         types = {"u_ptr": f"*{dt}", "out_ptr": f"*{dt}", "a_ptr": "*fp32", "q_ptr": "*fp32", "c_ptr": "*fp32",
                  "omega_ptr": "*fp32", "buf_ptr": "*fp32", **sizes}
-        yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=F.EPI_SILU), warps, 4
+        yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=F.EPI_SILU), warps, 4, ()
         yield (f"ema fwd chunk_state {dt}", F._chunk_state_kernel,
                {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
-               warps, 4)
+               warps, 4, ())
         yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
                dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
-               dict(scan, EPI=F.EPI_DSILU), warps, 4)
+               dict(scan, EPI=F.EPI_DSILU), warps, 4, ())
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
                 "part_ptr": "*fp32", "adj_ptr": "*fp32", "GROUP": "i32", **sizes},
                dict(NDIR=1, MASK_IN=False, TRUNC=False, HAS_S=False, HAS_BUF=True, UNROLL=4, BLOCK_N=16,
-                    BLOCK_D=block_d), warps, 4)
+                    BLOCK_D=block_d), warps, 4, ())
+    # the tensor-core forward (ema_scan(tensor_cores=True)) at its launcher defaults, D a multiple of 16
+    tc_types = {"u_ptr": "*bf16", "keep_ptr": "*u8", "out_ptr": "*bf16", "acc_ptr": "*fp32", "op_ptr": "*fp32",
+                "omega_ptr": "*fp32", "s0_ptr": "*fp32", "buf_ptr": "*fp32",
+                **{k: "i32" for k in "B L D N CHUNK NDB NCOL".split()}}
+    tc_warps, tc_bd, tc_nb = 8, 16, 16
+    tc_steps = tc_bd * TC.SUB * tc_nb // (32 * tc_warps)
+    aligned = tuple(tc_types) + ("D",)
+    for dt, prec in (("fp32", "split"), ("bf16", "split"), ("bf16", "tf32")):
+        types = dict(tc_types, u_ptr=f"*{dt}", out_ptr=f"*{dt}")
+        consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, EVEN=True, PREC=prec, EXACT_X=dt != "fp32",
+                      SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
+        for mode in ("states", "out"):
+            yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types, dict(consts, STATES=mode == "states"),
+                   tc_warps, tc_steps, tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
 
 
 def cuda_report(path: str = "csrc/ema/ema_cuda.cu", arch: int = 90) -> list:
@@ -137,12 +155,13 @@ def main():
                         help="also the attention kernels at that shape (benchmarks.bench_attention.compile_report)")
     args = parser.parse_args()
     print(f"sm_{args.arch}: registers/thread, spill bytes, shared bytes, warps/SM by registers, longest loop "
-          "(instructions per time step, main classes)")
-    for label, fn, types, consts, warps, steps in ema_configs():
-        r = report(compile_kernel(fn, types, consts, warps, args.arch))
+          "(instructions per 32 elements, main classes)")
+    for label, fn, types, consts, warps, steps, divisible in ema_configs():
+        compiled = compile_kernel(fn, types, consts, warps, args.arch, divisible)
+        r = report(compiled)
         mix = ", ".join(f"{k} {v}" for k, v in r["ops"].most_common(5))
-        print(f"{label:28s} reg {r['regs']:3d} spill {r['local']:3d} smem {r['shared']:5d} "
-              f"warps/SM {occupancy(r['regs'], warps):2d}  loop {r['loop'] / steps:6.1f}/step  [{mix}]")
+        print(f"{label:30s} reg {r['regs']:3d} spill {r['local']:3d} smem {compiled.metadata.shared:6d} "
+              f"warps/SM {occupancy(r['regs'], warps):2d}  loop {r['loop'] / steps:6.1f}/32el  [{mix}]")
     if args.cuda:
         print("cuda: kernel, registers, stack (spill) bytes, shared bytes")
         for name, regs, stack, shared in cuda_report(arch=args.arch):

@@ -225,7 +225,7 @@ _SM90_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mega_kernels.triton import ema_bwd, ema_fwd, ema_step
+from mega_kernels.triton import ema_bwd, ema_fwd, ema_step, ema_tc
 
 F32, BF16, U8, I32 = "*fp32", "*bf16", "*u8", "*i32"
 TYPES = dict(u_ptr=BF16, x_ptr=BF16, keep_ptr=U8, out_ptr=BF16, y_ptr=BF16, flag_ptr=I32, ticket_ptr=I32)
@@ -242,10 +242,17 @@ CASES = [
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, UNROLL=4)),
     (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128, GROUP_P2=4)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),
+    (ema_tc._operators_kernel, dict(SUB=16)),
+    (ema_tc._tc_scan_kernel, dict(STATES=True, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=False, EVEN=False,
+                                  PREC="split", EXACT_X=True, SUB=16, BD=16, NB=16)),
+    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=True, EVEN=False,
+                                  PREC="tf32", EXACT_X=True, SUB=16, BD=16, NB=16)),
+    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=1, MASK_IN=False, HAS_S0=True, CARRY=True, EVEN=True,
+                                  PREC="split", EXACT_X=True, SUB=16, BD=16, NB=32)),
 ]
 for fn, consts in CASES:
     if "BLOCK" not in consts:
-        consts = dict(common, **consts)
+        consts = dict({k: v for k, v in common.items() if k in fn.arg_names}, **consts)
     consts = dict({p.name: p.default for p in fn.params if p.has_default}, **consts)  # defaulted constexprs
     sig = {n: "constexpr" if n in consts else TYPES.get(n, "*fp32" if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}

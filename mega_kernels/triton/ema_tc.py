@@ -1,0 +1,345 @@
+"""Triton EMA forward on tensor cores: the chunked scan of ema_fwd.py, each chunk swept SUB = 16 steps at a time
+as small matrix products instead of one fused multiply-add per state and step.
+
+Maths (MEGA spec section 4; per channel, expansion index n, coefficients a, q, c as in ema_fwd.py; u = x * mask).
+Within a sub-chunk of S steps entered with the pre-decayed state s = q h (h: the state after the step before):
+
+    h_j    = q^j s + sum_{i <= j} a q^(j-i) u_i                              (j = 0 .. S-1)
+    e_j    = sum_n c h_j = (V s)_j + (T u)_j     V[j, n] = c q^j,   T[j, i] = k[j - i] for j >= i (else 0),
+                                                 k[l] = sum_n c a q^l, the EMA kernel's first S taps
+    s'     = q h_{S-1} = q^S s + W_s u           W_s[n, i] = a q^(S-i)
+    h_{S-1} from h = 0:  W_h u                   W_h[n, i] = a q^(S-1-i)
+
+Every (batch row, chunk) column of a channel shares that channel's T, V and W, so a program takes BD channels and
+NB columns and multiplies (BD, S, S) by (BD, S, NB) blocks with a batched tl.dot: S + 2N multiply-adds per
+element on tensor cores and one loop iteration per S steps of NB columns, where ema_fwd._sweep issues 2N fused
+multiply-adds per element and one iteration per step. The states stay float32 between sub-chunks (only their
+product with V is rounded to the dot's precision).
+
+Precision: tensor cores take TF32 (10-bit mantissa). By default ("split") the loop-invariant T, V, W are split
+once into hi + lo TF32 parts and the float32 data (the states; x when it is float32) each sub-chunk, and the
+dots sum hi hi + lo hi + hi lo: float32 class (~2^-21 relative). bfloat16 and float16 inputs are exact in TF32,
+so their products with x need two dots, not three. precision="tf32" (one product) rounds T, V, W and s to
+2^-11 relative, which only bfloat16 inputs (output rounding 2^-9) may take. omega x joins the output dot (T's diagonal; its own diagonal
+operator when a mask makes u differ from x), so the epilogue needs no second layout of x.
+
+Passes, as ema_fwd's three-pass carry (whose `_carry_kernel` runs unchanged between them):
+1. `_tc_scan_kernel` with STATES: each column's chunk-local end state a H_loc from zero, into buf. The sub-chunks
+   are aligned to the chunk's end, so a partial one comes first, its missing steps zero inputs into a zero state.
+2. `_carry_kernel`: buf[c] <- the state entering chunk c.
+3. `_tc_scan_kernel` writing y from s = q h_in (+ the caller's pre-decayed s0 in chunk 0); a partial sub-chunk
+   comes last and its missing steps are not stored. Bidirectional: the backward rows [D, 2D) first, their e
+   into a float32 buffer (y itself for float32 outputs), then the forward rows.
+What it does not take (truncation, final state, the backward's epilogues, a reversed primary direction) stays on
+ema_fwd's sweeps; `ema_scan_tc` refuses it rather than run something else.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import ema_fwd as _fwd
+
+Tensor = torch.Tensor
+SUB = 16  # steps per sub-chunk: the dots' smallest size
+
+
+@triton.jit
+def _pow(q, k):
+    """q ** k elementwise for q in [0, 1] and integer k >= 0 (broadcast tensors); q ** 0 = 1 even for q = 0."""
+    kf = k.to(tl.float32)
+    pos = q > 0
+    return tl.where(kf == 0, 1.0, tl.where(pos, tl.exp2(kf * tl.log2(tl.where(pos, q, 1.0))), 0.0))
+
+
+@triton.jit
+def _operators_kernel(a_ptr, q_ptr, c_ptr, op_ptr, N, SUB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row r of the operators, laid out [T (SUB, SUB) | W_h (BLOCK_N, SUB) | V (SUB, BLOCK_N) | q^SUB | q]
+    (float32, states n >= N zero) from a, q, c (kd, N) row-major."""
+    r = tl.program_id(0)
+    n = tl.arange(0, BLOCK_N)
+    nm = n < N
+    a = tl.load(a_ptr + r * N + n, mask=nm, other=0.0)
+    q = tl.load(q_ptr + r * N + n, mask=nm, other=0.0)
+    c = tl.load(c_ptr + r * N + n, mask=nm, other=0.0)
+    j = tl.arange(0, SUB)
+    base = op_ptr + r.to(tl.int64) * (SUB * SUB + 2 * BLOCK_N * SUB + 2 * BLOCK_N)
+    lag = j[:, None] - j[None, :]                                     # (SUB, SUB): j - i
+    taps = tl.sum((c * a)[None, None, :] * _pow(q[None, None, :], tl.maximum(lag, 0)[:, :, None]), axis=2)
+    tl.store(base + j[:, None] * SUB + j[None, :], tl.where(lag >= 0, taps, 0.0))
+    w_h = a[:, None] * _pow(q[:, None], SUB - 1 - j[None, :])        # (BLOCK_N, SUB)
+    tl.store(base + SUB * SUB + n[:, None] * SUB + j[None, :], w_h)
+    v = c[None, :] * _pow(q[None, :], j[:, None])                     # (SUB, BLOCK_N)
+    tl.store(base + SUB * SUB + BLOCK_N * SUB + j[:, None] * BLOCK_N + n[None, :], v)
+    tl.store(base + SUB * SUB + 2 * BLOCK_N * SUB + n, _pow(q, SUB + 0 * n))
+    tl.store(base + SUB * SUB + 2 * BLOCK_N * SUB + BLOCK_N + n, q)
+
+
+@triton.jit
+def _operator_tiles(op_ptr, row0, offs_d, D, SUB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(T (BD, SUB, SUB), W_h (BD, BLOCK_N, SUB), V (BD, SUB, BLOCK_N), q^SUB (BD, BLOCK_N, 1), q (BD, BLOCK_N, 1))
+    of the rows row0 + offs_d; channels past D give zeros."""
+    j = tl.arange(0, SUB)
+    n = tl.arange(0, BLOCK_N)
+    dm = (offs_d < D)[:, None, None]
+    base = op_ptr + (row0 + offs_d).to(tl.int64)[:, None, None] * (SUB * SUB + 2 * BLOCK_N * SUB + 2 * BLOCK_N)
+    t = tl.load(base + j[None, :, None] * SUB + j[None, None, :], mask=dm, other=0.0)
+    w = tl.load(base + SUB * SUB + n[None, :, None] * SUB + j[None, None, :], mask=dm, other=0.0)
+    v = tl.load(base + SUB * SUB + BLOCK_N * SUB + j[None, :, None] * BLOCK_N + n[None, None, :], mask=dm, other=0.0)
+    qs = tl.load(base + SUB * SUB + 2 * BLOCK_N * SUB + n[None, :, None], mask=dm, other=0.0)
+    q = tl.load(base + SUB * SUB + 2 * BLOCK_N * SUB + BLOCK_N + n[None, :, None], mask=dm, other=0.0)
+    return t, w, v, qs, q
+
+
+@triton.jit
+def _walk_start(b3, t_first, step, L, D, d3, j3):
+    """(column offsets (1, 1, NB) int64 of each column's first walk step, within-sub-chunk offsets (BD, SUB, 1))
+    of a walk that visits time t_first + step * pos at position pos; an array's element (pos, d) of a column is
+    at column offset + (pos // SUB) * SUB * step * D + the within-sub-chunk offset of (pos % SUB, d)."""
+    return (b3.to(tl.int64) * L + t_first) * D, j3 * (step * D) + d3
+
+
+@triton.jit
+def _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, pos, n_c, dm, MASK_IN: tl.constexpr,
+               EVEN: tl.constexpr):
+    """The inputs at walk positions pos (1, SUB, 1) of every column, float32 (BD, SUB, NB): (raw x, masked u, the
+    positions' store mask). Positions outside [0, n_c) read as zeros; EVEN: all exist, no load is masked (the mask
+    returned is then unused and compiled away)."""
+    there = (pos >= 0) & (pos < n_c)
+    ok = there & dm
+    if EVEN:
+        raw = tl.load(u_ptr + col_off + inner).to(tl.float32)
+    else:
+        raw = tl.load(u_ptr + col_off + inner, mask=ok, other=0.0).to(tl.float32)
+    um = raw
+    if MASK_IN:
+        if EVEN:
+            keep = tl.load(keep_ptr + keep_col + keep_inner)
+        else:
+            keep = tl.load(keep_ptr + keep_col + keep_inner, mask=there, other=0)
+        um = tl.where(keep != 0, raw, 0.0)
+    return raw, um, ok
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x with its 13 low mantissa bits cleared: exact in TF32, and x - hi is exact in float32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split(a, PREC: tl.constexpr):
+    """A loop-invariant dot operand as (hi, lo) TF32 parts (PREC "split"; "tf32": (a, unused))."""
+    if PREC == "split":
+        hi = _tf32_hi(a)
+        return hi, a - hi
+    else:
+        return a, a
+
+
+@triton.jit
+def _mm(a_hi, a_lo, x, acc, PREC: tl.constexpr, EXACT_X: tl.constexpr):
+    """acc + a @ x from TF32 products. PREC "split": a = a_hi + a_lo (split once by the caller) and x split here
+    unless EXACT_X (16-bit inputs are exact in TF32): the dropped lo * lo term leaves ~2^-21 relative error, float32
+    class. "tf32": one product, a and x rounded to TF32 (2^-11 relative)."""
+    if PREC == "split":
+        if EXACT_X:
+            return tl.dot(a_lo, x, tl.dot(a_hi, x, acc, input_precision="tf32"), input_precision="tf32")
+        else:
+            x_hi = _tf32_hi(x)
+            acc = tl.dot(a_hi, x_hi, acc, input_precision="tf32")
+            acc = tl.dot(a_lo, x_hi, acc, input_precision="tf32")
+            return tl.dot(a_hi, x - x_hi, acc, input_precision="tf32")
+    else:
+        return tl.dot(a_hi, x, acc, input_precision="tf32")
+
+
+@triton.jit
+def _store(ptr, value, ok, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptr, value)
+    else:
+        tl.store(ptr, value, mask=ok)
+
+
+@triton.jit
+def _walk_ops(op_ptr, row0, offs_d, D, om_diag, PREC: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The operators of an output walk over rows row0 + offs_d, split for _mm: T (+ om_diag, the omega term when
+    u = x), V and W_s = q W_h, and q^SUB."""
+    t, w_h, v, qs, q = _operator_tiles(op_ptr, row0, offs_d, D, SUB, BLOCK_N)
+    t_hi, t_lo = _split(t + om_diag, PREC)
+    v_hi, v_lo = _split(v, PREC)
+    w_hi, w_lo = _split(q * w_h, PREC)
+    return t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q
+
+
+@triton.jit
+def _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC: tl.constexpr, EXACT_X: tl.constexpr):
+    """One sub-chunk of an output walk: (e = T u + V s (BD, SUB, NB), the next s = q^SUB s + W_s u)."""
+    e = _mm(t_hi, t_lo, um, tl.zeros_like(um), PREC, EXACT_X)
+    e = _mm(v_hi, v_lo, s_in, e, PREC, False)
+    return e, _mm(w_hi, w_lo, um, qs * s_in, PREC, EXACT_X)
+
+
+@triton.jit(do_not_specialize=["B", "L", "N", "CHUNK", "NDB", "NCOL"])  # D: see below
+def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr, buf_ptr,
+                    B, L, D, N, CHUNK, NDB, NCOL,
+                    STATES: tl.constexpr, NDIR: tl.constexpr, MASK_IN: tl.constexpr, HAS_S0: tl.constexpr,
+                    CARRY: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, EXACT_X: tl.constexpr,
+                    SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
+                    STAGES: tl.constexpr = 1):
+    """One program = BD channels x NB columns (column = physical chunk cp, batch row b: col = cp * B + b).
+    STATES: one program per direction (grid (NDIR, column groups, channel blocks) flattened), buf[cp, b, :, row]
+    = the chunk's end state from zero in that direction. Else: y over the columns' chunks (both directions when
+    NDIR = 2: rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in chunk 0 of rows [:D]).
+    EVEN: every chunk has CHUNK steps, a multiple of SUB, D is a multiple of BD and B x chunks of NB (the
+    launcher checks), so no load or store needs a mask. PREC, EXACT_X: see _mm. D is specialized: where it is a
+    multiple of 16, Triton knows each column's rows are 16-byte aligned and loads and stores x and y several
+    channels per instruction (sm_90: the bf16 output pass 38 -> 30 SASS per element, 170 -> 123 registers)."""
+    pid = tl.program_id(0)
+    db = pid % NDB
+    rest = pid // NDB
+    if STATES:
+        dirn = rest % NDIR
+        grp = rest // NDIR
+    else:
+        dirn = 0
+        grp = rest
+    offs_d = db * BD + tl.arange(0, BD)
+    col = grp * NB + tl.arange(0, NB)
+    cm = col < NCOL
+    cp = tl.where(cm, col // B, 0)
+    b = col % B
+    n_c = tl.where(cm, tl.minimum(CHUNK, L - cp * CHUNK), 0)[None, None, :]   # steps in each column's chunk
+    cp3 = cp[None, None, :]
+    b3 = b[None, None, :]
+    n3 = tl.arange(0, BLOCK_N)[None, :, None]
+    d3 = offs_d[:, None, None]
+    dm = d3 < D
+    j3 = tl.arange(0, SUB)[None, :, None]
+    nsub = tl.cdiv(CHUNK, SUB)
+    KD = NDIR * D
+    st_m = dm & (n3 < N) & cm[None, None, :]
+    st_off = ((cp3 * B + b3).to(tl.int64) * N + n3) * KD + d3   # element (cp, b, n, d) of buf, rows [:D]
+    if STATES:
+        _, w, _, qs, _ = _operator_tiles(op_ptr, dirn * D, offs_d, D, SUB, BLOCK_N)
+        w_hi, w_lo = _split(w, PREC)
+        fwd = dirn == 0
+        step = tl.where(fwd, 1, -1)
+        pad = nsub * SUB - n_c                                   # the partial sub-chunk first
+        t_first = tl.where(fwd, cp3 * CHUNK, cp3 * CHUNK + n_c - 1) - step * pad
+        col_off, inner = _walk_start(b3, t_first, step, L, D, d3, j3)
+        keep_col, keep_inner = col_off // D, j3 * step
+        h = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+        for s in tl.range(0, nsub, num_stages=STAGES):
+            raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3 - pad, n_c,
+                                     dm, MASK_IN, EVEN)
+            h = _mm(w_hi, w_lo, um, qs * h, PREC, EXACT_X)
+            col_off += SUB * step * D
+            keep_col += SUB * step
+        tl.store(buf_ptr + st_off + dirn * D, h, mask=st_m)
+    else:
+        i3 = tl.arange(0, SUB)[None, None, :]
+        no_om = tl.zeros((BD, SUB, SUB), tl.float32)
+        if NDIR == 2:  # rows [D:] backward in time, their e into acc
+            t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q = _walk_ops(op_ptr, D, offs_d, D, no_om, PREC, SUB, BLOCK_N)
+            s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+            if CARRY:
+                s_in = q * tl.load(buf_ptr + st_off + D, mask=st_m, other=0.0)
+            col_off, inner = _walk_start(b3, cp3 * CHUNK + n_c - 1, -1, L, D, d3, j3)
+            keep_col, keep_inner = col_off // D, -j3
+            for s in tl.range(0, nsub, num_stages=STAGES):
+                raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3, n_c,
+                                         dm, MASK_IN, EVEN)
+                e, s_in = _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC, EXACT_X)
+                _store(acc_ptr + col_off + inner, e, ok, EVEN)
+                col_off -= SUB * D
+                keep_col -= SUB
+        # omega x joins the output dot: on T's diagonal when u = x, else as its own diagonal operator
+        om_diag = tl.where(j3 == i3, tl.load(omega_ptr + d3, mask=dm, other=0.0), 0.0)
+        on_t = om_diag
+        if MASK_IN:
+            on_t = no_om
+        t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q = _walk_ops(op_ptr, 0, offs_d, D, on_t, PREC, SUB, BLOCK_N)
+        o_hi, o_lo = _split(om_diag, PREC)
+        s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+        if HAS_S0:
+            s_in = tl.load(s0_ptr + (b3.to(tl.int64) * D + d3) * N + n3, mask=st_m & (cp3 == 0), other=0.0)
+        if CARRY:
+            s_in += q * tl.load(buf_ptr + st_off, mask=st_m & (cp3 > 0), other=0.0)
+        col_off, inner = _walk_start(b3, cp3 * CHUNK, 1, L, D, d3, j3)
+        keep_col, keep_inner = col_off // D, j3
+        for s in tl.range(0, nsub, num_stages=STAGES):
+            raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3, n_c, dm,
+                                     MASK_IN, EVEN)
+            z, s_in = _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC, EXACT_X)
+            if MASK_IN:
+                z = _mm(o_hi, o_lo, raw, z, PREC, EXACT_X)
+            if NDIR == 2:
+                if EVEN:
+                    z += tl.load(acc_ptr + col_off + inner)
+                else:
+                    z += tl.load(acc_ptr + col_off + inner, mask=ok, other=0.0)
+            _store(out_ptr + col_off + inner, (z * _fwd._sigmoid(z)).to(out_ptr.dtype.element_ty), ok, EVEN)
+            col_off += SUB * D
+            keep_col += SUB
+
+
+def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
+    """(kd, SUB^2 + 2 SUB BLOCK_N + 2 BLOCK_N) float32 per-row operators of `_operators_kernel` for a, q, c (kd, N)."""
+    kd, n = q.shape
+    block_n = max(16, triton.next_power_of_2(n))
+    op = _fwd._empty((kd, SUB * SUB + 2 * block_n * SUB + 2 * block_n), torch.float32, q.device)
+    _operators_kernel[(kd,)](a.contiguous(), q.contiguous(), c.contiguous(), op, n, SUB=SUB, BLOCK_N=block_n)
+    return op
+
+
+def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
+                s0: Optional[Tensor], *, bidirectional: bool, out_dtype: torch.dtype, chunk: Optional[int] = None,
+                block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split"
+                ) -> Tuple[Tensor, Optional[Tensor], int]:
+    """The forward y = silu(EMA(u * keep) + omega u) (B, L, D) through the tensor-core passes (module docstring),
+    and the chunk states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one
+    chunk), as `ema_fwd.ema_scan` returns them, and the chunk length. a, q, c (kd, N) float32; s0 (B, D, N)
+    pre-decayed initial state or None. block_d channels x cols (batch row, chunk) columns per program (powers of
+    two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32 class; see _mm) or
+    "tf32" (one TF32 product, for bfloat16 inputs only)."""
+    bsz, length, dim = u.shape
+    ndim = q.shape[1]
+    chunk = int(chunk or _fwd.DEFAULT_CHUNK)
+    if block_d < 16 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
+        raise ValueError(f"ema_scan_tc: block_d and cols must be powers of two >= 16, got {block_d}, {cols}")
+    if precision not in ("split", "tf32") or (precision == "tf32" and u.dtype != torch.bfloat16):
+        raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
+                         f"{precision!r} for {u.dtype}")
+    nc = triton.cdiv(length, chunk)
+    ndir = 2 if bidirectional else 1
+    block_n = max(16, triton.next_power_of_2(ndim))
+    ndb = triton.cdiv(dim, block_d)
+    ncol = nc * bsz
+    groups = triton.cdiv(ncol, cols)
+    op = operators(a, q, c)
+    out = _fwd._empty(u.shape, out_dtype, u.device)
+    acc = None
+    if bidirectional:
+        acc = out if out_dtype == torch.float32 else _fwd._empty(u.shape, torch.float32, u.device)
+    buf = None
+    even = length % chunk == 0 and chunk % SUB == 0 and dim % block_d == 0 and ncol % cols == 0
+    flags = dict(MASK_IN=keep is not None, HAS_S0=s0 is not None, EVEN=even, PREC=precision,
+                 EXACT_X=u.dtype != torch.float32, SUB=SUB,
+                 BLOCK_N=block_n, BD=block_d, NB=cols, num_warps=num_warps)
+    if nc > 1:
+        kd = q.shape[0]
+        buf = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
+        _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, op, omega, s0, buf, bsz, length, dim, ndim,
+                                                chunk, ndb, ncol, STATES=True, NDIR=ndir, CARRY=False, **flags)
+        aT, qT = (t.t().contiguous() for t in (a, q))
+        _fwd._carry_kernel[(bsz, triton.cdiv(kd * ndim, 128))](
+            buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=False, HAS_S0=s0 is not None,
+            SCALE_LOC=False, BLOCK=128)
+    _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, op, omega, s0, buf, bsz, length, dim, ndim, chunk, ndb,
+                                     ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, **flags)
+    return out, buf, chunk

@@ -1,0 +1,115 @@
+"""The tensor-core variant of the Triton EMA forward (mega_kernels/triton/ema_tc.py, `ema_scan(tensor_cores=True)`):
+the output and chunk states against the float64 reference over the shared EMA cases, chunk lengths that leave
+partial sub-chunks and partial chunks, masks, initial states, both directions, NaN-poisoned outputs, and the
+options it refuses. Under the interpreter the dots are exact float32 products; the TF32 rounding of a GPU is
+checked by the GPU test at bfloat16, float16 and float32."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
+from mega_kernels.ops.backends import unavailable_reason
+from mega_kernels.reference.ema import ema_coefficients, ema_fft
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_REASON = unavailable_reason("ema", "triton", torch.device(DEVICE))
+if _REASON is not None and os.environ.get("CI"):
+    raise RuntimeError(f"the triton EMA backend must run in CI: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+if _REASON is None:
+    from mega_kernels.triton import ema_fwd as fwd_mod
+    from mega_kernels.triton.ema_fwd import ema_fwd
+
+
+def _inputs(bsz, length, dim, ndim, bidirectional, with_state, dtype=torch.float32):
+    delta, alpha, beta, gamma, omega = ema_params(dim, ndim, bidirectional)
+    coefs64 = tuple(t.double().to(DEVICE) for t in ema_coefficients(delta, alpha, beta, gamma)) + (
+        omega.double().to(DEVICE),)
+    coefs = tuple(t.float() for t in coefs64)
+    x = torch.randn(bsz, length, dim, device=DEVICE).to(dtype)
+    mask = random_mask(bsz, length, device=DEVICE)
+    state = torch.randn(bsz, dim, ndim, device=DEVICE) if with_state else None
+    return x, coefs, coefs64, mask, state
+
+
+def _check_forward(bsz, length, dim, ndim, bidirectional, with_state, use_mask, dtype=torch.float32, **tuning):
+    x, coefs, coefs64, mask, state = _inputs(bsz, length, dim, ndim, bidirectional, with_state, dtype)
+    mask = mask if use_mask else None
+    y, _, states = ema_fwd(x, *coefs, mask, state, bidirectional, 0, False, return_states=True, tensor_cores=True,
+                           **tuning)
+    ref = ema_fft(x.double(), *coefs64, mask=mask, bidirectional=bidirectional,
+                  state=None if state is None else state.double())
+    low = ema_fft(x, *coefs, mask=mask, bidirectional=bidirectional, state=state)
+    assert_close_to_reference("y", y, ref, low)
+    # the chunk states are the sweeps' (the backward reuses them)
+    _, _, sweep_states = ema_fwd(x, *coefs, mask, state, bidirectional, 0, False, return_states=True,
+                                 chunk=tuning.get("chunk"))
+    torch.testing.assert_close(states, sweep_states, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", EMA_CASES, ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_forward_against_reference(case, bidirectional):
+    """The shared cases in chunks of 56 steps: 3.5 sub-chunks per chunk, and a partial last chunk wherever L is
+    not a multiple of 56."""
+    _check_forward(*case, bidirectional, not bidirectional, True, chunk=56, block_d=16, cols=16)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_float16_input(bidirectional):
+    """float16 inputs and outputs (float32 states and dots; three TF32 products on a GPU)."""
+    _check_forward(2, 77, 24, 16, bidirectional, not bidirectional, True, torch.float16, chunk=40)
+
+
+@pytest.mark.parametrize("chunk", [16, 40, 1000], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
+def test_chunkings_and_masks(chunk, use_mask):
+    """Whole sub-chunks, a chunk of 2.5 sub-chunks, one chunk for the whole sequence; more columns than one
+    program takes (B x chunks > 16) and channels over two blocks; N = 20 (32 padded states)."""
+    _check_forward(3, 131, 20, 20, False, True, use_mask, chunk=chunk, block_d=16, cols=16)
+    _check_forward(3, 131, 20, 5, True, False, use_mask, chunk=chunk, block_d=16, cols=16)
+
+
+@pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
+def test_even_shapes_without_masks(use_mask):
+    """Whole chunks of whole sub-chunks, whole channel blocks and column groups: the launcher compiles the
+    passes without any load or store mask (EVEN)."""
+    _check_forward(2, 128, 32, 16, False, True, use_mask, chunk=16, block_d=16, cols=16)
+    _check_forward(2, 128, 32, 3, True, False, use_mask, chunk=16, block_d=16, cols=16)
+
+
+def test_outputs_poisoned_with_nan(monkeypatch):
+    """Every output and workspace starts as NaN: the passes must write each element they later read."""
+    monkeypatch.setattr(fwd_mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                                     dtype=dtype, device=device))
+    _check_forward(3, 50, 17, 3, False, True, True, chunk=24)
+    _check_forward(3, 50, 17, 3, True, False, True, chunk=24)
+
+
+@pytest.mark.parametrize("option,match", [
+    (dict(truncation=5), "truncation"),
+    (dict(return_state=True), "write_final"),
+    (dict(lookback=True), "lookback"),
+    (dict(block_d=8), "powers of two >= 16"),
+    (dict(tc_precision="tf32"), "'tf32' for bfloat16 inputs only"),
+])
+def test_refuses_what_it_does_not_take(option, match):
+    x, coefs, _, _, _ = _inputs(2, 40, 8, 3, False, False)
+    args = dict(truncation=0, return_state=False)
+    args.update({k: option.pop(k) for k in list(option) if k in args})
+    with pytest.raises(ValueError, match=match):
+        ema_fwd(x, *coefs, None, None, False, args["truncation"], args["return_state"], tensor_cores=True, chunk=16,
+                **option)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_gpu_tensor_core_precision(dtype, bidirectional):
+    """On a GPU the dots round to TF32 (bfloat16) or run three TF32 products (float16, float32): L = 4096 in
+    chunks of 256 against the float64 reference under the tolerance rule."""
+    _check_forward(2, 4096, 96, 16, bidirectional, not bidirectional, True, dtype, chunk=256)
