@@ -195,12 +195,14 @@ def main(argv=None):
     shapes = TINY if tiny else SHAPES[:1] if args.quick else SHAPES
     variants = {} if args.quick else (dict(list(VARIANTS.items())[:2]) if tiny else VARIANTS)
     rows = []
+    name = "bench_ema" + ("-tiny" if tiny else "-quick" if args.quick else "")
     for i, shape in enumerate(shapes):  # the first shape is the target shape: its kernels are profiled
         bench_shape(rows, shape, backends, device, variants, breakdown=i == 0)
+        save_rows(rows, name, device, quiet=True)  # a step timeout keeps the shapes done
     if not tiny and not args.no_long and "triton" in backends:
         bench_shape(rows, LONG, ["triton"], device, {})
     fill_speedups(rows)
-    save_rows(rows, "bench_ema" + ("-tiny" if tiny else "-quick" if args.quick else ""), device)
+    save_rows(rows, name, device)
     check_targets(rows)
 
 

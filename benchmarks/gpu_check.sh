@@ -27,7 +27,7 @@ build_pid=$!
 #    -v prints each result as it comes, so a timeout still shows them.
 stamp "GPU tests (triton EMA, models)"
 # (run 2: the EMA tests took ~20 s; the attention tests compile ~120 kernels and needed more than 120 s)
-timeout 60 $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py \
+timeout 80 $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py tests/test_ema_tc.py \
     > "$OUT/tests.log" 2>&1
 echo "triton EMA/model gpu tests rc=$?" >> "$OUT/tests.log"
 
@@ -35,12 +35,12 @@ echo "triton EMA/model gpu tests rc=$?" >> "$OUT/tests.log"
 wait $build_pid
 cat "$OUT/build.log" >> "$OUT/tests.log"
 stamp "bench_ema"
-timeout 110 python -m benchmarks.bench_ema $quick > "$OUT/bench_ema.log" 2>&1; echo "bench_ema rc=$?" >> "$OUT/bench_ema.log"
+timeout 125 python -m benchmarks.bench_ema $quick > "$OUT/bench_ema.log" 2>&1; echo "bench_ema rc=$?" >> "$OUT/bench_ema.log"
 stamp "bench_attention"
 timeout 150 python -m benchmarks.bench_attention $quick > "$OUT/bench_attention.log" 2>&1; echo "bench_attention rc=$?" >> "$OUT/bench_attention.log"
 
 stamp "GPU tests (triton attention)"
-timeout 150 $PYTEST -m gpu tests/test_attention_triton.py >> "$OUT/tests.log" 2>&1
+timeout 115 $PYTEST -m gpu tests/test_attention_triton.py >> "$OUT/tests.log" 2>&1
 echo "triton attention gpu tests rc=$?" >> "$OUT/tests.log"
 stamp "GPU tests (extension + backend-generic)"
 timeout 60 $PYTEST -m gpu tests/test_ema_cuda.py tests/test_ema_backends.py >> "$OUT/tests.log" 2>&1
@@ -55,7 +55,8 @@ tail -4 "$OUT/check.log"
 stamp "summary"  # the target-shape rows, where their time goes, and each issue's targets (PASS / FAIL / n/a)
 echo "== bench_ema"
 grep -E "^ema .*(B8 L4096 D1024 N16 uni|B1 L1048576).* (reference|triton|cuda) " "$OUT/bench_ema.log" | head -16
-grep -A4 "where the time goes" "$OUT/bench_ema.log" | head -24
+grep -E "^ema .*B8 L4096 D1024 N16.*triton\[tc " "$OUT/bench_ema.log" | head -8
+grep -A4 "where the time goes" "$OUT/bench_ema.log" | head -30
 sed -n '/^# targets/,$p' "$OUT/bench_ema.log"
 echo "== bench_attention"
 grep -E "^attention .*Z256 E2048 C1024.*(reference|triton|flex|sdpa)" "$OUT/bench_attention.log" | head -14

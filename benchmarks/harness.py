@@ -172,8 +172,9 @@ def format_table(rows: List[Row]) -> str:
     return "\n".join(lines)
 
 
-def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None) -> str:
-    """Write rows + environment to <out_dir or benchmarks/results>/<name>-<device>.json, print the table."""
+def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None, quiet: bool = False) -> str:
+    """Write rows + environment to <out_dir or benchmarks/results>/<name>-<device>.json, print the table (unless
+    quiet: the partial saves a long run makes as it goes, so a timeout keeps what was measured)."""
     out_dir = out_dir or os.environ.get("MEGA_BENCH_OUT", RESULTS)
     os.makedirs(out_dir, exist_ok=True)
     env = environment(device)
@@ -181,6 +182,8 @@ def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None)
     path = os.path.join(out_dir, f"{name}-{tag}.json")
     with open(path, "w") as fh:
         json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=1)
+    if quiet:
+        return path
     print(f"# {name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, commit {env['git_commit']})")
     print(format_table(rows))
     breakdown = format_kernels(rows)
