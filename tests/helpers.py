@@ -9,6 +9,22 @@ import torch
 from mega_kernels.testing import ATOL, assert_close_to_reference, ema_params  # noqa: E402,F401
 
 
+def triton_ema_gate():
+    """(device, reason or None, module skip mark) of a Triton EMA test module: the device to test on; without a
+    usable Triton backend the module skips, except in CI (CI set), where that is an error, never a skip."""
+    import os
+
+    import pytest
+
+    from mega_kernels.ops.backends import unavailable_reason
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = unavailable_reason("ema", "triton", torch.device(device))
+    if reason is not None and os.environ.get("CI"):
+        raise RuntimeError(f"the triton EMA backend must run in CI: {reason}")
+    return device, reason, pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
 def poisoned_like(t):
     """A tensor of t's shape full of NaN: outputs a kernel must overwrite."""
     return torch.full_like(t, float("nan"))

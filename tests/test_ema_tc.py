@@ -5,20 +5,13 @@ options it refuses. Under the interpreter the dots are exact float32 products; t
 checked by the GPU test at bfloat16, float16 and float32."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
-from mega_kernels.ops.backends import unavailable_reason
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask, triton_ema_gate
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = unavailable_reason("ema", "triton", torch.device(DEVICE))
-if _REASON is not None and os.environ.get("CI"):
-    raise RuntimeError(f"the triton EMA backend must run in CI: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+DEVICE, _REASON, pytestmark = triton_ema_gate()
 
 if _REASON is None:
     from mega_kernels.triton import ema_fwd as fwd_mod

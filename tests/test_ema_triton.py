@@ -9,15 +9,10 @@ import pytest
 import torch
 
 import mega_kernels.ops as ops
-from helpers import assert_close_to_reference, ema_params, random_mask
-from mega_kernels.ops.backends import unavailable_reason
+from helpers import assert_close_to_reference, ema_params, random_mask, triton_ema_gate
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_REASON = unavailable_reason("ema", "triton", torch.device(DEVICE))
-if _REASON is not None and os.environ.get("CI"):
-    raise RuntimeError(f"the triton EMA backend must run in CI: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+DEVICE, _REASON, pytestmark = triton_ema_gate()
 
 if _REASON is None:
     from mega_kernels.ops.ema_triton import ema_bwd_triton, ema_fwd_triton, ema_step_triton

@@ -20,8 +20,9 @@ Precision: tensor cores take TF32 (10-bit mantissa). By default ("split") the lo
 once into hi + lo TF32 parts and the float32 data (the states; x when it is float32) each sub-chunk, and the
 dots sum hi hi + lo hi + hi lo: float32 class (~2^-21 relative). bfloat16 and float16 inputs are exact in TF32,
 so their products with x need two dots, not three. precision="tf32" (one product) rounds T, V, W and s to
-2^-11 relative, which only bfloat16 inputs (output rounding 2^-9) may take. omega x joins the output dot (T's diagonal; its own diagonal
-operator when a mask makes u differ from x), so the epilogue needs no second layout of x.
+2^-11 relative, which only bfloat16 inputs (output rounding 2^-9) may take. omega x joins the output dot (on T's
+diagonal; as its own diagonal operator when a mask makes u differ from x), so the epilogue needs no second
+layout of x. The operators' powers of q come from exp2 / log2 (~2^-22 relative on a GPU).
 
 Passes, as ema_fwd's three-pass carry (whose `_carry_kernel` runs unchanged between them):
 1. `_tc_scan_kernel` with STATES: each column's chunk-local end state a H_loc from zero, into buf. The sub-chunks
