@@ -51,6 +51,7 @@ VARIANTS = {
     # dtype / direction compiles two kernels); "tf32" (one TF32 product) is for bf16 only
     "tc c256": dict(chunk=256, tensor_cores=True),
     "tc c256 tf32": dict(chunk=256, tensor_cores=True, tc_precision="tf32"),
+    "tc lookback c256": dict(chunk=256, tensor_cores=True, lookback=True),  # x from DRAM once (one direction)
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -112,15 +112,15 @@ def ema_configs():
                     BLOCK_D=block_d), warps, 4, ())
     # the tensor-core forward (ema_scan(tensor_cores=True)) at its launcher defaults, D a multiple of 16
     tc_types = {"u_ptr": "*bf16", "keep_ptr": "*u8", "out_ptr": "*bf16", "acc_ptr": "*fp32", "op_ptr": "*fp32",
-                "omega_ptr": "*fp32", "s0_ptr": "*fp32", "buf_ptr": "*fp32",
+                "omega_ptr": "*fp32", "s0_ptr": "*fp32", "buf_ptr": "*fp32", "flag_ptr": "*i32", "ticket_ptr": "*i32",
                 **{k: "i32" for k in "B L D N CHUNK NDB NCOL".split()}}
     tc_warps, tc_bd, tc_nb = 8, 16, 16
     tc_steps = tc_bd * TC.SUB * tc_nb // (32 * tc_warps)
     aligned = tuple(tc_types) + ("D",)
     for dt, prec in (("fp32", "split"), ("bf16", "split"), ("bf16", "tf32")):
         types = dict(tc_types, u_ptr=f"*{dt}", out_ptr=f"*{dt}")
-        consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, EVEN=True, PREC=prec, EXACT_X=dt != "fp32",
-                      SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
+        consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC=prec,
+                      EXACT_X=dt != "fp32", SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
         for mode in ("states", "out"):
             yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types, dict(consts, STATES=mode == "states"),
                    tc_warps, tc_steps, tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))

@@ -78,28 +78,40 @@ def test_even_shapes_without_masks(use_mask):
     _check_forward(2, 128, 32, 3, True, False, use_mask, compare_states=True, chunk=16, block_d=16, cols=16)
 
 
+@pytest.mark.parametrize("bsz,cols", [(2, 16), (3, 16), (40, 16)], ids=["B<NB", "B-odd", "B>NB"])
+def test_lookback_single_pass(bsz, cols):
+    """One launch: each program takes the states entering its chunks from earlier programs (columns run (chunk,
+    batch) in order, so a chunk's predecessor sits in the same program, the one before, or further back when B
+    exceeds the columns per program), with masks and an initial state; N = 3 and 20."""
+    _check_forward(bsz, 150, 18, 3, False, True, True, chunk=16, cols=cols, lookback=True)
+    _check_forward(bsz, 160, 16, 20, False, True, False, chunk=16, cols=cols, lookback=True)
+
+
 def test_outputs_poisoned_with_nan(monkeypatch):
     """Every output and workspace starts as NaN: the passes must write each element they later read."""
     monkeypatch.setattr(fwd_mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
                                                                                      dtype=dtype, device=device))
     _check_forward(3, 50, 17, 3, False, True, True, chunk=24)
     _check_forward(3, 50, 17, 3, True, False, True, chunk=24)
+    _check_forward(3, 50, 17, 3, False, True, True, chunk=24, lookback=True)
 
 
 @pytest.mark.parametrize("option,match", [
     (dict(truncation=5), "truncation"),
     (dict(return_state=True), "write_final"),
-    (dict(lookback=True), "lookback"),
+    (dict(lookback=True, bidirectional=True), "one direction only"),
     (dict(block_d=8), "powers of two >= 16"),
     (dict(tc_precision="tf32"), "'tf32' for bfloat16 inputs only"),
 ])
 def test_refuses_what_it_does_not_take(option, match):
     x, coefs, _, _, _ = _inputs(2, 40, 8, 3, False, False)
-    args = dict(truncation=0, return_state=False)
+    args = dict(truncation=0, return_state=False, bidirectional=False)
     args.update({k: option.pop(k) for k in list(option) if k in args})
+    if args["bidirectional"]:
+        x, coefs, _, _, _ = _inputs(2, 40, 8, 3, True, False)
     with pytest.raises(ValueError, match=match):
-        ema_fwd(x, *coefs, None, None, False, args["truncation"], args["return_state"], tensor_cores=True, chunk=16,
-                **option)
+        ema_fwd(x, *coefs, None, None, args["bidirectional"], args["truncation"], args["return_state"],
+                tensor_cores=True, chunk=16, **option)
 
 
 @pytest.mark.gpu

@@ -238,12 +238,14 @@ CASES = [
     (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128, GROUP_P2=4)),
     (ema_step._ema_step_kernel, dict(HAS_MASK=True)),
     (ema_tc._operators_kernel, dict(SUB=16)),
-    (ema_tc._tc_scan_kernel, dict(STATES=True, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=False, EVEN=False,
-                                  PREC="split", EXACT_X=True, SUB=16, BD=16, NB=16)),
-    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=True, EVEN=False,
-                                  PREC="tf32", EXACT_X=True, SUB=16, BD=16, NB=16)),
-    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=1, MASK_IN=False, HAS_S0=True, CARRY=True, EVEN=True,
-                                  PREC="split", EXACT_X=True, SUB=16, BD=16, NB=32)),
+    (ema_tc._tc_scan_kernel, dict(STATES=True, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=False, LOOKBACK=False,
+                                  EVEN=False, PREC="split", EXACT_X=True, SUB=16, BD=16, NB=16)),
+    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=2, MASK_IN=True, HAS_S0=False, CARRY=True, LOOKBACK=False,
+                                  EVEN=False, PREC="tf32", EXACT_X=True, SUB=16, BD=16, NB=16)),
+    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=1, MASK_IN=False, HAS_S0=True, CARRY=True, LOOKBACK=False,
+                                  EVEN=True, PREC="split", EXACT_X=True, SUB=16, BD=16, NB=32)),
+    (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=1, MASK_IN=True, HAS_S0=True, CARRY=False, LOOKBACK=True,
+                                  EVEN=False, PREC="split", EXACT_X=True, SUB=16, BD=16, NB=16)),
 ]
 for fn, consts in CASES:
     if "BLOCK" not in consts:

@@ -539,8 +539,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     same u, coefficients, s0 and chunking (the forward's, for the backward's recomputation; read only): the
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the forward's chunk-state and
     output passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels, default 16, x cols
-    columns per program, dots at tc_precision); the forward only (EPI_SILU, no truncation, final state or reversed
-    rows: refused).
+    columns per program, dots at tc_precision; with lookback, one launch for one direction); the forward only
+    (EPI_SILU, no truncation, final state or reversed rows: refused).
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
@@ -608,8 +608,7 @@ def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, ep
     refused = [name for name, given in (("truncation", truncation > 0), ("write_final (a final state)", write_final),
                                         ("reverse", reverse), ("a backward epilogue", epilogue != EPI_SILU),
                                         ("mask_in=False", keep is not None and not mask_in),
-                                        ("lookback", bool(lookback)), ("local or states", local is not None or
-                                                                       states is not None)) if given]
+                                        ("local or states", local is not None or states is not None)) if given]
     if refused:
         raise ValueError(f"ema_scan: tensor_cores=True does not take {', '.join(refused)}; leave tensor_cores off "
                          "for those (the sweeps take every option)")
@@ -617,7 +616,7 @@ def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, ep
 
     out, buf, chunk = ema_scan_tc(u, a, q, c, omega, keep, s0, bidirectional=bidirectional, out_dtype=out_dtype,
                                   chunk=chunk, block_d=block_d or 16, cols=cols, num_warps=num_warps or 8,
-                                  precision=precision)
+                                  precision=precision, lookback=bool(lookback))
     return Scan(out, None, buf, chunk, None)
 
 

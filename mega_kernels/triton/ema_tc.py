@@ -185,22 +185,102 @@ def _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC: tl.conste
     return e, _mm(w_hi, w_lo, um, qs * s_in, PREC, EXACT_X)
 
 
+@triton.jit
+def _local_states(u_ptr, keep_ptr, op_ptr, row0, fwd, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK,
+                  MASK_IN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, EXACT_X: tl.constexpr,
+                  SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """Each column's chunk end state from zero (BD, BLOCK_N, NB), a H_loc, in the direction of rows row0 +
+    offs_d (fwd: forward in time). The sub-chunks are aligned to the chunk's end, so a partial one comes first:
+    its missing steps are zero inputs into a zero state."""
+    d3 = offs_d[:, None, None]
+    j3 = tl.arange(0, SUB)[None, :, None]
+    _, w, _, qs, _ = _operator_tiles(op_ptr, row0, offs_d, D, SUB, BLOCK_N)
+    w_hi, w_lo = _split(w, PREC)
+    step = tl.where(fwd, 1, -1)
+    pad = nsub * SUB - n_c
+    t_first = tl.where(fwd, cp3 * CHUNK, cp3 * CHUNK + n_c - 1) - step * pad
+    col_off, inner = _walk_start(b3, t_first, step, L, D, d3, j3)
+    keep_col, keep_inner = col_off // D, j3 * step
+    h = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+    for s in tl.range(0, nsub, num_stages=STAGES):
+        raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3 - pad, n_c,
+                                 d3 < D, MASK_IN, EVEN)
+        h = _mm(w_hi, w_lo, um, qs * h, PREC, EXACT_X)
+        col_off += SUB * step * D
+        keep_col += SUB * step
+    return h
+
+
+@triton.jit
+def _column(tile, k, NB: tl.constexpr):
+    """Column k of a (BD, BLOCK_N, NB) tile as (BD, BLOCK_N, 1) (a register pick)."""
+    return tl.sum(tl.where(tl.arange(0, NB)[None, None, :] == k, tile, 0.0), axis=2, keep_dims=True)
+
+
+@triton.jit
+def _lookback(buf_ptr, flag_ptr, s0_ptr, q, h_loc, grp, db, B, L, D, N, CHUNK, NDB, NCOL, d3, n3,
+              HAS_S0: tl.constexpr, BD: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """The pre-decayed state s entering each of the program's columns (BD, BLOCK_N, NB), in column order: column
+    (c, b) starts from s0[b] (c = 0) or q h_end(c - 1, b), taken from an earlier column of this program or, once
+    its flag is set, from buf[c, b], where the program holding chunk c - 1 published it. h_end = q^(n - 1) s +
+    h_loc (n: the chunk's steps). Columns whose successor lies in a later program publish h_end into buf[c + 1, b]
+    and then set their flag (release; the reader acquires)."""
+    first = grp * NB
+    nc = tl.cdiv(L, CHUNK)
+    sm = (d3 < D) & (n3 < N)
+    offs_k = tl.arange(0, NB)[None, None, :]
+    s_all = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+    h_end = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+    for k in range(0, NB):
+        col = first + k
+        if col < NCOL:
+            c = col // B
+            b = col % B
+            at = ((c * B + b).to(tl.int64) * N + n3) * D + d3     # buf[c, b] (BD, BLOCK_N, 1)
+            if c == 0:
+                s = tl.zeros((BD, BLOCK_N, 1), tl.float32)
+                if HAS_S0:
+                    s = tl.load(s0_ptr + (b.to(tl.int64) * D + d3) * N + n3, mask=sm, other=0.0)
+            elif col - B >= first:
+                s = q * _column(h_end, k - B, NB)
+            else:
+                flag = flag_ptr + (col - B) * NDB + db
+                ready = tl.atomic_add(flag, 0, sem="acquire")
+                while ready == 0:
+                    ready = tl.atomic_add(flag, 0, sem="acquire")
+                s = q * tl.load(buf_ptr + at, mask=sm, other=0.0, volatile=True)
+            h = _pow(q, tl.minimum(CHUNK, L - c * CHUNK) - 1) * s + _column(h_loc, k, NB)
+            s_all = tl.where(offs_k == k, s, s_all)
+            h_end = tl.where(offs_k == k, h, h_end)
+            if (col + B >= first + NB) & (c + 1 < nc):
+                tl.store(buf_ptr + at + B * N * D, h, mask=sm)
+                tl.debug_barrier()
+                tl.atomic_xchg(flag_ptr + col * NDB + db, 1, sem="release")
+    return s_all
+
+
 @triton.jit(do_not_specialize=["B", "L", "N", "CHUNK", "NDB", "NCOL"])  # D: see below
-def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr, buf_ptr,
+def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr, buf_ptr, flag_ptr, ticket_ptr,
                     B, L, D, N, CHUNK, NDB, NCOL,
                     STATES: tl.constexpr, NDIR: tl.constexpr, MASK_IN: tl.constexpr, HAS_S0: tl.constexpr,
-                    CARRY: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, EXACT_X: tl.constexpr,
-                    SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
-                    STAGES: tl.constexpr = 1):
+                    CARRY: tl.constexpr, LOOKBACK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
+                    EXACT_X: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
+                    NB: tl.constexpr, STAGES: tl.constexpr = 1):
     """One program = BD channels x NB columns (column = physical chunk cp, batch row b: col = cp * B + b).
     STATES: one program per direction (grid (NDIR, column groups, channel blocks) flattened), buf[cp, b, :, row]
     = the chunk's end state from zero in that direction. Else: y over the columns' chunks (both directions when
-    NDIR = 2: rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in chunk 0 of rows [:D]).
+    NDIR = 2: rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in chunk 0 of rows [:D]); LOOKBACK
+    (one direction, one launch): programs take tickets in column order, compute their columns' local states,
+    take the states entering them from earlier programs (_lookback), then write y, re-reading x from L2.
     EVEN: every chunk has CHUNK steps, a multiple of SUB, D is a multiple of BD and B x chunks of NB (the
     launcher checks), so no load or store needs a mask. PREC, EXACT_X: see _mm. D is specialized: where it is a
     multiple of 16, Triton knows each column's rows are 16-byte aligned and loads and stores x and y several
     channels per instruction (sm_90: the bf16 output pass 38 -> 30 SASS per element, 170 -> 123 registers)."""
-    pid = tl.program_id(0)
+    if LOOKBACK:
+        pid = tl.atomic_add(ticket_ptr, 1)  # in column order: every earlier column's program has started
+    else:
+        pid = tl.program_id(0)
     db = pid % NDB
     rest = pid // NDB
     if STATES:
@@ -226,21 +306,8 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr
     st_m = dm & (n3 < N) & cm[None, None, :]
     st_off = ((cp3 * B + b3).to(tl.int64) * N + n3) * KD + d3   # element (cp, b, n, d) of buf, rows [:D]
     if STATES:
-        _, w, _, qs, _ = _operator_tiles(op_ptr, dirn * D, offs_d, D, SUB, BLOCK_N)
-        w_hi, w_lo = _split(w, PREC)
-        fwd = dirn == 0
-        step = tl.where(fwd, 1, -1)
-        pad = nsub * SUB - n_c                                   # the partial sub-chunk first
-        t_first = tl.where(fwd, cp3 * CHUNK, cp3 * CHUNK + n_c - 1) - step * pad
-        col_off, inner = _walk_start(b3, t_first, step, L, D, d3, j3)
-        keep_col, keep_inner = col_off // D, j3 * step
-        h = tl.zeros((BD, BLOCK_N, NB), tl.float32)
-        for s in tl.range(0, nsub, num_stages=STAGES):
-            raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3 - pad, n_c,
-                                     dm, MASK_IN, EVEN)
-            h = _mm(w_hi, w_lo, um, qs * h, PREC, EXACT_X)
-            col_off += SUB * step * D
-            keep_col += SUB * step
+        h = _local_states(u_ptr, keep_ptr, op_ptr, dirn * D, dirn == 0, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK,
+                          MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
         tl.store(buf_ptr + st_off + dirn * D, h, mask=st_m)
     else:
         i3 = tl.arange(0, SUB)[None, None, :]
@@ -266,11 +333,17 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr
             on_t = no_om
         t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q = _walk_ops(op_ptr, 0, offs_d, D, on_t, PREC, SUB, BLOCK_N)
         o_hi, o_lo = _split(om_diag, PREC)
-        s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
-        if HAS_S0:
-            s_in = tl.load(s0_ptr + (b3.to(tl.int64) * D + d3) * N + n3, mask=st_m & (cp3 == 0), other=0.0)
-        if CARRY:
-            s_in += q * tl.load(buf_ptr + st_off, mask=st_m & (cp3 > 0), other=0.0)
+        if LOOKBACK:
+            h_loc = _local_states(u_ptr, keep_ptr, op_ptr, 0, True, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK,
+                                  MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
+            s_in = _lookback(buf_ptr, flag_ptr, s0_ptr, q, h_loc, grp, db, B, L, D, N, CHUNK, NDB, NCOL, d3, n3,
+                             HAS_S0, BD, BLOCK_N, NB)
+        else:
+            s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+            if HAS_S0:
+                s_in = tl.load(s0_ptr + (b3.to(tl.int64) * D + d3) * N + n3, mask=st_m & (cp3 == 0), other=0.0)
+            if CARRY:
+                s_in += q * tl.load(buf_ptr + st_off, mask=st_m & (cp3 > 0), other=0.0)
         col_off, inner = _walk_start(b3, cp3 * CHUNK, 1, L, D, d3, j3)
         keep_col, keep_inner = col_off // D, j3
         for s in tl.range(0, nsub, num_stages=STAGES):
@@ -300,14 +373,16 @@ def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
 
 def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
                 s0: Optional[Tensor], *, bidirectional: bool, out_dtype: torch.dtype, chunk: Optional[int] = None,
-                block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split"
-                ) -> Tuple[Tensor, Optional[Tensor], int]:
+                block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split",
+                lookback: bool = False) -> Tuple[Tensor, Optional[Tensor], int]:
     """The forward y = silu(EMA(u * keep) + omega u) (B, L, D) through the tensor-core passes (module docstring),
     and the chunk states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one
     chunk), as `ema_fwd.ema_scan` returns them, and the chunk length. a, q, c (kd, N) float32; s0 (B, D, N)
     pre-decayed initial state or None. block_d channels x cols (batch row, chunk) columns per program (powers of
     two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32 class; see _mm) or
-    "tf32" (one TF32 product, for bfloat16 inputs only)."""
+    "tf32" (one TF32 product, for bfloat16 inputs only). lookback (one direction): a single launch in which each
+    program takes the states entering its chunks from the programs before it (buf then holds them by chunk, not
+    the carry's layout; chunk 0's entry is unwritten)."""
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or _fwd.DEFAULT_CHUNK)
@@ -327,20 +402,33 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     acc = None
     if bidirectional:
         acc = out if out_dtype == torch.float32 else _fwd._empty(u.shape, torch.float32, u.device)
+    if lookback and bidirectional:
+        raise ValueError("ema_scan_tc: lookback=True runs one direction only; use the three passes (lookback=False) "
+                         "for a bidirectional EMA")
     buf = None
     even = length % chunk == 0 and chunk % SUB == 0 and dim % block_d == 0 and ncol % cols == 0
     flags = dict(MASK_IN=keep is not None, HAS_S0=s0 is not None, EVEN=even, PREC=precision,
                  EXACT_X=u.dtype != torch.float32, SUB=SUB,
                  BLOCK_N=block_n, BD=block_d, NB=cols, num_warps=num_warps)
+    if lookback and nc > 1:
+        buf = _fwd._empty((nc, bsz, ndim, dim), torch.float32, u.device)
+        ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
+        ready = torch.zeros(ncol * ndb, dtype=torch.int32, device=u.device)
+        _tc_scan_kernel[(ndb * groups,)](u, keep, out, None, op, omega, s0, buf, ready, ticket, bsz, length, dim,
+                                         ndim, chunk, ndb, ncol, STATES=False, NDIR=1, CARRY=False, LOOKBACK=True,
+                                         **flags)
+        return out, buf, chunk
     if nc > 1:
         kd = q.shape[0]
         buf = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
-        _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, op, omega, s0, buf, bsz, length, dim, ndim,
-                                                chunk, ndb, ncol, STATES=True, NDIR=ndir, CARRY=False, **flags)
+        _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, op, omega, s0, buf, None, None, bsz, length,
+                                                dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir, CARRY=False,
+                                                LOOKBACK=False, **flags)
         aT, qT = (t.t().contiguous() for t in (a, q))
         _fwd._carry_kernel[(bsz, triton.cdiv(kd * ndim, 128))](
             buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=False, HAS_S0=s0 is not None,
             SCALE_LOC=False, BLOCK=128)
-    _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, op, omega, s0, buf, bsz, length, dim, ndim, chunk, ndb,
-                                     ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, **flags)
+    _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, op, omega, s0, buf, None, None, bsz, length, dim, ndim,
+                                     chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
+                                     **flags)
     return out, buf, chunk
