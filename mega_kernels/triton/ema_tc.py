@@ -31,6 +31,10 @@ Passes, as ema_fwd's three-pass carry (whose `_carry_kernel` runs unchanged betw
 3. `_tc_scan_kernel` writing y from s = q h_in (+ the caller's pre-decayed s0 in chunk 0); a partial sub-chunk
    comes last and its missing steps are not stored. Bidirectional: the backward rows [D, 2D) first, their e
    into a float32 buffer (y itself for float32 outputs), then the forward rows.
+Or, for one direction, a single launch (lookback=True): programs take tickets in column order, compute their
+columns' local states as in pass 1, take the states entering their chunks from earlier programs (`_lookback`:
+each column whose successor lies in a later program publishes its end state and sets a flag), then write y as
+in pass 3. x comes from DRAM once and is re-read from L2, where the three passes read it twice.
 What it does not take (truncation, final state, the backward's epilogues, a reversed primary direction) stays on
 ema_fwd's sweeps; `ema_scan_tc` refuses it rather than run something else.
 """
