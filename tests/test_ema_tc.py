@@ -15,6 +15,7 @@ DEVICE, _REASON, pytestmark = triton_ema_gate()
 
 if _REASON is None:
     from mega_kernels.triton import ema_fwd as fwd_mod
+    from mega_kernels.triton.ema_bwd import ema_bwd
     from mega_kernels.triton.ema_fwd import ema_fwd
 
 
@@ -85,6 +86,24 @@ def test_lookback_single_pass(bsz, cols):
     exceeds the columns per program), with masks and an initial state; N = 3 and 20."""
     _check_forward(bsz, 150, 18, 3, False, True, True, chunk=16, cols=cols, lookback=True)
     _check_forward(bsz, 160, 16, 20, False, True, False, chunk=16, cols=cols, lookback=True)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+def test_backward_from_tensor_core_states(bidirectional):
+    """The backward run on the chunk states of the tensor-core forward (as the op hands the forward's states to
+    the backward): every gradient against the float64 reference."""
+    from test_ema_triton import _reference
+
+    x, coefs, coefs64, mask, state = _inputs(3, 131, 20, 5, bidirectional, not bidirectional)
+    gy = torch.randn_like(x)
+    _, _, states = ema_fwd(x, *coefs, mask, state, bidirectional, 0, False, return_states=True, tensor_cores=True,
+                           chunk=40)
+    grads = ema_bwd(gy, None, x, *coefs, mask, state, bidirectional, 0, states=states, chunk=40)
+    ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, None,
+                     bidirectional, 0)
+    low = _reference(x, coefs, mask, state, gy, None, bidirectional, 0)
+    for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], grads, ref[1], low[1]):
+        assert_close_to_reference(name, g, r, lo)
 
 
 def test_outputs_poisoned_with_nan(monkeypatch):

@@ -287,9 +287,10 @@ MK_HD int chunk_length(const Plan& plan, int L, int chunk) {
   return plan.chunk < rest ? plan.chunk : rest;
 }
 
-// q^len for a chunk of len steps; qc = q^plan.chunk (computed once per walk) serves every full chunk.
-MK_HD float chunk_decay(float q, float qc, int len, const Plan& plan) {
-  return len == plan.chunk ? qc : powf(q, static_cast<float>(len));
+// q^e for an exponent e of a chunk's length; qc = q^full (computed once per walk) serves every full chunk,
+// whose exponent is `full`.
+MK_HD float chunk_decay(float q, float qc, int e, int full) {
+  return e == full ? qc : powf(q, static_cast<float>(e));
 }
 
 // Phase 2 for (b, dir_idx, d) and the states n0 .. n0 + prefix_states<NM>() - 1: each chunk's end state
@@ -317,7 +318,7 @@ MK_HD void fwd_prefix_thread(const FwdParams& p, const Plan& plan, int b, int di
         const int len = chunk_length(plan, p.L, phys(k));
         MK_UNROLL for (int n = 0; n < NS; ++n) {
           at(k, n) = pre[n];
-          pre[n] = chunk_decay(q[n], qc[n], len, plan) * pre[n] + u[j][n];
+          pre[n] = chunk_decay(q[n], qc[n], len, plan.chunk) * pre[n] + u[j][n];
         }
       });
   if (p.final_state && dir_idx == 0) {

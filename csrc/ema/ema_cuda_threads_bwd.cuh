@@ -97,7 +97,7 @@ MK_HD void bwd_prefix_thread(const BwdParams& p, const Plan& plan, int b, int di
         const int chunk = phys(k), len = chunk_length(plan, p.L, chunk);
         MK_UNROLL for (int n = 0; n < NS; ++n) {
           const int m = n0 + n;
-          const float ql1 = len == plan.chunk ? qc1[n] : powf(q[n], static_cast<float>(len - 1)), ql = ql1 * q[n];
+          const float ql1 = chunk_decay(q[n], qc1[n], len - 1, plan.chunk - 1), ql = ql1 * q[n];
           w.ws<NM>(0, chunk, m) = h[n];
           w.ws<NM>(1, chunk, m) = H[n];
           w.ws<NM>(2, chunk, m) = P[n];
@@ -360,7 +360,7 @@ MK_HD void bwd_adjoint_prefix_thread(const BwdParams& p, const Plan& plan, int b
         const int len = chunk_length(plan, p.L, phys(k));
         MK_UNROLL for (int n = 0; n < NS; ++n) {
           w.ws<NM>(0, phys(k), n0 + n) = carry[n];
-          carry[n] = chunk_decay(q[n], qc[n], len, plan) * carry[n] + local[j][n];
+          carry[n] = chunk_decay(q[n], qc[n], len, plan.chunk) * carry[n] + local[j][n];
         }
       });
   if (dir_idx == 0 && p.dstate) {

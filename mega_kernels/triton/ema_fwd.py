@@ -496,6 +496,17 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
             tl.store(final_ptr + b.to(tl.int64) * D * N + st_off, h, mask=sm)
 
 
+def run_carry(buf: Tensor, qT: Tensor, aT: Tensor, s0: Optional[Tensor], length: int, dim: int, chunk: int, *,
+              reverse: bool, scale_loc: bool) -> None:
+    """Launch `_carry_kernel` on buf (nc, B, N, kd) in place: each chunk's local end state becomes the state
+    entering it. qT, aT: (N, kd) float32 (see _coef); s0 as in ema_scan."""
+    nc, bsz, ndim, kd = buf.shape
+    blk = 128
+    _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
+        buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=reverse, HAS_S0=s0 is not None,
+        SCALE_LOC=scale_loc, BLOCK=blk)
+
+
 def _block_n(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
@@ -584,10 +595,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
                 u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
                 REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
                 BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, num_warps=num_warps)
-        blk = 128
-        _carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
-            buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=reverse, HAS_S0=s0 is not None,
-            SCALE_LOC=local is not None, BLOCK=blk)
+        run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
     elif lookback:
         buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)

@@ -429,9 +429,7 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
                                                 dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir, CARRY=False,
                                                 LOOKBACK=False, **flags)
         aT, qT = (t.t().contiguous() for t in (a, q))
-        _fwd._carry_kernel[(bsz, triton.cdiv(kd * ndim, 128))](
-            buf, qT, aT, s0, bsz, length, kd, dim, ndim, chunk, nc, REVERSE=False, HAS_S0=s0 is not None,
-            SCALE_LOC=False, BLOCK=128)
+        _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=False, scale_loc=False)
     _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, op, omega, s0, buf, None, None, bsz, length, dim, ndim,
                                      chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
                                      **flags)
