@@ -118,8 +118,10 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
         backend = name.split("[")[0]
         fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[carry c256]", "triton[sequential]"):
-                continue  # backward variants: only the ones that change the backward's structure
+            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[carry c256]", "triton[sequential]",
+                                                                          "triton[tc c256]"):
+                continue  # backward variants: only the ones that change the backward's structure (tc: the
+                # tensor-core parameter sweep, ema_tc_bwd.py)
             r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)
             if r.ms:
                 r.floor_fraction = floors[mode] / r.ms
@@ -167,6 +169,8 @@ def check_targets(rows) -> list:
         r = row(uni, dt, "triton[tc c256]", "fwd")
         check(f"(variant) triton[tc c256] {dt} fwd >= 0.70 of the copy floor", r and r.floor_fraction,
               lambda v: v >= 0.70)
+    r = row(uni, "fp32", "triton[tc c256]", "fwd+bwd")  # with the tensor-core parameter sweep
+    check("(variant) triton[tc c256] fp32 fwd+bwd >= 20x the FFT reference", r and r.speedup, lambda v: v >= 20)
     long = next((r for r in rows if r.shape.startswith("B1 L1048576") and r.backend == "triton"
                  and r.mode == "fwd+bwd"), None)
     if long is not None:

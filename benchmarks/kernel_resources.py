@@ -43,8 +43,8 @@ def _tool(name, path, *flags):
 
 
 def report(compiled, tmpdir="/tmp") -> dict:
-    """Registers, local (spill) bytes, shared bytes and the instruction classes of the longest innermost loop
-    (`loop`, `ops`), of the three longest innermost loops (`loops`: (length, classes)) and the length of
+    """Registers, local (spill) bytes, shared bytes and the instruction classes of the hot loop (`loop`, `ops`;
+    see below), of the three longest innermost loops (`loops`: (length, classes)) and the length of
     every loop, longest first (`all_loops`)."""
     path = os.path.join(tmpdir, f"mk_{os.getpid()}.cubin")
     with open(path, "wb") as f:
@@ -71,7 +71,10 @@ def report(compiled, tmpdir="/tmp") -> dict:
         return len(body), Counter(re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0].split(".")[0] for ins in body)
 
     measured = [mix(*se) for se in loops[:3]] or [(0, Counter())]
-    loop, ops = measured[0]  # an upper bound where LLVM unrolled a scalar tail loop longer than the main loop
+    # the hot loop: the longest innermost one, or the longest with tensor-core instructions where some have them
+    # (a kernel's epilogue can compile to a longer loop that runs once); an upper bound where LLVM unrolled a
+    # scalar tail loop longer than the main loop
+    loop, ops = next((m for m in map(lambda se: mix(*se), loops) if m[1]["HMMA"]), measured[0])
     return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured,
                 all_loops=[mix(*se)[0] for se in every])
 
@@ -124,6 +127,17 @@ def ema_configs():
         for mode in ("states", "out"):
             yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types, dict(consts, STATES=mode == "states"),
                    tc_warps, tc_steps, tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
+    # the tensor-core parameter sweep of the backward (ema_bwd(tensor_cores=True))
+    from mega_kernels.triton import ema_tc_bwd as TB
+    for dt in ("fp32", "bf16"):
+        types = {"x_ptr": f"*{dt}", "keep_ptr": "*u8", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32",
+                 "op_ptr": "*fp32", "s_ptr": "*fp32", "buf_ptr": "*fp32", "part_ptr": "*fp32", "adj_ptr": "*fp32",
+                 **{k: "i32" for k in "B L D N CHUNK GROUP NDB NCOL".split()}}
+        consts = dict(NDIR=1, MASK_IN=False, HAS_S=False, HAS_BUF=True, EVEN=True, EXACT_X=dt != "fp32",
+                      SUB=TC.SUB, BLOCK_N=16, BD=TB.BLOCK_D, NB=tc_nb)
+        yield (f"ema bwd tc param {dt}", TB._tc_param_kernel, types, consts, TB.NUM_WARPS,
+               TB.BLOCK_D * TC.SUB * tc_nb // (32 * TB.NUM_WARPS),
+               tuple(n for n in types if n.endswith("_ptr")) + ("D",))
 
 
 def cuda_report(path: str = "csrc/ema/ema_cuda.cu", arch: int = 90) -> list:

@@ -14,7 +14,8 @@ def test_kernel_resources_reports_every_ema_kernel():
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = re.findall(r"^ema .*? reg +(\d+) spill +(\d+) .*? loop +([\d.]+)/32el", res.stdout, re.M)
-    assert len(rows) == 14, res.stdout  # 4 sweep kernels x 2 dtypes, 2 tensor-core passes x 3 precisions
+    # 4 sweep kernels x 2 dtypes, 2 tensor-core forward passes x 3 precisions, the tensor-core parameter sweep x 2
+    assert len(rows) == 16, res.stdout
     for regs, _, loop in rows:
         assert 0 < int(regs) <= 255 and float(loop) > 0
 
@@ -49,6 +50,7 @@ def test_bench_ema_target_lines():
             Row("ema", "fwd+bwd", bi, "bf16", "triton", 1.0, extra={"peak_over_x_y_dx_dy": 1.63}),
             Row("ema", "fwd", uni, "fp32", "cuda", 0.12, floor_fraction=0.75),
             Row("ema", "fwd", uni, "bf16", "triton[tc c256]", 0.08, floor_fraction=0.72),
+            Row("ema", "fwd+bwd", uni, "fp32", "triton[tc c256]", 0.30, speedup=21.0),
             Row("ema", "fwd+bwd", "B1 L1048576 D1024 N16 uni", "bf16", "triton", None, note="OOM")]
     verdict = {line[6:].split(":")[0]: line[:4] for line in check_targets(rows)}
     assert verdict["triton fp32 fwd >= 0.70 of the copy floor"] == "PASS"
@@ -64,5 +66,6 @@ def test_bench_ema_target_lines():
     assert verdict["triton B1 L1048576 bf16 fwd+bwd runs"] == "FAIL"
     assert verdict["(variant) triton[tc c256] bf16 fwd >= 0.70 of the copy floor"] == "PASS"
     assert verdict["(variant) triton[tc c256] fp32 fwd >= 0.70 of the copy floor"] == "n/a "
+    assert verdict["(variant) triton[tc c256] fp32 fwd+bwd >= 20x the FFT reference"] == "PASS"
     slower = "cuda no slower than triton (5% noise allowed), " + uni + " fp32 fwd"
     assert verdict[slower] == "FAIL"   # 0.10 / 0.12 ms

@@ -220,7 +220,7 @@ _SM90_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mega_kernels.triton import ema_bwd, ema_fwd, ema_step, ema_tc
+from mega_kernels.triton import ema_bwd, ema_fwd, ema_step, ema_tc, ema_tc_bwd
 
 F32, BF16, U8, I32 = "*fp32", "*bf16", "*u8", "*i32"
 TYPES = dict(u_ptr=BF16, x_ptr=BF16, keep_ptr=U8, out_ptr=BF16, y_ptr=BF16, flag_ptr=I32, ticket_ptr=I32)
@@ -246,6 +246,11 @@ CASES = [
                                   EVEN=True, PREC="split", EXACT_X=True, SUB=16, BD=16, NB=32)),
     (ema_tc._tc_scan_kernel, dict(STATES=False, NDIR=1, MASK_IN=True, HAS_S0=True, CARRY=False, LOOKBACK=True,
                                   EVEN=False, PREC="split", EXACT_X=True, SUB=16, BD=16, NB=16)),
+    (ema_tc_bwd._param_operators_kernel, dict(SUB=16)),
+    (ema_tc_bwd._tc_param_kernel, dict(NDIR=2, MASK_IN=True, HAS_S=False, HAS_BUF=True, EVEN=False, EXACT_X=True,
+                                       SUB=16, BD=8, NB=16)),
+    (ema_tc_bwd._tc_param_kernel, dict(NDIR=1, MASK_IN=False, HAS_S=True, HAS_BUF=True, EVEN=True, EXACT_X=False,
+                                       SUB=16, BD=8, NB=16)),
 ]
 for fn, consts in CASES:
     if "BLOCK" not in consts:

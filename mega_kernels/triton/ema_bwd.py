@@ -238,29 +238,37 @@ def _param_carry_kernel(part_ptr, adj_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, d
 def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep: Optional[Tensor],
                     state: Optional[Tensor], grad_state: Optional[Tensor], buf: Optional[Tensor], chunk: int,
                     bidirectional: bool, truncation: int, block_d: Optional[int] = None,
-                    group_steps: int = PARAM_GROUP_STEPS, unroll: int = 4
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                    group_steps: int = PARAM_GROUP_STEPS, unroll: int = 4, tensor_cores: bool = False,
+                    cols: int = 16) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(da, dq, dc) (kd, N) float32 from g = dL/dz (B, L, D) float32 and the chunk states `buf` of the scan
     that computed g (chunk length `chunk`), and adj (nc, B, N, kd) float32: each chunk's local state of the
     adjoint scan (sum_j g q^j over the chunk, j counted in the adjoint's direction; `ema_scan(local=adj)`).
     Deterministic (fixed-order sums, no atomics). unroll: time steps per loop iteration of the sweep (rows of x
-    and g arrive as (unroll, block_d) tiles)."""
+    and g arrive as (unroll, block_d) tiles). tensor_cores: the sweep of ema_tc_bwd.py instead (cols (group,
+    batch row) columns per program; no truncation, chunk a multiple of 16), the same partials and carry."""
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
-    block_d = block_d_for(dim, block_d)
-    ndb = triton.cdiv(dim, block_d)
+    if not tensor_cores:
+        block_d = block_d_for(dim, block_d)
+    ndb = triton.cdiv(dim, block_d or 1)
     group = max(1, group_steps // chunk)
     nc = triton.cdiv(length, chunk)
     ngroups = triton.cdiv(nc, group)
-    part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)
-    adj = _fwd._empty((nc, bsz, ndim, kd), torch.float32, x.device)
     aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
-    _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
-        x, keep, g, aT, qT, state, buf, part, adj, bsz, length, dim, ndim, truncation, chunk, group, ndb,
-        NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
-        HAS_BUF=buf is not None, UNROLL=unroll, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
-        num_warps=max(1, block_d // 32))
+    if tensor_cores:
+        from .ema_tc_bwd import param_sweep_tc
+
+        part, adj = param_sweep_tc(x, keep, g, a, q, state, buf, chunk, group, bidirectional, truncation,
+                                   block_d=block_d, cols=cols)
+    else:
+        part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)
+        adj = _fwd._empty((nc, bsz, ndim, kd), torch.float32, x.device)
+        _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](
+            x, keep, g, aT, qT, state, buf, part, adj, bsz, length, dim, ndim, truncation, chunk, group, ndb,
+            NDIR=ndir, MASK_IN=keep is not None, TRUNC=truncation > 0, HAS_S=state is not None,
+            HAS_BUF=buf is not None, UNROLL=unroll, BLOCK_N=_block_n(ndim), BLOCK_D=block_d,
+            num_warps=max(1, block_d // 32))
     da, dq, dc = (_fwd._empty((bsz, ndim, kd), torch.float32, x.device) for _ in range(3))
     blk = 128
     _param_carry_kernel[(bsz, triton.cdiv(kd * ndim, blk))](
@@ -276,7 +284,9 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     """Gradients (dx (B, L, D) in x's dtype, da, dq, dc (kd, N), domega (D,), dstate (B, D, N) or empty) of
     the forward `ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, ...)` given grad_y
     (B, L, D) and grad_state (B, D, N) float32 or None. states: the chunk states that forward returned
-    (return_states=True, the same tuning; empty or None: recomputed)."""
+    (return_states=True, the same tuning; empty or None: recomputed). tuning: ema_scan's, and param_group_steps;
+    tensor_cores=True runs the parameter sweep on tensor cores (ema_tc_bwd.py; no truncation, chunk a multiple
+    of 16, refused otherwise), while the two scans stay on the sweeps."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous():
         raise ValueError(f"ema_bwd: grad_y must be a contiguous {tuple(x.shape)} tensor, got {tuple(grad_y.shape)}")
@@ -288,14 +298,16 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
         truncation = 0
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
+    tensor_cores = tuning.pop("tensor_cores", False)  # the parameter sweep's; the scans below stay on the sweeps
     s0 = None if state is None else (q * state).contiguous()
     states = states if states is not None and states.numel() > 0 else None
     g, _, buf, chunk, dom = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
                                      epilogue=EPI_DSILU, out_dtype=torch.float32, gy=grad_y, states=states,
                                      **tuning)
     da, dq, dc, adj = ema_param_grads(g, x, a, q, c, keep, state, grad_state, buf, chunk, bidirectional,
-                                      truncation, block_d=tuning.get("block_d"), group_steps=group_steps,
-                                      unroll=tuning.get("unroll", 4))
+                                      truncation, block_d=None if tensor_cores else tuning.get("block_d"),
+                                      group_steps=group_steps, unroll=tuning.get("unroll", 4),
+                                      tensor_cores=tensor_cores, cols=tuning.get("cols", 16))
     # The adjoint scan takes its chunk-local states from the parameter sweep (`adj`; without truncation, whose
     # local states also hold the taps q^K g_(t+K) leaving each window). A bidirectional adjoint sums two sweeps
     # in a float32 buffer: for 16-bit x that buffer is dx itself, cast once g is freed, so g, the sum and a
