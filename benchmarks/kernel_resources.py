@@ -127,7 +127,15 @@ def ema_configs():
         for mode in ("states", "out"):
             yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types, dict(consts, STATES=mode == "states"),
                    tc_warps, tc_steps, tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
-    # the tensor-core parameter sweep of the backward (ema_bwd(tensor_cores=True))
+    # the backward's two scans on tensor cores (ema_bwd(tensor_cores=True)): z and dL/dz from the forward's chunk
+    # states, and the adjoint (reversed rows, g in, dx out)
+    bwd_types = dict(tc_types, u_ptr="*fp32", out_ptr="*fp32", gy_ptr="*fp32", dom_ptr="*fp32")
+    bwd = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC="split",
+               EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb, STATES=False)
+    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)), ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True))):
+        yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps, tc_steps,
+               tuple(n for n in bwd_types if n.endswith("_ptr")) + ("D",))
+    # the tensor-core parameter sweep of the backward
     from mega_kernels.triton import ema_tc_bwd as TB
     for dt in ("fp32", "bf16"):
         types = {"x_ptr": f"*{dt}", "keep_ptr": "*u8", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32",

@@ -1,7 +1,8 @@
-"""The tensor-core variant of the Triton EMA forward (mega_kernels/triton/ema_tc.py, `ema_scan(tensor_cores=True)`):
-the output against the float64 reference over the shared EMA cases, chunk lengths that leave partial sub-chunks
-and partial chunks, masks, initial states, both directions, NaN-poisoned outputs; the chunk states against the
-sweeps' (the backward reuses them); the options it refuses. Under the interpreter the dots are exact float32
+"""The tensor-core variant of the Triton EMA scan (mega_kernels/triton/ema_tc.py, `ema_scan(tensor_cores=True)`):
+the forward's output against the float64 reference over the shared EMA cases, chunk lengths that leave partial
+sub-chunks and partial chunks, masks, initial states, both directions, NaN-poisoned outputs; the chunk states
+against the sweeps' (the backward reuses them); the backward's scans (epilogues, reversed rows, given chunk
+states) against the sweeps; the options it refuses. Under the interpreter the dots are exact float32
 products; the TF32 rounding of a GPU is checked by the GPU test (bfloat16 and float32)."""
 from __future__ import annotations
 
@@ -104,6 +105,42 @@ def test_backward_from_tensor_core_states(bidirectional):
     low = _reference(x, coefs, mask, state, gy, None, bidirectional, 0)
     for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], grads, ref[1], low[1]):
         assert_close_to_reference(name, g, r, lo)
+
+
+# (B, L, D, N, bidirectional, epilogue, reverse, mask_in, with s0, chunk): the backward's scans
+SCANS = [
+    (3, 131, 20, 5, False, "dsilu", False, True, True, 32),
+    (3, 131, 20, 5, True, "dsilu", False, True, False, 40),
+    (3, 131, 20, 5, False, "dx", True, False, True, 32),    # the adjoint: reversed, keep on the output
+    (3, 131, 20, 5, True, "dx", True, False, False, 40),
+    (2, 128, 32, 16, True, "dx", True, False, False, 16),   # EVEN
+    (2, 128, 32, 3, False, "dsilu", False, True, True, 16),  # EVEN
+    (2, 50, 17, 3, False, "silu", True, True, True, 24),    # a reversed forward with a masked input
+]
+
+
+@pytest.mark.parametrize("case", SCANS, ids=str)
+def test_backward_scans_match_the_sweeps(case):
+    """ema_scan(tensor_cores=True) with the backward's epilogues (dL/dz and its per-chunk sums with x; the
+    adjoint's dx, keep applied to its EMA part), reversed rows, an initial state, and from given chunk states:
+    out, chunk states and dom as the sweeps give them."""
+    bsz, length, dim, ndim, bidirectional, epi, reverse, mask_in, with_s0, chunk = case
+    x, coefs, _, mask, state, = _inputs(bsz, length, dim, ndim, bidirectional, with_s0)[:5]
+    a, q, c, omega = coefs
+    epilogue = {"silu": fwd_mod.EPI_SILU, "dsilu": fwd_mod.EPI_DSILU, "dx": fwd_mod.EPI_DX}[epi]
+    args = dict(bidirectional=bidirectional, truncation=0, epilogue=epilogue, reverse=reverse, mask_in=mask_in,
+                out_dtype=torch.float32, chunk=chunk, gy=torch.randn_like(x) if epi == "dsilu" else None)
+    s0 = None if state is None else (q * state).contiguous()
+    keep = fwd_mod.keep_of(mask)
+    want = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, **args)
+    got = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, tensor_cores=True, **args)
+    again = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, tensor_cores=True, states=want.buf, **args)
+    for name, g, w in (("out", got.out, want.out), ("buf", got.buf, want.buf), ("dom", got.dom, want.dom),
+                       ("out from states", again.out, want.out), ("dom from states", again.dom, want.dom)):
+        if w is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
 def test_outputs_poisoned_with_nan(monkeypatch):

@@ -1,8 +1,8 @@
-"""The tensor-core parameter sweep of the Triton EMA backward (mega_kernels/triton/ema_tc_bwd.py,
-`ema_bwd(tensor_cores=True)`): its gradients and adjoint chunk states against the sweep it replaces
-(`_param_grad_kernel`), walks whose partial chunk leaves steps outside whole sub-chunks at either end, one or
-several column groups and channel blocks, the unmasked EVEN build; every gradient against the float64 reference;
-NaN-poisoned workspaces; the options it refuses. Under the interpreter the dots are exact float32 products; the
+"""The Triton EMA backward on tensor cores, `ema_bwd(tensor_cores=True)`: the parameter sweep
+(mega_kernels/triton/ema_tc_bwd.py) against the sweep it replaces (`_param_grad_kernel`: gradients and adjoint chunk
+states), over walks whose partial chunk leaves steps outside whole sub-chunks at either end, one or several
+column groups and channel blocks, the unmasked EVEN build; then the whole backward (its two scans on ema_tc.py
+too) with every gradient against the float64 reference; NaN-poisoned workspaces; the options it refuses. Under the interpreter the dots are exact float32 products; the
 GPU test checks the TF32 products."""
 from __future__ import annotations
 
@@ -59,8 +59,11 @@ def test_matches_the_sweep(case):
 
 
 def _check_gradients(bsz, length, dim, ndim, bidirectional, with_state, dtype=torch.float32, chunk=64,
-                     group_steps=128):
+                     group_steps=128, initial=True):
+    """ema_bwd(tensor_cores=True) against the float64 reference; with_state: the final state's gradient too, and
+    (initial) the initial state."""
     coefs, coefs64, x, mask, state, gy, gs = _case(bsz, length, dim, ndim, bidirectional, with_state, dtype)
+    state = state if initial else None
     grads = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, 0, chunk=chunk, param_group_steps=group_steps,
                     tensor_cores=True)
     ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, bidirectional, 0)
@@ -69,14 +72,14 @@ def _check_gradients(bsz, length, dim, ndim, bidirectional, with_state, dtype=to
         assert_close_to_reference(name, g, r, lo)
 
 
-@pytest.mark.parametrize("case", [c for c in EMA_CASES if c[1] <= 129], ids=str)
-@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_gradients_against_reference(case, bidirectional):
-    """Every gradient of ema_bwd(tensor_cores=True) over the shared EMA cases up to L = 129 (L = 1000 takes a
-    minute under the interpreter, in the sweeps' scans; the walks it would add are test_matches_the_sweep's),
-    with a mask, and (one direction) an initial state and the final state's gradient, against the float64
-    reference (tolerance rule)."""
-    _check_gradients(*case, bidirectional, not bidirectional)
+@pytest.mark.parametrize("case", EMA_CASES, ids=str)
+@pytest.mark.parametrize("mode", ["uni-states", "uni-final", "bi"])
+def test_gradients_against_reference(case, mode):
+    """Every gradient of ema_bwd(tensor_cores=True) over the shared EMA cases, with a mask, against the float64
+    reference (tolerance rule): one direction with an initial state and the final state's gradient (the adjoint
+    then runs on the sweeps, for its final state), with the final state's gradient alone (it enters the
+    tensor-core adjoint as its initial state), and both directions."""
+    _check_gradients(*case, mode == "bi", mode != "bi", initial=mode == "uni-states")
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])

@@ -35,8 +35,12 @@ Or, for one direction, a single launch (lookback=True): programs take tickets in
 columns' local states as in pass 1, take the states entering their chunks from earlier programs (`_lookback`:
 each column whose successor lies in a later program publishes its end state and sets a flag), then write y as
 in pass 3. x comes from DRAM once and is re-read from L2, where the three passes read it twice.
-What it does not take (truncation, final state, the backward's epilogues, a reversed primary direction) stays on
-ema_fwd's sweeps; `ema_scan_tc` refuses it rather than run something else.
+The backward's two scans (ema_bwd.py) run the same passes: its recomputation of z with the EPI_DSILU epilogue
+(g = dL/dz and each chunk's sum of g x) from the forward's chunk states (no pass 1 or 2), and the adjoint scan,
+reversed in time (REVERSE: rows [:D] backward, rows [D:] forward), with the EPI_DX epilogue (the mask on the
+output's EMA part, MASK_OUT) and its chunk-local states from the parameter sweep (no pass 1).
+What it does not take (truncation, a final state) stays on ema_fwd's sweeps; ema_fwd.ema_scan refuses it rather
+than run something else.
 """
 from __future__ import annotations
 
@@ -264,19 +268,37 @@ def _lookback(buf_ptr, flag_ptr, s0_ptr, q, h_loc, grp, db, B, L, D, N, CHUNK, N
     return s_all
 
 
+@triton.jit
+def _walk_from(b3, cp3, n_c, CHUNK, L, D, d3, j3, FWD: tl.constexpr):
+    """(col_off, inner, keep_col, keep_inner, step) of an output walk through each column's chunk, from its first
+    step (FWD) or its last (backward in time); a partial sub-chunk comes last."""
+    if FWD:
+        step = 1
+        t_first = cp3 * CHUNK
+    else:
+        step = -1
+        t_first = cp3 * CHUNK + n_c - 1
+    col_off, inner = _walk_start(b3, t_first, step, L, D, d3, j3)
+    return col_off, inner, col_off // D, j3 * step, step
+
+
 @triton.jit(do_not_specialize=["B", "L", "N", "CHUNK", "NDB", "NCOL"])  # D: see below
-def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr, buf_ptr, flag_ptr, ticket_ptr,
-                    B, L, D, N, CHUNK, NDB, NCOL,
+def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, omega_ptr, s0_ptr, buf_ptr, flag_ptr,
+                    ticket_ptr, B, L, D, N, CHUNK, NDB, NCOL,
                     STATES: tl.constexpr, NDIR: tl.constexpr, MASK_IN: tl.constexpr, HAS_S0: tl.constexpr,
                     CARRY: tl.constexpr, LOOKBACK: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr,
                     EXACT_X: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr,
-                    NB: tl.constexpr, STAGES: tl.constexpr = 1):
+                    NB: tl.constexpr, STAGES: tl.constexpr = 1, EPI: tl.constexpr = 1, REVERSE: tl.constexpr = False,
+                    MASK_OUT: tl.constexpr = False):
     """One program = BD channels x NB columns (column = physical chunk cp, batch row b: col = cp * B + b).
     STATES: one program per direction (grid (NDIR, column groups, channel blocks) flattened), buf[cp, b, :, row]
-    = the chunk's end state from zero in that direction. Else: y over the columns' chunks (both directions when
-    NDIR = 2: rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in chunk 0 of rows [:D]); LOOKBACK
-    (one direction, one launch): programs take tickets in column order, compute their columns' local states,
-    take the states entering them from earlier programs (_lookback), then write y, re-reading x from L2.
+    = the chunk's end state from zero in that direction. Else: the columns' chunks (both directions when NDIR = 2:
+    rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in the primary rows' first chunk) and the
+    epilogue EPI (ema_fwd's): EPI_SILU y = silu(z); EPI_DSILU g = gy silu'(z) (float32) and dom[cp, b] = the
+    chunk's sum of g x; EPI_DX dx = omega u + keep (e + acc) (MASK_OUT: keep applies to the EMA part, not to the
+    input). REVERSE: the primary rows [:D] run backward in time, rows [D:] forward. LOOKBACK (one direction, one
+    launch): programs take tickets in column order, compute their columns' local states, take the states
+    entering them from earlier programs (_lookback), then write y, re-reading x from L2.
     EVEN: every chunk has CHUNK steps, a multiple of SUB, D is a multiple of BD and B x chunks of NB (the
     launcher checks), so no load or store needs a mask. PREC, EXACT_X: see _mm. D is specialized: where it is a
     multiple of 16, Triton knows each column's rows are 16-byte aligned and loads and stores x and y several
@@ -310,30 +332,30 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr
     st_m = dm & (n3 < N) & cm[None, None, :]
     st_off = ((cp3 * B + b3).to(tl.int64) * N + n3) * KD + d3   # element (cp, b, n, d) of buf, rows [:D]
     if STATES:
-        h = _local_states(u_ptr, keep_ptr, op_ptr, dirn * D, dirn == 0, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK,
-                          MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
+        h = _local_states(u_ptr, keep_ptr, op_ptr, dirn * D, (dirn == 0) != REVERSE, b3, cp3, n_c, L, D, offs_d,
+                          nsub, CHUNK, MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
         tl.store(buf_ptr + st_off + dirn * D, h, mask=st_m)
     else:
         i3 = tl.arange(0, SUB)[None, None, :]
         no_om = tl.zeros((BD, SUB, SUB), tl.float32)
-        if NDIR == 2:  # rows [D:] backward in time, their e into acc
+        if NDIR == 2:  # rows [D:], against the primary rows' direction, their e into acc
             t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q = _walk_ops(op_ptr, D, offs_d, D, no_om, PREC, SUB, BLOCK_N)
             s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
             if CARRY:
                 s_in = q * tl.load(buf_ptr + st_off + D, mask=st_m, other=0.0)
-            col_off, inner = _walk_start(b3, cp3 * CHUNK + n_c - 1, -1, L, D, d3, j3)
-            keep_col, keep_inner = col_off // D, -j3
+            col_off, inner, keep_col, keep_inner, step = _walk_from(b3, cp3, n_c, CHUNK, L, D, d3, j3, REVERSE)
             for s in tl.range(0, nsub, num_stages=STAGES):
                 raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3, n_c,
                                          dm, MASK_IN, EVEN)
                 e, s_in = _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC, EXACT_X)
                 _store(acc_ptr + col_off + inner, e, ok, EVEN)
-                col_off -= SUB * D
-                keep_col -= SUB
-        # omega x joins the output dot: on T's diagonal when u = x, else as its own diagonal operator
+                col_off += SUB * step * D
+                keep_col += SUB * step
+        # omega x joins the output dot: on T's diagonal when the input and the output are unmasked, else as its
+        # own diagonal operator on the raw input
         om_diag = tl.where(j3 == i3, tl.load(omega_ptr + d3, mask=dm, other=0.0), 0.0)
         on_t = om_diag
-        if MASK_IN:
+        if MASK_IN or MASK_OUT:
             on_t = no_om
         t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, q = _walk_ops(op_ptr, 0, offs_d, D, on_t, PREC, SUB, BLOCK_N)
         o_hi, o_lo = _split(om_diag, PREC)
@@ -343,27 +365,50 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, op_ptr, omega_ptr, s0_ptr
             s_in = _lookback(buf_ptr, flag_ptr, s0_ptr, q, h_loc, grp, db, B, L, D, N, CHUNK, NDB, NCOL, d3, n3,
                              HAS_S0, BD, BLOCK_N, NB)
         else:
+            if REVERSE:  # the primary walk's first chunk
+                first = cp3 == tl.cdiv(L, CHUNK) - 1
+            else:
+                first = cp3 == 0
             s_in = tl.zeros((BD, BLOCK_N, NB), tl.float32)
             if HAS_S0:
-                s_in = tl.load(s0_ptr + (b3.to(tl.int64) * D + d3) * N + n3, mask=st_m & (cp3 == 0), other=0.0)
+                s_in = tl.load(s0_ptr + (b3.to(tl.int64) * D + d3) * N + n3, mask=st_m & first, other=0.0)
             if CARRY:
-                s_in += q * tl.load(buf_ptr + st_off, mask=st_m & (cp3 > 0), other=0.0)
-        col_off, inner = _walk_start(b3, cp3 * CHUNK, 1, L, D, d3, j3)
-        keep_col, keep_inner = col_off // D, j3
+                s_in += q * tl.load(buf_ptr + st_off, mask=st_m & ~first, other=0.0)
+        dom = tl.zeros((BD, SUB, NB), tl.float32)  # EPI_DSILU: g x by position, summed over it once at the end
+        col_off, inner, keep_col, keep_inner, step = _walk_from(b3, cp3, n_c, CHUNK, L, D, d3, j3, not REVERSE)
         for s in tl.range(0, nsub, num_stages=STAGES):
             raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, keep_inner, s * SUB + j3, n_c, dm,
                                      MASK_IN, EVEN)
             z, s_in = _walk_step(t_hi, t_lo, v_hi, v_lo, w_hi, w_lo, qs, um, s_in, PREC, EXACT_X)
-            if MASK_IN:
-                z = _mm(o_hi, o_lo, raw, z, PREC, EXACT_X)
             if NDIR == 2:
                 if EVEN:
                     z += tl.load(acc_ptr + col_off + inner)
                 else:
                     z += tl.load(acc_ptr + col_off + inner, mask=ok, other=0.0)
-            _store(out_ptr + col_off + inner, (z * _fwd._sigmoid(z)).to(out_ptr.dtype.element_ty), ok, EVEN)
-            col_off += SUB * D
-            keep_col += SUB
+            if MASK_OUT:
+                if EVEN:
+                    keep = tl.load(keep_ptr + keep_col + keep_inner)
+                else:
+                    keep = tl.load(keep_ptr + keep_col + keep_inner, mask=s * SUB + j3 < n_c, other=0)
+                z = tl.where(keep != 0, z, 0.0)
+            if MASK_IN or MASK_OUT:
+                z = _mm(o_hi, o_lo, raw, z, PREC, EXACT_X)
+            if EPI == 1:
+                z = z * _fwd._sigmoid(z)
+            elif EPI == 2:
+                if EVEN:
+                    gy = tl.load(gy_ptr + col_off + inner).to(tl.float32)
+                else:
+                    gy = tl.load(gy_ptr + col_off + inner, mask=ok, other=0.0).to(tl.float32)
+                sig = _fwd._sigmoid(z)
+                z = gy * sig * (1.0 + z * (1.0 - sig))
+                dom += z * raw
+            _store(out_ptr + col_off + inner, z.to(out_ptr.dtype.element_ty), ok, EVEN)
+            col_off += SUB * step * D
+            keep_col += SUB * step
+        if EPI == 2:
+            tl.store(dom_ptr + (cp3 * B + b3).to(tl.int64) * D + d3, tl.sum(dom, axis=1, keep_dims=True),
+                     mask=dm & cm[None, None, :])
 
 
 def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
@@ -378,15 +423,20 @@ def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
 def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
                 s0: Optional[Tensor], *, bidirectional: bool, out_dtype: torch.dtype, chunk: Optional[int] = None,
                 block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split",
-                lookback: bool = False) -> Tuple[Tensor, Optional[Tensor], int]:
-    """The forward y = silu(EMA(u * keep) + omega u) (B, L, D) through the tensor-core passes (module docstring),
-    and the chunk states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one
-    chunk), as `ema_fwd.ema_scan` returns them, and the chunk length. a, q, c (kd, N) float32; s0 (B, D, N)
-    pre-decayed initial state or None. block_d channels x cols (batch row, chunk) columns per program (powers of
-    two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32 class; see _mm) or
-    "tf32" (one TF32 product, for bfloat16 inputs only). lookback (one direction): a single launch in which each
-    program takes the states entering its chunks from the programs before it (buf then holds them by chunk, not
-    the carry's layout; chunk 0's entry is unwritten)."""
+                lookback: bool = False, epilogue: int = _fwd.EPI_SILU, gy: Optional[Tensor] = None,
+                reverse: bool = False, mask_in: bool = True, states: Optional[Tensor] = None,
+                local: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], int, Optional[Tensor]]:
+    """The scan of `ema_fwd.ema_scan` through the tensor-core passes (module docstring): (out (B, L, D), the chunk
+    states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one chunk), the
+    chunk length, dom (nc, B, D) for EPI_DSILU else None), as ema_scan returns them. a, q, c (kd, N) float32; s0
+    (B, D, N) pre-decayed initial state or None. epilogue: EPI_SILU, EPI_DSILU (with gy) or EPI_DX (the
+    adjoint's; mask_in=False applies keep to its EMA part); reverse: the primary rows run backward in time;
+    states: the buf of an identical earlier scan (no state pass, no carry); local: chunk-local states H_loc
+    (not yet times a) computed elsewhere, carried in place. block_d channels x cols (batch row, chunk) columns per
+    program (powers of two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32
+    class; see _mm) or "tf32" (one TF32 product, for bfloat16 inputs only). lookback (the forward, one
+    direction): a single launch in which each program takes the states entering its chunks from the programs
+    before it (buf then holds them by chunk, not the carry's layout; chunk 0's entry is unwritten)."""
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or _fwd.DEFAULT_CHUNK)
@@ -395,42 +445,54 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     if precision not in ("split", "tf32") or (precision == "tf32" and u.dtype != torch.bfloat16):
         raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
                          f"{precision!r} for {u.dtype}")
+    if lookback and (bidirectional or reverse or epilogue != _fwd.EPI_SILU or states is not None
+                     or local is not None):
+        raise ValueError("ema_scan_tc: lookback=True runs the forward's one direction only; use the three passes "
+                         "(lookback=False) for a bidirectional, reversed or backward scan")
+    if (epilogue == _fwd.EPI_DSILU) != (gy is not None):
+        raise ValueError("ema_scan_tc: gy (dL/dy) is what EPI_DSILU takes, and only it")
     nc = triton.cdiv(length, chunk)
     ndir = 2 if bidirectional else 1
     block_n = max(16, triton.next_power_of_2(ndim))
     ndb = triton.cdiv(dim, block_d)
     ncol = nc * bsz
     groups = triton.cdiv(ncol, cols)
+    kd = q.shape[0]
     op = operators(a, q, c)
     out = _fwd._empty(u.shape, out_dtype, u.device)
     acc = None
     if bidirectional:
         acc = out if out_dtype == torch.float32 else _fwd._empty(u.shape, torch.float32, u.device)
-    if lookback and bidirectional:
-        raise ValueError("ema_scan_tc: lookback=True runs one direction only; use the three passes (lookback=False) "
-                         "for a bidirectional EMA")
+    dom = _fwd._empty((nc, bsz, dim), torch.float32, u.device) if epilogue == _fwd.EPI_DSILU else None
     buf = None
     even = length % chunk == 0 and chunk % SUB == 0 and dim % block_d == 0 and ncol % cols == 0
-    flags = dict(MASK_IN=keep is not None, HAS_S0=s0 is not None, EVEN=even, PREC=precision,
-                 EXACT_X=u.dtype != torch.float32, SUB=SUB,
-                 BLOCK_N=block_n, BD=block_d, NB=cols, num_warps=num_warps)
+    flags = dict(MASK_IN=keep is not None and mask_in, HAS_S0=s0 is not None, EVEN=even, PREC=precision,
+                 EXACT_X=u.dtype != torch.float32, SUB=SUB, BLOCK_N=block_n, BD=block_d, NB=cols,
+                 REVERSE=reverse, num_warps=num_warps)
     if lookback and nc > 1:
         buf = _fwd._empty((nc, bsz, ndim, dim), torch.float32, u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
         ready = torch.zeros(ncol * ndb, dtype=torch.int32, device=u.device)
-        _tc_scan_kernel[(ndb * groups,)](u, keep, out, None, op, omega, s0, buf, ready, ticket, bsz, length, dim,
-                                         ndim, chunk, ndb, ncol, STATES=False, NDIR=1, CARRY=False, LOOKBACK=True,
-                                         **flags)
-        return out, buf, chunk
-    if nc > 1:
-        kd = q.shape[0]
-        buf = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
-        _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, op, omega, s0, buf, None, None, bsz, length,
-                                                dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir, CARRY=False,
-                                                LOOKBACK=False, **flags)
+        _tc_scan_kernel[(ndb * groups,)](u, keep, out, None, None, None, op, omega, s0, buf, ready, ticket, bsz,
+                                         length, dim, ndim, chunk, ndb, ncol, STATES=False, NDIR=1, CARRY=False,
+                                         LOOKBACK=True, **flags)
+        return out, buf, chunk, None
+    if nc > 1 and states is not None:
+        if tuple(states.shape) != (nc, bsz, ndim, kd):
+            raise ValueError(f"ema_scan_tc: states must be the (nc, B, N, kd) = {(nc, bsz, ndim, kd)} chunk states "
+                             f"of an identical scan, got {tuple(states.shape)}")
+        buf = states
+    elif nc > 1:
+        if local is not None:
+            buf = local
+        else:
+            buf = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
+            _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, None, None, op, omega, s0, buf, None, None,
+                                                    bsz, length, dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir,
+                                                    CARRY=False, LOOKBACK=False, **flags)
         aT, qT = (t.t().contiguous() for t in (a, q))
-        _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=False, scale_loc=False)
-    _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, op, omega, s0, buf, None, None, bsz, length, dim, ndim,
-                                     chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
-                                     **flags)
-    return out, buf, chunk
+        _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
+    _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, gy, dom, op, omega, s0, buf, None, None, bsz, length, dim,
+                                     ndim, chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
+                                     EPI=epilogue, MASK_OUT=keep is not None and not mask_in, **flags)
+    return out, buf, chunk, dom
