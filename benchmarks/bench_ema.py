@@ -118,10 +118,9 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
         backend = name.split("[")[0]
         fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[carry c256]", "triton[sequential]",
-                                                                          "triton[tc c256]"):
+            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[sequential]", "triton[tc c256]"):
                 continue  # backward variants: only the ones that change the backward's structure (tc: the
-                # tensor-core parameter sweep, ema_tc_bwd.py)
+                # backward on tensor cores, its scans in ema_tc.py and its parameter sweep in ema_tc_bwd.py)
             r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)
             if r.ms:
                 r.floor_fraction = floors[mode] / r.ms
