@@ -3,8 +3,8 @@
     python -m benchmarks.kernel_resources [--arch 90] [--cuda] [--attention lm]
 
 For each kernel configuration the production launchers use, Triton compiles to a cubin (ptxas ships with
-Triton) and cuobjdump reports registers per thread, spills (local memory) and shared memory; the SASS of the
-hottest loop (the longest backward branch) is counted by instruction class. Registers bound occupancy (spills: local or stack bytes)
+Triton) and cuobjdump reports registers per thread, spills (local or stack bytes) and shared memory; the SASS
+of the hottest loop (see `report`) is counted by instruction class. Registers bound occupancy
 (65536 per SM / (32 x registers) warps), and the loop's instruction count per time step bounds the issue
 rate, so this predicts GPU behaviour between GPU sessions; it measures nothing (NOTES.md keeps the two apart).
 """

@@ -1,9 +1,9 @@
 """The Triton EMA backward on tensor cores, `ema_bwd(tensor_cores=True)`: the parameter sweep
-(mega_kernels/triton/ema_tc_bwd.py) against the sweep it replaces (`_param_grad_kernel`: gradients and adjoint chunk
-states), over walks whose partial chunk leaves steps outside whole sub-chunks at either end, one or several
+(mega_kernels/triton/ema_tc_bwd.py) against the sweep it replaces (`_param_grad_kernel`: gradients and adjoint
+chunk states), over walks whose partial chunk leaves steps outside whole sub-chunks at either end, one or several
 column groups and channel blocks, the unmasked EVEN build; then the whole backward (its two scans on ema_tc.py
-too) with every gradient against the float64 reference; NaN-poisoned workspaces; the options it refuses. Under the interpreter the dots are exact float32 products; the
-GPU test checks the TF32 products."""
+too) with every gradient against the float64 reference; NaN-poisoned workspaces; the options it refuses. Under
+the interpreter the dots are exact float32 products; the GPU test checks the TF32 products."""
 from __future__ import annotations
 
 import pytest
@@ -23,12 +23,12 @@ if _REASON is None:
 
 def _both_param_grads(coefs, x, mask, state, gy, gs, bidirectional, chunk, group, block_d):
     """(da, dq, dc, adj) of ema_param_grads with and without tensor cores, on g and the chunk states of the scan
-    ema_bwd runs first."""
+    ema_bwd runs first (on tensor cores: the sweeps' scan is the interpreter's slowest part)."""
     a, q, c, omega = coefs
     keep = keep_of(mask)
     s0 = None if state is None else (q * state).contiguous()
     g, _, buf, chunk, _ = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=0,
-                                   epilogue=EPI_DSILU, out_dtype=torch.float32, gy=gy, chunk=chunk)
+                                   epilogue=EPI_DSILU, out_dtype=torch.float32, gy=gy, chunk=chunk, tensor_cores=True)
     return [ema_param_grads(g, x, a, q, c, keep, state, gs, buf, chunk, bidirectional, 0, block_d=block_d,
                             group_steps=group * chunk, tensor_cores=tc) for tc in (True, False)]
 
