@@ -107,6 +107,19 @@ def test_backward_from_tensor_core_states(bidirectional):
         assert_close_to_reference(name, g, r, lo)
 
 
+@pytest.mark.parametrize("length,chunk", [(131, 32), (40, 64)], ids=["chunks", "one-chunk"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["no-state", "state"])
+def test_final_state(length, chunk, with_state):
+    """return_state: the last chunk's end state from its local state and the state entering it, against the
+    float64 reference, over several chunks (a partial last one) or one, from zero or an initial state."""
+    x, coefs, coefs64, mask, state = _inputs(3, length, 20, 5, False, with_state)
+    _, final = ema_fwd(x, *coefs, mask, state, False, 0, True, tensor_cores=True, chunk=chunk)
+    ref = ema_fft(x.double(), *coefs64, mask=mask, state=None if state is None else state.double(),
+                  return_state=True)[1]
+    low = ema_fft(x, *coefs, mask=mask, state=state, return_state=True)[1]
+    assert_close_to_reference("final state", final, ref, low)
+
+
 # (B, L, D, N, bidirectional, epilogue, reverse, mask_in, with s0, chunk): the backward's scans
 SCANS = [
     (3, 131, 20, 5, False, "dsilu", False, True, True, 32),
@@ -116,6 +129,7 @@ SCANS = [
     (2, 128, 32, 16, True, "dx", True, False, False, 16),   # EVEN
     (2, 128, 32, 3, False, "dsilu", False, True, True, 16),  # EVEN
     (2, 50, 17, 3, False, "silu", True, True, True, 24),    # a reversed forward with a masked input
+    (2, 50, 17, 3, False, "dx", True, False, True, 64),     # one chunk, reversed
 ]
 
 
@@ -123,7 +137,7 @@ SCANS = [
 def test_backward_scans_match_the_sweeps(case):
     """ema_scan(tensor_cores=True) with the backward's epilogues (dL/dz and its per-chunk sums with x; the
     adjoint's dx, keep applied to its EMA part), reversed rows, an initial state, and from given chunk states:
-    out, chunk states and dom as the sweeps give them."""
+    out, chunk states, dom and (one direction) the final state as the sweeps give them."""
     bsz, length, dim, ndim, bidirectional, epi, reverse, mask_in, with_s0, chunk = case
     x, coefs, _, mask, state, = _inputs(bsz, length, dim, ndim, bidirectional, with_s0)[:5]
     a, q, c, omega = coefs
@@ -132,11 +146,12 @@ def test_backward_scans_match_the_sweeps(case):
                 out_dtype=torch.float32, chunk=chunk, gy=torch.randn_like(x) if epi == "dsilu" else None)
     s0 = None if state is None else (q * state).contiguous()
     keep = fwd_mod.keep_of(mask)
-    want = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, **args)
-    got = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, tensor_cores=True, **args)
+    want = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, write_final=not bidirectional, **args)
+    got = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, tensor_cores=True, write_final=not bidirectional, **args)
     again = fwd_mod.ema_scan(x, a, q, c, omega, keep, s0, tensor_cores=True, states=want.buf, **args)
     for name, g, w in (("out", got.out, want.out), ("buf", got.buf, want.buf), ("dom", got.dom, want.dom),
-                       ("out from states", again.out, want.out), ("dom from states", again.dom, want.dom)):
+                       ("final", got.final, want.final), ("out from states", again.out, want.out),
+                       ("dom from states", again.dom, want.dom)):
         if w is None:
             assert g is None, name
         else:
@@ -154,7 +169,6 @@ def test_outputs_poisoned_with_nan(monkeypatch):
 
 @pytest.mark.parametrize("option,match", [
     (dict(truncation=5), "truncation"),
-    (dict(return_state=True), "write_final"),
     (dict(lookback=True, bidirectional=True), "one direction only"),
     (dict(block_d=8), "powers of two >= 16"),
     (dict(tc_precision="tf32"), "'tf32' for bfloat16 inputs only"),

@@ -76,9 +76,9 @@ def _check_gradients(bsz, length, dim, ndim, bidirectional, with_state, dtype=to
 @pytest.mark.parametrize("mode", ["uni-states", "uni-final", "bi"])
 def test_gradients_against_reference(case, mode):
     """Every gradient of ema_bwd(tensor_cores=True) over the shared EMA cases, with a mask, against the float64
-    reference (tolerance rule): one direction with an initial state and the final state's gradient (the adjoint
-    then runs on the sweeps, for its final state), with the final state's gradient alone (it enters the
-    tensor-core adjoint as its initial state), and both directions."""
+    reference (tolerance rule): one direction with an initial state (its gradient is the adjoint's final state)
+    and the final state's gradient, with the final state's gradient alone (it enters the adjoint as its initial
+    state), and both directions."""
     _check_gradients(*case, mode == "bi", mode != "bi", initial=mode == "uni-states")
 
 

@@ -286,8 +286,8 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     (B, L, D) and grad_state (B, D, N) float32 or None. states: the chunk states that forward returned
     (return_states=True, the same tuning; empty or None: recomputed). tuning: ema_scan's, and param_group_steps;
     tensor_cores=True runs the backward on tensor cores: the two scans through ema_tc.py (split TF32 products
-    whatever tc_precision asks; the adjoint stays on the sweeps when an initial state needs its final state) and
-    the parameter sweep through ema_tc_bwd.py (no truncation, chunk a multiple of 16: refused otherwise)."""
+    whatever tc_precision asks) and the parameter sweep through ema_tc_bwd.py (no truncation, chunk a multiple
+    of 16: refused otherwise)."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous():
         raise ValueError(f"ema_bwd: grad_y must be a contiguous {tuple(x.shape)} tensor, got {tuple(grad_y.shape)}")
@@ -302,6 +302,7 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     tensor_cores = tuning.pop("tensor_cores", False)
     if tensor_cores:
         tuning["tc_precision"] = "split"  # gradients in float32 class; one TF32 product is for bf16 forwards only
+        tuning.pop("lookback", None)      # the forward's single pass; the backward's scans start from given states
     s0 = None if state is None else (q * state).contiguous()
     states = states if states is not None and states.numel() > 0 else None
     g, _, buf, chunk, dom = ema_scan(x, a, q, c, omega, keep, s0, bidirectional=bidirectional, truncation=truncation,
@@ -319,7 +320,7 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     dx, lam0, *_ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
                             epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
                             mask_in=False, write_final=state is not None, local=adj if truncation == 0 else None,
-                            tensor_cores=tensor_cores and state is None, **dict(tuning, chunk=chunk))
+                            tensor_cores=tensor_cores, **dict(tuning, chunk=chunk))
     del g
     if wide_dx:
         dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)

@@ -551,7 +551,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the chunk-state and output
     passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels, default 16, x cols columns
     per program, dots at tc_precision; with lookback, one launch for the forward's one direction); every
-    epilogue but EPI_STORE, no truncation or final state (refused).
+    epilogue but EPI_STORE, no truncation (refused).
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
@@ -613,18 +613,18 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
 def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse, mask_in,
                       write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols, precision) -> Scan:
     """ema_scan(..., tensor_cores=True): the passes of ema_tc.py, or a ValueError naming what they do not take."""
-    refused = [name for name, given in (("truncation", truncation > 0), ("write_final (a final state)", write_final),
-                                        ("EPI_STORE", epilogue == EPI_STORE)) if given]
+    refused = [name for name, given in (("truncation", truncation > 0), ("EPI_STORE", epilogue == EPI_STORE)) if given]
     if refused:
         raise ValueError(f"ema_scan: tensor_cores=True does not take {', '.join(refused)}; leave tensor_cores off "
                          "for those (the sweeps take every option)")
     from .ema_tc import ema_scan_tc  # imports this module
 
-    out, buf, chunk, dom = ema_scan_tc(u, a, q, c, omega, keep, s0, bidirectional=bidirectional, out_dtype=out_dtype,
-                                       chunk=chunk, block_d=block_d or 16, cols=cols, num_warps=num_warps or 8,
-                                       precision=precision, lookback=bool(lookback), epilogue=epilogue, gy=gy,
-                                       reverse=reverse, mask_in=mask_in, states=states, local=local)
-    return Scan(out, None, buf, chunk, dom)
+    out, buf, chunk, dom, final = ema_scan_tc(u, a, q, c, omega, keep, s0, bidirectional=bidirectional,
+                                              out_dtype=out_dtype, chunk=chunk, block_d=block_d or 16, cols=cols,
+                                              num_warps=num_warps or 8, precision=precision, lookback=bool(lookback),
+                                              epilogue=epilogue, gy=gy, reverse=reverse, mask_in=mask_in,
+                                              states=states, local=local, write_final=write_final)
+    return Scan(out, final, buf, chunk, dom)
 
 
 def check_inputs(fn: str, x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Optional[Tensor],

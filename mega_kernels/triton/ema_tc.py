@@ -39,8 +39,9 @@ The backward's two scans (ema_bwd.py) run the same passes: its recomputation of 
 (g = dL/dz and each chunk's sum of g x) from the forward's chunk states (no pass 1 or 2), and the adjoint scan,
 reversed in time (REVERSE: rows [:D] backward, rows [D:] forward), with the EPI_DX epilogue (the mask on the
 output's EMA part, MASK_OUT) and its chunk-local states from the parameter sweep (no pass 1).
-What it does not take (truncation, a final state) stays on ema_fwd's sweeps; ema_fwd.ema_scan refuses it rather
-than run something else.
+The final state (write_final) is the last chunk's end state, from its local state and the state entering it.
+What it does not take (truncation) stays on ema_fwd's sweeps; ema_fwd.ema_scan refuses it rather than run
+something else.
 """
 from __future__ import annotations
 
@@ -425,14 +426,18 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
                 block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split",
                 lookback: bool = False, epilogue: int = _fwd.EPI_SILU, gy: Optional[Tensor] = None,
                 reverse: bool = False, mask_in: bool = True, states: Optional[Tensor] = None,
-                local: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], int, Optional[Tensor]]:
+                local: Optional[Tensor] = None, write_final: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor], int, Optional[Tensor], Optional[Tensor]]:
     """The scan of `ema_fwd.ema_scan` through the tensor-core passes (module docstring): (out (B, L, D), the chunk
     states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one chunk), the
-    chunk length, dom (nc, B, D) for EPI_DSILU else None), as ema_scan returns them. a, q, c (kd, N) float32; s0
+    chunk length, dom (nc, B, D) for EPI_DSILU else None, with write_final the primary rows' last state h
+    (B, D, N) float32 else None), as ema_scan returns them. a, q, c (kd, N) float32; s0
     (B, D, N) pre-decayed initial state or None. epilogue: EPI_SILU, EPI_DSILU (with gy) or EPI_DX (the
     adjoint's; mask_in=False applies keep to its EMA part); reverse: the primary rows run backward in time;
     states: the buf of an identical earlier scan (no state pass, no carry); local: chunk-local states H_loc
-    (not yet times a) computed elsewhere, carried in place. block_d channels x cols (batch row, chunk) columns per
+    (not yet times a) computed elsewhere, carried in place. write_final: the last state is the end state of the
+    primary rows' last chunk, q^(T-1) s + a H_loc (T its steps, s the pre-decayed state entering it), from its
+    local state kept before the carry (so not with `states`). block_d channels x cols (batch row, chunk) columns per
     program (powers of two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32
     class; see _mm) or "tf32" (one TF32 product, for bfloat16 inputs only). lookback (the forward, one
     direction): a single launch in which each program takes the states entering its chunks from the programs
@@ -446,9 +451,9 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
         raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
                          f"{precision!r} for {u.dtype}")
     if lookback and (bidirectional or reverse or epilogue != _fwd.EPI_SILU or states is not None
-                     or local is not None):
-        raise ValueError("ema_scan_tc: lookback=True runs the forward's one direction only; use the three passes "
-                         "(lookback=False) for a bidirectional, reversed or backward scan")
+                     or local is not None or write_final):
+        raise ValueError("ema_scan_tc: lookback=True runs the forward's one direction only, without a final state; "
+                         "use the three passes (lookback=False) for a bidirectional, reversed or backward scan")
     if (epilogue == _fwd.EPI_DSILU) != (gy is not None):
         raise ValueError("ema_scan_tc: gy (dL/dy) is what EPI_DSILU takes, and only it")
     nc = triton.cdiv(length, chunk)
@@ -476,23 +481,39 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
         _tc_scan_kernel[(ndb * groups,)](u, keep, out, None, None, None, op, omega, s0, buf, ready, ticket, bsz,
                                          length, dim, ndim, chunk, ndb, ncol, STATES=False, NDIR=1, CARRY=False,
                                          LOOKBACK=True, **flags)
-        return out, buf, chunk, None
+        return out, buf, chunk, None, None
+    if write_final and states is not None:
+        raise ValueError("ema_scan_tc: write_final needs the last chunk's local state, which given `states` lack; "
+                         "pass states=None")
+    last = 0 if reverse else nc - 1  # the primary rows' last chunk
     if nc > 1 and states is not None:
         if tuple(states.shape) != (nc, bsz, ndim, kd):
             raise ValueError(f"ema_scan_tc: states must be the (nc, B, N, kd) = {(nc, bsz, ndim, kd)} chunk states "
                              f"of an identical scan, got {tuple(states.shape)}")
         buf = states
-    elif nc > 1:
-        if local is not None:
-            buf = local
-        else:
-            buf = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
-            _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, None, None, op, omega, s0, buf, None, None,
+    elif nc > 1 or write_final:
+        loc = local
+        if loc is None:
+            loc = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
+            _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, None, None, op, omega, s0, loc, None, None,
                                                     bsz, length, dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir,
                                                     CARRY=False, LOOKBACK=False, **flags)
-        aT, qT = (t.t().contiguous() for t in (a, q))
-        _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
+        if write_final:  # a H_loc of the last chunk (B, N, D), before the carry overwrites it
+            end_loc = loc[last, :, :, :dim] * (a[:dim].t() if local is not None else 1.0)
+        if nc > 1:
+            buf = loc
+            aT, qT = (t.t().contiguous() for t in (a, q))
+            _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
     _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, gy, dom, op, omega, s0, buf, None, None, bsz, length, dim,
                                      ndim, chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
                                      EPI=epilogue, MASK_OUT=keep is not None and not mask_in, **flags)
-    return out, buf, chunk, dom
+    final = None
+    if write_final:
+        qt = q[:dim].t()  # (N, D)
+        if nc > 1:
+            s_in = qt * buf[last, :, :, :dim]
+        else:
+            s_in = torch.zeros_like(end_loc) if s0 is None else s0.transpose(1, 2)
+        steps = min(chunk, length - last * chunk)
+        final = (qt ** (steps - 1) * s_in + end_loc).transpose(1, 2).contiguous()
+    return out, buf, chunk, dom, final
