@@ -352,6 +352,9 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
                 _store(acc_ptr + col_off + inner, e, ok, EVEN)
                 col_off += SUB * step * D
                 keep_col += SUB * step
+            # the primary walk below reads acc in the opposite time order, so each element of it is read by another
+            # thread than the one that wrote it: a CTA barrier makes those writes visible
+            tl.debug_barrier()
         # omega x joins the output dot: on T's diagonal when the input and the output are unmasked, else as its
         # own diagonal operator on the raw input
         om_diag = tl.where(j3 == i3, tl.load(omega_ptr + d3, mask=dm, other=0.0), 0.0)
