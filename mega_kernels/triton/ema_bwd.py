@@ -249,9 +249,6 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     bsz, length, dim = x.shape
     kd, ndim = q.shape
     ndir = 2 if bidirectional else 1
-    if not tensor_cores:
-        block_d = block_d_for(dim, block_d)
-    ndb = triton.cdiv(dim, block_d or 1)
     group = max(1, group_steps // chunk)
     nc = triton.cdiv(length, chunk)
     ngroups = triton.cdiv(nc, group)
@@ -262,6 +259,8 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
         part, adj = param_sweep_tc(x, keep, g, a, q, state, buf, chunk, group, bidirectional, truncation,
                                    block_d=block_d, cols=cols)
     else:
+        block_d = block_d_for(dim, block_d)
+        ndb = triton.cdiv(dim, block_d)
         part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)
         adj = _fwd._empty((nc, bsz, ndim, kd), torch.float32, x.device)
         _param_grad_kernel[(ngroups * bsz * ndir * ndb,)](

@@ -415,10 +415,16 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
                      mask=dm & cm[None, None, :])
 
 
+def block_n_tc(n: int) -> int:
+    """States per channel in the tensor-core kernels' tiles (and their operators' rows): N padded to a power of
+    two >= 16, the dots' smallest size."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
     """(kd, SUB^2 + 2 SUB BLOCK_N + 2 BLOCK_N) float32 per-row operators of `_operators_kernel` for a, q, c (kd, N)."""
     kd, n = q.shape
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = block_n_tc(n)
     op = _fwd._empty((kd, SUB * SUB + 2 * block_n * SUB + 2 * block_n), torch.float32, q.device)
     _operators_kernel[(kd,)](a.contiguous(), q.contiguous(), c.contiguous(), op, n, SUB=SUB, BLOCK_N=block_n)
     return op
@@ -440,10 +446,10 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     states: the buf of an identical earlier scan (no state pass, no carry); local: chunk-local states H_loc
     (not yet times a) computed elsewhere, carried in place. write_final: the last state is the end state of the
     primary rows' last chunk, q^(T-1) s + a H_loc (T its steps, s the pre-decayed state entering it), from its
-    local state kept before the carry (so not with `states`). block_d channels x cols (batch row, chunk) columns per
-    program (powers of two, >= 16 for the dots); precision: "split" (TF32 products of split operands, float32
-    class; see _mm) or "tf32" (one TF32 product, for bfloat16 inputs only). lookback (the forward, one
-    direction): a single launch in which each program takes the states entering its chunks from the programs
+    local state kept before the carry (so not with `states`; with one chunk the state pass runs for it alone).
+    block_d channels x cols (batch row, chunk) columns per program (powers of two, >= 16 for the dots);
+    precision: "split" (TF32 products of split operands, float32 class; see _mm) or "tf32" (one TF32 product, for
+    bfloat16 inputs only). lookback (the forward, one direction): a single launch in which each program takes the states entering its chunks from the programs
     before it (buf then holds them by chunk, not the carry's layout; chunk 0's entry is unwritten)."""
     bsz, length, dim = u.shape
     ndim = q.shape[1]
@@ -461,7 +467,7 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
         raise ValueError("ema_scan_tc: gy (dL/dy) is what EPI_DSILU takes, and only it")
     nc = triton.cdiv(length, chunk)
     ndir = 2 if bidirectional else 1
-    block_n = max(16, triton.next_power_of_2(ndim))
+    block_n = block_n_tc(ndim)
     ndb = triton.cdiv(dim, block_d)
     ncol = nc * bsz
     groups = triton.cdiv(ncol, cols)

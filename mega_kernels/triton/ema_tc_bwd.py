@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
-from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk
+from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk, block_n_tc
 
 Tensor = torch.Tensor
 BLOCK_D, NUM_WARPS = 8, 8  # channels and warps per program (sm_90: 236 registers, no spill; 16 channels spill)
@@ -254,7 +254,7 @@ def _tc_param_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, op_ptr, s_ptr, buf_pt
 def param_operators(q: Tensor) -> Tensor:
     """(kd, 4 BLOCK_N SUB) float32 operators [R0 | R1 | Wu | Wp] of `_param_operators_kernel` for q (kd, N)."""
     kd, n = q.shape
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = block_n_tc(n)
     op = _fwd._empty((kd, 4 * block_n * SUB), torch.float32, q.device)
     _param_operators_kernel[(kd,)](q.contiguous(), op, n, SUB=SUB, BLOCK_N=block_n)
     return op
@@ -288,7 +288,7 @@ def param_sweep_tc(x: Tensor, keep: Optional[Tensor], g: Tensor, a: Tensor, q: T
     ngroups = triton.cdiv(nc, group)
     ncol = ngroups * bsz
     ndb = triton.cdiv(dim, block_d)
-    block_n = max(16, triton.next_power_of_2(ndim))
+    block_n = block_n_tc(ndim)
     part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)
     adj = _fwd._empty((nc, bsz, ndim, kd), torch.float32, x.device)
     even = length % (group * chunk) == 0 and dim % block_d == 0 and ncol % cols == 0
