@@ -449,8 +449,9 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     local state kept before the carry (so not with `states`; with one chunk the state pass runs for it alone).
     block_d channels x cols (batch row, chunk) columns per program (powers of two, >= 16 for the dots);
     precision: "split" (TF32 products of split operands, float32 class; see _mm) or "tf32" (one TF32 product, for
-    bfloat16 inputs only). lookback (the forward, one direction): a single launch in which each program takes the states entering its chunks from the programs
-    before it (buf then holds them by chunk, not the carry's layout; chunk 0's entry is unwritten)."""
+    bfloat16 inputs only). lookback (the forward, one direction): a single launch in which each program takes the
+    states entering its chunks from the programs before it (buf then holds them by chunk, not the carry's layout;
+    chunk 0's entry is unwritten)."""
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or _fwd.DEFAULT_CHUNK)
