@@ -149,6 +149,44 @@ def chunk_state_launches(monkeypatch):
     return launches
 
 
+def _chunk_local_states(u, a, q, chunk, reverse):
+    """(nc, B, N, 2D) buf of the bidirectional chunk-state pass, computed directly: a H_loc of each chunk from a
+    zero state, sum_t a q^(steps from t to the chunk's end in that direction) u_t, rows [:D] forward in time
+    (backward when reverse), rows [D:] the other way."""
+    dim = u.shape[2]
+    chunks = []
+    for seg in u.split(chunk, dim=1):
+        t = torch.arange(seg.shape[1], dtype=u.dtype, device=u.device)
+        rows = []
+        for r, forward in ((slice(0, dim), not reverse), (slice(dim, 2 * dim), reverse)):
+            lag = seg.shape[1] - 1 - t if forward else t
+            w = a[r].t()[None] * q[r].t()[None] ** lag[:, None, None]  # (n, N, D)
+            rows.append(torch.einsum("bld,lnd->bnd", seg, w))
+        chunks.append(torch.cat(rows, -1))
+    return torch.stack(chunks)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("length,chunk,unroll", [(37, 16, 4), (21, 8, 1), (19, 6, 4), (9, 64, 4)])
+def test_bidirectional_chunk_states_in_one_read(reverse, length, chunk, unroll):
+    """Without truncation one program writes both directions' chunk states from one walk forward in time (BOTH):
+    against the float64 local states, over whole and partial 4-row tiles, partial chunks and a single chunk, in
+    both orientations, with a mask; the per-direction programs give the same."""
+    bsz, dim, ndim = 3, 5, 3
+    coefs, coefs64, x, mask, *_ = _case(bsz, length, dim, ndim, True, False)
+    u = x * mask[..., None]
+    ref = _chunk_local_states(u.double(), coefs64[0], coefs64[1], chunk, reverse)
+    low = _chunk_local_states(u, coefs[0], coefs[1], chunk, reverse)
+    aT, qT = (t.t().contiguous() for t in coefs[:2])
+    nc = -(-length // chunk)
+    for both in (True, False):
+        buf = torch.full((nc, bsz, ndim, 2 * dim), float("nan"), device=DEVICE)
+        fwd_mod._chunk_state_kernel[(nc * bsz * (1 if both else 2),)](
+            x, fwd_mod.keep_of(mask), aT, qT, buf, bsz, length, dim, ndim, 0, chunk, 1, NDIR=2, REVERSE=reverse,
+            MASK_IN=True, TRUNC=False, BLOCK_N=4, BLOCK_D=8, UNROLL=unroll, BOTH=both)
+        assert_close_to_reference(f"chunk states (both={both})", buf, ref, low)
+
+
 @pytest.mark.parametrize("truncation", [0, 5])
 def test_adjoint_takes_its_local_states_from_the_parameter_sweep(chunk_state_launches, truncation):
     """Without truncation the backward runs one chunk-state pass (the recomputed forward), not two: the adjoint
@@ -233,6 +271,7 @@ CASES = [
                                     WRITE_FINAL=False, K=1, N=1)),
     (ema_fwd._scan_out_kernel, dict(scan, EPI=3, REVERSE=True, MASK_IN=False, MASK_OUT=True)),
     (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=True, MASK_IN=True, TRUNC=True, UNROLL=4)),
+    (ema_fwd._chunk_state_kernel, dict(NDIR=2, REVERSE=False, MASK_IN=False, TRUNC=False, UNROLL=4, BOTH=True)),
     (ema_fwd._carry_kernel, dict(REVERSE=True, HAS_S0=True, SCALE_LOC=True, BLOCK=128)),
     (ema_bwd._param_grad_kernel, dict(NDIR=2, MASK_IN=True, TRUNC=True, HAS_S=True, HAS_BUF=True, UNROLL=4)),
     (ema_bwd._param_carry_kernel, dict(HAS_S=True, HAS_GS=True, BLOCK=128, GROUP_P2=4)),

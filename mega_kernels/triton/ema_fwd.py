@@ -186,6 +186,41 @@ def _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d,
 
 
 @triton.jit
+def _local_states_bi(u_ptr, keep_ptr, q_f, q_b, b, t0, n, L, D, offs_d, MASK_IN: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+    """Both directions' local states of the chunk [t0, t0 + n) from one walk forward in time, so u is read once:
+    (H_f of the rows running forward, as _local_state; H_b = sum_t q_b^(t - t0) u_t of the rows running backward).
+    H_b folds each tile of UNROLL rows by Horner from its last row, r = sum_k q_b^k u_k, and adds P r, where
+    P = q_b^(tile's first row - t0): UNROLL + 1 operations per state and tile against UNROLL for H_f. No truncation."""
+    row = b.to(tl.int64) * L + t0
+    Hf = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    Hb = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    P = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
+    q_tile = q_b
+    for k in tl.static_range(UNROLL - 1):
+        q_tile = q_tile * q_b
+    n_main = (n // UNROLL) * UNROLL
+    offs_k = tl.arange(0, UNROLL)
+    nxt, nxt2 = _tiles_ahead(u_ptr, keep_ptr, row, 1, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
+    for i in tl.range(0, n_main, UNROLL, num_stages=1):
+        cur, nxt, nxt2 = _advance(u_ptr, keep_ptr, nxt, nxt2, row, 1, n_main - i, D, offs_k, offs_d, MASK_IN, UNROLL)
+        for k in tl.static_range(UNROLL):
+            Hf = q_f * Hf + _tile_row(cur, offs_k, k)[None, :]
+        r = _tile_row(cur, offs_k, UNROLL - 1)[None, :]
+        for k in tl.static_range(1, UNROLL):
+            r = q_b * r + _tile_row(cur, offs_k, UNROLL - 1 - k)[None, :]
+        Hb += P * r
+        P = P * q_tile
+        row += UNROLL
+    for i in tl.range(n_main, n):
+        raw, um = _load_in(u_ptr, keep_ptr, b, t0 + i, L, D, offs_d, True, MASK_IN)
+        Hf = q_f * Hf + um[None, :]
+        Hb += P * um[None, :]
+        P = P * q_b
+    return Hf, Hb
+
+
+@triton.jit
 def _sigmoid(z):
     """sigmoid(z) = 1 / (1 + 2^(-z log2 e)). On a GPU as four instructions: the approximate exp2 and reciprocal
     (2 and 1 ulp) with denormals flushed, instead of tl.sigmoid's range-checked division and denormal-safe exp2
@@ -309,29 +344,62 @@ def _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a, q, c, qk, omega, s, b, 
     return a * g, dom
 
 
+@triton.jit(noinline=True)
+def _secondary_sweep(u_ptr, keep_ptr, acc_ptr, a_ptr, q_ptr, c_ptr, buf_ptr, b, cp, d0, t0, step, n, B, L, D, N, K,
+                     MASK_IN: tl.constexpr, TRUNC: tl.constexpr, CARRY: tl.constexpr, UNROLL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A bidirectional chunk's first sweep (_scan_out_kernel): the rows [D:] of channels d0 + [0, BLOCK_D), from
+    the state buf[cp] of physical chunk cp (CARRY; else zero), their EMA into acc. Not inlined, and so taking
+    scalars only: inlined, the compiler kept values of both sweeps live across this one (sm_90, fp32: 249
+    registers, 8 warps/SM; called: 142, 14)."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    a = _coef(a_ptr, D, offs_n, offs_d, N, D, 2 * D)
+    q = _coef(q_ptr, D, offs_n, offs_d, N, D, 2 * D, 1.0)
+    s = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if CARRY:
+        m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        s = q * tl.load(buf_ptr + (cp * B + b).to(tl.int64) * 2 * D * N + offs_n[:, None] * 2 * D + D
+                        + offs_d[None, :], mask=m, other=0.0)
+    _sweep(u_ptr, keep_ptr, acc_ptr, acc_ptr, acc_ptr, a, q, _coef(c_ptr, D, offs_n, offs_d, N, D, 2 * D),
+           _powi(q, K), 0.0, s, b, t0, step, n, L, D, K, offs_d, 0, False, MASK_IN, False, TRUNC, UNROLL)
+
+
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "NDB"])
 def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, CHUNK, NDB,
                         NDIR: tl.constexpr, REVERSE: tl.constexpr, MASK_IN: tl.constexpr, TRUNC: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
+                        BOTH: tl.constexpr = False):
     """buf[c, b, row, :] = a * H_loc of chunk c (steps [c T, c T + T) in physical time), for the rows
-    [dirn * D, dirn * D + D) of direction dirn (0: primary, 1: reversed), scanning the chunk in that direction."""
-    c, b, dirn, offs_d = _program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
+    [dirn * D, dirn * D + D) of direction dirn (0: primary, 1: reversed), scanning the chunk in that direction.
+    BOTH (bidirectional, no truncation): one program per chunk and channel block writes both directions from one
+    read of the chunk (_local_states_bi); else one program per direction."""
+    c, b, dirn, offs_d = _program(tl.program_id(0), B, 1 if BOTH else NDIR, NDB, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    row0 = dirn * D
     KD = NDIR * D
-    q = _coef(q_ptr, row0, offs_n, offs_d, N, D, KD, 1.0)
-    a = _coef(a_ptr, row0, offs_n, offs_d, N, D, KD)
-    qk = _powi(q, K)
+    m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + offs_d[None, :]
     v0 = c * CHUNK
     n = tl.minimum(CHUNK, L - v0)
-    fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
-    t0 = tl.where(fwd, v0, v0 + n - 1)
-    step = tl.where(fwd, 1, -1)
-    H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N, BLOCK_D,
-                     UNROLL)
-    m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + row0 + offs_d[None, :]
-    tl.store(ptr, a * H, mask=m)
+    if BOTH:
+        row_f = D if REVERSE else 0  # the rows that run forward in physical time
+        row_b = 0 if REVERSE else D
+        q_f = _coef(q_ptr, row_f, offs_n, offs_d, N, D, KD, 1.0)
+        q_b = _coef(q_ptr, row_b, offs_n, offs_d, N, D, KD, 1.0)
+        Hf, Hb = _local_states_bi(u_ptr, keep_ptr, q_f, q_b, b, v0, n, L, D, offs_d, MASK_IN, BLOCK_N, BLOCK_D,
+                                  UNROLL)
+        tl.store(ptr + row_f, _coef(a_ptr, row_f, offs_n, offs_d, N, D, KD) * Hf, mask=m)
+        tl.store(ptr + row_b, _coef(a_ptr, row_b, offs_n, offs_d, N, D, KD) * Hb, mask=m)
+    else:
+        row0 = dirn * D
+        q = _coef(q_ptr, row0, offs_n, offs_d, N, D, KD, 1.0)
+        qk = _powi(q, K)
+        fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
+        t0 = tl.where(fwd, v0, v0 + n - 1)
+        step = tl.where(fwd, 1, -1)
+        H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N,
+                         BLOCK_D, UNROLL)
+        tl.store(ptr + row0, _coef(a_ptr, row0, offs_n, offs_d, N, D, KD) * H, mask=m)
 
 
 @triton.jit
@@ -447,14 +515,9 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
     bst = offs_n[:, None] * kd + offs_d[None, :]     # within a chunk state of buf, (N, kd) like the coefficients
     # -- rows [D:] (bidirectional): reversed direction, from the chunk's far end --------------------------
     if BIDIR:
-        a2 = _coef(a_ptr, D, offs_n, offs_d, N, D, KD)
-        q2 = _coef(q_ptr, D, offs_n, offs_d, N, D, KD, 1.0)
-        c2 = _coef(c_ptr, D, offs_n, offs_d, N, D, KD)
-        s2 = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        if CARRY:
-            s2 = q2 * tl.load(buf_ptr + (cp * B + b).to(tl.int64) * kd * N + D + bst, mask=sm, other=0.0)
-        _, _ = _sweep(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a2, q2, c2, _powi(q2, K), 0.0, s2, b,
-                      tp0 + (n - 1) * step, -step, n, L, D, K, offs_d, 0, False, MASK_IN, False, TRUNC, UNROLL)
+        _secondary_sweep(u_ptr, keep_ptr, acc_ptr, a_ptr, q_ptr, c_ptr, buf_ptr, b, cp, (rem % NDB) * BLOCK_D,
+                         tp0 + (n - 1) * step, -step, n, B, L, D, N, K, MASK_IN, TRUNC, CARRY, UNROLL, BLOCK_N,
+                         BLOCK_D)
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
     a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
     q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
@@ -591,10 +654,11 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         else:
             buf = _empty((nc, bsz, ndim, kd), torch.float32, u.device)
             ndir = 2 if bidirectional else 1
-            _chunk_state_kernel[(nc * bsz * ndir * ndb,)](
+            both = bidirectional and truncation == 0  # both directions from one read of each chunk
+            _chunk_state_kernel[(nc * bsz * (1 if both else ndir) * ndb,)](
                 u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
                 REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
-                BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, num_warps=num_warps)
+                BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, BOTH=both, num_warps=num_warps)
         run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
     elif lookback:
         buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)

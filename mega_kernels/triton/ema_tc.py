@@ -27,6 +27,7 @@ layout of x. The operators' powers of q come from exp2 / log2 (~2^-22 relative o
 Passes, as ema_fwd's three-pass carry (whose `_carry_kernel` runs unchanged between them):
 1. `_tc_scan_kernel` with STATES: each column's chunk-local end state a H_loc from zero, into buf. The sub-chunks
    are aligned to the chunk's end, so a partial one comes first, its missing steps zero inputs into a zero state.
+   Bidirectional: both directions in one walk forward in time, so x is read once (`_local_states_bi`).
 2. `_carry_kernel`: buf[c] <- the state entering chunk c.
 3. `_tc_scan_kernel` writing y from s = q h_in (+ the caller's pre-decayed s0 in chunk 0); a partial sub-chunk
    comes last and its missing steps are not stored. Bidirectional: the backward rows [D, 2D) first, their e
@@ -222,6 +223,52 @@ def _local_states(u_ptr, keep_ptr, op_ptr, row0, fwd, b3, cp3, n_c, L, D, offs_d
 
 
 @triton.jit
+def _local_states_bi(u_ptr, keep_ptr, op_ptr, row_f, row_b, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK,
+                     MASK_IN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr, EXACT_X: tl.constexpr,
+                     SUB: tl.constexpr, BLOCK_N: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr,
+                     STAGES: tl.constexpr):
+    """Both directions' chunk end states from zero in one walk forward in time, so x is read once: (those of the
+    rows row_f + offs_d, which run forward in time, as _local_states; those of the rows row_b + offs_d, which run
+    backward: a sum_t q^(t - t0) u_t = sum_s q^(SUB s) (W_r u_s) over the sub-chunks s counted from the chunk's
+    start, W_r[n, i] = a q^i, which is W_h with its columns reversed). The two sums align their sub-chunks to
+    opposite ends of the chunk; where these differ (a partial sub-chunk, never with EVEN) the backward rows load
+    their own."""
+    d3 = offs_d[:, None, None]
+    j3 = tl.arange(0, SUB)[None, :, None]
+    dm = d3 < D
+    _, w_f, _, qs_f, _ = _operator_tiles(op_ptr, row_f, offs_d, D, SUB, BLOCK_N)
+    wf_hi, wf_lo = _split(w_f, PREC)
+    n3 = tl.arange(0, BLOCK_N)[None, :, None]
+    rows_b = (row_b + offs_d).to(tl.int64)[:, None, None] * (SUB * SUB + 2 * BLOCK_N * SUB + 2 * BLOCK_N)
+    i_rev = SUB - 1 - tl.arange(0, SUB)[None, None, :]
+    w_r = tl.load(op_ptr + rows_b + SUB * SUB + n3 * SUB + i_rev, mask=dm, other=0.0)
+    wr_hi, wr_lo = _split(w_r, PREC)
+    qs_b = tl.load(op_ptr + rows_b + SUB * SUB + 2 * BLOCK_N * SUB + n3, mask=dm, other=0.0)  # q^SUB
+    pad = nsub * SUB - n_c
+    col_off, inner = _walk_start(b3, cp3 * CHUNK - pad, 1, L, D, d3, j3)
+    keep_col = col_off // D
+    col_b, _ = _walk_start(b3, cp3 * CHUNK, 1, L, D, d3, j3)
+    keep_b = col_b // D
+    h_f = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+    h_b = tl.zeros((BD, BLOCK_N, NB), tl.float32)
+    p = tl.full((BD, BLOCK_N, 1), 1.0, tl.float32)  # q^(SUB s) of the backward rows
+    for s in tl.range(0, nsub, num_stages=STAGES):
+        raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_off, inner, keep_col, j3, s * SUB + j3 - pad, n_c, dm,
+                                 MASK_IN, EVEN)
+        h_f = _mm(wf_hi, wf_lo, um, qs_f * h_f, PREC, EXACT_X)
+        if not EVEN:  # pad == 0 under EVEN
+            raw, um, ok = _sub_chunk(u_ptr, keep_ptr, col_b, inner, keep_b, j3, s * SUB + j3, n_c, dm, MASK_IN,
+                                     EVEN)
+        h_b += p * _mm(wr_hi, wr_lo, um, tl.zeros_like(h_b), PREC, EXACT_X)
+        p = p * qs_b
+        col_off += SUB * D
+        keep_col += SUB
+        col_b += SUB * D
+        keep_b += SUB
+    return h_f, h_b
+
+
+@triton.jit
 def _column(tile, k, NB: tl.constexpr):
     """Column k of a (BD, BLOCK_N, NB) tile as (BD, BLOCK_N, 1) (a register pick)."""
     return tl.sum(tl.where(tl.arange(0, NB)[None, None, :] == k, tile, 0.0), axis=2, keep_dims=True)
@@ -292,8 +339,8 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
                     NB: tl.constexpr, STAGES: tl.constexpr = 1, EPI: tl.constexpr = 1, REVERSE: tl.constexpr = False,
                     MASK_OUT: tl.constexpr = False):
     """One program = BD channels x NB columns (column = physical chunk cp, batch row b: col = cp * B + b).
-    STATES: one program per direction (grid (NDIR, column groups, channel blocks) flattened), buf[cp, b, :, row]
-    = the chunk's end state from zero in that direction. Else: the columns' chunks (both directions when NDIR = 2:
+    STATES: buf[cp, b, :, row] = the chunk's end state from zero in the direction of its row (NDIR = 2: both
+    directions from one read of x, _local_states_bi). Else: the columns' chunks (both directions when NDIR = 2:
     rows [D:] into acc first), each chunk from s = q buf[cp] (+ s0 in the primary rows' first chunk) and the
     epilogue EPI (ema_fwd's): EPI_SILU y = silu(z); EPI_DSILU g = gy silu'(z) (float32) and dom[cp, b] = the
     chunk's sum of g x; EPI_DX dx = omega u + keep (e + acc) (MASK_OUT: keep applies to the EMA part, not to the
@@ -309,13 +356,7 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
     else:
         pid = tl.program_id(0)
     db = pid % NDB
-    rest = pid // NDB
-    if STATES:
-        dirn = rest % NDIR
-        grp = rest // NDIR
-    else:
-        dirn = 0
-        grp = rest
+    grp = pid // NDB
     offs_d = db * BD + tl.arange(0, BD)
     col = grp * NB + tl.arange(0, NB)
     cm = col < NCOL
@@ -332,10 +373,16 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
     KD = NDIR * D
     st_m = dm & (n3 < N) & cm[None, None, :]
     st_off = ((cp3 * B + b3).to(tl.int64) * N + n3) * KD + d3   # element (cp, b, n, d) of buf, rows [:D]
-    if STATES:
-        h = _local_states(u_ptr, keep_ptr, op_ptr, dirn * D, (dirn == 0) != REVERSE, b3, cp3, n_c, L, D, offs_d,
-                          nsub, CHUNK, MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
-        tl.store(buf_ptr + st_off + dirn * D, h, mask=st_m)
+    if STATES and NDIR == 2:  # both directions from one read of x
+        row_f = D if REVERSE else 0  # the rows that run forward in time
+        h_f, h_b = _local_states_bi(u_ptr, keep_ptr, op_ptr, row_f, D - row_f, b3, cp3, n_c, L, D, offs_d, nsub,
+                                    CHUNK, MASK_IN, EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
+        tl.store(buf_ptr + st_off + row_f, h_f, mask=st_m)
+        tl.store(buf_ptr + st_off + (D - row_f), h_b, mask=st_m)
+    elif STATES:
+        h = _local_states(u_ptr, keep_ptr, op_ptr, 0, not REVERSE, b3, cp3, n_c, L, D, offs_d, nsub, CHUNK, MASK_IN,
+                          EVEN, PREC, EXACT_X, SUB, BLOCK_N, BD, NB, STAGES)
+        tl.store(buf_ptr + st_off, h, mask=st_m)
     else:
         i3 = tl.arange(0, SUB)[None, None, :]
         no_om = tl.zeros((BD, SUB, SUB), tl.float32)
@@ -505,7 +552,7 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
         loc = local
         if loc is None:
             loc = _fwd._empty((nc, bsz, ndim, kd), torch.float32, u.device)
-            _tc_scan_kernel[(ndb * ndir * groups,)](u, keep, None, None, None, None, op, omega, s0, loc, None, None,
+            _tc_scan_kernel[(ndb * groups,)](u, keep, None, None, None, None, op, omega, s0, loc, None, None,
                                                     bsz, length, dim, ndim, chunk, ndb, ncol, STATES=True, NDIR=ndir,
                                                     CARRY=False, LOOKBACK=False, **flags)
         if write_final:  # a H_loc of the last chunk (B, N, D), before the carry overwrites it
