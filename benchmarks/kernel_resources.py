@@ -105,6 +105,13 @@ def ema_configs():
                {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
                warps, 4, ())
+        if dt == "fp32":  # bidirectional: both directions' chunk states from one read, then the two walks
+            yield (f"ema fwd chunk_state bi {dt}", F._chunk_state_kernel,
+                   {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
+                   dict(NDIR=2, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
+                        BOTH=True), warps, 4, ())
+            yield (f"ema fwd scan_out bi {dt}", F._scan_out_kernel, dict(types, acc_ptr="*fp32"),
+                   dict(scan, EPI=F.EPI_SILU, BIDIR=True), warps, 4, ())
         yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
                dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
                dict(scan, EPI=F.EPI_DSILU), warps, 4, ())

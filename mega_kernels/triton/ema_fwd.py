@@ -32,10 +32,11 @@ s = q h_in(c); `buf` keeps h_in(c) of every chunk c > 0 (chunk 0 starts from the
 reuses it (ema_bwd.py). Two ways to fill it:
 
 - three passes (robust; the only way for bidirectional): `_chunk_state_kernel` computes every chunk's local
-  state in both directions, `_carry_kernel` runs the short scan across chunks (forward order for rows [:D],
-  backward order for rows [D:]) and leaves each chunk's h_in in place, `_scan_out_kernel` rescans each chunk
-  from it and writes the output. Bidirectional chunks first sweep the backward rows (storing their EMA in a
-  float32 buffer, which is y itself for float32 outputs) then the forward rows.
+  state in both directions (without truncation from one read of the chunk: `_local_states_bi`), `_carry_kernel`
+  runs the short scan across chunks (forward order for rows [:D], backward order for rows [D:]) and leaves each
+  chunk's h_in in place, `_scan_out_kernel` rescans each chunk from it and writes the output. Bidirectional
+  chunks first sweep the backward rows (`_secondary_sweep`, storing their EMA in a float32 buffer, which is y
+  itself for float32 outputs) then the forward rows.
 - decoupled look-back (unidirectional, one launch; x is read from DRAM once and re-read from L2): programs
   take a ticket from an atomic counter (so chunk c-1 has always started before chunk c), compute H_loc, wait
   on the flag chunk c-1 sets once h_in(c) is published, publish h_in(c+1) = q^T h_in(c) + a H_loc, then sweep
@@ -377,8 +378,6 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
     c, b, dirn, offs_d = _program(tl.program_id(0), B, 1 if BOTH else NDIR, NDB, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     KD = NDIR * D
-    m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + offs_d[None, :]
     v0 = c * CHUNK
     n = tl.minimum(CHUNK, L - v0)
     if BOTH:
@@ -388,18 +387,23 @@ def _chunk_state_kernel(u_ptr, keep_ptr, a_ptr, q_ptr, buf_ptr, B, L, D, N, K, C
         q_b = _coef(q_ptr, row_b, offs_n, offs_d, N, D, KD, 1.0)
         Hf, Hb = _local_states_bi(u_ptr, keep_ptr, q_f, q_b, b, v0, n, L, D, offs_d, MASK_IN, BLOCK_N, BLOCK_D,
                                   UNROLL)
+        m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + offs_d[None, :]
         tl.store(ptr + row_f, _coef(a_ptr, row_f, offs_n, offs_d, N, D, KD) * Hf, mask=m)
         tl.store(ptr + row_b, _coef(a_ptr, row_b, offs_n, offs_d, N, D, KD) * Hb, mask=m)
     else:
         row0 = dirn * D
         q = _coef(q_ptr, row0, offs_n, offs_d, N, D, KD, 1.0)
+        a = _coef(a_ptr, row0, offs_n, offs_d, N, D, KD)
         qk = _powi(q, K)
         fwd = (dirn == 0) != REVERSE  # this direction runs forward in physical time
         t0 = tl.where(fwd, v0, v0 + n - 1)
         step = tl.where(fwd, 1, -1)
         H = _local_state(u_ptr, keep_ptr, q, qk, b, t0, step, n, L, D, K, offs_d, MASK_IN, TRUNC, BLOCK_N,
                          BLOCK_D, UNROLL)
-        tl.store(ptr + row0, _coef(a_ptr, row0, offs_n, offs_d, N, D, KD) * H, mask=m)
+        m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        ptr = buf_ptr + (c * B + b).to(tl.int64) * KD * N + offs_n[:, None] * KD + row0 + offs_d[None, :]
+        tl.store(ptr, a * H, mask=m)
 
 
 @triton.jit
