@@ -3,7 +3,8 @@
 //
 // Forward: a chunked scan, x read twice and y written once, no atomics or inter-block waiting.
 //   1. local:  thread (b, direction, channel d, chunk of T steps) sums its chunk's input (u = q u + xm) and
-//              stores the end state from 0, a u (N floats), in the workspace;
+//              stores the end state from 0, a u (N floats), in the workspace; bidirectional without
+//              truncation, one thread (b, d, chunk) does both directions from one read of the chunk;
 //   2. prefix: thread (b, direction, d, group of kPrefixStates states) walks its chunks in the direction's
 //              order, replacing each end state by the state entering that chunk: p <- q^len p + a u (len: the
 //              chunk's length; p starts from `state`), loading a group of chunks ahead (walk_chunks);
@@ -37,6 +38,12 @@ template <typename T, int NM, bool MASK, bool TRUNC>
 __global__ void fwd_local_kernel(FwdParams p, Plan plan) {
   const int d = blockIdx.x * blockDim.x + threadIdx.x, ndir = p.bi ? 2 : 1;
   if (d < p.D) fwd_local_thread<T, NM, MASK, TRUNC>(p, plan, blockIdx.y / ndir, blockIdx.y % ndir, d, blockIdx.z);
+}
+
+template <typename T, int NM, bool MASK>
+__global__ void fwd_local_both_kernel(FwdParams p, Plan plan) {  // bidirectional, no truncation
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d < p.D) fwd_local_both_thread<T, NM, MASK>(p, plan, blockIdx.y, d, blockIdx.z);
 }
 
 template <int NM>
@@ -128,7 +135,10 @@ template <typename T, int NM, bool MASK, bool TRUNC>
 const char* fwd_sweeps(const FwdParams& p, cudaStream_t s) {
   const Plan plan = fwd_plan(p.B, p.L, p.D, p.bi);
   const int ndir = p.bi ? 2 : 1, xb = (p.D + kThreads - 1) / kThreads;
-  MK_LAUNCH(fwd_local_kernel<T, NM, MASK, TRUNC><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
+  if (p.bi && !TRUNC)  // both directions from one read of x
+    MK_LAUNCH(fwd_local_both_kernel<T, NM, MASK><<<dim3(xb, p.B, plan.nchunks), kThreads, 0, s>>>(p, plan));
+  else
+    MK_LAUNCH(fwd_local_kernel<T, NM, MASK, TRUNC><<<dim3(xb, p.B * ndir, plan.nchunks), kThreads, 0, s>>>(p, plan));
   MK_LAUNCH(fwd_prefix_kernel<NM><<<dim3(xb, p.B * ndir, prefix_groups<NM>()), kThreads, 0, s>>>(p, plan));
   if (p.bi) {
     const size_t smem = sizeof(float) * kThreads * plan.chunk;  // plan.chunk <= kBiChunk: within 48 KiB

@@ -258,6 +258,39 @@ MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir
     p.workspace[ws_index(b, dir_idx, ndir, chunk, plan.nchunks, n, NM, d, p.D)] = r.a[n] * u[n];
 }
 
+// Phase 1 of a bidirectional EMA without truncation, for (batch b, channel d, chunk): both directions' end
+// states from one read of the chunk (fwd_local_thread, once per direction, reads it twice). Direction 0 as
+// there; direction 1 runs backward in time, so its chunk ends at the chunk's first step t0 and its input sum
+// u = sum_t q^(t - t0) xm_t is formed walking forward with the power w = q^(t - t0): two operations per state
+// and step where Horner takes one.
+template <typename T, int NM, bool MASK>
+MK_HD void fwd_local_both_thread(const FwdParams& p, const Plan& plan, int b, int d, int chunk) {
+  float q0[NM], q1[NM], u0[NM], u1[NM], w[NM];
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    q0[n] = n < p.N ? p.cf.q[d * p.N + n] : 0.f;
+    q1[n] = n < p.N ? p.cf.q[(p.D + d) * p.N + n] : 0.f;
+    u0[n] = u1[n] = 0.f;
+    w[n] = 1.f;
+  }
+  const Lanes<T> in{static_cast<const T*>(p.x) + static_cast<int64_t>(b) * p.L * p.D + d,
+                    MASK ? p.mask + static_cast<int64_t>(b) * p.L : nullptr, p.D, p.L, 1};
+  int i0, i1;
+  chunk_positions(chunk, plan.chunk, p.L, 1, i0, i1);
+  sweep_rows<T, MASK, false>(in, {}, 1, i0, i1, 0, [&](int, const Row& s) {
+    MK_UNROLL for (int n = 0; n < NM; ++n) {
+      u0[n] = q0[n] * u0[n] + s.xm;
+      u1[n] = w[n] * s.xm + u1[n];
+      w[n] *= q1[n];
+    }
+  });
+  MK_UNROLL for (int n = 0; n < NM; ++n) {
+    const bool there = n < p.N;
+    p.workspace[ws_index(b, 0, 2, chunk, plan.nchunks, n, NM, d, p.D)] = there ? p.cf.a[d * p.N + n] * u0[n] : 0.f;
+    p.workspace[ws_index(b, 1, 2, chunk, plan.nchunks, n, NM, d, p.D)] =
+        there ? p.cf.a[(p.D + d) * p.N + n] * u1[n] : 0.f;
+  }
+}
+
 // -- the prefix passes: one serial walk over a lane's chunks -----------------------------------------------
 // Each prefix pass (forward phase 2, backward phases 2 and 5) walks the chunks of one (b, direction, channel)
 // in order, reading each chunk's local value and overwriting it with the carry entering that chunk. A load

@@ -35,9 +35,15 @@ Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt s
   std::vector<float> ebuf(plan.chunk, NAN);
   mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {  // as fwd() in ema_cuda.cu
     constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
-    for (int c = 0; c < plan.nchunks; ++c)
+    for (int c = 0; c < plan.nchunks; ++c) {
+      if (bi && !TR) {
+        for (int b = 0; b < B; ++b)
+          for (int d = 0; d < D; ++d) mc::fwd_local_both_thread<float, NM, M>(p, plan, b, d, c);
+        continue;
+      }
       for (int bd = 0; bd < B * ndir; ++bd)
         for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    }
     for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
       for (int bd = 0; bd < B * ndir; ++bd)
         for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
