@@ -52,6 +52,8 @@ VARIANTS = {
     "tc c256": dict(chunk=256, tensor_cores=True),
     "tc c256 tf32": dict(chunk=256, tensor_cores=True, tc_precision="tf32"),
     "tc lookback c256": dict(chunk=256, tensor_cores=True, lookback=True),  # x from DRAM once (one direction)
+    # without the output passes' register cap (ema_tc._register_cap: float32, one direction, no mask)
+    "tc c256 uncapped": dict(chunk=256, tensor_cores=True, tc_register_cap=False),
 }
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -113,12 +115,15 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
     if "triton" in backends:  # look-back exists for one direction only
         runs += [(f"triton[{v}]", t) for v, t in variants.items() if not (bidirectional and t.get("lookback"))
                  and not (t.get("tensor_cores") and ((bsz, length, dim) != (8, 4096, 1024)
-                                                     or t.get("tc_precision") == "tf32" and dtype != torch.bfloat16))]
+                                                     or t.get("tc_precision") == "tf32" and dtype != torch.bfloat16
+                                                     or t.get("tc_register_cap") is False
+                                                     and (dtype != torch.float32 or bidirectional)))]
     for name, tuning in runs:
         backend = name.split("[")[0]
         fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[sequential]", "triton[tc c256]"):
+            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[sequential]", "triton[tc c256]",
+                                                                        "triton[tc c256 uncapped]"):
                 continue  # backward variants: only the ones that change the backward's structure (tc: the
                 # backward on tensor cores, its scans in ema_tc.py and its parameter sweep in ema_tc_bwd.py)
             r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)

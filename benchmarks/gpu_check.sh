@@ -55,7 +55,7 @@ tail -4 "$OUT/check.log"
 stamp "summary"  # the target-shape rows, where their time goes, and each issue's targets (PASS / FAIL / n/a)
 echo "== bench_ema"
 grep -E "^ema .*(B8 L4096 D1024 N16 (uni|bi)|B1 L1048576).* (reference|triton|cuda) " "$OUT/bench_ema.log" | head -24
-grep -E "^ema .*B8 L4096 D1024 N16.*triton\[tc " "$OUT/bench_ema.log" | head -16  # fwd and fwd+bwd rows
+grep -E "^ema .*B8 L4096 D1024 N16.*triton\[tc " "$OUT/bench_ema.log" | head -20  # fwd and fwd+bwd rows
 grep -A4 "where the time goes" "$OUT/bench_ema.log" | head -30
 sed -n '/^# targets/,$p' "$OUT/bench_ema.log"
 echo "== bench_attention"

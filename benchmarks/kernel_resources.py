@@ -25,7 +25,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int, divisible=()):
     """Compile `fn` (a @triton.jit kernel): `types` maps argument names to Triton types ("*fp32", "i32"); every
     other argument is a constexpr taken from `consts` (else its default; None for an absent pointer). `divisible`:
-    arguments Triton may take as multiples of 16 (pointers: 16-byte aligned), as it specializes them at launch."""
+    arguments Triton may take as multiples of 16 (pointers: 16-byte aligned), as it specializes them at launch.
+    consts["maxnreg"], if given, is the launch's register cap (not an argument)."""
     sig, ce = {}, {}
     defaults = {p.name: p.default for p in fn.params if p.has_default}
     for name in fn.arg_names:
@@ -35,7 +36,10 @@ def compile_kernel(fn, types: dict, consts: dict, num_warps: int, arch: int, div
             sig[name], ce[name] = "constexpr", consts.get(name, defaults.get(name))
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in divisible}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=ce, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+    options = dict(num_warps=num_warps)
+    if consts.get("maxnreg"):
+        options["maxnreg"] = consts["maxnreg"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _tool(name, path, *flags):
@@ -89,6 +93,8 @@ def ema_configs():
     """(label, kernel, types, constexprs, num_warps, warp-steps per loop iteration, arguments divisible by 16) of
     the EMA kernels with the launchers' GPU settings, unidirectional, no mask, N = 16. A warp-step is 32 elements
     (one time step of a warp's 32 channels), so every kernel's loop is reported per 32 elements."""
+    import torch
+
     from mega_kernels.triton import ema_bwd as B
     from mega_kernels.triton import ema_fwd as F
     from mega_kernels.triton import ema_tc as TC
@@ -127,19 +133,24 @@ def ema_configs():
     tc_warps, tc_bd, tc_nb = 8, 16, 16
     tc_steps = tc_bd * TC.SUB * tc_nb // (32 * tc_warps)
     aligned = tuple(tc_types) + ("D",)
+    torch_dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dt, prec in (("fp32", "split"), ("bf16", "split"), ("bf16", "tf32")):
         types = dict(tc_types, u_ptr=f"*{dt}", out_ptr=f"*{dt}")
         consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC=prec,
                       EXACT_X=dt != "fp32", SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
         for mode in ("states", "out"):
-            yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types, dict(consts, STATES=mode == "states"),
-                   tc_warps, tc_steps, tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
+            cap = TC._register_cap(True, False, 1, F.EPI_SILU, torch_dt[dt], TC.REGISTER_CAP) if mode == "out" else None
+            yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types,
+                   dict(consts, STATES=mode == "states", maxnreg=cap), tc_warps, tc_steps,
+                   tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
     # the backward's two scans on tensor cores (ema_bwd(tensor_cores=True)): z and dL/dz from the forward's chunk
     # states, and the adjoint (reversed rows, g in, dx out)
     bwd_types = dict(tc_types, u_ptr="*fp32", out_ptr="*fp32", gy_ptr="*fp32", dom_ptr="*fp32")
     bwd = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC="split",
                EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb, STATES=False)
-    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)), ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True))):
+    dx_cap = TC._register_cap(True, False, 1, F.EPI_DX, torch.float32, TC.REGISTER_CAP)
+    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)),
+                          ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True, maxnreg=dx_cap))):
         yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps, tc_steps,
                tuple(n for n in bwd_types if n.endswith("_ptr")) + ("D",))
     # the tensor-core parameter sweep of the backward

@@ -167,6 +167,46 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     _check_forward(3, 50, 17, 3, False, True, True, chunk=24, lookback=True)
 
 
+@pytest.mark.parametrize("case,capped", [
+    (dict(), [False, True]),                                     # the state pass, then the output pass
+    (dict(mask=True), [False, False]),                           # masks spill under the cap
+    (dict(dtype=torch.bfloat16), [False, False]),                # 16-bit x: already 16 warps/SM
+    (dict(bidirectional=True), [False, False]),                  # two directions: ~206 registers
+    (dict(length=100), [False, False]),                          # partial chunks (not EVEN)
+    (dict(tc_register_cap=False), [False, False]),
+    (dict(backward=True), [False, True]),                        # dL/dz (spills under the cap), adjoint dx
+], ids=str)
+def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
+    """The output pass of a float32, one-direction, unmasked EVEN scan (forward or adjoint) launches with
+    maxnreg = REGISTER_CAP (two programs per SM on sm_90, no spill); every other launch leaves registers to the
+    compiler. The results are the same either way (under the interpreter the cap does nothing)."""
+    from mega_kernels.triton import ema_tc
+
+    launches = []
+    real = ema_tc._tc_scan_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("maxnreg") == ema_tc.REGISTER_CAP)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(ema_tc, "_tc_scan_kernel", Recorded())
+    dtype = case.get("dtype", torch.float32)
+    bidirectional = case.get("bidirectional", False)
+    x, coefs, _, mask, _ = _inputs(2, case.get("length", 128), 16, 3, bidirectional, False, dtype)
+    mask = mask if case.get("mask") else None
+    tuning = dict(chunk=16, block_d=16, cols=16, tensor_cores=True)
+    if "tc_register_cap" in case:
+        tuning["tc_register_cap"] = case["tc_register_cap"]
+    _, _, states = ema_fwd(x, *coefs, mask, None, bidirectional, 0, False, return_states=True, **tuning)
+    if case.get("backward"):
+        launches.clear()
+        ema_bwd(torch.randn_like(x), None, x, *coefs, mask, None, bidirectional, 0, states=states, **tuning)
+    assert launches == capped
+
+
 @pytest.mark.parametrize("option,match", [
     (dict(truncation=5), "truncation"),
     (dict(lookback=True, bidirectional=True), "one direction only"),

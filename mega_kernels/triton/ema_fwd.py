@@ -602,7 +602,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
              block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4,
              local: Optional[Tensor] = None, states: Optional[Tensor] = None, tensor_cores: bool = False,
-             cols: int = 16, tc_precision: str = "split") -> Scan:
+             cols: int = 16, tc_precision: str = "split", tc_register_cap: bool = True) -> Scan:
     """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -617,13 +617,14 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     same u, coefficients, s0 and chunking (the forward's, for the backward's recomputation; read only): the
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the chunk-state and output
     passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels, default 16, x cols columns
-    per program, dots at tc_precision; with lookback, one launch for the forward's one direction); every
-    epilogue but EPI_STORE, no truncation (refused).
+    per program, dots at tc_precision; with lookback, one launch for the forward's one direction; tc_register_cap:
+    the output pass's register cap where ema_tc._register_cap allows it); every epilogue but EPI_STORE, no
+    truncation (refused).
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
                                  mask_in, write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols,
-                                 tc_precision)
+                                 tc_precision, tc_register_cap)
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or DEFAULT_CHUNK)
@@ -679,19 +680,21 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
 
 
 def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse, mask_in,
-                      write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols, precision) -> Scan:
+                      write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols, precision,
+                      register_cap) -> Scan:
     """ema_scan(..., tensor_cores=True): the passes of ema_tc.py, or a ValueError naming what they do not take."""
     refused = [name for name, given in (("truncation", truncation > 0), ("EPI_STORE", epilogue == EPI_STORE)) if given]
     if refused:
         raise ValueError(f"ema_scan: tensor_cores=True does not take {', '.join(refused)}; leave tensor_cores off "
                          "for those (the sweeps take every option)")
-    from .ema_tc import ema_scan_tc  # imports this module
+    from .ema_tc import REGISTER_CAP, ema_scan_tc  # imports this module
 
     out, buf, chunk, dom, final = ema_scan_tc(u, a, q, c, omega, keep, s0, bidirectional=bidirectional,
                                               out_dtype=out_dtype, chunk=chunk, block_d=block_d or 16, cols=cols,
                                               num_warps=num_warps or 8, precision=precision, lookback=bool(lookback),
                                               epilogue=epilogue, gy=gy, reverse=reverse, mask_in=mask_in,
-                                              states=states, local=local, write_final=write_final)
+                                              states=states, local=local, write_final=write_final,
+                                              register_cap=REGISTER_CAP if register_cap else None)
     return Scan(out, final, buf, chunk, dom)
 
 
