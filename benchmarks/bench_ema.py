@@ -52,9 +52,12 @@ VARIANTS = {
     "tc c256": dict(chunk=256, tensor_cores=True),
     "tc c256 tf32": dict(chunk=256, tensor_cores=True, tc_precision="tf32"),
     "tc lookback c256": dict(chunk=256, tensor_cores=True, lookback=True),  # x from DRAM once (one direction)
-    # without the output passes' register cap (ema_tc._register_cap: float32, one direction, no mask)
-    "tc c256 uncapped": dict(chunk=256, tensor_cores=True, tc_register_cap=False),
+    # without the output passes' register caps (ema_fwd._register_cap: both directions, the backward's dL/dz;
+    # ema_tc._register_cap: float32, one direction), at the B8 L4096 D1024 shapes they apply to
+    "carry c256 uncapped": dict(chunk=256, lookback=False, register_cap=False),
+    "tc c256 uncapped": dict(chunk=256, tensor_cores=True, register_cap=False),
 }
+FWD_BWD_VARIANTS = ("sequential", "tc c256", "carry c256 uncapped", "tc c256 uncapped")  # see bench_shape
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -101,6 +104,25 @@ def _fns(x, params, gy, bidirectional, backend, tuning=None):
     return fwd, fwd_bwd
 
 
+def _variant_applies(tuning, shape) -> bool:
+    """Whether a Triton variant is timed at a shape: look-back runs one direction only; the tensor-core and
+    uncapped variants run at the B8 L4096 D1024 shapes only (each compiles its own kernels), tf32 for bf16 only,
+    the uncapped ones in float32 only (the time budget of gpu_check.sh), "tc c256 uncapped" where ema_tc's cap
+    applies (one direction)."""
+    bsz, length, dim, _, dtype, bidirectional = shape
+    if bidirectional and tuning.get("lookback"):
+        return False
+    if not (tuning.get("tensor_cores") or tuning.get("register_cap") is False):
+        return True
+    if (bsz, length, dim) != (8, 4096, 1024):
+        return False
+    if tuning.get("tc_precision") == "tf32" and dtype != torch.bfloat16:
+        return False
+    if tuning.get("register_cap") is False:
+        return dtype == torch.float32 and not (tuning.get("tensor_cores") and bidirectional)
+    return True
+
+
 def bench_shape(rows, shape, backends, device, variants, breakdown=False):
     bsz, length, dim, ndim, dtype, bidirectional = shape
     label = f"B{bsz} L{length} D{dim} N{ndim} {'bi' if bidirectional else 'uni'}"
@@ -112,20 +134,15 @@ def bench_shape(rows, shape, backends, device, variants, breakdown=False):
     nbytes = x.numel() * x.element_size()
     floors = {"fwd": copy_ms(2 * nbytes, device), "fwd+bwd": copy_ms(5 * nbytes, device)}
     runs = [(name, None) for name in backends]
-    if "triton" in backends:  # look-back exists for one direction only
-        runs += [(f"triton[{v}]", t) for v, t in variants.items() if not (bidirectional and t.get("lookback"))
-                 and not (t.get("tensor_cores") and ((bsz, length, dim) != (8, 4096, 1024)
-                                                     or t.get("tc_precision") == "tf32" and dtype != torch.bfloat16
-                                                     or t.get("tc_register_cap") is False
-                                                     and (dtype != torch.float32 or bidirectional)))]
+    if "triton" in backends:
+        runs += [(f"triton[{v}]", t) for v, t in variants.items() if _variant_applies(t, shape)]
     for name, tuning in runs:
         backend = name.split("[")[0]
         fwd, fwd_bwd = _fns(x, params, gy, bidirectional, backend, tuning)
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            if tuning is not None and mode == "fwd+bwd" and name not in ("triton[sequential]", "triton[tc c256]",
-                                                                        "triton[tc c256 uncapped]"):
-                continue  # backward variants: only the ones that change the backward's structure (tc: the
-                # backward on tensor cores, its scans in ema_tc.py and its parameter sweep in ema_tc_bwd.py)
+            if tuning is not None and mode == "fwd+bwd" and name[len("triton["):-1] not in FWD_BWD_VARIANTS:
+                continue  # backward variants: only the ones that change the backward (tc: the backward on tensor
+                # cores, its scans in ema_tc.py and its parameter sweep in ema_tc_bwd.py; the caps)
             r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)
             if r.ms:
                 r.floor_fraction = floors[mode] / r.ms

@@ -101,6 +101,9 @@ def ema_configs():
     sizes = {k: "i32" for k in "B L D N K CHUNK NDB".split()}
     block_d = F.block_d_for(1024)
     warps = max(1, block_d // 32)
+    def cap(bidirectional, epilogue):  # the launcher's register cap (no mask, no truncation, several chunks)
+        return F._register_cap(bidirectional, epilogue, False, False, True, False, block_d, warps, 4, 16)
+
     scan = dict(BIDIR=False, REVERSE=False, MASK_IN=False, MASK_OUT=False, TRUNC=False, HAS_S0=False, CARRY=True,
                 LOOKBACK=False, WRITE_FINAL=False, UNROLL=4, BLOCK_N=16, BLOCK_D=block_d)
     for dt in ("fp32", "bf16"):
@@ -117,10 +120,10 @@ def ema_configs():
                    dict(NDIR=2, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
                         BOTH=True), warps, 4, ())
             yield (f"ema fwd scan_out bi {dt}", F._scan_out_kernel, dict(types, acc_ptr="*fp32"),
-                   dict(scan, EPI=F.EPI_SILU, BIDIR=True), warps, 4, ())
+                   dict(scan, EPI=F.EPI_SILU, BIDIR=True, maxnreg=cap(True, F.EPI_SILU)), warps, 4, ())
         yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
                dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
-               dict(scan, EPI=F.EPI_DSILU), warps, 4, ())
+               dict(scan, EPI=F.EPI_DSILU, maxnreg=cap(False, F.EPI_DSILU)), warps, 4, ())
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
                 "part_ptr": "*fp32", "adj_ptr": "*fp32", "GROUP": "i32", **sizes},

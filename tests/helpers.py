@@ -30,6 +30,23 @@ def poisoned_like(t):
     return torch.full_like(t, float("nan"))
 
 
+def record_launches(monkeypatch, module, kernel: str) -> list:
+    """The launch options (keyword arguments) of every launch of module.kernel (a Triton kernel) from here on,
+    in order: a list that grows; each launch still runs."""
+    launches = []
+    real = getattr(module, kernel)
+
+    class Recorded:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(module, kernel, Recorded())
+    return launches
+
+
 # -- EMA ----------------------------------------------------------------------------------------------
 # (B, L, D, N) cases for every EMA backend's tests: odd sizes, L = 1, N = 1.
 EMA_CASES = [

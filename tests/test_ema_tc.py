@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask, triton_ema_gate
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask, record_launches, triton_ema_gate
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
 DEVICE, _REASON, pytestmark = triton_ema_gate()
@@ -173,7 +173,7 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     (dict(dtype=torch.bfloat16), [False, False]),                # 16-bit x: already 16 warps/SM
     (dict(bidirectional=True), [False, False]),                  # two directions: ~206 registers
     (dict(length=100), [False, False]),                          # partial chunks (not EVEN)
-    (dict(tc_register_cap=False), [False, False]),
+    (dict(register_cap=False), [False, False]),
     (dict(backward=True), [False, True]),                        # dL/dz (spills under the cap), adjoint dx
 ], ids=str)
 def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
@@ -182,29 +182,19 @@ def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
     compiler. The results are the same either way (under the interpreter the cap does nothing)."""
     from mega_kernels.triton import ema_tc
 
-    launches = []
-    real = ema_tc._tc_scan_kernel
-
-    class Recorded:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs.get("maxnreg") == ema_tc.REGISTER_CAP)
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(ema_tc, "_tc_scan_kernel", Recorded())
+    launches = record_launches(monkeypatch, ema_tc, "_tc_scan_kernel")
     dtype = case.get("dtype", torch.float32)
     bidirectional = case.get("bidirectional", False)
     x, coefs, _, mask, _ = _inputs(2, case.get("length", 128), 16, 3, bidirectional, False, dtype)
     mask = mask if case.get("mask") else None
     tuning = dict(chunk=16, block_d=16, cols=16, tensor_cores=True)
-    if "tc_register_cap" in case:
-        tuning["tc_register_cap"] = case["tc_register_cap"]
+    if "register_cap" in case:
+        tuning["register_cap"] = case["register_cap"]
     _, _, states = ema_fwd(x, *coefs, mask, None, bidirectional, 0, False, return_states=True, **tuning)
     if case.get("backward"):
         launches.clear()
         ema_bwd(torch.randn_like(x), None, x, *coefs, mask, None, bidirectional, 0, states=states, **tuning)
-    assert launches == capped
+    assert [kw.get("maxnreg") == ema_tc.REGISTER_CAP for kw in launches] == capped
 
 
 @pytest.mark.parametrize("option,match", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mega_kernels.ops as ops
-from helpers import assert_close_to_reference, ema_params, random_mask, triton_ema_gate
+from helpers import assert_close_to_reference, ema_params, random_mask, record_launches, triton_ema_gate
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
 DEVICE, _REASON, pytestmark = triton_ema_gate()
@@ -185,6 +185,29 @@ def test_bidirectional_chunk_states_in_one_read(reverse, length, chunk, unroll):
             x, fwd_mod.keep_of(mask), aT, qT, buf, bsz, length, dim, ndim, 0, chunk, 1, NDIR=2, REVERSE=reverse,
             MASK_IN=True, TRUNC=False, BLOCK_N=4, BLOCK_D=8, UNROLL=unroll, BOTH=both)
         assert_close_to_reference(f"chunk states (both={both})", buf, ref, low)
+
+
+@pytest.mark.parametrize("case,caps", [
+    (dict(bidirectional=True), [128, 128, 128]),      # forward; backward: dL/dz, adjoint
+    (dict(), [None, 96, None]),                       # one direction: the dL/dz scan only
+    (dict(mask=True), [None, None, None]),            # a mask spills the dL/dz scan's cap
+    (dict(bidirectional=True, truncation=3), [None, None, None]),
+    (dict(bidirectional=True, block_d=8), [None, None, None]),  # tiles other than the launcher's GPU ones
+    (dict(bidirectional=True, register_cap=False), [None, None, None]),
+], ids=str)
+def test_register_caps_of_the_output_sweeps(monkeypatch, case, caps):
+    """`_scan_out_kernel` launches with a register cap only where _register_cap checked it (the GPU tiles: 32
+    channels, one warp, 4 rows per iteration; no truncation; both directions, or the backward's dL/dz scan
+    without a mask); the results stay those of the reference (under the interpreter the cap does nothing)."""
+    launches = record_launches(monkeypatch, fwd_mod, "_scan_out_kernel")
+    bidirectional, truncation = case.get("bidirectional", False), case.get("truncation", 0)
+    coefs, coefs64, x, mask, _, gy, _ = _case(2, 40, 5, 3, bidirectional, False)
+    tuning = dict(chunk=16, block_d=case.get("block_d", 32), num_warps=1, unroll=4)
+    if "register_cap" in case:
+        tuning["register_cap"] = case["register_cap"]
+    _check(x, coefs, coefs64, mask if case.get("mask") else None, None, gy, None, bidirectional, truncation,
+           **tuning)
+    assert [kw.get("maxnreg") for kw in launches] == caps
 
 
 @pytest.mark.parametrize("truncation", [0, 5])

@@ -352,7 +352,7 @@ def _secondary_sweep(u_ptr, keep_ptr, acc_ptr, a_ptr, q_ptr, c_ptr, buf_ptr, b, 
     """A bidirectional chunk's first sweep (_scan_out_kernel): the rows [D:] of channels d0 + [0, BLOCK_D), from
     the state buf[cp] of physical chunk cp (CARRY; else zero), their EMA into acc. Not inlined, and so taking
     scalars only: inlined, the compiler kept values of both sweeps live across this one (sm_90, fp32: 249
-    registers, 8 warps/SM; called: 142, 14)."""
+    registers, 8 warps/SM; called: 144, 14, and 120, 17 under the launcher's cap, _register_cap)."""
     offs_d = d0 + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     a = _coef(a_ptr, D, offs_n, offs_d, N, D, 2 * D)
@@ -574,6 +574,26 @@ def run_carry(buf: Tensor, qT: Tensor, aT: Tensor, s0: Optional[Tensor], length:
         SCALE_LOC=scale_loc, BLOCK=blk)
 
 
+def _register_cap(bidirectional: bool, epilogue: int, masked: bool, truncated: bool, carry: bool, lookback: bool,
+                  block_d: int, num_warps: int, unroll: int, ndim: int) -> Optional[int]:
+    """The maxnreg of a `_scan_out_kernel` launch where a cap adds warps per SM without spilling, else None (the
+    compiler's choice). Checked on sm_90 for the launcher's GPU tiles (BLOCK_D 32, one warp, unroll 4, N <= 16)
+    over the flag combinations below (benchmarks/NOTES.md, session 9); anything else keeps the compiler's choice:
+    - both directions, no truncation: 128. The float32 forward goes from 144 registers (14 warps/SM) to 120
+      (17), the backward's two scans from 145 / 141 to <= 128, with the same instructions per step; masks, an
+      initial state and one chunk fit too.
+    - the backward's dL/dz scan, one direction, no mask, no truncation, several chunks: 96. That is 117 -> 96
+      registers in float32 (17 -> 21 warps/SM, 1% more instructions per step) and 126 -> 96 in bfloat16 (16
+      -> 21, 3%). With a mask it spills 8-24 B."""
+    if (block_d, num_warps, unroll) != (DEFAULT_BLOCK_D, 1, 4) or ndim > 16 or truncated or lookback:
+        return None
+    if bidirectional:
+        return 128
+    if epilogue == EPI_DSILU and not masked and carry:
+        return 96
+    return None
+
+
 def _block_n(n: int) -> int:
     return max(2, triton.next_power_of_2(n))
 
@@ -602,7 +622,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
              block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4,
              local: Optional[Tensor] = None, states: Optional[Tensor] = None, tensor_cores: bool = False,
-             cols: int = 16, tc_precision: str = "split", tc_register_cap: bool = True) -> Scan:
+             cols: int = 16, tc_precision: str = "split", register_cap: bool = True) -> Scan:
     """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -617,14 +637,14 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     same u, coefficients, s0 and chunking (the forward's, for the backward's recomputation; read only): the
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the chunk-state and output
     passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels, default 16, x cols columns
-    per program, dots at tc_precision; with lookback, one launch for the forward's one direction; tc_register_cap:
-    the output pass's register cap where ema_tc._register_cap allows it); every epilogue but EPI_STORE, no
-    truncation (refused).
+    per program, dots at tc_precision; with lookback, one launch for the forward's one direction); every
+    epilogue but EPI_STORE, no truncation (refused). register_cap: the output pass launches with a register cap
+    where `_register_cap` (or ema_tc._register_cap) allows one; False leaves registers to the compiler.
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
                                  mask_in, write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols,
-                                 tc_precision, tc_register_cap)
+                                 tc_precision, register_cap)
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or DEFAULT_CHUNK)
@@ -669,13 +689,15 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
+    cap = _register_cap(bidirectional, epilogue, keep is not None, truncation > 0, carry, lookback, block_d,
+                        num_warps, unroll, ndim) if register_cap else None
     _scan_out_kernel[(nc * bsz * ndb,)](
         u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, dom, flags, ticket, bsz, length, dim, ndim,
         truncation, chunk, ndb, EPI=epilogue, BIDIR=bidirectional, REVERSE=reverse,
         MASK_IN=keep is not None and mask_in,
         MASK_OUT=keep is not None and not mask_in, TRUNC=truncation > 0, HAS_S0=s0 is not None,
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, UNROLL=unroll, BLOCK_N=block_n,
-        BLOCK_D=block_d, num_warps=num_warps)
+        BLOCK_D=block_d, num_warps=num_warps, **({"maxnreg": cap} if cap else {}))
     return Scan(out, final, buf, chunk, dom)
 
 
