@@ -101,8 +101,8 @@ def ema_configs():
     sizes = {k: "i32" for k in "B L D N K CHUNK NDB".split()}
     block_d = F.block_d_for(1024)
     warps = max(1, block_d // 32)
-    def cap(bidirectional, epilogue):  # the launcher's register cap (no mask, no truncation, several chunks)
-        return F._register_cap(bidirectional, epilogue, False, False, True, False, block_d, warps, 4, 16)
+    def cap(kernel, bidirectional, epilogue):  # the launcher's register cap (no mask or truncation, chunks)
+        return F._register_cap(kernel, bidirectional, epilogue, False, False, True, False, block_d, warps, 4, 16)
 
     scan = dict(BIDIR=False, REVERSE=False, MASK_IN=False, MASK_OUT=False, TRUNC=False, HAS_S0=False, CARRY=True,
                 LOOKBACK=False, WRITE_FINAL=False, UNROLL=4, BLOCK_N=16, BLOCK_D=block_d)
@@ -112,18 +112,18 @@ def ema_configs():
         yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=F.EPI_SILU), warps, 4, ()
         yield (f"ema fwd chunk_state {dt}", F._chunk_state_kernel,
                {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
-               dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4),
-               warps, 4, ())
+               dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
+                    maxnreg=cap("states", False, F.EPI_SILU)), warps, 4, ())
         if dt == "fp32":  # bidirectional: both directions' chunk states from one read, then the two walks
             yield (f"ema fwd chunk_state bi {dt}", F._chunk_state_kernel,
                    {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                    dict(NDIR=2, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
                         BOTH=True), warps, 4, ())
             yield (f"ema fwd scan_out bi {dt}", F._scan_out_kernel, dict(types, acc_ptr="*fp32"),
-                   dict(scan, EPI=F.EPI_SILU, BIDIR=True, maxnreg=cap(True, F.EPI_SILU)), warps, 4, ())
+                   dict(scan, EPI=F.EPI_SILU, BIDIR=True, maxnreg=cap("out", True, F.EPI_SILU)), warps, 4, ())
         yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
                dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
-               dict(scan, EPI=F.EPI_DSILU, maxnreg=cap(False, F.EPI_DSILU)), warps, 4, ())
+               dict(scan, EPI=F.EPI_DSILU, maxnreg=cap("out", False, F.EPI_DSILU)), warps, 4, ())
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
                 "part_ptr": "*fp32", "adj_ptr": "*fp32", "GROUP": "i32", **sizes},
@@ -142,16 +142,16 @@ def ema_configs():
         consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC=prec,
                       EXACT_X=dt != "fp32", SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
         for mode in ("states", "out"):
-            cap = TC._register_cap(True, False, 1, F.EPI_SILU, torch_dt[dt], TC.REGISTER_CAP) if mode == "out" else None
+            tc_cap = TC._register_cap(True, False, 1, F.EPI_SILU, torch_dt[dt], 16, TC.REGISTER_CAP)
             yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types,
-                   dict(consts, STATES=mode == "states", maxnreg=cap), tc_warps, tc_steps,
+                   dict(consts, STATES=mode == "states", maxnreg=tc_cap if mode == "out" else None), tc_warps, tc_steps,
                    tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
     # the backward's two scans on tensor cores (ema_bwd(tensor_cores=True)): z and dL/dz from the forward's chunk
     # states, and the adjoint (reversed rows, g in, dx out)
     bwd_types = dict(tc_types, u_ptr="*fp32", out_ptr="*fp32", gy_ptr="*fp32", dom_ptr="*fp32")
     bwd = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC="split",
                EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb, STATES=False)
-    dx_cap = TC._register_cap(True, False, 1, F.EPI_DX, torch.float32, TC.REGISTER_CAP)
+    dx_cap = TC._register_cap(True, False, 1, F.EPI_DX, torch.float32, 16, TC.REGISTER_CAP)
     for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)),
                           ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True, maxnreg=dx_cap))):
         yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps, tc_steps,

@@ -175,6 +175,8 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     (dict(length=100), [False, False]),                          # partial chunks (not EVEN)
     (dict(register_cap=False), [False, False]),
     (dict(backward=True), [False, True]),                        # dL/dz (spills under the cap), adjoint dx
+    (dict(ndim=20), [False, False]),                             # BLOCK_N 32: not checked
+    (dict(cols=32, length=256), [False, False]),                 # a tile other than the default (EVEN)
 ], ids=str)
 def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
     """The output pass of a float32, one-direction, unmasked EVEN scan (forward or adjoint) launches with
@@ -185,9 +187,9 @@ def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
     launches = record_launches(monkeypatch, ema_tc, "_tc_scan_kernel")
     dtype = case.get("dtype", torch.float32)
     bidirectional = case.get("bidirectional", False)
-    x, coefs, _, mask, _ = _inputs(2, case.get("length", 128), 16, 3, bidirectional, False, dtype)
+    x, coefs, _, mask, _ = _inputs(2, case.get("length", 128), 16, case.get("ndim", 3), bidirectional, False, dtype)
     mask = mask if case.get("mask") else None
-    tuning = dict(chunk=16, block_d=16, cols=16, tensor_cores=True)
+    tuning = dict(chunk=16, block_d=16, cols=case.get("cols", 16), tensor_cores=True)
     if "register_cap" in case:
         tuning["register_cap"] = case["register_cap"]
     _, _, states = ema_fwd(x, *coefs, mask, None, bidirectional, 0, False, return_states=True, **tuning)

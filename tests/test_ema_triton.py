@@ -187,27 +187,33 @@ def test_bidirectional_chunk_states_in_one_read(reverse, length, chunk, unroll):
         assert_close_to_reference(f"chunk states (both={both})", buf, ref, low)
 
 
-@pytest.mark.parametrize("case,caps", [
-    (dict(bidirectional=True), [128, 128, 128]),      # forward; backward: dL/dz, adjoint
-    (dict(), [None, 96, None]),                       # one direction: the dL/dz scan only
-    (dict(mask=True), [None, None, None]),            # a mask spills the dL/dz scan's cap
-    (dict(bidirectional=True, truncation=3), [None, None, None]),
-    (dict(bidirectional=True, block_d=8), [None, None, None]),  # tiles other than the launcher's GPU ones
-    (dict(bidirectional=True, register_cap=False), [None, None, None]),
+@pytest.mark.parametrize("case,state_caps,out_caps", [
+    # forward, then the backward's recomputation (its chunk states) and its two scans (dL/dz, adjoint)
+    (dict(bidirectional=True), [None, None], [128, 128, 128]),
+    (dict(), [80, 80], [None, 96, None]),
+    (dict(mask=True), [None, None], [None, None, None]),       # masks: only both directions' output passes
+    (dict(bidirectional=True, mask=True), [None, None], [128, 128, 128]),
+    (dict(truncation=3), [None, None, None], [None, None, None]),  # (+ the adjoint's own chunk states)
+    (dict(ndim=8), [None, None], [None, None, None]),           # BLOCK_N 8: ptxas would spend the cap
+    (dict(block_d=8), [None, None], [None, None, None]),        # tiles other than the launcher's GPU ones
+    (dict(register_cap=False), [None, None], [None, None, None]),
 ], ids=str)
-def test_register_caps_of_the_output_sweeps(monkeypatch, case, caps):
-    """`_scan_out_kernel` launches with a register cap only where _register_cap checked it (the GPU tiles: 32
-    channels, one warp, 4 rows per iteration; no truncation; both directions, or the backward's dL/dz scan
-    without a mask); the results stay those of the reference (under the interpreter the cap does nothing)."""
-    launches = record_launches(monkeypatch, fwd_mod, "_scan_out_kernel")
+def test_register_caps_of_the_sweeps(monkeypatch, case, state_caps, out_caps):
+    """The sweeps launch with a register cap only where _register_cap checked it: the GPU tiles (32 channels,
+    one warp, 4 rows per iteration, BLOCK_N 16), no truncation; one direction's unmasked chunk states, both
+    directions' output passes, the backward's unmasked dL/dz scan. The results stay the reference's (under the
+    interpreter a cap does nothing)."""
+    states = record_launches(monkeypatch, fwd_mod, "_chunk_state_kernel")
+    outs = record_launches(monkeypatch, fwd_mod, "_scan_out_kernel")
     bidirectional, truncation = case.get("bidirectional", False), case.get("truncation", 0)
-    coefs, coefs64, x, mask, _, gy, _ = _case(2, 40, 5, 3, bidirectional, False)
+    coefs, coefs64, x, mask, _, gy, _ = _case(2, 40, 5, case.get("ndim", 16), bidirectional, False)
     tuning = dict(chunk=16, block_d=case.get("block_d", 32), num_warps=1, unroll=4)
     if "register_cap" in case:
         tuning["register_cap"] = case["register_cap"]
     _check(x, coefs, coefs64, mask if case.get("mask") else None, None, gy, None, bidirectional, truncation,
            **tuning)
-    assert [kw.get("maxnreg") for kw in launches] == caps
+    assert [kw.get("maxnreg") for kw in states] == state_caps
+    assert [kw.get("maxnreg") for kw in outs] == out_caps
 
 
 @pytest.mark.parametrize("truncation", [0, 5])

@@ -574,19 +574,26 @@ def run_carry(buf: Tensor, qT: Tensor, aT: Tensor, s0: Optional[Tensor], length:
         SCALE_LOC=scale_loc, BLOCK=blk)
 
 
-def _register_cap(bidirectional: bool, epilogue: int, masked: bool, truncated: bool, carry: bool, lookback: bool,
-                  block_d: int, num_warps: int, unroll: int, ndim: int) -> Optional[int]:
-    """The maxnreg of a `_scan_out_kernel` launch where a cap adds warps per SM without spilling, else None (the
-    compiler's choice). Checked on sm_90 for the launcher's GPU tiles (BLOCK_D 32, one warp, unroll 4, N <= 16)
-    over the flag combinations below (benchmarks/NOTES.md, session 9); anything else keeps the compiler's choice:
-    - both directions, no truncation: 128. The float32 forward goes from 144 registers (14 warps/SM) to 120
+def _register_cap(kernel: str, bidirectional: bool, epilogue: int, masked: bool, truncated: bool, carry: bool,
+                  lookback: bool, block_d: int, num_warps: int, unroll: int, ndim: int) -> Optional[int]:
+    """The maxnreg of a launch of `kernel` ("states": `_chunk_state_kernel`, "out": `_scan_out_kernel`) where a
+    cap adds warps per SM without spilling, else None (the compiler's choice). Checked on sm_90 for the
+    launcher's GPU tiles only (BLOCK_D 32, one warp, unroll 4, BLOCK_N 16: 9 <= N <= 16) over the flag
+    combinations below (benchmarks/NOTES.md, session 9). With fewer states a cap hurts: ptxas then spends the
+    registers it is allowed (bidirectional N <= 8: 90 -> 118 registers, 21 -> 17 warps/SM).
+    - the chunk states of one direction, no mask: 80 (89 -> 80 registers, 21 -> 25 warps/SM, the same
+      instructions per step).
+    - the output pass of both directions: 128. The float32 forward goes from 144 registers (14 warps/SM) to 120
       (17), the backward's two scans from 145 / 141 to <= 128, with the same instructions per step; masks, an
       initial state and one chunk fit too.
-    - the backward's dL/dz scan, one direction, no mask, no truncation, several chunks: 96. That is 117 -> 96
-      registers in float32 (17 -> 21 warps/SM, 1% more instructions per step) and 126 -> 96 in bfloat16 (16
-      -> 21, 3%). With a mask it spills 8-24 B."""
-    if (block_d, num_warps, unroll) != (DEFAULT_BLOCK_D, 1, 4) or ndim > 16 or truncated or lookback:
+    - the backward's dL/dz scan, one direction, no mask, several chunks: 96. That is 117 -> 96 registers in
+      float32 (17 -> 21 warps/SM, 1% more instructions per step) and 126 -> 96 in bfloat16 (16 -> 21, 3%).
+      With a mask it spills 8-24 B.
+    No truncation anywhere (24-112 B of spill)."""
+    if (block_d, num_warps, unroll, _block_n(ndim)) != (DEFAULT_BLOCK_D, 1, 4, 16) or truncated or lookback:
         return None
+    if kernel == "states":
+        return None if bidirectional or masked else 80
     if bidirectional:
         return 128
     if epilogue == EPI_DSILU and not masked and carry:
@@ -680,16 +687,19 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
             buf = _empty((nc, bsz, ndim, kd), torch.float32, u.device)
             ndir = 2 if bidirectional else 1
             both = bidirectional and truncation == 0  # both directions from one read of each chunk
+            cap = _register_cap("states", bidirectional, epilogue, keep is not None and mask_in, truncation > 0,
+                                carry, lookback, block_d, num_warps, unroll, ndim) if register_cap else None
             _chunk_state_kernel[(nc * bsz * (1 if both else ndir) * ndb,)](
                 u, keep, aT, qT, buf, bsz, length, dim, ndim, truncation, chunk, ndb, NDIR=ndir,
                 REVERSE=reverse, MASK_IN=keep is not None and mask_in, TRUNC=truncation > 0,
-                BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, BOTH=both, num_warps=num_warps)
+                BLOCK_N=block_n, BLOCK_D=block_d, UNROLL=unroll, BOTH=both, num_warps=num_warps,
+                **({"maxnreg": cap} if cap else {}))
         run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
     elif lookback:
         buf = _empty((nc, bsz, ndim, dim), torch.float32, u.device)
         flags = torch.zeros(nc * bsz * ndb, dtype=torch.int32, device=u.device)
         ticket = torch.zeros(1, dtype=torch.int32, device=u.device)
-    cap = _register_cap(bidirectional, epilogue, keep is not None, truncation > 0, carry, lookback, block_d,
+    cap = _register_cap("out", bidirectional, epilogue, keep is not None, truncation > 0, carry, lookback, block_d,
                         num_warps, unroll, ndim) if register_cap else None
     _scan_out_kernel[(nc * bsz * ndb,)](
         u, keep, out, acc, gy, aT, qT, cT, omega, s0, buf, final, dom, flags, ticket, bsz, length, dim, ndim,

@@ -465,14 +465,17 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
 REGISTER_CAP = 128  # registers per thread of the output passes where `_register_cap` allows a cap
 
 
-def _register_cap(even: bool, masked: bool, ndir: int, epilogue: int, dtype: torch.dtype, cap: Optional[int]):
+def _register_cap(even: bool, masked: bool, ndir: int, epilogue: int, dtype: torch.dtype, block_n: int,
+                  cap: Optional[int]):
     """The launch's maxnreg: `cap` for a float32 output pass of one direction, EVEN and unmasked, with the
-    forward's or the adjoint's epilogue, else None (the compiler's choice). There, sm_90 (B8 L4096 D1024 N16):
+    forward's or the adjoint's epilogue and the default tile (16 channels x 16 columns, 8 warps, BLOCK_N 16:
+    N <= 16), else None (the compiler's choice). There, sm_90 (B8 L4096 D1024 N16):
     156 registers without a cap, one 8-warp program per SM; with 128 two (16 warps/SM), no spill, and 3% more
     instructions (forward 29.8 -> 30.6, adjoint 25.5 -> 26.4 per 32 elements). Elsewhere a cap of 128 spills
     (masks: 72 B, partial tiles: 80-208 B, EPI_DSILU: 80 B) or does not raise the warps per SM (16-bit x
     already fits, two directions need ~206)."""
-    if cap and even and not masked and ndir == 1 and epilogue != _fwd.EPI_DSILU and dtype == torch.float32:
+    if (cap and even and not masked and ndir == 1 and epilogue != _fwd.EPI_DSILU and dtype == torch.float32
+            and block_n == 16):
         return cap
     return None
 
@@ -577,7 +580,8 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
             buf = loc
             aT, qT = (t.t().contiguous() for t in (a, q))
             _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
-    cap = _register_cap(even, keep is not None, ndir, epilogue, u.dtype, register_cap)
+    cap = _register_cap(even, keep is not None, ndir, epilogue, u.dtype, block_n,
+                        register_cap if (block_d, cols, num_warps) == (16, 16, 8) else None)
     _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, gy, dom, op, omega, s0, buf, None, None, bsz, length, dim,
                                      ndim, chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
                                      EPI=epilogue, MASK_OUT=keep is not None and not mask_in,
