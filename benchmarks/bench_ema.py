@@ -52,12 +52,12 @@ VARIANTS = {
     "tc c256": dict(chunk=256, tensor_cores=True),
     "tc c256 tf32": dict(chunk=256, tensor_cores=True, tc_precision="tf32"),
     "tc lookback c256": dict(chunk=256, tensor_cores=True, lookback=True),  # x from DRAM once (one direction)
-    # without the output passes' register caps (ema_fwd._register_cap: both directions, the backward's dL/dz;
-    # ema_tc._register_cap: float32, one direction), at the B8 L4096 D1024 shapes they apply to
+    # without the sweeps' register caps (ema_fwd._register_cap), at the B8 L4096 D1024 shapes
     "carry c256 uncapped": dict(chunk=256, lookback=False, register_cap=False),
-    "tc c256 uncapped": dict(chunk=256, tensor_cores=True, register_cap=False),
+    # float32 on tensor cores with 16 channels per program instead of 8 (ema_tc.default_block_d)
+    "tc c256 bd16": dict(chunk=256, tensor_cores=True, block_d=16),
 }
-FWD_BWD_VARIANTS = ("sequential", "tc c256", "carry c256 uncapped", "tc c256 uncapped")  # see bench_shape
+FWD_BWD_VARIANTS = ("sequential", "tc c256", "carry c256 uncapped", "tc c256 bd16")  # see bench_shape
 DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -107,8 +107,8 @@ def _fns(x, params, gy, bidirectional, backend, tuning=None):
 def _variant_applies(tuning, shape) -> bool:
     """Whether a Triton variant is timed at a shape: look-back runs one direction only; the tensor-core and
     uncapped variants run at the B8 L4096 D1024 shapes only (each compiles its own kernels), tf32 for bf16 only,
-    the uncapped ones in float32 only (the time budget of gpu_check.sh), "tc c256 uncapped" where ema_tc's cap
-    applies (one direction)."""
+    "carry c256 uncapped" and "tc c256 bd16" in float32 only (the time budget of gpu_check.sh; 16-bit inputs
+    already run 16 channels on tensor cores)."""
     bsz, length, dim, _, dtype, bidirectional = shape
     if bidirectional and tuning.get("lookback"):
         return False
@@ -118,8 +118,8 @@ def _variant_applies(tuning, shape) -> bool:
         return False
     if tuning.get("tc_precision") == "tf32" and dtype != torch.bfloat16:
         return False
-    if tuning.get("register_cap") is False:
-        return dtype == torch.float32 and not (tuning.get("tensor_cores") and bidirectional)
+    if tuning.get("register_cap") is False or tuning.get("block_d") == 16:
+        return dtype == torch.float32
     return True
 
 

@@ -77,8 +77,12 @@ def report(compiled, tmpdir="/tmp") -> dict:
     measured = [mix(*se) for se in loops[:3]] or [(0, Counter())]
     # the hot loop: the longest innermost one, or the longest with tensor-core instructions where some have them
     # (a kernel's epilogue can compile to a longer loop that runs once); an upper bound where LLVM unrolled a
-    # scalar tail loop longer than the main loop
-    loop, ops = next((m for m in map(lambda se: mix(*se), loops) if m[1]["HMMA"]), measured[0])
+    # scalar tail loop longer than the main loop. Where LLVM unrolled a tensor-core loop k times (leaving a
+    # remainder copy with 1/k of its HMMA), its count is divided by k, so it stays per iteration of the source.
+    mma = [m for m in map(lambda se: mix(*se), loops) if m[1]["HMMA"]]
+    loop, ops = mma[0] if mma else measured[0]
+    if mma and ops["HMMA"] % min(m[1]["HMMA"] for m in mma) == 0:
+        loop //= ops["HMMA"] // min(m[1]["HMMA"] for m in mma)
     return dict(regs=regs, local=local, shared=shared, loop=loop, ops=ops, loops=measured,
                 all_loops=[mix(*se)[0] for se in every])
 
@@ -133,28 +137,26 @@ def ema_configs():
     tc_types = {"u_ptr": "*bf16", "keep_ptr": "*u8", "out_ptr": "*bf16", "acc_ptr": "*fp32", "op_ptr": "*fp32",
                 "omega_ptr": "*fp32", "s0_ptr": "*fp32", "buf_ptr": "*fp32", "flag_ptr": "*i32", "ticket_ptr": "*i32",
                 **{k: "i32" for k in "B L D N CHUNK NDB NCOL".split()}}
-    tc_warps, tc_bd, tc_nb = 8, 16, 16
-    tc_steps = tc_bd * TC.SUB * tc_nb // (32 * tc_warps)
+    tc_warps, tc_nb, fp32_bd = 8, 16, TC.default_block_d(torch.float32, False)
     aligned = tuple(tc_types) + ("D",)
     torch_dt = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for dt, prec in (("fp32", "split"), ("bf16", "split"), ("bf16", "tf32")):
         types = dict(tc_types, u_ptr=f"*{dt}", out_ptr=f"*{dt}")
         consts = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC=prec,
-                      EXACT_X=dt != "fp32", SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb)
+                      EXACT_X=dt != "fp32", SUB=TC.SUB, BLOCK_N=16, NB=tc_nb)
         for mode in ("states", "out"):
-            tc_cap = TC._register_cap(True, False, 1, F.EPI_SILU, torch_dt[dt], 16, TC.REGISTER_CAP)
+            bd = TC.default_block_d(torch_dt[dt], False)
             yield (f"ema fwd tc {mode} {dt} {prec}", TC._tc_scan_kernel, types,
-                   dict(consts, STATES=mode == "states", maxnreg=tc_cap if mode == "out" else None), tc_warps, tc_steps,
+                   dict(consts, STATES=mode == "states", BD=bd), tc_warps, bd * TC.SUB * tc_nb // (32 * tc_warps),
                    tuple(n for n in aligned if n.endswith("_ptr") or n == "D"))
     # the backward's two scans on tensor cores (ema_bwd(tensor_cores=True)): z and dL/dz from the forward's chunk
     # states, and the adjoint (reversed rows, g in, dx out)
     bwd_types = dict(tc_types, u_ptr="*fp32", out_ptr="*fp32", gy_ptr="*fp32", dom_ptr="*fp32")
     bwd = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC="split",
-               EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=tc_bd, NB=tc_nb, STATES=False)
-    dx_cap = TC._register_cap(True, False, 1, F.EPI_DX, torch.float32, 16, TC.REGISTER_CAP)
-    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)),
-                          ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True, maxnreg=dx_cap))):
-        yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps, tc_steps,
+               EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=fp32_bd, NB=tc_nb, STATES=False)
+    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)), ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True))):
+        yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps,
+               fp32_bd * TC.SUB * tc_nb // (32 * tc_warps),
                tuple(n for n in bwd_types if n.endswith("_ptr")) + ("D",))
     # the tensor-core parameter sweep of the backward
     from mega_kernels.triton import ema_tc_bwd as TB

@@ -72,12 +72,13 @@ def test_chunkings_and_masks(chunk, use_mask):
     _check_forward(3, 131, 20, 5, True, False, use_mask, compare_states=use_mask, chunk=chunk, block_d=16, cols=16)
 
 
+@pytest.mark.parametrize("block_d", [8, 16])
 @pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
-def test_even_shapes_without_masks(use_mask):
+def test_even_shapes_without_masks(use_mask, block_d):
     """Whole chunks of whole sub-chunks, whole channel blocks and column groups: the launcher compiles the
-    passes without any load or store mask (EVEN)."""
-    _check_forward(2, 128, 32, 16, False, True, use_mask, compare_states=True, chunk=16, block_d=16, cols=16)
-    _check_forward(2, 128, 32, 3, True, False, use_mask, compare_states=True, chunk=16, block_d=16, cols=16)
+    passes without any load or store mask (EVEN); both channel tiles."""
+    _check_forward(2, 128, 32, 16, False, True, use_mask, compare_states=True, chunk=16, block_d=block_d, cols=16)
+    _check_forward(2, 128, 32, 3, True, False, use_mask, compare_states=True, chunk=16, block_d=block_d, cols=16)
 
 
 @pytest.mark.parametrize("bsz,cols", [(2, 16), (3, 16), (40, 16)], ids=["B<NB", "B-odd", "B>NB"])
@@ -167,42 +168,22 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     _check_forward(3, 50, 17, 3, False, True, True, chunk=24, lookback=True)
 
 
-@pytest.mark.parametrize("case,capped", [
-    (dict(), [False, True]),                                     # the state pass, then the output pass
-    (dict(mask=True), [False, False]),                           # masks spill under the cap
-    (dict(dtype=torch.bfloat16), [False, False]),                # 16-bit x: already 16 warps/SM
-    (dict(bidirectional=True), [False, False]),                  # two directions: ~206 registers
-    (dict(length=100), [False, False]),                          # partial chunks (not EVEN)
-    (dict(register_cap=False), [False, False]),
-    (dict(backward=True), [False, True]),                        # dL/dz (spills under the cap), adjoint dx
-    (dict(ndim=20), [False, False]),                             # BLOCK_N 32: not checked
-    (dict(cols=32, length=256), [False, False]),                 # a tile other than the default (EVEN)
-], ids=str)
-def test_register_cap_where_it_does_not_spill(monkeypatch, case, capped):
-    """The output pass of a float32, one-direction, unmasked EVEN scan (forward or adjoint) launches with
-    maxnreg = REGISTER_CAP (two programs per SM on sm_90, no spill); every other launch leaves registers to the
-    compiler. The results are the same either way (under the interpreter the cap does nothing)."""
+@pytest.mark.parametrize("dtype,lookback,block_d", [(torch.float32, False, 8), (torch.float16, False, 16),
+                                                   (torch.float32, True, 16)], ids=str)
+def test_default_tile(monkeypatch, dtype, lookback, block_d):
+    """Every pass takes ema_tc.default_block_d channels per program when block_d is not given: 8 for float32
+    (two programs per SM on sm_90, where 16 fit one), 16 for 16-bit inputs and for the look-back."""
     from mega_kernels.triton import ema_tc
 
     launches = record_launches(monkeypatch, ema_tc, "_tc_scan_kernel")
-    dtype = case.get("dtype", torch.float32)
-    bidirectional = case.get("bidirectional", False)
-    x, coefs, _, mask, _ = _inputs(2, case.get("length", 128), 16, case.get("ndim", 3), bidirectional, False, dtype)
-    mask = mask if case.get("mask") else None
-    tuning = dict(chunk=16, block_d=16, cols=case.get("cols", 16), tensor_cores=True)
-    if "register_cap" in case:
-        tuning["register_cap"] = case["register_cap"]
-    _, _, states = ema_fwd(x, *coefs, mask, None, bidirectional, 0, False, return_states=True, **tuning)
-    if case.get("backward"):
-        launches.clear()
-        ema_bwd(torch.randn_like(x), None, x, *coefs, mask, None, bidirectional, 0, states=states, **tuning)
-    assert [kw.get("maxnreg") == ema_tc.REGISTER_CAP for kw in launches] == capped
+    _check_forward(2, 64, 24, 3, False, True, True, dtype, chunk=16, lookback=lookback)
+    assert launches and all(kw["BD"] == block_d for kw in launches)
 
 
 @pytest.mark.parametrize("option,match", [
     (dict(truncation=5), "truncation"),
     (dict(lookback=True, bidirectional=True), "one direction only"),
-    (dict(block_d=8), "powers of two >= 16"),
+    (dict(block_d=4), "power of two >= 8"),
     (dict(tc_precision="tf32"), "'tf32' for bfloat16 inputs only"),
 ])
 def test_refuses_what_it_does_not_take(option, match):

@@ -643,15 +643,15 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     skips its chunk-state pass and turns `local` into its buf in place. states: the buf of an earlier scan of the
     same u, coefficients, s0 and chunking (the forward's, for the backward's recomputation; read only): the
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the chunk-state and output
-    passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels, default 16, x cols columns
-    per program, dots at tc_precision; with lookback, one launch for the forward's one direction); every
-    epilogue but EPI_STORE, no truncation (refused). register_cap: the output pass launches with a register cap
-    where `_register_cap` (or ema_tc._register_cap) allows one; False leaves registers to the compiler.
+    passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels (default: ema_tc's
+    default_block_d) x cols columns per program, dots at tc_precision; with lookback, one launch for the
+    forward's one direction); every epilogue but EPI_STORE, no truncation (refused). register_cap: the sweeps launch with a register cap where
+    `_register_cap` allows one; False leaves registers to the compiler.
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
                                  mask_in, write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols,
-                                 tc_precision, register_cap)
+                                 tc_precision)
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or DEFAULT_CHUNK)
@@ -712,21 +712,19 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
 
 
 def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse, mask_in,
-                      write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols, precision,
-                      register_cap) -> Scan:
+                      write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols, precision) -> Scan:
     """ema_scan(..., tensor_cores=True): the passes of ema_tc.py, or a ValueError naming what they do not take."""
     refused = [name for name, given in (("truncation", truncation > 0), ("EPI_STORE", epilogue == EPI_STORE)) if given]
     if refused:
         raise ValueError(f"ema_scan: tensor_cores=True does not take {', '.join(refused)}; leave tensor_cores off "
                          "for those (the sweeps take every option)")
-    from .ema_tc import REGISTER_CAP, ema_scan_tc  # imports this module
+    from .ema_tc import ema_scan_tc  # imports this module
 
     out, buf, chunk, dom, final = ema_scan_tc(u, a, q, c, omega, keep, s0, bidirectional=bidirectional,
-                                              out_dtype=out_dtype, chunk=chunk, block_d=block_d or 16, cols=cols,
+                                              out_dtype=out_dtype, chunk=chunk, block_d=block_d, cols=cols,
                                               num_warps=num_warps or 8, precision=precision, lookback=bool(lookback),
                                               epilogue=epilogue, gy=gy, reverse=reverse, mask_in=mask_in,
-                                              states=states, local=local, write_final=write_final,
-                                              register_cap=REGISTER_CAP if register_cap else None)
+                                              states=states, local=local, write_final=write_final)
     return Scan(out, final, buf, chunk, dom)
 
 

@@ -462,22 +462,15 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
                      mask=dm & cm[None, None, :])
 
 
-REGISTER_CAP = 128  # registers per thread of the output passes where `_register_cap` allows a cap
-
-
-def _register_cap(even: bool, masked: bool, ndir: int, epilogue: int, dtype: torch.dtype, block_n: int,
-                  cap: Optional[int]):
-    """The launch's maxnreg: `cap` for a float32 output pass of one direction, EVEN and unmasked, with the
-    forward's or the adjoint's epilogue and the default tile (16 channels x 16 columns, 8 warps, BLOCK_N 16:
-    N <= 16), else None (the compiler's choice). There, sm_90 (B8 L4096 D1024 N16):
-    156 registers without a cap, one 8-warp program per SM; with 128 two (16 warps/SM), no spill, and 3% more
-    instructions (forward 29.8 -> 30.6, adjoint 25.5 -> 26.4 per 32 elements). Elsewhere a cap of 128 spills
-    (masks: 72 B, partial tiles: 80-208 B, EPI_DSILU: 80 B) or does not raise the warps per SM (16-bit x
-    already fits, two directions need ~206)."""
-    if (cap and even and not masked and ndir == 1 and epilogue != _fwd.EPI_DSILU and dtype == torch.float32
-            and block_n == 16):
-        return cap
-    return None
+def default_block_d(dtype: torch.dtype, lookback: bool) -> int:
+    """Channels per program of the passes: 8 for float32 inputs, else 16 (and for the look-back). sm_90, B8 L4096
+    D1024 N16, 8 warps: at 16 channels the float32 output pass holds 156 registers and 112 KB of shared memory, one
+    program (8 warps) per SM; at 8, 94 registers and 56 KB, two programs, and fewer instructions per 32 elements
+    (output 29.8 -> 28.8, adjoint dx 25.5 -> 24.1, dL/dz 39.1 -> 38.9 at 168 -> 116 registers; two directions
+    33.6 at 228 -> 123; masked and partial tiles also two programs). 16-bit inputs already fit two programs at
+    16 channels, where 8 cost 20% more instructions (the bf16 output pass 30.0 -> 35.9), as does the look-back
+    (29.6 -> 31.4 and a longer fold)."""
+    return 8 if dtype == torch.float32 and not lookback else 16
 
 
 def block_n_tc(n: int) -> int:
@@ -497,10 +490,10 @@ def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
 
 def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
                 s0: Optional[Tensor], *, bidirectional: bool, out_dtype: torch.dtype, chunk: Optional[int] = None,
-                block_d: int = 16, cols: int = 16, num_warps: int = 8, precision: str = "split",
+                block_d: Optional[int] = None, cols: int = 16, num_warps: int = 8, precision: str = "split",
                 lookback: bool = False, epilogue: int = _fwd.EPI_SILU, gy: Optional[Tensor] = None,
                 reverse: bool = False, mask_in: bool = True, states: Optional[Tensor] = None,
-                local: Optional[Tensor] = None, write_final: bool = False, register_cap: Optional[int] = REGISTER_CAP
+                local: Optional[Tensor] = None, write_final: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor], int, Optional[Tensor], Optional[Tensor]]:
     """The scan of `ema_fwd.ema_scan` through the tensor-core passes (module docstring): (out (B, L, D), the chunk
     states buf (nc, B, N, kd) (h_in of each chunk after the first in its direction; None for one chunk), the
@@ -512,17 +505,19 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     (not yet times a) computed elsewhere, carried in place. write_final: the last state is the end state of the
     primary rows' last chunk, q^(T-1) s + a H_loc (T its steps, s the pre-decayed state entering it), from its
     local state kept before the carry (so not with `states`; with one chunk the state pass runs for it alone).
-    block_d channels x cols (batch row, chunk) columns per program (powers of two, >= 16 for the dots);
+    block_d channels (a power of two >= 8; None: default_block_d) x cols (batch row, chunk) columns (a power of
+    two >= 16, the dots' smallest size) per program;
     precision: "split" (TF32 products of split operands, float32 class; see _mm) or "tf32" (one TF32 product, for
     bfloat16 inputs only). lookback (the forward, one direction): a single launch in which each program takes the
     states entering its chunks from the programs before it (buf then holds them by chunk, not the carry's layout;
-    chunk 0's entry is unwritten). register_cap: registers per thread of the output pass where `_register_cap`
-    allows one (None: the compiler's choice everywhere)."""
+    chunk 0's entry is unwritten)."""
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or _fwd.DEFAULT_CHUNK)
-    if block_d < 16 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
-        raise ValueError(f"ema_scan_tc: block_d and cols must be powers of two >= 16, got {block_d}, {cols}")
+    block_d = block_d or default_block_d(u.dtype, lookback)
+    if block_d < 8 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
+        raise ValueError(f"ema_scan_tc: block_d must be a power of two >= 8 and cols one >= 16 (the dots' smallest "
+                         f"size), got {block_d}, {cols}")
     if precision not in ("split", "tf32") or (precision == "tf32" and u.dtype != torch.bfloat16):
         raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
                          f"{precision!r} for {u.dtype}")
@@ -580,12 +575,9 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
             buf = loc
             aT, qT = (t.t().contiguous() for t in (a, q))
             _fwd.run_carry(buf, qT, aT, s0, length, dim, chunk, reverse=reverse, scale_loc=local is not None)
-    cap = _register_cap(even, keep is not None, ndir, epilogue, u.dtype, block_n,
-                        register_cap if (block_d, cols, num_warps) == (16, 16, 8) else None)
     _tc_scan_kernel[(ndb * groups,)](u, keep, out, acc, gy, dom, op, omega, s0, buf, None, None, bsz, length, dim,
                                      ndim, chunk, ndb, ncol, STATES=False, NDIR=ndir, CARRY=nc > 1, LOOKBACK=False,
-                                     EPI=epilogue, MASK_OUT=keep is not None and not mask_in,
-                                     **flags, **({"maxnreg": cap} if cap else {}))
+                                     EPI=epilogue, MASK_OUT=keep is not None and not mask_in, **flags)
     final = None
     if write_final:
         qt = q[:dim].t()  # (N, D)
