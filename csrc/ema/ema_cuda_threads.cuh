@@ -262,7 +262,8 @@ MK_HD void fwd_local_thread(const FwdParams& p, const Plan& plan, int b, int dir
 // states from one read of the chunk (fwd_local_thread, once per direction, reads it twice). Direction 0 as
 // there; direction 1 runs backward in time, so its chunk ends at the chunk's first step t0 and its input sum
 // u = sum_t q^(t - t0) xm_t is formed walking forward with the power w = q^(t - t0): two operations per state
-// and step where Horner takes one.
+// and step where Horner takes one. It loads q (and a at the end) itself: Reg holds six arrays per direction,
+// twelve here, where two are used in the loop.
 template <typename T, int NM, bool MASK>
 MK_HD void fwd_local_both_thread(const FwdParams& p, const Plan& plan, int b, int d, int chunk) {
   float q0[NM], q1[NM], u0[NM], u1[NM], w[NM];

@@ -90,15 +90,16 @@ def _operators_kernel(a_ptr, q_ptr, c_ptr, op_ptr, N, SUB: tl.constexpr, BLOCK_N
 
 
 @triton.jit
-def _operator_tiles(op_ptr, row0, offs_d, D, SUB: tl.constexpr, BLOCK_N: tl.constexpr):
+def _operator_tiles(op_ptr, row0, offs_d, D, SUB: tl.constexpr, BLOCK_N: tl.constexpr, REV_W: tl.constexpr = False):
     """(T (BD, SUB, SUB), W_h (BD, BLOCK_N, SUB), V (BD, SUB, BLOCK_N), q^SUB (BD, BLOCK_N, 1), q (BD, BLOCK_N, 1))
-    of the rows row0 + offs_d; channels past D give zeros."""
+    of the rows row0 + offs_d; channels past D give zeros. REV_W: W_h with its columns reversed, a q^i."""
     j = tl.arange(0, SUB)
     n = tl.arange(0, BLOCK_N)
     dm = (offs_d < D)[:, None, None]
     base = op_ptr + (row0 + offs_d).to(tl.int64)[:, None, None] * (SUB * SUB + 2 * BLOCK_N * SUB + 2 * BLOCK_N)
     t = tl.load(base + j[None, :, None] * SUB + j[None, None, :], mask=dm, other=0.0)
-    w = tl.load(base + SUB * SUB + n[None, :, None] * SUB + j[None, None, :], mask=dm, other=0.0)
+    w_col = SUB - 1 - j if REV_W else j
+    w = tl.load(base + SUB * SUB + n[None, :, None] * SUB + w_col[None, None, :], mask=dm, other=0.0)
     v = tl.load(base + SUB * SUB + BLOCK_N * SUB + j[None, :, None] * BLOCK_N + n[None, None, :], mask=dm, other=0.0)
     qs = tl.load(base + SUB * SUB + 2 * BLOCK_N * SUB + n[None, :, None], mask=dm, other=0.0)
     q = tl.load(base + SUB * SUB + 2 * BLOCK_N * SUB + BLOCK_N + n[None, :, None], mask=dm, other=0.0)
@@ -238,12 +239,8 @@ def _local_states_bi(u_ptr, keep_ptr, op_ptr, row_f, row_b, b3, cp3, n_c, L, D, 
     dm = d3 < D
     _, w_f, _, qs_f, _ = _operator_tiles(op_ptr, row_f, offs_d, D, SUB, BLOCK_N)
     wf_hi, wf_lo = _split(w_f, PREC)
-    n3 = tl.arange(0, BLOCK_N)[None, :, None]
-    rows_b = (row_b + offs_d).to(tl.int64)[:, None, None] * (SUB * SUB + 2 * BLOCK_N * SUB + 2 * BLOCK_N)
-    i_rev = SUB - 1 - tl.arange(0, SUB)[None, None, :]
-    w_r = tl.load(op_ptr + rows_b + SUB * SUB + n3 * SUB + i_rev, mask=dm, other=0.0)
+    _, w_r, _, qs_b, _ = _operator_tiles(op_ptr, row_b, offs_d, D, SUB, BLOCK_N, True)
     wr_hi, wr_lo = _split(w_r, PREC)
-    qs_b = tl.load(op_ptr + rows_b + SUB * SUB + 2 * BLOCK_N * SUB + n3, mask=dm, other=0.0)  # q^SUB
     pad = nsub * SUB - n_c
     col_off, inner = _walk_start(b3, cp3 * CHUNK - pad, 1, L, D, d3, j3)
     keep_col = col_off // D
