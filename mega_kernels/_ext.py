@@ -4,6 +4,10 @@ build with ninja (torch.utils.cpp_extension.load) into a cache folder, the first
 Nothing here ever raises: every failure (no compiler, no sources, a build error) is kept as a sentence that
 `unavailable_reason(device)` returns and `mega-kernels info` shows. The cache folder is
 $MEGA_KERNELS_CACHE or ~/.cache/mega_kernels, one subfolder per hash of the sources, flags and torch version.
+
+torch's JIT build guards its folder with a `lock` file that a killed build leaves behind, and every later
+build then waits on it forever. Builders here first take an flock on `build.lock` (the kernel drops it when
+its holder dies), so a `lock` file found while holding it is stale and is removed (`_build_lock`).
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import importlib.util
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -89,6 +94,30 @@ def _first_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
 
 
+@contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build folder exclusively; remove the `lock` file a killed torch build left there."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): torch's own lock file alone guards the folder
+        yield
+        return
+    with open(build_dir / "build.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("mega_kernels: waiting for another process building the extension in %s", build_dir)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("mega_kernels: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _jit_build_with(with_cuda: bool, cuda_reason: Optional[str]) -> dict:
     from torch.utils import cpp_extension
 
@@ -102,10 +131,11 @@ def _jit_build_with(with_cuda: bool, cuda_reason: Optional[str]) -> dict:
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("mega_kernels: building the C++%s extension in %s (first use only)",
                 "/CUDA" if with_cuda else "", build_dir)
-    cpp_extension.load(
-        name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
-        extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS,
-        build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
+    with _build_lock(build_dir):
+        cpp_extension.load(
+            name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
+            extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS,
+            build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
     return {"ok": True, "how": "jit", "path": str(build_dir), "cuda": with_cuda, "cuda_reason": cuda_reason,
             "reason": None}
 

@@ -190,3 +190,34 @@ def test_import_without_a_compiler_reports_the_reason(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK" in out.stdout
+
+
+def test_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch's JIT build leaves its `lock` file behind when killed, and the next build would wait on it
+    forever; the next build here removes it and goes on (to the compiler error, as CXX is /bin/false)."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['mega_kernels._C'] = None\n"
+        "from mega_kernels import _build, _ext\n"
+        "for cuda in (False, True):\n"
+        "    tag = _ext._digest(_build.sources(cuda) + _build.HEADERS, cuda)\n"
+        "    (_ext.cache_root() / tag).mkdir(parents=True)\n"
+        "    (_ext.cache_root() / tag / 'lock').touch()\n"
+        "r = _ext.unavailable_reason('cpu')\n"
+        "assert r and 'failed' in r, r\n"
+        "print('OK')\n")
+    env = dict(os.environ, MEGA_KERNELS_CACHE=str(tmp_path), CXX="/bin/false", MEGA_KERNELS_BACKEND="")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "removing" in out.stderr and "OK" in out.stdout
+
+
+def test_build_lock_is_exclusive(tmp_path):
+    pytest.importorskip("fcntl")
+    take = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    with _ext._build_lock(tmp_path):
+        held = subprocess.run([sys.executable, "-c", take, str(tmp_path / "build.lock")], capture_output=True)
+        assert held.returncode != 0 and b"BlockingIOError" in held.stderr
+    free = subprocess.run([sys.executable, "-c", take, str(tmp_path / "build.lock")], capture_output=True)
+    assert free.returncode == 0, free.stderr
