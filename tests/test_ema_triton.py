@@ -89,9 +89,9 @@ def test_chunked_variants(bidirectional, truncation, tuning):
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_carry_over_many_chunk_groups(bidirectional):
-    """34 chunks (the last one partial): the carry scans them in groups of 16 (ema_fwd._carry_kernel), so the
+    """18 chunks (the last one partial): the carry scans them in groups of 16 (ema_fwd._carry_kernel), so the
     state crosses a group boundary in every scan, forward and backward, in both directions."""
-    coefs, coefs64, x, mask, state, gy, gs = _case(2, 100, 3, 2, bidirectional, not bidirectional)
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 52, 3, 2, bidirectional, not bidirectional)
     _check(x, coefs, coefs64, mask, state, gy, gs, bidirectional, 0, block_d=4, chunk=3, lookback=False,
            param_group_steps=48, unroll=1)
 
@@ -225,12 +225,20 @@ def test_adjoint_takes_its_local_states_from_the_parameter_sweep(chunk_state_lau
     assert len(chunk_state_launches) == (2 if truncation == 0 else 3)  # forward + recomputed forward (+ adjoint)
 
 
-def test_backward_reuses_the_forward_chunk_states(chunk_state_launches):
+@pytest.fixture
+def short_chunks(monkeypatch):
+    """The default chunk at 16 steps instead of 256, so that ops.ema splits short sequences into several chunks
+    (the interpreter runs each step in Python)."""
+    monkeypatch.setattr(fwd_mod, "DEFAULT_CHUNK", 16)
+    return 16
+
+
+def test_backward_reuses_the_forward_chunk_states(chunk_state_launches, short_chunks):
     """Through ops.ema (autograd), the backward's recomputation of the forward starts from the chunk states the
     forward saved: one chunk-state pass in all (the forward's), not two; gradients as without them."""
     launches = chunk_state_launches
     params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(4, 2, False)]
-    x = torch.randn(2, 520, 4, device=DEVICE, requires_grad=True)  # three chunks of 256
+    x = torch.randn(2, 2 * short_chunks + 8, 4, device=DEVICE, requires_grad=True)  # three chunks
     y = ops.ema(x, *params, backend="triton")
     grads = torch.autograd.grad(y.square().sum(), [x, *params])
     assert len(launches) == 1
@@ -250,22 +258,22 @@ def test_backward_is_deterministic():
 
 
 # -- torch.library registration ---------------------------------------------------------------------------
-def test_opcheck():
+def test_opcheck(short_chunks):
     coefs, _, x, mask, state, gy, gs = _case(3, 5, 3, 2, False, True)
     torch.library.opcheck(ema_fwd_triton, (x, *coefs, mask, state, False, 0, True))
     torch.library.opcheck(ema_fwd_triton, (x, *_coefs(3, 2, True)[0], None, None, True, 2, False))
     torch.library.opcheck(ema_bwd_triton, (gy, gs, x, *coefs, mask, state, False, 0))
-    x2, gy2 = torch.randn(2, 300, 3, device=DEVICE), torch.randn(2, 300, 3, device=DEVICE)  # two chunks
+    x2, gy2 = (torch.randn(2, short_chunks + 4, 3, device=DEVICE) for _ in range(2))  # two chunks
     _, _, saved = ema_fwd_triton(x2, *coefs, None, None, False, 0, False)
     assert tuple(saved.shape) == (2, 2, 2, 3)  # (nc, B, N, kd)
     torch.library.opcheck(ema_bwd_triton, (gy2, None, x2, *coefs, None, None, False, 0, saved))
     torch.library.opcheck(ema_step_triton, (x[:, 0].contiguous(), *coefs, state, mask[:, 0].contiguous()))
 
 
-@pytest.mark.parametrize("length", [9, 300])
-def test_torch_compile_fullgraph(length):
+@pytest.mark.parametrize("length", [9, 20])
+def test_torch_compile_fullgraph(length, short_chunks):
     """torch.compile traces the op without graph breaks, forward and backward (aot_eager on the CPU, where
-    inductor would compile C++; inductor on a GPU); L = 300 is two chunks, so the forward saves chunk states
+    inductor would compile C++; inductor on a GPU); L = 20 is two chunks, so the forward saves chunk states
     (the fake op must give their shape)."""
     torch._dynamo.reset()
     params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(5, 3, True)]

@@ -362,6 +362,7 @@ def _secondary_sweep(u_ptr, keep_ptr, acc_ptr, a_ptr, q_ptr, c_ptr, buf_ptr, b, 
         m = (offs_n[:, None] < N) & (offs_d[None, :] < D)
         s = q * tl.load(buf_ptr + (cp * B + b).to(tl.int64) * 2 * D * N + offs_n[:, None] * 2 * D + D
                         + offs_d[None, :], mask=m, other=0.0)
+    # EPI_STORE writes acc only: acc stands in for the out and gy pointers it never reads.
     _sweep(u_ptr, keep_ptr, acc_ptr, acc_ptr, acc_ptr, a, q, _coef(c_ptr, D, offs_n, offs_d, N, D, 2 * D),
            _powi(q, K), 0.0, s, b, t0, step, n, L, D, K, offs_d, 0, False, MASK_IN, False, TRUNC, UNROLL)
 
