@@ -51,6 +51,7 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(return_state=True, truncation=2), "truncated EMA"),
     (dict(state=torch.zeros(1, 4, 2)), "state must be"),
     (dict(omega=[0.0] * 4), "omega must be a tensor"),
+    (dict(omega=None), "omega must be a tensor, got NoneType"),
 ])
 def test_ema_bad_input(bad, match):
     delta, alpha, beta, gamma, omega = ema_params(4, 3, dtype=torch.float32)
@@ -70,7 +71,10 @@ def test_ema_bad_input(bad, match):
     (lambda t: dict(t, activation="gelu"), "activation must be"),
     (lambda t: dict(t, key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), "key_padding_mask must be"),
     (lambda t: dict(t, chunk_size=0), "chunk_size must be"),
-    (lambda t: dict(t, rel_bias=[0.0] * 9), "rel_bias must be a tensor"),
+    (lambda t: dict(t, rel_bias=[0.0] * 9), "rel_bias must be a float tensor"),
+    (lambda t: dict(t, rel_bias=None), "rel_bias must be a float tensor, got None"),
+    (lambda t: dict(t, rel_bias=torch.arange(9)), "rel_bias must be a float tensor, got torch.int64"),
+    (lambda t: dict(t, key_padding_mask=[True] * 5), "key_padding_mask must be a tensor"),
 ])
 def test_attention_bad_input(change, match):
     q, k, v, bias = attention_inputs(2, 5, 5, 4, 3, None)

@@ -64,9 +64,10 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
         raise ValueError(f"attention: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"attention: chunk_size must be a positive int or None, got {chunk_size!r}")
-    for name, t in (("rel_bias", rel_bias), ("key_padding_mask", key_padding_mask)):
-        if t is not None and not isinstance(t, Tensor):
-            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+    if not isinstance(rel_bias, Tensor) or not rel_bias.dtype.is_floating_point:
+        raise TypeError(f"attention: rel_bias must be a float tensor, got {getattr(rel_bias, 'dtype', rel_bias)!r}")
+    if key_padding_mask is not None and not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"attention: key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
     if rel_bias.dim() != 1 or rel_bias.shape[0] % 2 != 1:
         raise ValueError(f"attention: rel_bias must be a (2W - 1,) vector, got {tuple(rel_bias.shape)}")
     width = (rel_bias.shape[0] + 1) // 2

@@ -86,7 +86,7 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
         raise TypeError(f"ema: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega),
                     ("mask", mask), ("state", state)):
-        if p is not None and not isinstance(p, Tensor):
+        if (p is not None or name not in ("mask", "state")) and not isinstance(p, Tensor):
             raise TypeError(f"ema: {name} must be a tensor, got {type(p).__name__}")
     bsz, length, dim = x.shape
     kd = 2 * dim if bidirectional else dim
