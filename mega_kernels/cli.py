@@ -12,7 +12,7 @@ import os
 import platform
 import runpy
 import sys
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -123,8 +123,22 @@ def _compare(label, run: Callable, to: Callable, dtype, device) -> List[Tuple[st
     return rows
 
 
+def _check_device(name: Optional[str]) -> torch.device:
+    """The device `check` runs on: --device, else cuda when present; SystemExit naming the fix if unusable."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"mega-kernels check: --device must be cpu or cuda[:index], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"mega-kernels check: --device must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("mega-kernels check: --device cuda asked for, but CUDA is not available here "
+                         "(see `mega-kernels info`); use --device cpu")
+    return device
+
+
 def cmd_check(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_device(args.device)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [torch.float64])
     results = []
     skipped = []
@@ -156,6 +170,8 @@ def cmd_check(args) -> int:
     print(f"\n{cases - failed} passed, {failed} failed on {device} (forward and gradients vs the float64 reference)")
     if not results:
         print("no kernel backend is available on this device; see `mega-kernels info`")
+        if args.backend:  # what was asked for explicitly could not run
+            return 1
     return 1 if failed else 0
 
 
@@ -190,8 +206,14 @@ def cmd_bench(args) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(root, "benchmarks", f"bench_{args.name}.py")
     if not os.path.exists(path):
-        print(f"no benchmark {args.name!r}: benchmarks/ ships with the source checkout only "
-              f"(looked for {path})", file=sys.stderr)
+        folder = os.path.dirname(path)
+        if os.path.isdir(folder):
+            names = sorted(f[len("bench_"):-3] for f in os.listdir(folder)
+                           if f.startswith("bench_") and f.endswith(".py"))
+            print(f"no benchmark {args.name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+        else:
+            print(f"no benchmark {args.name!r}: benchmarks/ ships with the source checkout only "
+                  f"(looked for {path})", file=sys.stderr)
         return 2
     sys.path.insert(0, root)
     with open(path) as fh:

@@ -38,3 +38,19 @@ def test_check_fails_a_wrong_backend(monkeypatch, capsys):
 
 def test_bench_unknown_name_is_an_error(capsys):
     assert cli.main(["bench", "no_such_benchmark"]) == 2
+    assert "choose one of: attention, ema" in capsys.readouterr().err  # a source checkout lists them
+
+
+@pytest.mark.parametrize("device,match", [("xyz", "--device must be cpu or cuda"),
+                                          ("meta", "--device must be cpu or cuda")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "CUDA is not available")]))
+def test_check_refuses_an_unusable_device(device, match):
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["check", "--device", device])
+
+
+def test_check_of_an_unavailable_backend_that_was_asked_for_fails(monkeypatch, capsys):
+    entry = backends._Entry("unused", "unused", lambda d: "pretend it is missing")
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", entry)
+    assert cli.main(["check", "--device", "cpu", "--op", "ema", "--backend", "cpu"]) == 1
+    assert "skipped ema/cpu: pretend it is missing" in capsys.readouterr().out
