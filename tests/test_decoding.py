@@ -128,6 +128,27 @@ def test_generate_needs_a_decoder():
         model.generate(torch.zeros(1, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0"),
+    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+    (dict(top_k=0), "top_k must be a positive int"),
+])
+def test_generate_refuses_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        decoder().generate(torch.randint(3, 50, (1, 3)), **kwargs)
+
+
+def test_generate_with_eos_needs_a_pad_token():
+    with pytest.raises(ValueError, match="pass pad_token_id"):
+        decoder(pad_token_id=None).generate(torch.randint(3, 50, (1, 3)), eos_token_id=5)
+
+
+def test_generate_zero_new_tokens_returns_the_prompt():
+    ids = torch.randint(3, 50, (2, 3))
+    assert torch.equal(decoder().generate(ids, max_new_tokens=0), ids)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "laplace", "relu2"])
 def test_decoding_on_gpu(activation):

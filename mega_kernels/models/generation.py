@@ -39,6 +39,10 @@ class GenerationMixin:
         `model_kwargs` (e.g. encoder_hidden_states) go to every forward call."""
         if not self.config.is_decoder:
             raise ValueError("generate needs a decoder: build the model with is_decoder=True, bidirectional=False")
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if eos_token_id is not None and pad_token_id is None and self.config.pad_token_id is None:
+            raise ValueError("eos_token_id needs a pad_token_id to fill finished sequences with; pass pad_token_id")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if top_k is not None and top_k < 1:
