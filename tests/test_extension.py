@@ -185,11 +185,16 @@ def test_import_without_a_compiler_reports_the_reason(tmp_path):
         "except BackendUnavailable as e:\n"
         "    assert 'failed' in str(e)\n"
         "print('OK', r)\n")
-    env = dict(os.environ, MEGA_KERNELS_CACHE=str(tmp_path), CXX="/bin/false", MEGA_KERNELS_BACKEND="")
+    assert "OK" in _without_a_compiler(code, tmp_path).stdout
+
+
+def _without_a_compiler(code: str, cache) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter whose C++ compiler always fails, with the extension cache at `cache`."""
+    env = dict(os.environ, MEGA_KERNELS_CACHE=str(cache), CXX="/bin/false", MEGA_KERNELS_BACKEND="")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "OK" in out.stdout
+    return out
 
 
 def test_a_killed_build_does_not_hang_the_next(tmp_path):
@@ -206,10 +211,7 @@ def test_a_killed_build_does_not_hang_the_next(tmp_path):
         "r = _ext.unavailable_reason('cpu')\n"
         "assert r and 'failed' in r, r\n"
         "print('OK')\n")
-    env = dict(os.environ, MEGA_KERNELS_CACHE=str(tmp_path), CXX="/bin/false", MEGA_KERNELS_BACKEND="")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = _without_a_compiler(code, tmp_path)
     assert "removing" in out.stderr and "OK" in out.stdout
 
 
