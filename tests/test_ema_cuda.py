@@ -43,7 +43,7 @@ def emulator():
     """The CUDA thread functions compiled for the CPU (built once per source hash into the extension cache)."""
     from torch.utils import cpp_extension
 
-    flags = ["-O2"]
+    flags = ["-O1"]  # builds in ~40 s instead of ~65 s at -O2; its tests run in ~1.5 s either way
     digest = hashlib.sha256((torch.__version__ + str(flags)).encode())
     for rel in _EMULATOR_FILES:
         digest.update((_build.ROOT / rel).read_bytes())
