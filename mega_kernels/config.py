@@ -2,8 +2,8 @@
 
 A dict saved by transformers (`config.json`) loads unchanged: unknown keys are kept as attributes and written
 back by `to_dict`. One extra attribute, `kernel_backend`, picks the kernels the model's modules call: "auto" or a
-backend name of `mega_kernels.ops` for both ops, or a dict {"ema": ..., "attention": ...} (a missing op is
-"auto"); transformers ignores it. `validate()` runs on construction and
+backend name of `mega_kernels.ops` that both ops implement, or a dict {"ema": ..., "attention": ...} (a missing
+op is "auto"); transformers ignores it. `validate()` runs on construction and
 again when a model is built (attributes may be changed in between); every error names the argument and the fix.
 """
 from __future__ import annotations
@@ -110,6 +110,13 @@ class MegaConfig:
         if not set(backends) <= {"ema", "attention"} or not all(v in KERNEL_BACKENDS for v in backends.values()):
             bad("kernel_backend", "is not supported",
                 f"use one of {KERNEL_BACKENDS}, or a dict {{'ema': ..., 'attention': ...}} of them")
+        if isinstance(self.kernel_backend, str):  # one name for both ops: both must have it
+            from .ops import backends as registry
+
+            lacking = [op for op in ("ema", "attention") if self.kernel_backend not in registry.implemented(op)]
+            if self.kernel_backend != "auto" and lacking:
+                bad("kernel_backend", f"names no kernels for {' or '.join(lacking)}",
+                    f"name it per op, e.g. {{'ema': {self.kernel_backend!r}}} (a missing op is 'auto')")
         for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
                      "nffn_activation_dropout_prob", "classifier_dropout"):
             value = getattr(self, name)

@@ -80,6 +80,8 @@ def test_to_dict_and_copy():
     (dict(dropout_prob=1.5), ["dropout_prob", "[0, 1]"]),
     (dict(kernel_backend="cudnn"), ["kernel_backend", "auto"]),
     (dict(kernel_backend={"ema": "cuda", "attn": "triton"}), ["kernel_backend", "'attention'"]),
+    (dict(kernel_backend="cpu"), ["kernel_backend='cpu' names no kernels for attention", "{'ema': 'cpu'}"]),
+    (dict(kernel_backend="cuda"), ["kernel_backend='cuda' names no kernels for attention", "{'ema': 'cuda'}"]),
     (dict(relative_positional_bias="simple", chunk_size=64, max_positions=32), ["chunk_size", "max_positions"]),
     (dict(problem_type="ranking"), ["problem_type", "regression"]),
 ])

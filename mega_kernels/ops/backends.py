@@ -72,6 +72,11 @@ def register(op: str, backend: str, module: str, attr: str, probe: Callable[[tor
     _REGISTRY.setdefault(op, {})[backend] = _Entry(module, attr, probe)
 
 
+def implemented(op: str) -> Tuple[str, ...]:
+    """The backends that implement `op` (available here or not)."""
+    return tuple(_REGISTRY.get(op, {}))
+
+
 def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[str]:
     """None when `backend` can run `op` on `device`, else a sentence saying why not."""
     entry = _REGISTRY.get(op, {}).get(backend)
