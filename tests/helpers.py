@@ -30,6 +30,13 @@ def poisoned_like(t):
     return torch.full_like(t, float("nan"))
 
 
+def guarded(t):
+    """The same values (and gradients) as a view into the middle of a NaN-filled buffer: a kernel that reads
+    past either end of the tensor gets NaN into its results."""
+    pad = torch.full((64,), float("nan"), dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t.flatten(), pad])[64:64 + t.numel()].view(t.shape)
+
+
 def record_launches(monkeypatch, module, kernel: str) -> list:
     """The launch options (keyword arguments) of every launch of module.kernel (a Triton kernel) from here on,
     in order: a list that grows; each launch still runs."""

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, padding_masks
+from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, guarded, padding_masks
 from mega_kernels import ops
 from mega_kernels.reference.attention import ACTIVATIONS
 from mega_kernels.reference.attention import attention as reference
@@ -63,10 +63,11 @@ def _strided(t):
     return wide.transpose(0, 1).contiguous().transpose(0, 1) if t.shape[0] > 1 else wide
 
 
-def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, label="", strided=False):
+def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, label="", strided=False,
+               nan_guard=False):
     """Output and (optionally) all four gradients of the triton backend vs the float64 reference, with the
     tolerance rule (the reference run in `dtype` gives the error budget). strided: q, k, v reach the kernels
-    as non-contiguous views (`_strided`)."""
+    as non-contiguous views (`_strided`); nan_guard: q, k, v and rel_bias sit between NaNs (`guarded`)."""
     chunk = case[5]
     kw = dict(activation=activation, chunk_size=chunk, causal=causal)
     x64 = [t.requires_grad_() for t in attention_inputs(*case)]
@@ -75,7 +76,8 @@ def check_case(case, activation, causal, mask, dtype=torch.float32, grads=True, 
     mask_cpu = None if mask is None else mask.cpu()
     ref64 = reference(*x64, key_padding_mask=mask_cpu, **kw)
     reflp = reference(*xlp, key_padding_mask=mask_cpu, **kw)
-    out = ops.attention(*[_strided(t) if strided else t for t in xk], key_padding_mask=mask, backend="triton", **kw)
+    view = guarded if nan_guard else _strided if strided else (lambda t: t)
+    out = ops.attention(*[view(t) for t in xk], key_padding_mask=mask, backend="triton", **kw)
     assert out.dtype == dtype
     name = f"{case} {activation} causal={causal} {label}"
     assert_close_to_reference(f"{name} out", out.cpu(), ref64, reflp)
@@ -152,6 +154,16 @@ def test_non_contiguous_inputs(store_ds, monkeypatch):
     case = (2, 21, 30, 16, 24, 8)
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
     check_case(case, "softmax", True, masks["right"], label="strided", strided=True)
+
+
+@pytest.mark.parametrize("activation", SOME_ACTIVATIONS)
+@pytest.mark.parametrize("case", [ATTN_CASES[5], (2, 37, 100, 16, 24, 32), (3, 23, 23, 16, 8, 5)], ids=str)
+def test_reads_stay_inside_the_inputs(case, activation):
+    """No load outside q, k, v or rel_bias reaches a result: each sits between NaNs (one query against a
+    chunked cache, queries not aligned to the chunks, many small chunks; causal with left padding)."""
+    masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
+    check_case(case, activation, True, masks["left"], label="guarded", nan_guard=True)
+    check_case(case, activation, False, masks["right"], label="guarded", nan_guard=True)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the real autotuner runs (test_gpu_lm_tile_shape_bfloat16)")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import mega_kernels.ops as ops
-from helpers import assert_close_to_reference, ema_params, random_mask, record_launches, triton_ema_gate
+from helpers import assert_close_to_reference, ema_params, guarded, random_mask, record_launches, triton_ema_gate
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
 DEVICE, _REASON, pytestmark = triton_ema_gate()
@@ -108,6 +108,18 @@ def test_outputs_poisoned_with_nan(monkeypatch):
     y, s = ema_step_fwd(torch.randn(3, 6, device=DEVICE), a, q, c, omega, torch.randn(3, 6, 3, device=DEVICE),
                         None)
     assert torch.isfinite(y).all() and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("bidirectional,truncation,tuning", [(False, 5, ODD_CHUNK), (True, 5, CARRY),
+                                                            (False, 0, LOOKBACK), (True, 0, ODD_CHUNK)], ids=str)
+def test_reads_stay_inside_the_inputs(bidirectional, truncation, tuning):
+    """No load outside x, the coefficients, the state or the gradients reaches a result: each sits between NaNs
+    (truncation reads x before each chunk; the look-back; both directions)."""
+    with_state = not bidirectional and truncation == 0
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 21, 5, 3, bidirectional, with_state)
+    maybe = lambda t: None if t is None else guarded(t)  # noqa: E731
+    _check(guarded(x), [guarded(t) for t in coefs], coefs64, mask, maybe(state), guarded(gy), maybe(gs),
+           bidirectional, truncation, block_d=4, **tuning)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
