@@ -25,6 +25,17 @@ build_pid=$!
 # 2. GPU-marked Triton EMA / model tests first (quick), then the benchmarks (the figures the issues ask for),
 #    then the slower-compiling attention and extension tests, so a late timeout costs tests, not figures.
 #    -v prints each result as it comes, so a timeout still shows them.
+# compute-sanitizer memcheck of tiny cases through every Triton kernel path, beside the GPU tests: it sees the
+# out-of-bounds accesses whose results are never stored, which no value test can (benchmarks/memcheck_cases.py);
+# without the caching allocator every tensor is its own allocation, so a read past one is seen.
+stamp "memcheck (background, beside the GPU tests)"
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+( if [ -x "$SANITIZER" ]; then
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 "$SANITIZER" --tool memcheck --error-exitcode 9 python -m benchmarks.memcheck_cases > /tmp/memcheck.log 2>&1
+    echo "memcheck rc=$? (9: errors found, 124: timed out)" >> /tmp/memcheck.log
+  else echo "memcheck: compute-sanitizer not found" > /tmp/memcheck.log; fi ) &
+memcheck_pid=$!
+
 stamp "GPU tests (triton EMA, models)"
 # (run 2: the EMA tests took ~20 s; the attention tests compile ~120 kernels and needed more than 120 s)
 timeout 80 $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py tests/test_ema_tc.py \
@@ -34,6 +45,8 @@ echo "triton EMA/model gpu tests rc=$?" >> "$OUT/tests.log"
 # 3. Benchmarks (JSON to $OUT), once the extension is built (bench_ema times the cuda backend too).
 wait $build_pid
 cat "$OUT/build.log" >> "$OUT/tests.log"
+wait $memcheck_pid
+{ grep -E "Invalid|ERROR SUMMARY|memcheck|Error" /tmp/memcheck.log | head -40; } >> "$OUT/tests.log"  # (8 files come back)
 stamp "bench_ema"
 timeout 125 python -m benchmarks.bench_ema $quick > "$OUT/bench_ema.log" 2>&1; echo "bench_ema rc=$?" >> "$OUT/bench_ema.log"
 stamp "bench_attention"
@@ -45,7 +58,7 @@ echo "triton attention gpu tests rc=$?" >> "$OUT/tests.log"
 stamp "GPU tests (extension + backend-generic)"
 timeout 60 $PYTEST -m gpu tests/test_ema_cuda.py tests/test_ema_backends.py >> "$OUT/tests.log" 2>&1
 echo "extension gpu tests rc=$?" >> "$OUT/tests.log"
-grep -E "passed|failed|rc=|FAILED|ERROR" "$OUT/tests.log" | tail -15
+grep -E "passed|failed|rc=|FAILED|ERROR" "$OUT/tests.log" | tail -16
 
 # 4. The CLI check on the GPU.
 stamp "mega-kernels check"

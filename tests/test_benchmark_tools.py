@@ -70,3 +70,15 @@ def test_bench_ema_target_lines():
     assert verdict["(variant) triton[tc c256] fp32 fwd+bwd >= 20x the FFT reference"] == "PASS"
     slower = "cuda no slower than triton (5% noise allowed), " + uni + " fp32 fwd"
     assert verdict[slower] == "FAIL"   # 0.10 / 0.12 ms
+
+
+def test_memcheck_cases_run(monkeypatch, capsys):
+    """benchmarks/memcheck_cases.py, which gpu_check.sh runs under compute-sanitizer, runs end to end (two EMA
+    variants, the decoding step and one attention case here; all of them on a GPU)."""
+    from benchmarks import memcheck_cases as mc
+
+    monkeypatch.setattr(mc, "EMA_CASES", [mc.EMA_CASES[1], mc.EMA_CASES[6]])  # look-back; bi on tensor cores
+    monkeypatch.setattr(mc, "ATTENTION_CASES", mc.ATTENTION_CASES[:1])
+    mc.main()
+    out = capsys.readouterr().out
+    assert "memcheck cases done on" in out and "3 EMA, 3 attention" in out

@@ -1,0 +1,93 @@
+"""Tiny cases through every Triton kernel path, forward and backward, for compute-sanitizer's memcheck.
+
+    compute-sanitizer --tool memcheck --error-exitcode 9 python -m benchmarks.memcheck_cases   (gpu_check.sh)
+
+The value tests cannot see an out-of-bounds read whose result is never stored (a row past Lq inside a tile,
+a lane past D): the interpreter reads whatever lies there, and the results stay right. memcheck on a GPU
+reports every such access. The cases cover the EMA's chunked scans (carry, look-back, sequential, tensor
+cores, truncation, masks, both directions, odd sizes) and the attention kernels (each activation, causal
+chunked with left padding, queries not aligned to the chunks, one query against a cache). On a CPU the same
+script runs under TRITON_INTERPRET=1 as a smoke test (tests/test_benchmark_tools.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from mega_kernels import ops
+from mega_kernels.reference.ema import ema_coefficients
+from mega_kernels.testing import ema_params
+from mega_kernels.triton.ema_bwd import ema_bwd
+from mega_kernels.triton.ema_fwd import ema_fwd
+from mega_kernels.triton.ema_step import ema_step_fwd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (bidirectional, truncation, tuning) over B3 L37 D21 N5: three chunks of 16, the last partial; D not a multiple
+# of any channel tile.
+EMA_CASES = [
+    (False, 0, dict(chunk=16, lookback=False)),
+    (False, 0, dict(chunk=16, lookback=True)),
+    (False, 5, dict(chunk=16)),
+    (True, 0, dict(chunk=16)),
+    (True, 5, dict(chunk=64)),
+    (False, 0, dict(chunk=16, tensor_cores=True)),
+    (True, 0, dict(chunk=16, tensor_cores=True)),
+]
+
+# (B, Lq, Lk, Z, E, chunk_size, causal)
+ATTENTION_CASES = [(2, 23, 23, 16, 8, 5, True), (2, 37, 100, 24, 40, 32, True), (2, 1, 100, 16, 40, 32, True),
+                   (2, 17, 17, 24, 40, None, False)]
+
+
+def run_ema() -> int:
+    torch.manual_seed(0)
+    bsz, length, dim, ndim = 3, 37, 21, 5
+    n = 0
+    for bidirectional, truncation, tuning in EMA_CASES:
+        delta, alpha, beta, gamma, omega = (p.float().to(DEVICE) for p in ema_params(dim, ndim, bidirectional))
+        a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+        x = torch.randn(bsz, length, dim, device=DEVICE)
+        mask = torch.rand(bsz, length, device=DEVICE) > 0.2
+        with_state = not bidirectional and truncation == 0
+        state = torch.randn(bsz, dim, ndim, device=DEVICE) if with_state else None
+        y, final = ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, with_state, **tuning)[:2]
+        grads = ema_bwd(torch.randn_like(y), torch.randn_like(final) if with_state else None, x, a, q, c, omega,
+                        mask, state, bidirectional, truncation, **tuning)
+        assert all(bool(torch.isfinite(t).all()) for t in (y, *grads)), (bidirectional, truncation, tuning)
+        n += 1
+    a, q, c = ema_coefficients(*(p.float().to(DEVICE) for p in ema_params(dim, ndim, False)[:4]))
+    y, s = ema_step_fwd(torch.randn(bsz, dim, device=DEVICE), a, q, c, torch.randn(dim, device=DEVICE),
+                        torch.randn(bsz, dim, ndim, device=DEVICE), torch.tensor([True, False, True], device=DEVICE))
+    assert bool(torch.isfinite(y).all() and torch.isfinite(s).all())
+    return n + 1
+
+
+def run_attention() -> int:
+    torch.manual_seed(0)
+    n = 0
+    for bsz, lq, lk, zdim, edim, chunk, causal in ATTENTION_CASES:
+        width = chunk if chunk and chunk < lk else lk
+        q, k = (torch.randn(bsz, length, zdim, device=DEVICE, requires_grad=True) for length in (lq, lk))
+        v = torch.randn(bsz, lk, edim, device=DEVICE, requires_grad=True)
+        bias = (0.1 * torch.randn(2 * width - 1, device=DEVICE)).requires_grad_()
+        kpm = torch.ones(bsz, lk, dtype=torch.bool, device=DEVICE)
+        kpm[0, : lk // 3] = False  # left padding: with causal, the first rows see no key
+        for activation in ("softmax", "laplace", "relu2"):
+            out = ops.attention(q, k, v, bias, activation=activation, chunk_size=chunk, causal=causal,
+                                key_padding_mask=kpm, backend="triton")
+            grads = torch.autograd.grad(out, (q, k, v, bias), torch.randn_like(out))
+            assert all(bool(torch.isfinite(t).all()) for t in (out, *grads)), (lq, lk, chunk, activation)
+            n += 1
+    return n
+
+
+def main() -> None:
+    n_ema = run_ema()
+    n_attention = run_attention()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    print(f"memcheck cases done on {DEVICE}: {n_ema} EMA, {n_attention} attention (forward and backward)")
+
+
+if __name__ == "__main__":
+    main()
