@@ -31,7 +31,7 @@ build_pid=$!
 stamp "memcheck (background, beside the GPU tests)"
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 ( if [ -x "$SANITIZER" ]; then
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 75 "$SANITIZER" --tool memcheck --error-exitcode 9 python -m benchmarks.memcheck_cases > /tmp/memcheck.log 2>&1
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 80 "$SANITIZER" --tool memcheck --error-exitcode 9 python -m benchmarks.memcheck_cases > /tmp/memcheck.log 2>&1
     echo "memcheck rc=$? (9: errors found, 124: timed out)" >> /tmp/memcheck.log
   else echo "memcheck: compute-sanitizer not found" > /tmp/memcheck.log; fi ) &
 memcheck_pid=$!

@@ -4,9 +4,9 @@
 
 The value tests cannot see an out-of-bounds read whose result is never stored (a row past Lq inside a tile,
 a lane past D): the interpreter reads whatever lies there, and the results stay right. memcheck on a GPU
-reports every such access. The cases cover the EMA's chunked scans (carry, look-back, sequential, tensor
-cores, truncation, masks, both directions, odd sizes) and the attention kernels (each activation, causal
-chunked with left padding, queries not aligned to the chunks, one query against a cache). On a CPU the same
+reports every such access. The cases cover the EMA's chunked scans (carry, look-back, tensor cores,
+truncation, masks, both directions, odd sizes) and the attention kernels (each activation, causal chunked with
+left padding, queries not aligned to the chunks, one query against a cache, many small chunks). On a CPU the same
 script runs under TRITON_INTERPRET=1 as a smoke test (tests/test_benchmark_tools.py).
 """
 from __future__ import annotations
@@ -24,19 +24,16 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (bidirectional, truncation, tuning) over B3 L37 D21 N5: three chunks of 16, the last partial; D not a multiple
 # of any channel tile.
+# Few enough that a GPU compiles them all within gpu_check's 80 s (the tests there share the Triton cache).
 EMA_CASES = [
-    (False, 0, dict(chunk=16, lookback=False)),
     (False, 0, dict(chunk=16, lookback=True)),
     (False, 5, dict(chunk=16)),
     (True, 0, dict(chunk=16)),
-    (True, 5, dict(chunk=64)),
-    (False, 0, dict(chunk=16, tensor_cores=True)),
     (True, 0, dict(chunk=16, tensor_cores=True)),
 ]
 
-# (B, Lq, Lk, Z, E, chunk_size, causal)
-ATTENTION_CASES = [(2, 23, 23, 16, 8, 5, True), (2, 37, 100, 24, 40, 32, True), (2, 1, 100, 16, 40, 32, True),
-                   (2, 17, 17, 24, 40, None, False)]
+# (B, Lq, Lk, Z, E, chunk_size, causal): one Z and E, so each activation compiles its kernels once.
+ATTENTION_CASES = [(2, 37, 100, 16, 40, 32, True), (2, 1, 100, 16, 40, 32, True), (2, 23, 23, 16, 40, 5, False)]
 
 
 def run_ema() -> int:
