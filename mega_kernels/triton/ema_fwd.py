@@ -646,8 +646,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     three-pass carry then skips both its chunk-state and carry passes. tensor_cores: the chunk-state and output
     passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels (default: ema_tc's
     default_block_d) x cols columns per program, dots at tc_precision; with lookback, one launch for the
-    forward's one direction); every epilogue but EPI_STORE, no truncation (refused). register_cap: the sweeps launch with a register cap where
-    `_register_cap` allows one; False leaves registers to the compiler.
+    forward's one direction); every epilogue but EPI_STORE, no truncation (refused). register_cap: the sweeps
+    launch with a register cap where `_register_cap` allows one; False leaves registers to the compiler.
     """
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
