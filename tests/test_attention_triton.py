@@ -1,7 +1,7 @@
 """The triton backend of `ops.attention` (issue 4) against the float64 reference.
 
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py) on tiny shapes, in
-float32 and float16; on a GPU the same tests run compiled, plus the `gpu` tests (bfloat16, large E, the LM
+float32, float16 and bfloat16; on a GPU the same tests run compiled, plus the `gpu` tests (bfloat16, large E, the LM
 tile configuration, torch.compile with inductor, bitwise determinism). Every kernel output is allocated
 NaN-poisoned (the `poison` fixture) so a kernel that forgets to write a row or tile fails.
 """
@@ -106,12 +106,14 @@ def test_matches_reference_float32(case, activation):
             check_case(case, activation, causal, masks[mname], label=mname)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", FP16_CASES, ids=str)
-def test_matches_reference_float16(case, activation):
+def test_matches_reference_16bit(case, activation, dtype):
+    """float16 and bfloat16 (under the interpreter: its bfloat16 tl.dot is patched, mega_kernels/triton)."""
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
-    check_case(case, activation, True, masks["left"], dtype=torch.float16, label="left")
-    check_case(case, activation, False, masks["right"], dtype=torch.float16, label="right")
+    check_case(case, activation, True, masks["left"], dtype=dtype, label="left")
+    check_case(case, activation, False, masks["right"], dtype=dtype, label="right")
 
 
 @pytest.mark.parametrize("activation", SOME_ACTIVATIONS)

@@ -19,7 +19,7 @@ from mega_kernels.ops.backends import unavailable_reason
 from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
 
 BACKEND_DTYPES = {
-    "triton": (torch.float32, torch.float16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),  # bfloat16 under the interpreter: mega_kernels/triton
     "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16),  # + bfloat16 on a GPU (see _dtypes); tests marked gpu
 }
@@ -44,7 +44,7 @@ def backend(request):
 
 
 def _dtypes(name, device):
-    extra = (torch.bfloat16,) if device == "cuda" else ()
+    extra = (torch.bfloat16,) if device == "cuda" and torch.bfloat16 not in BACKEND_DTYPES[name] else ()
     return BACKEND_DTYPES[name] + extra
 
 
