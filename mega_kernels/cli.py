@@ -139,7 +139,7 @@ def _check_device(name: Optional[str]) -> torch.device:
 
 def cmd_check(args) -> int:
     device = _check_device(args.device)
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [torch.float64])
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float64] if device.type == "cpu" else [])
     results = []
     skipped = []
     for op in args.op or OPS:
