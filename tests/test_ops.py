@@ -159,3 +159,69 @@ def test_truncation_rejects_bool():
     x = torch.randn(1, 4, 2)
     with pytest.raises(ValueError, match="truncation must be"):
         ops.ema(x, *ema_params(2, 2, dtype=torch.float32), truncation=True)
+
+
+# -- torch.autocast ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_attention_under_autocast_runs_in_the_autocast_dtype(backend):
+    """As torch's matmuls: float32 q, k, v are cast to the autocast dtype and the output is in it, equal to the
+    op called on those casts outside autocast (so the reference's own matmuls are not cast again); gradients
+    reach the float32 inputs in float32. float64 inputs are left alone, as autocast leaves them."""
+    q, k, v, bias = (t.float().requires_grad_() for t in attention_inputs(2, 11, 11, 8, 6, 4))
+    kw = dict(chunk_size=4, causal=True, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.attention(q, k, v, bias, **kw)
+    low = [t.detach().to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    want = ops.attention(*low, bias.detach(), **kw)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+    g = torch.randn_like(out)
+    out.backward(g)
+    want.backward(g)
+    for t, t_low in zip((q, k, v), low):
+        assert t.grad.dtype == torch.float32 and torch.equal(t.grad, t_low.grad.float())
+    x64 = attention_inputs(1, 5, 5, 4, 3, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out64 = ops.attention(*x64, backend="reference")
+    assert out64.dtype == torch.float64 and torch.equal(out64, ops.attention(*x64, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ema_is_unchanged_by_autocast(backend):
+    """The EMA keeps x's dtype and float32 sums under autocast, on every backend: the same output, final state,
+    gradients and decoding step as outside autocast, bit for bit (the reference's FFT convolution would
+    otherwise run its products in bfloat16). The backward runs after the autocast region, as torch advises."""
+    x = torch.randn(2, 13, 6, requires_grad=True)
+    params = [p.requires_grad_() for p in ema_params(6, 3, dtype=torch.float32)]
+    state = torch.randn(2, 6, 3)
+
+    def forward():
+        y, final = ops.ema(x, *params, state=state, return_state=True, backend=backend)
+        step = ops.ema_step(x[:, 0].detach(), *[p.detach() for p in params], state, backend=backend)
+        return y, final, *step
+
+    def grads(y, final):
+        return torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + final.sum(),
+                                   [x, *params])
+
+    want = forward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = forward()
+    for i, (a, b) in enumerate(zip(got + grads(*got[:2]), want + grads(*want[:2]))):
+        assert a.dtype == b.dtype and torch.equal(a, b), f"output {i}"
+
+
+def test_ops_trace_with_torch_compile_under_autocast():
+    q, k, v, bias = attention_inputs(2, 9, 9, 4, 3, 4, dtype=torch.float32)
+    x = torch.randn(2, 9, 4)
+    params = ema_params(4, 3, dtype=torch.float32)
+
+    def f(q, k, v, bias, x, *params):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (ops.attention(q, k, v, bias, chunk_size=4, causal=True, backend="reference"),
+                    ops.ema(x, *params, backend="reference"))
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    for got, want in zip(compiled(q, k, v, bias, x, *params), f(q, k, v, bias, x, *params)):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)

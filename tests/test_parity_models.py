@@ -187,3 +187,55 @@ def test_cache_layout_and_values_match_transformers():
     step_h = hf_model(nxt, past_key_values=theirs.past_key_values, use_cache=True).logits
     step_o = ours(nxt, past_key_values=mine.past_key_values, use_cache=True).logits
     assert torch.allclose(step_o, step_h, atol=1e-5, rtol=1e-5)
+
+
+def _flat(out):
+    """The floating tensors of a model output, in order (nested tuples flattened)."""
+    items = out.to_tuple() if hasattr(out, "to_tuple") else out
+    flat = []
+    for t in items:
+        if isinstance(t, (tuple, list)):
+            flat += _flat(t)
+        elif isinstance(t, torch.Tensor) and t.is_floating_point():
+            flat.append(t)
+    return flat
+
+
+AUTOCAST_CASES = ("model-relu2-chunk-trunc", "causal-laplace-chunk-trunc-left", "causal-relu2-cross-simple",
+                  "seqcls-laplace-simple")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", {"ema": "cpu"}], ids=str)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in AUTOCAST_CASES], ids=lambda c: c[0])
+def test_autocast_bfloat16(case, backend):
+    """Under torch.autocast (CPU, bfloat16) forward and backward run on every backend, and each output and
+    parameter gradient is as close to transformers in float32 as transformers under the same autocast is: the
+    tolerance rule of DESIGN.md (at most 3x that error, plus the bfloat16 atol), with transformers' autocast run
+    as the low-precision reference. The atol is bfloat16's for every tensor, float32 ones too (the loss, the
+    gradients of the float32 parameters): under autocast each of them comes out of bfloat16 matmuls."""
+    import copy
+
+    from mega_kernels.testing import ATOL, error_and_bound
+
+    _, head, length, padding, overrides = case
+    cfg = config_dict(**overrides, kernel_backend=backend)
+    with fixed_hf_rmsnorm():
+        hf_model, ours = build_pair(head, cfg)
+        hf_low = copy.deepcopy(hf_model)  # transformers keeps tensors of a call's graph for the next call
+        inputs = make_inputs(head, cfg, length, padding)
+        ref = hf_model(**inputs)
+        scalar_loss(ref).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, mine = hf_low(**inputs), ours(**inputs)
+        scalar_loss(low).backward()  # after the autocast region, as torch advises
+        scalar_loss(mine).backward()
+    assert any(t.dtype == torch.bfloat16 for t in _flat(mine)), "autocast did not reach the model"
+    pairs = list(zip(_flat(mine), _flat(ref), _flat(low)))
+    ref_params, low_params = dict(hf_model.named_parameters()), dict(hf_low.named_parameters())
+    pairs += [(p.grad, ref_params[n].grad, low_params[n].grad) for n, p in ours.named_parameters()
+              if ref_params[n].grad is not None]
+    for i, (out, r32, rlow) in enumerate(pairs):
+        assert out is not None and torch.isfinite(out).all(), f"tensor {i}: missing or non-finite"
+        err, _, base = error_and_bound(out, r32, rlow)
+        bound = 3.0 * base + ATOL[torch.bfloat16] * (1.0 + r32.abs().max().item())
+        assert err <= bound, f"tensor {i}: max error {err:.3e} > bound {bound:.3e} (transformers' own {base:.3e})"

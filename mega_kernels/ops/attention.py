@@ -70,10 +70,10 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
         raise TypeError(f"attention: key_padding_mask must be a tensor, got {type(key_padding_mask).__name__}")
     if rel_bias.dim() != 1 or rel_bias.shape[0] % 2 != 1:
         raise ValueError(f"attention: rel_bias must be a (2W - 1,) vector, got {tuple(rel_bias.shape)}")
-    width = (rel_bias.shape[0] + 1) // 2
-    if width < block_length(lk, chunk_size):
-        raise ValueError(f"attention: rel_bias covers blocks of {width} but the block length is "
-                         f"{block_length(lk, chunk_size)}; pass a bias of length 2 * {block_length(lk, chunk_size)} - 1")
+    width, blk = (rel_bias.shape[0] + 1) // 2, block_length(lk, chunk_size)
+    if width < blk:
+        raise ValueError(f"attention: rel_bias covers blocks of {width} but the block length is {blk}; pass a bias "
+                         f"of length 2 * {blk} - 1")
     if rel_bias.device != q.device:
         raise ValueError(f"attention: rel_bias is on {rel_bias.device} but q is on {q.device}")
     if key_padding_mask is not None:
@@ -89,8 +89,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
               backend: Optional[str] = "auto") -> Tensor:
     """Chunked single-head attention with a Toeplitz bias: -> (B, Lq, E) in v's dtype.
 
-    key_padding_mask (B, Lk), True/1 = token (not padding).
+    key_padding_mask (B, Lk), True/1 = token (not padding). Under torch.autocast q, k and v are cast to the
+    autocast dtype first, as for torch's matmuls (float64 is left alone), and the output is in that dtype.
     """
+    cast = backends.autocast_dtype(q)
+    if cast is not None:
+        q, k, v = (t.to(cast) if isinstance(t, Tensor) and t.dtype in _FLOATS[:3] else t for t in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
+                             key_padding_mask=key_padding_mask, backend=backend)
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     name = backends.resolve("attention", backend, q.device, q.dtype)
     if name == "triton" and backends.is_auto(backend) and \

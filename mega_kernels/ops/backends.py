@@ -132,6 +132,22 @@ def is_auto(requested: Optional[str]) -> bool:
     return (requested or "auto") == "auto" and (os.environ.get(ENV_VAR, "auto") or "auto") == "auto"
 
 
+def autocast_dtype(t) -> Optional[torch.dtype]:
+    """torch.autocast's lower-precision dtype when autocast is on for the device type of tensor t, else None.
+
+    The ops take autocast into account themselves (their kernels are not autocast-aware): `ops.attention` is a
+    matmul-class op and runs in this dtype, as torch's scaled_dot_product_attention does; `ops.ema` is a scan
+    and keeps x's dtype with float32 state and sums. Both then run their backend with autocast off, so every
+    backend, the reference included, computes what it computes outside autocast."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta)
+        return None
+    return torch.get_autocast_dtype(t.device.type) if enabled else None
+
+
 def implementation(op: str, backend: str) -> Callable:
     entry = _REGISTRY[op][backend]
     if entry._impl is None and torch.compiler.is_compiling():

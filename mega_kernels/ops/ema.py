@@ -128,7 +128,12 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
 
     delta, alpha, beta (kd, N, 1), gamma (kd, N), omega (D,) as `MegaMultiDimensionDampedEma` holds them
     (kd = 2D when bidirectional). mask (B, L), True/1 = token. state (B, D, N) continues a previous call.
+    torch.autocast changes nothing: the sums are float32 (float64 for float64 x) and y is in x's dtype.
     """
+    if backends.autocast_dtype(x) is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return ema(x, delta, alpha, beta, gamma, omega, mask=mask, bidirectional=bidirectional,
+                       truncation=truncation, state=state, return_state=return_state, backend=backend)
     _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state)
     mask = _bool_mask(mask)
     if truncation is not None and truncation >= x.shape[1] + (state is not None):
@@ -144,8 +149,11 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
              state: Tensor, *, mask: Optional[Tensor] = None, backend: Optional[str] = "auto"):
     """One decoding step of a unidirectional EMA: x (B, D), state (B, D, N) -> (y (B, D), new state float32).
 
-    mask (B,) True = token; a padded token leaves the state decaying without input.
+    mask (B,) True = token; a padded token leaves the state decaying without input. As `ema`, unchanged by autocast.
     """
+    if backends.autocast_dtype(x) is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return ema_step(x, delta, alpha, beta, gamma, omega, state, mask=mask, backend=backend)
     if x.dim() != 2:
         raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
