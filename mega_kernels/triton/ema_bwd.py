@@ -56,19 +56,20 @@ PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple
 
 
 @triton.jit
-def _param_step(um, g, ud, hs, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC: tl.constexpr):
+def _param_step(um, g, ud, hs, hp, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC: tl.constexpr):
     """One step of the parameter sweep from the masked input um, g = dL/dz and (TRUNC) the input ud leaving the
-    window, all (BLOCK_D,): advance hs (= h / a'), H_run and P_run (scaled, P = a' Ps) to this step, add g H,
-    g P and g pw (pw = q^j, j = steps since the chunk start) to the block sums, then advance pw."""
-    P = q * P + hs
-    H = q * H + um[None, :]
-    hs = q * hs + um[None, :]
+    window, each broadcastable to the states: advance hs (= h / a'), H_run and P_run (scaled, P = a' Ps) to this
+    step, add g H, g P and g pw (pw = q^j, j = steps since the chunk start) to the block sums, then advance pw.
+    hp is hs as P's recurrence sees it: hs itself, or 0 for a state that sits still (with q = 1, um = g = 0:
+    ema_tc_bwd's columns outside their walk)."""
+    P = q * P + hp
+    H = q * H + um
+    hs = q * hs + um
     if TRUNC:
-        P = P - kqk1 * ud[None, :]
-        H = H - qk * ud[None, :]
-        hs = hs - qk * ud[None, :]
-    gb = g[None, :]
-    return hs, H, P, pw * q, bH + gb * H, bP + gb * P, bA + gb * pw
+        P = P - kqk1 * ud
+        H = H - qk * ud
+        hs = hs - qk * ud
+    return hs, H, P, pw * q, bH + g * H, bP + g * P, bA + g * pw
 
 
 @triton.jit(do_not_specialize=["B", "L", "D", "N", "K", "CHUNK", "GROUP", "NDB"])
@@ -141,8 +142,9 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
                     if TRUNC:
                         td = t0 + (i + u - K) * step
                         _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                    hs, H, P, pw, bH, bP, bA = _param_step(um, _fwd._tile_row(gc, offs_k, u), ud, hs, H, P, pw,
-                                                           bH, bP, bA, q, qk, kqk1, TRUNC)
+                    g = _fwd._tile_row(gc, offs_k, u)[None, :]
+                    hs, H, P, pw, bH, bP, bA = _param_step(um[None, :], g, ud[None, :], hs, hs, H, P, pw, bH, bP,
+                                                           bA, q, qk, kqk1, TRUNC)
                 row += UNROLL * step
             for i in tl.range(tl.maximum(j0, n_main), tl.minimum(j0 + SUB, n)):  # the last n % UNROLL steps
                 _, um = _load_in(x_ptr, keep_ptr, b, t0 + i * step, L, D, offs_d, True, MASK_IN)
@@ -151,7 +153,8 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
                 if TRUNC:
                     td = t0 + (i - K) * step
                     _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                hs, H, P, pw, bH, bP, bA = _param_step(um, g, ud, hs, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC)
+                hs, H, P, pw, bH, bP, bA = _param_step(um[None, :], g[None, :], ud[None, :], hs, hs, H, P, pw, bH,
+                                                       bP, bA, q, qk, kqk1, TRUNC)
                 row += step
             sum_H += bH
             sum_P += bP

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
+from .ema_bwd import _param_step
 from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk, block_n_tc
 
 Tensor = torch.Tensor
@@ -73,17 +74,15 @@ def _operator(op_ptr, rows3, k: tl.constexpr, SUB: tl.constexpr, BLOCK_N: tl.con
 
 @triton.jit
 def _one_step(x_ptr, keep_ptr, g_ptr, at, keep_at, live, dm, q, hs, H, P, pw, sH, sP, A, MASK_IN: tl.constexpr):
-    """One time step of every live column (at, keep_at, live: (1, 1, NB) per column), as ema_bwd._param_step."""
+    """One time step (ema_bwd._param_step) of every live column (at, keep_at, live: (1, 1, NB) per column); the
+    other columns stand still (q = 1, u = g = 0, and no hs term in P)."""
     ok = live & dm
     u = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
     if MASK_IN:
         u = tl.where(tl.load(keep_ptr + keep_at, mask=live, other=0) != 0, u, 0.0)
     g = tl.load(g_ptr + at, mask=ok, other=0.0)
-    qe = tl.where(live, q, 1.0)
-    P = qe * P + tl.where(live, hs, 0.0)
-    H = qe * H + u
-    hs = qe * hs + u
-    return hs, H, P, pw * qe, sH + g * H, sP + g * P, A + g * pw
+    return _param_step(u, g, u, hs, tl.where(live, hs, 0.0), H, P, pw, sH, sP, A, tl.where(live, q, 1.0), 0.0, 0.0,
+                       False)
 
 
 @triton.jit
