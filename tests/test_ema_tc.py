@@ -57,10 +57,13 @@ def test_forward_against_reference(case, bidirectional):
     _check_forward(*case, bidirectional, not bidirectional, True, chunk=56, block_d=16, cols=16)
 
 
+@pytest.mark.parametrize("dtype,precision", [(torch.float16, "split"), (torch.bfloat16, "split"),
+                                             (torch.bfloat16, "tf32")], ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_float16_input(bidirectional):
-    """float16 inputs and outputs (float32 states and dots; three TF32 products on a GPU)."""
-    _check_forward(2, 77, 24, 16, bidirectional, not bidirectional, True, torch.float16, chunk=40)
+def test_16bit_input(bidirectional, dtype, precision):
+    """16-bit inputs and outputs (float32 states and dots; on a GPU three TF32 products, or one for bfloat16
+    with tc_precision="tf32")."""
+    _check_forward(2, 77, 24, 16, bidirectional, not bidirectional, True, dtype, chunk=40, tc_precision=precision)
 
 
 @pytest.mark.parametrize("chunk", [16, 40, 1000], ids=lambda c: f"chunk{c}")

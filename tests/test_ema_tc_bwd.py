@@ -82,10 +82,11 @@ def test_gradients_against_reference(case, mode):
     _check_gradients(*case, mode == "bi", mode != "bi", initial=mode == "uni-states")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
-def test_float16_input(bidirectional):
+def test_16bit_input(bidirectional, dtype):
     """16-bit x is exact in TF32: its dots take two products, not three."""
-    _check_gradients(2, 77, 24, 16, bidirectional, not bidirectional, torch.float16, chunk=16, group_steps=32)
+    _check_gradients(2, 77, 24, 16, bidirectional, not bidirectional, dtype, chunk=16, group_steps=32)
 
 
 def test_with_the_tensor_core_forward():
