@@ -11,14 +11,15 @@ from mega_kernels import MegaConfig, MegaModel
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, "autocast"], ids=str)
 @pytest.mark.parametrize("overrides", [
     dict(use_chunking=True, chunk_size=16, attention_activation="softmax"),
     dict(is_decoder=True, bidirectional=False, attention_activation="laplace", truncation=20),
     dict(attention_activation="relu2", relative_positional_bias="simple", max_positions=64),
 ], ids=["chunk-softmax", "causal-laplace-trunc", "relu2-simple"])
 def test_model_backends_on_gpu(dtype, overrides):
-    """A 2-layer model on (B 2, L 50) with a left-padded row, through each GPU backend."""
+    """A 2-layer model on (B 2, L 50) with a left-padded row, through each GPU backend; "autocast": the float32
+    model under torch.autocast (bfloat16), against the reference backend under the same autocast."""
     cfg = config_dict(hidden_size=64, shared_representation_size=32, intermediate_size=96, nffn_hidden_size=80,
                       ema_projection_size=8, **overrides)
     torch.manual_seed(0)
@@ -30,11 +31,14 @@ def test_model_backends_on_gpu(dtype, overrides):
     mask[1, :7] = False
 
     def run(backend, run_dtype):
+        autocast = run_dtype == "autocast"
+        run_dtype = torch.float32 if autocast else run_dtype
         model = MegaModel(MegaConfig(**cfg, kernel_backend=backend))
         model.load_state_dict(state)
         model = model.to("cuda", run_dtype).eval()
         x = embeds.to(run_dtype).requires_grad_(True)
-        out = model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = model(inputs_embeds=x, attention_mask=mask, use_cache=False).last_hidden_state
         (grad,) = torch.autograd.grad((out.float() * embeds).sum(), x)
         return out[mask], grad[mask]
 
