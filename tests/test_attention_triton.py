@@ -110,7 +110,7 @@ def test_matches_reference_float32(case, activation):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("case", FP16_CASES, ids=str)
 def test_matches_reference_16bit(case, activation, dtype):
-    """float16 and bfloat16 (under the interpreter: its bfloat16 tl.dot is patched, mega_kernels/triton)."""
+    """float16 and bfloat16 (under the interpreter, whose bfloat16 dots and rounding mega_kernels/triton patches)."""
     masks = padding_masks(case[0], case[2], case[5], device=DEVICE)
     check_case(case, activation, True, masks["left"], dtype=dtype, label="left")
     check_case(case, activation, False, masks["right"], dtype=dtype, label="right")

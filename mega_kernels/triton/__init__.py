@@ -50,11 +50,11 @@ def _patch_interpreter_bfloat16():
     if dot is None or cast is None or getattr(dot, "_mega_patched", False):
         return
 
-    def is_bf16(h):
-        return getattr(h.dtype, "scalar", h.dtype) == tl.bfloat16
+    def scalar(h):
+        return getattr(h.dtype, "scalar", h.dtype)
 
     def as_float32(h):
-        if not is_bf16(h):
+        if scalar(h) != tl.bfloat16:
             return h
         bits = np.ascontiguousarray(h.data).view(np.uint16).astype(np.uint32) << 16
         return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
@@ -63,7 +63,7 @@ def _patch_interpreter_bfloat16():
         return dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
 
     def cast_impl(self, src, dst_type):
-        if getattr(src.dtype, "scalar", src.dtype) != tl.float32 or dst_type.scalar != tl.bfloat16:
+        if scalar(src) != tl.float32 or dst_type.scalar != tl.bfloat16:
             return cast(self, src, dst_type)
         bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
         rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16  # to nearest, ties to even
