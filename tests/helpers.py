@@ -30,6 +30,17 @@ def poisoned_like(t):
     return torch.full_like(t, float("nan"))
 
 
+def poison_empty(monkeypatch):
+    """From here on, float tensors from torch.empty / empty_like start as NaN: an output no kernel writes fails."""
+    real_empty, real_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
+
+
 def guarded(t):
     """The same values (and gradients) as a view into the middle of a NaN-filled buffer: a kernel that reads
     past either end of the tensor gets NaN into its results."""
@@ -69,7 +80,7 @@ EMA_CASES = [
 def random_mask(bsz, length, device="cpu"):
     """(B, L) bool mask with a full row, an empty row (when B >= 3), and random holes elsewhere."""
     mask = torch.rand(bsz, length, device=device) > 0.3
-    mask[0] = True
+    mask[:1] = True
     if bsz >= 3:
         mask[1] = False
     return mask
@@ -93,7 +104,7 @@ def attention_inputs(bsz, lq, lk, zdim, edim, chunk_size, dtype=torch.float64, d
     q = torch.randn(bsz, lq, zdim, dtype=dtype)
     k = torch.randn(bsz, lk, zdim, dtype=dtype)
     v = torch.randn(bsz, lk, edim, dtype=dtype)
-    bias = torch.randn(2 * width - 1, dtype=dtype) * 0.1
+    bias = torch.randn(2 * max(width, 1) - 1, dtype=dtype) * 0.1
     return [t.to(device).requires_grad_(requires_grad) for t in (q, k, v, bias)]
 
 

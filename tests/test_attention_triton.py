@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, guarded, padding_masks
+from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, guarded, padding_masks, poison_empty
 from mega_kernels import ops
 from mega_kernels.reference.attention import ACTIVATIONS
 from mega_kernels.reference.attention import attention as reference
@@ -45,13 +45,7 @@ GRAD_NAMES = ("dq", "dk", "dv", "drel_bias")
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     """Float tensors from torch.empty / empty_like start as NaN while a test runs."""
-    real_empty, real_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() and t.numel() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
+    poison_empty(monkeypatch)
 
 
 def _strided(t):
@@ -213,6 +207,15 @@ def test_empty_rows_give_zeros_and_finite_gradients():
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v, b))
     assert torch.equal(q.grad[0, :4], torch.zeros_like(q.grad[0, :4]))
+
+
+@pytest.mark.parametrize("lq,edim", [(0, 8), (5, 0)])
+def test_launcher_refuses_an_empty_output(lq, edim):
+    """Lq = 0 or E = 0 is refused by name (at E = 0 the softmax backward read a row statistic no forward wrote);
+    ops.attention answers those without a launch (test_ops)."""
+    q, k, v, b = [t.float().to(DEVICE) for t in attention_inputs(2, lq, 5, 16, edim, None)]
+    with pytest.raises(ValueError, match=r"need 1 <= Lq <= Lk and E >= 1, got Lq=%d, Lk=5, E=%d" % (lq, edim)):
+        triton_attention(q, k, v, b)
 
 
 def test_decoding_token_by_token_equals_full_pass():

@@ -16,7 +16,7 @@ import torch
 
 import mega_kernels.ops as ops
 from mega_kernels.ops.backends import unavailable_reason
-from helpers import EMA_CASES, assert_close_to_reference, ema_params, random_mask
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, poison_empty, random_mask
 
 BACKEND_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),  # bfloat16 under the interpreter: mega_kernels/triton
@@ -199,3 +199,28 @@ def test_gradcheck(backend, bidirectional):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*double precision.*")
         assert torch.autograd.gradcheck(fn, (x, *params) + ((st,) if st is not None else ()), **tol)
+
+
+@pytest.mark.parametrize("shape", [(0, 7, 24), (3, 0, 24), (3, 7, 0)], ids=["B0", "L0", "D0"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_empty_inputs(backend, shape, bidirectional, monkeypatch):
+    """An empty batch, sequence or channel set, on the backend and on the reference: y is empty, the parameters'
+    gradients are zeros and, with L = 0, the state passes through (the final state is the initial one, the
+    state's gradient the final state's). torch.empty fills with NaN, so an output nothing writes fails."""
+    poison_empty(monkeypatch)
+    name, device = backend
+    bsz, length, dim = shape
+    with_state = not bidirectional
+    x, params, mask, state, gy, gs = _inputs(bsz, length, dim, 3, bidirectional, torch.float32, device, True,
+                                             with_state)
+    for which in (name, "reference"):
+        (y, final), grads = _run(which, x, params, mask, state, gy, gs, bidirectional=bidirectional)
+        assert y.shape == x.shape, which
+        for g, p in zip(grads[1:6], params):
+            assert torch.equal(g, torch.zeros_like(p)), which
+        if with_state:  # (B = 0 or D = 0: all of these are empty)
+            assert torch.equal(final, state if length == 0 else torch.zeros_like(state)), which
+            assert torch.equal(grads[6], gs if length == 0 else torch.zeros_like(state)), which
+        if length > 0 and with_state:  # B = 0 or D = 0: one decoding step of nothing
+            y_t, s_t = ops.ema_step(x[:, 0], *params, state, backend=which)
+            assert y_t.shape == (bsz, dim) and s_t.shape == state.shape, which

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from helpers import attention_inputs, ema_params
+from helpers import attention_inputs, ema_params, poison_empty
 from mega_kernels import ops
 from mega_kernels.ops import backends
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
@@ -52,9 +52,10 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(state=torch.zeros(1, 4, 2)), "state must be"),
     (dict(omega=[0.0] * 4), "omega must be a tensor"),
     (dict(omega=None), "omega must be a tensor, got NoneType"),
+    (dict(n=0), "expansion size N >= 1"),
 ])
 def test_ema_bad_input(bad, match):
-    delta, alpha, beta, gamma, omega = ema_params(4, 3, dtype=torch.float32)
+    delta, alpha, beta, gamma, omega = ema_params(4, bad.pop("n", 3), dtype=torch.float32)
     kw = dict(x=torch.randn(1, 3, 4), omega=omega)
     kw.update(bad)
     x, omega = kw.pop("x"), kw.pop("omega")
@@ -75,12 +76,30 @@ def test_ema_bad_input(bad, match):
     (lambda t: dict(t, rel_bias=None), "rel_bias must be a float tensor, got None"),
     (lambda t: dict(t, rel_bias=torch.arange(9)), "rel_bias must be a float tensor, got torch.int64"),
     (lambda t: dict(t, key_padding_mask=[True] * 5), "key_padding_mask must be a tensor"),
+    (lambda t: dict(t, q=t["q"][..., :0], k=t["k"][..., :0]), "Z >= 1"),
 ])
 def test_attention_bad_input(change, match):
     q, k, v, bias = attention_inputs(2, 5, 5, 4, 3, None)
     kw = change(dict(q=q, k=k, v=v, rel_bias=bias))
     with pytest.raises((ValueError, TypeError), match=match):
         ops.attention(kw.pop("q"), kw.pop("k"), kw.pop("v"), kw.pop("rel_bias"), **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("sizes", [(0, 5, 5, 3), (2, 0, 5, 3), (2, 0, 0, 3), (2, 5, 5, 0)],
+                         ids=["B0", "Lq0", "Lq0-Lk0", "E0"])
+def test_attention_with_an_empty_output(backend, sizes, monkeypatch):
+    """No element to compute (B, Lq or E is 0): an empty output and zero gradients for q, k, v and rel_bias on
+    every backend, even where a kernel would not launch (the kernels take Lq >= 1; the Triton softmax backward
+    read an unwritten row statistic at E = 0). torch.empty fills with NaN meanwhile."""
+    poison_empty(monkeypatch)
+    bsz, lq, lk, edim = sizes
+    inputs = attention_inputs(bsz, lq, lk, 4, edim, None, dtype=torch.float32, requires_grad=True)
+    for activation in ("softmax", "laplace"):
+        out = ops.attention(*inputs, activation=activation, causal=True, backend=backend)
+        assert out.shape == (bsz, lq, edim)
+        for t, g in zip(inputs, torch.autograd.grad(out.sum(), inputs)):
+            assert torch.equal(g, torch.zeros_like(t))
 
 
 def test_reference_ops_trace_with_torch_compile():

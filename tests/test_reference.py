@@ -138,6 +138,17 @@ def test_attention_weights_reproduce_output():
         torch.testing.assert_close(w @ v, out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bsz,lq,lk", [(0, 10, 10), (2, 0, 0)])
+def test_attention_of_an_empty_batch_or_no_key(bsz, lq, lk):
+    """B = 0, or no key at all (Lk = 0, so Lq = 0): empty output and weights (the model's output_attentions
+    calls attention_weights whatever B)."""
+    q, k, v = (torch.randn(bsz, n, d, dtype=torch.float64) for n, d in ((lq, 4), (lk, 4), (lk, 6)))
+    for act in ("softmax", "laplace"):
+        kw = dict(activation=act, chunk_size=4, causal=True, key_padding_mask=torch.ones(bsz, lk, dtype=torch.bool))
+        assert attention(q, k, v, torch.randn(7, dtype=torch.float64), **kw).shape == (bsz, lq, 6)
+        assert attention_weights(q, k, v, torch.randn(7, dtype=torch.float64), **kw).shape == (bsz, lq, lk)
+
+
 def test_attention_gradcheck():
     q, k, v = (torch.randn(1, 6, d, dtype=torch.float64, requires_grad=True) for d in (3, 3, 2))
     rel_bias = torch.randn(5, dtype=torch.float64, requires_grad=True)

@@ -252,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   });
   // Sum the per-batch partials over b in order (deterministic; at::sum's order may depend on threads).
   auto sum_batches = [&](const at::Tensor& t) {
+    if (B == 0) return at::zeros(t.sizes().slice(1), t.options());  // an empty batch adds nothing
     auto out = t[0].clone();
     for (int64_t b = 1; b < B; ++b) out.add_(t[b]);
     return out;

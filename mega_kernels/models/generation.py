@@ -49,6 +49,8 @@ class GenerationMixin:
             raise ValueError(f"top_k must be a positive int or None, got {top_k}")
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
         bsz = input_ids.shape[0]
+        if bsz == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
+            return input_ids.new_zeros(0, input_ids.shape[1] + max_new_tokens)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
         tokens = input_ids
         finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)

@@ -219,13 +219,18 @@ class MegaModel(MegaPreTrainedModel):
                 if lo < 0 or hi >= c.vocab_size:
                     raise ValueError(f"input_ids out of range: values span [{lo}, {hi}] but vocab_size is "
                                      f"{c.vocab_size}; ids must be in [0, {c.vocab_size - 1}]")
-            return input_ids.shape
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.hidden_size:
-            raise ValueError(f"inputs_embeds must be (B, L, {c.hidden_size}), got {tuple(inputs_embeds.shape)}")
-        if inputs_embeds.dtype != self.dtype:
-            raise TypeError(f"inputs_embeds is {inputs_embeds.dtype} but the model is {self.dtype}; "
-                            f"convert with inputs_embeds.to({self.dtype})")
-        return inputs_embeds.shape[:2]
+            shape = input_ids.shape
+        else:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != c.hidden_size:
+                raise ValueError(f"inputs_embeds must be (B, L, {c.hidden_size}), got {tuple(inputs_embeds.shape)}")
+            if inputs_embeds.dtype != self.dtype:
+                raise TypeError(f"inputs_embeds is {inputs_embeds.dtype} but the model is {self.dtype}; "
+                                f"convert with inputs_embeds.to({self.dtype})")
+            shape = inputs_embeds.shape[:2]
+        if shape[1] == 0:
+            raise ValueError("MegaModel: the input has no tokens (sequence length 0); pass at least one token per "
+                             "sequence (an empty batch, B = 0, is fine)")
+        return shape
 
     def _check_token_types(self, token_type_ids, shape):
         c = self.config

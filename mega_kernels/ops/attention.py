@@ -55,6 +55,8 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
         raise ValueError(f"attention: batch sizes differ: q {bsz}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[2] != zdim:
         raise ValueError(f"attention: q and k must share Z, got {zdim} and {k.shape[2]}")
+    if zdim < 1:
+        raise ValueError("attention: q and k need Z >= 1 features (softmax scales by Z^-0.5), got Z = 0")
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"attention: k and v must share Lk, got {k.shape[1]} and {v.shape[1]}")
     lk = k.shape[1]
@@ -84,6 +86,13 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
             raise ValueError(f"attention: key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
+def _no_output(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor) -> Tensor:
+    """The (B, Lq, E) output when it has no element (B, Lq or E is 0), with zero gradients for every input and no
+    kernel launch (the kernels take Lq >= 1; the reference would still form the scores)."""
+    nothing = q[:0].sum() + k[:0].sum() + v[:0].sum() + rel_bias[:0].sum()  # exactly 0, keeps each input's graph
+    return v.new_zeros(q.shape[0], q.shape[1], v.shape[2]) + nothing.to(v.dtype)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
               chunk_size: Optional[int] = None, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               backend: Optional[str] = "auto") -> Tensor:
@@ -103,6 +112,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
     if name == "triton" and backends.is_auto(backend) and \
             block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK:
         name = "reference"
+    if q.shape[0] * q.shape[1] * v.shape[2] == 0:
+        return _no_output(q, k, v, rel_bias)
     impl = backends.implementation("attention", name)
     return impl(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
                 key_padding_mask=key_padding_mask)

@@ -94,6 +94,8 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
         raise ValueError(f"ema: gamma must be ({kd}, N) for D={dim}, bidirectional={bidirectional}; "
                          f"got {tuple(gamma.shape)}")
     ndim = gamma.shape[1]
+    if ndim < 1:
+        raise ValueError("ema: gamma must be (kd, N) with an expansion size N >= 1, got N = 0")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta)):
         if tuple(p.shape) != (kd, ndim, 1):
             raise ValueError(f"ema: {name} must be ({kd}, {ndim}, 1), got {tuple(p.shape)}")

@@ -60,7 +60,7 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     bsz, lq, zdim = q.shape
     lk = k.shape[1]
-    size = _blocks(lk, chunk_size)
+    size = max(1, _blocks(lk, chunk_size))  # (no key: zero blocks of one position)
     nblocks = -(-lk // size)
     total = nblocks * size
     width = (rel_bias.shape[0] + 1) // 2
@@ -123,7 +123,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
     """Materialized chunked attention: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E) -> (B, Lq, E) in v's dtype."""
     p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
                                                           key_padding_mask)
-    out = torch.matmul(p.to(v.dtype), vb).reshape(bsz, total, -1)
+    out = torch.matmul(p.to(v.dtype), vb).reshape(bsz, total, vb.shape[-1])
     return out[:, lk - lq: lk]
 
 

@@ -116,6 +116,10 @@ def ema_fft(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, *, mask: 
     bsz, length, dim = x.shape
     xc, xm, a, q, c, omega = _prepare(x, mask, a, q, c, omega)
     ksize = length if truncation is None else min(truncation, length)
+    if x.numel() == 0:  # nothing to convolve (an FFT of an empty batch or length fails); a, q, c get zero gradients
+        ema = torch.zeros_like(xm) + (a[:0].sum() + q[:0].sum() + c[:0].sum())
+        y = F.silu(ema + omega * xc).to(x.dtype)
+        return (y, _final_state(xm, a, q, state)) if return_state else y
     kernel = ema_kernel(a, q, c, ksize)
     inp = xm.transpose(1, 2)  # (B, D, L)
     if bidirectional:

@@ -228,8 +228,9 @@ def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask
     if tuple(k.shape) != (bsz, lk, zdim) or v.shape[0] != bsz:
         raise ValueError(f"triton attention: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, "
                          f"v {tuple(v.shape)} (want q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E))")
-    if not 1 <= lq <= lk:
-        raise ValueError(f"triton attention: need 1 <= Lq <= Lk, got Lq={lq}, Lk={lk}")
+    if not 1 <= lq <= lk or edim < 1:
+        raise ValueError(f"triton attention: need 1 <= Lq <= Lk and E >= 1, got Lq={lq}, Lk={lk}, E={edim} "
+                         "(ops.attention returns an empty output without a launch)")
     if zdim > MAX_Z:
         raise ValueError(f"triton attention: Z = {zdim} exceeds the kernel's limit of {MAX_Z}; "
                          f"use backend='reference' for wider q/k")

@@ -327,4 +327,6 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     if wide_dx:
         dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
+    if state is not None and x.shape[1] == 0:  # no step ran: the final state was the initial one
+        dstate = grad_state.clone() if grad_state is not None else torch.zeros_like(state)
     return dx, da, dq, dc, dom.sum((0, 1)), dstate

@@ -790,6 +790,8 @@ def ema_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, mask: Opt
     y, final, buf, *_ = ema_scan(x, a, q, c, omega, keep_of(mask), s0, bidirectional=bidirectional,
                                  truncation=truncation, epilogue=EPI_SILU, out_dtype=x.dtype,
                                  write_final=return_state, **tuning)
+    if return_state and x.shape[1] == 0:  # no step ran: the final state is the initial one
+        final = state.clone() if state is not None else final.zero_()
     final = final if return_state else x.new_empty(0, dtype=torch.float32)
     if not return_states:
         return y, final
