@@ -136,6 +136,8 @@ def test_parity(case):
         for key in theirs.keys():
             assert_close(key, getattr(mine, key), getattr(theirs, key))
         assert mine.keys() == [k for k in theirs.keys()]
+        assert [k for k, _ in mine.items()] == mine.keys() and all(k in mine for k in theirs.keys())
+        assert all(a is b for a, b in zip(mine.values(), mine.to_tuple())) and "nonsense" not in mine
         # the tuple layout (return_dict=False) matches too
         as_tuples = [m(**inputs, **flags, return_dict=False) for m in (ours, hf_model)]
         assert_close("tuple", *as_tuples)

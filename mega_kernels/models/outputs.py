@@ -1,6 +1,7 @@
 """Model outputs usable by attribute (`out.logits`) and as tuples (`out[0]`, `out.to_tuple()`, unpacking),
 with the fields and order of transformers' output classes. Indexing and iteration skip fields that are None,
-as transformers' ModelOutput does; `out["logits"]` also works."""
+as transformers' ModelOutput does; `out["logits"]`, `keys()`, `values()`, `items()` and `"logits" in out` also
+work."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -17,6 +18,15 @@ class ModelOutput:
 
     def keys(self):
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
 
     def __getitem__(self, index):
         if isinstance(index, str):
