@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional, Tuple
 
@@ -67,9 +68,13 @@ _LOGGED = set()
 
 
 def register(op: str, backend: str, module: str, attr: str, probe: Callable[[torch.device], Optional[str]]):
+    """Register `module.attr` as `op`'s `backend`. A module already imported (the reference's) is loaded now, so
+    torch.compile finds it without a `preload`."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _REGISTRY.setdefault(op, {})[backend] = _Entry(module, attr, probe)
+    entry = _REGISTRY.setdefault(op, {})[backend] = _Entry(module, attr, probe)
+    if module in sys.modules:
+        entry.load()
 
 
 def implemented(op: str) -> Tuple[str, ...]:
@@ -152,18 +157,26 @@ def implementation(op: str, backend: str) -> Callable:
     entry = _REGISTRY[op][backend]
     if entry._impl is None and torch.compiler.is_compiling():
         raise RuntimeError(f"{op}: the {backend!r} backend is not loaded yet and torch.compile cannot trace its "
-                           f"import; call mega_kernels.ops.backends.preload(device) (or run the model once "
-                           f"eagerly) before compiling")
+                           f"import; call mega_kernels.ops.backends.preload(device, {backend!r}) (a model: "
+                           f"preload(device, model.config.kernel_backend)) or run once eagerly before compiling")
     return entry.load()
 
 
-def preload(device) -> Dict[str, str]:
-    """Load the implementation `auto` (or MEGA_KERNELS_BACKEND) picks for each op on `device`, so that calls
-    traced later by torch.compile(fullgraph=True) find it loaded. Returns {op: backend}."""
+def preload(device, backend=None) -> Dict[str, str]:
+    """Load the implementation each op resolves to on `device`, so that calls traced later by
+    torch.compile(fullgraph=True) find it loaded. backend: what the calls will ask for, as a model's
+    `config.kernel_backend` holds it: None or "auto" (auto's or MEGA_KERNELS_BACKEND's pick), one name (for the
+    ops that implement it; the others auto), or a per-op dict ({"ema": "cpu"}; a missing op is auto). An
+    explicit backend that cannot run on `device` raises BackendUnavailable, as the call would. Returns
+    {op: backend loaded}."""
     device = torch.device(device)
     chosen = {}
     for op in _REGISTRY:
-        name = resolve(DISPATCHED_AS.get(op, op), "auto", device)
+        key = DISPATCHED_AS.get(op, op)
+        asked = backend.get(key, "auto") if isinstance(backend, dict) else backend or "auto"
+        if asked not in _REGISTRY.get(key, {}):
+            asked = "auto"
+        name = resolve(key, asked, device)
         if name in _REGISTRY[op]:
             _REGISTRY[op][name].load()
             chosen[op] = name
