@@ -129,8 +129,8 @@ def test_auto_skips_backends_without_float64(monkeypatch):
 
 
 def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
-    """auto sends blocks <= TRITON_ATTENTION_MIN_BLOCK to the (measured faster) reference; an explicit request
-    still gets the kernel."""
+    """auto sends blocks <= TRITON_ATTENTION_MIN_BLOCK to the (measured faster) reference, and q / k wider than
+    the kernels take; an explicit request still gets the kernel."""
     import importlib
 
     attention_mod = importlib.import_module("mega_kernels.ops.attention")
@@ -150,6 +150,16 @@ def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
     q, k, v, bias = attention_inputs(1, 9, 9, 4, 3, None, dtype=torch.float32)
     ops.attention(q, k, v, bias)
     assert calls == ["triton", "triton"]
+    monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MAX_Z", 3)  # wider q / k than the kernels take
+    ops.attention(q, k, v, bias)
+    assert calls == ["triton", "triton"]
+
+
+def test_auto_attention_z_limit_is_the_kernels():
+    from mega_kernels.ops.attention import TRITON_ATTENTION_MAX_Z
+    from mega_kernels.triton.attention_common import MAX_Z
+
+    assert TRITON_ATTENTION_MAX_Z == MAX_Z
 
 
 def test_env_var_naming_a_backend_an_op_lacks_leaves_that_op_to_auto(monkeypatch):

@@ -33,6 +33,9 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # 2.97 ms; LRA B32 L4096 C128 1.08 vs 1.64 ms; one block B4 L2048 causal 2.25 vs 3.14 ms; but unchunked
 # B1 L16384 causal 76.6 vs 39.5 ms with 15.6 GiB vs 241 MiB peak memory (the reference is quadratic in L).
 TRITON_ATTENTION_MIN_BLOCK = 4096
+# The widest q / k the Triton kernels take (mega_kernels/triton/attention_common.MAX_Z; a test holds them equal):
+# auto sends wider ones to the reference instead of failing.
+TRITON_ATTENTION_MAX_Z = 256
 
 
 def block_length(lk: int, chunk_size: Optional[int]) -> int:
@@ -109,8 +112,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
                              key_padding_mask=key_padding_mask, backend=backend)
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     name = backends.resolve("attention", backend, q.device, q.dtype)
-    if name == "triton" and backends.is_auto(backend) and \
-            block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK:
+    if name == "triton" and backends.is_auto(backend) and (
+            block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK or q.shape[2] > TRITON_ATTENTION_MAX_Z):
         name = "reference"
     if q.shape[0] * q.shape[1] * v.shape[2] == 0:
         return _no_output(q, k, v, rel_bias)
