@@ -155,6 +155,24 @@ def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
     assert calls == ["triton", "triton"]
 
 
+def test_auto_ema_takes_the_reference_for_n_over_the_cuda_limit(monkeypatch):
+    """auto picks cuda only where triton is unavailable; for N > 32 (which the CUDA kernels refuse) it then takes
+    the reference instead of failing, while an explicit backend='cuda' still reaches the backend's own check."""
+    calls = []
+    entry = backends._Entry("x", "y", lambda d: None)
+    entry._impl = lambda *a, **k: calls.append("cuda") or torch.zeros(1)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, ("ema", "cpu"), ("cuda",))
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cuda", entry)
+    x = torch.randn(1, 5, 3)
+    ops.ema(x, *ema_params(3, 32, dtype=torch.float32))
+    assert calls == ["cuda"]
+    y = ops.ema(x, *ema_params(3, 33, dtype=torch.float32))
+    assert calls == ["cuda"] and y.shape == x.shape
+    ops.ema(x, *ema_params(3, 33, dtype=torch.float32), backend="cuda")
+    assert calls == ["cuda", "cuda"]
+
+
 def test_auto_attention_z_limit_is_the_kernels():
     from mega_kernels.ops.attention import TRITON_ATTENTION_MAX_Z
     from mega_kernels.triton.attention_common import MAX_Z

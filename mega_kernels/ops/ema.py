@@ -38,6 +38,9 @@ EMA_STEP_SCHEMA = ("(Tensor x, Tensor a, Tensor q, Tensor c, Tensor omega, Tenso
                    "-> (Tensor, Tensor)")
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The CUDA kernels keep N states per thread in registers (cuda::kMaxN in csrc/ema/ema_cuda.h): they refuse a
+# larger N, and auto then takes the reference.
+CUDA_MAX_N = 32
 
 
 def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
@@ -123,6 +126,13 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
         raise ValueError(f"ema: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
 
 
+def _resolve(backend, x, gamma) -> str:
+    name = backends.resolve("ema", backend, x.device, x.dtype)
+    if name == "cuda" and backends.is_auto(backend) and gamma.shape[1] > CUDA_MAX_N:
+        return "reference"  # (auto tries triton before cuda: it is unavailable here)
+    return name
+
+
 def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, omega: Tensor, *,
         mask: Optional[Tensor] = None, bidirectional: bool = False, truncation: Optional[int] = None,
         state: Optional[Tensor] = None, return_state: bool = False, backend: Optional[str] = "auto"):
@@ -140,7 +150,7 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
     mask = _bool_mask(mask)
     if truncation is not None and truncation >= x.shape[1] + (state is not None):
         truncation = None  # K >= L taps: the plain EMA
-    name = backends.resolve("ema", backend, x.device, x.dtype)
+    name = _resolve(backend, x, gamma)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema", name)
     return impl(x, a, q, c, omega, mask=mask, bidirectional=bidirectional, truncation=truncation, state=state,
@@ -161,7 +171,7 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
               state, True)
     mask = _bool_mask(mask)
-    name = backends.resolve("ema", backend, x.device, x.dtype)
+    name = _resolve(backend, x, gamma)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema_step", name)
     return impl(x, a, q, c, omega, state, mask)

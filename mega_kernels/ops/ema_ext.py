@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .ema import register_ema_autograd
+from .ema import CUDA_MAX_N, register_ema_autograd
 
 _state = _ext.load()
 if not _state["ok"]:
@@ -41,9 +41,6 @@ def _ema_bwd_fake(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectio
 @torch.library.register_fake("mega_kernels::ema_step")
 def _ema_step_fake(x, a, q, c, omega, state, mask):
     return x.new_empty(x.shape), x.new_empty((x.shape[0], x.shape[1], a.shape[1]), dtype=_acc(x))
-
-
-CUDA_MAX_N = 32  # the CUDA kernels keep N states per thread in registers (cuda::kMaxN in csrc/ema/ema_cuda.h)
 
 
 def _check_cuda_n(x, a):
