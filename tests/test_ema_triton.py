@@ -408,7 +408,7 @@ def test_gpu_long_sequence(dtype, bidirectional):
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_gpu_silu_extremes(bidirectional):
     """On a GPU the sweeps' sigmoid is the approximate exp2 and reciprocal with denormals flushed
-    (ema_fwd._sigmoid): pre-activations from about -1000 to 1000 (both saturated ends and the flushed range
+    (ema_sweep._sigmoid): pre-activations from about -1000 to 1000 (both saturated ends and the flushed range
     below -87) keep y and every gradient at the float64 reference."""
     with_state = not bidirectional
     coefs, coefs64, x, mask, state, gy, gs = _case(2, 600, 40, 16, bidirectional, with_state)

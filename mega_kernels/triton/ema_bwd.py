@@ -48,8 +48,9 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
-from .ema_fwd import (EPI_DSILU, EPI_DX, _block_n, _coef, _load_in, _powi, block_d_for, check_inputs,
-                      ema_scan, keep_of)
+from . import ema_sweep as _sw
+from .ema_fwd import _block_n, block_d_for, check_inputs, ema_scan, keep_of
+from .ema_sweep import EPI_DSILU, EPI_DX, _coef, _load_in, _powi
 
 Tensor = torch.Tensor
 PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
@@ -85,9 +86,9 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     A_cp is the chunk-local state of the adjoint scan (ema_bwd), which then needs no chunk-state pass of its own,
     and _param_carry_kernel builds G = sum g q^(m+1) (m = steps since the group start) from it. (sum g h needs no
     sweep: h = a H + q^(t+1) S; sum g x comes from the scan that wrote g.) Rows of x and g arrive as
-    (UNROLL, BLOCK_D) tiles loaded two iterations ahead (ema_fwd._sweep), the pipeline restarting at each chunk:
+    (UNROLL, BLOCK_D) tiles loaded two iterations ahead (ema_sweep._sweep), the pipeline restarting at each chunk:
     with one row of each in flight per step the sweep would wait on memory, not on its arithmetic."""
-    grp, b, dirn, offs_d = _fwd._program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
+    grp, b, dirn, offs_d = _sw._program(tl.program_id(0), B, NDIR, NDB, BLOCK_D)
     per_group = B * NDIR * NDB
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, UNROLL)
@@ -111,7 +112,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     if HAS_S:
         h += tl.load(s_ptr + b.to(tl.int64) * D * N + st, mask=sm & (dirn == 0) & (c_in == 0), other=0.0)
     # scaled state (ema_fwd.py): hs = h / a', P runs scaled too (P = a' Ps), one multiply-add each per step
-    hs = h / _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))
+    hs = h / _sw._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))
     H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     P = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     sum_H = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -123,8 +124,8 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
         n_main = (n // UNROLL) * UNROLL
         t0 = tl.where(dirn == 0, cp * CHUNK, cp * CHUNK + n - 1)
         row = b.to(tl.int64) * L + t0  # (b, t) row index, moved by `step` each step
-        xn, xn2 = _fwd._tiles_ahead(x_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
-        gn, gn2 = _fwd._tiles_ahead(g_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, False, UNROLL)
+        xn, xn2 = _sw._tiles_ahead(x_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, MASK_IN, UNROLL)
+        gn, gn2 = _sw._tiles_ahead(g_ptr, keep_ptr, row, step, n_main, D, offs_k, offs_d, False, UNROLL)
         pw = tl.full((BLOCK_N, BLOCK_D), 1.0, tl.float32)
         A = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for j0 in range(0, n, SUB):  # two-level sums (blocks of SUB steps): float32 rounding ~ (SUB + n/SUB) eps
@@ -132,17 +133,17 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
             bP = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             bA = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             for i in tl.range(j0, tl.minimum(j0 + SUB, n_main), UNROLL, num_stages=1):
-                xc, xn, xn2 = _fwd._advance(x_ptr, keep_ptr, xn, xn2, row, step, n_main - i, D, offs_k, offs_d,
+                xc, xn, xn2 = _sw._advance(x_ptr, keep_ptr, xn, xn2, row, step, n_main - i, D, offs_k, offs_d,
                                             MASK_IN, UNROLL)
-                gc, gn, gn2 = _fwd._advance(g_ptr, keep_ptr, gn, gn2, row, step, n_main - i, D, offs_k, offs_d,
+                gc, gn, gn2 = _sw._advance(g_ptr, keep_ptr, gn, gn2, row, step, n_main - i, D, offs_k, offs_d,
                                             False, UNROLL)
                 for u in tl.static_range(UNROLL):
-                    um = _fwd._tile_row(xc, offs_k, u)
+                    um = _sw._tile_row(xc, offs_k, u)
                     ud = um
                     if TRUNC:
                         td = t0 + (i + u - K) * step
                         _, ud = _load_in(x_ptr, keep_ptr, b, td, L, D, offs_d, (td >= 0) & (td < L), MASK_IN)
-                    g = _fwd._tile_row(gc, offs_k, u)[None, :]
+                    g = _sw._tile_row(gc, offs_k, u)[None, :]
                     hs, H, P, pw, bH, bP, bA = _param_step(um[None, :], g, ud[None, :], hs, hs, H, P, pw, bH, bP,
                                                            bA, q, qk, kqk1, TRUNC)
                 row += UNROLL * step
@@ -160,7 +161,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
             sum_P += bP
             A += bA
         tl.store(adj_ptr + (cp * B + b).to(tl.int64) * kd * N + bst, A, mask=sm)
-    a = _fwd._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))  # loaded again: not held through the sweep
+    a = _sw._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))  # loaded again: not held through the sweep
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
     plane = ng * B * kd * N
@@ -255,7 +256,7 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
     group = max(1, group_steps // chunk)
     nc = triton.cdiv(length, chunk)
     ngroups = triton.cdiv(nc, group)
-    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_fwd._coef
+    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, kd): see ema_sweep._coef
     if tensor_cores:
         from .ema_tc_bwd import param_sweep_tc
 

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
-from .ema_fwd import _block_n, _coef, block_d_for, check_inputs, keep_of
+from .ema_fwd import _block_n, block_d_for, check_inputs, keep_of
+from .ema_sweep import _coef
 
 Tensor = torch.Tensor
 
@@ -55,7 +56,7 @@ def ema_step_fwd(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, stat
     ndb = triton.cdiv(dim, block_d)
     y = _fwd._empty(x.shape, x.dtype, x.device)
     new_state = _fwd._empty(state.shape, torch.float32, x.device)
-    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, D): see ema_fwd._coef
+    aT, qT, cT = (t.t().contiguous() for t in (a, q, c))  # (N, D): see ema_sweep._coef
     _ema_step_kernel[(bsz * ndb,)](x, keep_of(mask), aT, qT, cT, omega, state, y, new_state, dim, q.shape[1], ndb,
                                    HAS_MASK=mask is not None, BLOCK_N=_block_n(q.shape[1]), BLOCK_D=block_d,
                                    num_warps=max(1, block_d // 32))

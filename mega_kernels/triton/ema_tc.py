@@ -12,7 +12,7 @@ Within a sub-chunk of S steps entered with the pre-decayed state s = q h (h: the
 
 Every (batch row, chunk) column of a channel shares that channel's T, V and W, so a program takes BD channels and
 NB columns and multiplies (BD, S, S) by (BD, S, NB) blocks with a batched tl.dot: S + 2N multiply-adds per
-element on tensor cores and one loop iteration per S steps of NB columns, where ema_fwd._sweep issues 2N fused
+element on tensor cores and one loop iteration per S steps of NB columns, where ema_sweep._sweep issues 2N fused
 multiply-adds per element and one iteration per step. The states stay float32 between sub-chunks (only their
 product with V is rounded to the dot's precision).
 
@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
+from . import ema_sweep as _sw
 
 Tensor = torch.Tensor
 SUB = 16  # steps per sub-chunk: the dots' smallest size
@@ -442,13 +443,13 @@ def _tc_scan_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, dom_ptr, op_ptr, 
             if MASK_IN or MASK_OUT:
                 z = _mm(o_hi, o_lo, raw, z, PREC, EXACT_X)
             if EPI == 1:
-                z = z * _fwd._sigmoid(z)
+                z = z * _sw._sigmoid(z)
             elif EPI == 2:
                 if EVEN:
                     gy = tl.load(gy_ptr + col_off + inner).to(tl.float32)
                 else:
                     gy = tl.load(gy_ptr + col_off + inner, mask=ok, other=0.0).to(tl.float32)
-                sig = _fwd._sigmoid(z)
+                sig = _sw._sigmoid(z)
                 z = gy * sig * (1.0 + z * (1.0 - sig))
                 dom += z * raw
             _store(out_ptr + col_off + inner, z.to(out_ptr.dtype.element_ty), ok, EVEN)
@@ -488,7 +489,7 @@ def operators(a: Tensor, q: Tensor, c: Tensor) -> Tensor:
 def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Optional[Tensor],
                 s0: Optional[Tensor], *, bidirectional: bool, out_dtype: torch.dtype, chunk: Optional[int] = None,
                 block_d: Optional[int] = None, cols: int = 16, num_warps: int = 8, precision: str = "split",
-                lookback: bool = False, epilogue: int = _fwd.EPI_SILU, gy: Optional[Tensor] = None,
+                lookback: bool = False, epilogue: int = _sw.EPI_SILU, gy: Optional[Tensor] = None,
                 reverse: bool = False, mask_in: bool = True, states: Optional[Tensor] = None,
                 local: Optional[Tensor] = None, write_final: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor], int, Optional[Tensor], Optional[Tensor]]:
@@ -518,11 +519,11 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     if precision not in ("split", "tf32") or (precision == "tf32" and u.dtype != torch.bfloat16):
         raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
                          f"{precision!r} for {u.dtype}")
-    if lookback and (bidirectional or reverse or epilogue != _fwd.EPI_SILU or states is not None
+    if lookback and (bidirectional or reverse or epilogue != _sw.EPI_SILU or states is not None
                      or local is not None or write_final):
         raise ValueError("ema_scan_tc: lookback=True runs the forward's one direction only, without a final state; "
                          "use the three passes (lookback=False) for a bidirectional, reversed or backward scan")
-    if (epilogue == _fwd.EPI_DSILU) != (gy is not None):
+    if (epilogue == _sw.EPI_DSILU) != (gy is not None):
         raise ValueError("ema_scan_tc: gy (dL/dy) is what EPI_DSILU takes, and only it")
     nc = triton.cdiv(length, chunk)
     ndir = 2 if bidirectional else 1
@@ -536,7 +537,7 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     acc = None
     if bidirectional:
         acc = out if out_dtype == torch.float32 else _fwd._empty(u.shape, torch.float32, u.device)
-    dom = _fwd._empty((nc, bsz, dim), torch.float32, u.device) if epilogue == _fwd.EPI_DSILU else None
+    dom = _fwd._empty((nc, bsz, dim), torch.float32, u.device) if epilogue == _sw.EPI_DSILU else None
     buf = None
     even = length % chunk == 0 and chunk % SUB == 0 and dim % block_d == 0 and ncol % cols == 0
     flags = dict(MASK_IN=keep is not None and mask_in, HAS_S0=s0 is not None, EVEN=even, PREC=precision,

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import ema_fwd as _fwd
+from . import ema_sweep as _sw
 from .ema_bwd import _param_step
 from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk, block_n_tc
 
@@ -148,7 +149,7 @@ def _tc_param_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, op_ptr, s_ptr, buf_pt
     rows3 = row0 + tl.where(dm, d3, 0)
     cf = (n3 < N) & dm
     q = tl.load(q_ptr + rows3 * N + n3, mask=cf, other=0.0)
-    a = _fwd._safe(tl.load(a_ptr + rows3 * N + n3, mask=cf, other=0.0))
+    a = _sw._safe(tl.load(a_ptr + rows3 * N + n3, mask=cf, other=0.0))
     hs = tl.zeros((BD, BLOCK_N, NB), tl.float32)
     c_in = tl.where(fwd, c_first, c_last)
     if HAS_BUF:
@@ -179,8 +180,8 @@ def _tc_param_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, op_ptr, s_ptr, buf_pt
     r1_hi, r1_lo = _operator(op_ptr, rows3, 1, SUB, BLOCK_N)
     wu_hi, wu_lo = _operator(op_ptr, rows3, 2, SUB, BLOCK_N)
     wp_hi, wp_lo = _operator(op_ptr, rows3, 3, SUB, BLOCK_N)
-    qS = _fwd._powi(q, SUB)
-    qS1 = SUB * _fwd._powi(q, SUB - 1)
+    qS = _sw._powi(q, SUB)
+    qS1 = SUB * _sw._powi(q, SUB - 1)
     M = tl.zeros((BD, SUB, SUB), tl.float32)
     col_off = walk0 + (head * step) * D
     inner = j3 * (step * D) + d3
@@ -236,9 +237,9 @@ def _tc_param_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, op_ptr, s_ptr, buf_pt
     in_P = tl.zeros((BD, BLOCK_N, 1), tl.float32)
     for l in tl.static_range(SUB):
         m = tl.sum(tl.sum(tl.where(lag == l, M, 0.0), axis=2), axis=1)[:, None, None]
-        in_H += _fwd._powi(q, l) * m
+        in_H += _sw._powi(q, l) * m
         if l > 0:
-            in_P += (l * _fwd._powi(q, l - 1)) * m
+            in_P += (l * _sw._powi(q, l - 1)) * m
     first = col == (rest // NDIR) * NB
     sH += tl.where(first, in_H, 0.0)
     sP += tl.where(first, in_P, 0.0)
@@ -276,7 +277,7 @@ def param_sweep_tc(x: Tensor, keep: Optional[Tensor], g: Tensor, a: Tensor, q: T
         raise ValueError(f"param_sweep_tc: the tensor-core parameter sweep needs chunk to be a multiple of {SUB}, "
                          f"got {chunk}")
     if block_d is None:
-        block_d = min(64, triton.next_power_of_2(x.shape[2])) if _fwd.INTERPRET else BLOCK_D
+        block_d = min(64, triton.next_power_of_2(x.shape[2])) if _sw.INTERPRET else BLOCK_D
     if block_d < 1 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
         raise ValueError(f"param_sweep_tc: block_d must be a power of two and cols a power of two >= 16, got "
                          f"{block_d}, {cols}")
