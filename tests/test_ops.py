@@ -128,19 +128,25 @@ def test_auto_skips_backends_without_float64(monkeypatch):
     assert backends.resolve("attention", "auto", torch.device("cpu"), torch.float64) == "reference"
 
 
+def _fake_auto_backend(monkeypatch, op, name):
+    """Make `name` auto's only choice for `op` on the CPU, as a stand-in that records its calls: returns the list of
+    calls (the backend's name once per call)."""
+    calls = []
+    entry = backends._Entry("x", "y", lambda d: None)
+    entry._impl = lambda *a, **k: calls.append(name) or torch.zeros(1)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, (op, "cpu"), (name,))
+    monkeypatch.setitem(backends._REGISTRY[op], name, entry)
+    return calls
+
+
 def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
     """auto sends blocks <= TRITON_ATTENTION_MIN_BLOCK to the (measured faster) reference, and q / k wider than
     the kernels take; an explicit request still gets the kernel."""
     import importlib
 
     attention_mod = importlib.import_module("mega_kernels.ops.attention")
-
-    calls = []
-    entry = backends._Entry("x", "y", lambda d: None)
-    entry._impl = lambda *a, **k: calls.append("triton") or torch.zeros(1)
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
-    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", entry)
+    calls = _fake_auto_backend(monkeypatch, "attention", "triton")
     monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MIN_BLOCK", 8)
     q, k, v, bias = attention_inputs(1, 6, 6, 4, 3, None, dtype=torch.float32)
     ops.attention(q, k, v, bias)
@@ -158,12 +164,7 @@ def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
 def test_auto_ema_takes_the_reference_for_n_over_the_cuda_limit(monkeypatch):
     """auto picks cuda only where triton is unavailable; for N > 32 (which the CUDA kernels refuse) it then takes
     the reference instead of failing, while an explicit backend='cuda' still reaches the backend's own check."""
-    calls = []
-    entry = backends._Entry("x", "y", lambda d: None)
-    entry._impl = lambda *a, **k: calls.append("cuda") or torch.zeros(1)
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    monkeypatch.setitem(backends.AUTO_ORDER, ("ema", "cpu"), ("cuda",))
-    monkeypatch.setitem(backends._REGISTRY["ema"], "cuda", entry)
+    calls = _fake_auto_backend(monkeypatch, "ema", "cuda")
     x = torch.randn(1, 5, 3)
     ops.ema(x, *ema_params(3, 32, dtype=torch.float32))
     assert calls == ["cuda"]
