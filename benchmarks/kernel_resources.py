@@ -101,6 +101,7 @@ def ema_configs():
 
     from mega_kernels.triton import ema_bwd as B
     from mega_kernels.triton import ema_fwd as F
+    from mega_kernels.triton import ema_sweep as SW
     from mega_kernels.triton import ema_tc as TC
     sizes = {k: "i32" for k in "B L D N K CHUNK NDB".split()}
     block_d = F.block_d_for(1024)
@@ -113,21 +114,21 @@ def ema_configs():
     for dt in ("fp32", "bf16"):
         types = {"u_ptr": f"*{dt}", "out_ptr": f"*{dt}", "a_ptr": "*fp32", "q_ptr": "*fp32", "c_ptr": "*fp32",
                  "omega_ptr": "*fp32", "buf_ptr": "*fp32", **sizes}
-        yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=F.EPI_SILU), warps, 4, ()
+        yield f"ema fwd scan_out {dt}", F._scan_out_kernel, types, dict(scan, EPI=SW.EPI_SILU), warps, 4, ()
         yield (f"ema fwd chunk_state {dt}", F._chunk_state_kernel,
                {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                dict(NDIR=1, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
-                    maxnreg=cap("states", False, F.EPI_SILU)), warps, 4, ())
+                    maxnreg=cap("states", False, SW.EPI_SILU)), warps, 4, ())
         if dt == "fp32":  # bidirectional: both directions' chunk states from one read, then the two walks
             yield (f"ema fwd chunk_state bi {dt}", F._chunk_state_kernel,
                    {k: v for k, v in types.items() if k in ("u_ptr", "a_ptr", "q_ptr", "buf_ptr") or v == "i32"},
                    dict(NDIR=2, REVERSE=False, MASK_IN=False, TRUNC=False, BLOCK_N=16, BLOCK_D=block_d, UNROLL=4,
                         BOTH=True), warps, 4, ())
             yield (f"ema fwd scan_out bi {dt}", F._scan_out_kernel, dict(types, acc_ptr="*fp32"),
-                   dict(scan, EPI=F.EPI_SILU, BIDIR=True, maxnreg=cap("out", True, F.EPI_SILU)), warps, 4, ())
+                   dict(scan, EPI=SW.EPI_SILU, BIDIR=True, maxnreg=cap("out", True, SW.EPI_SILU)), warps, 4, ())
         yield (f"ema bwd scan_out dsilu {dt}", F._scan_out_kernel,
                dict(types, out_ptr="*fp32", gy_ptr=f"*{dt}", dom_ptr="*fp32"),
-               dict(scan, EPI=F.EPI_DSILU, maxnreg=cap("out", False, F.EPI_DSILU)), warps, 4, ())
+               dict(scan, EPI=SW.EPI_DSILU, maxnreg=cap("out", False, SW.EPI_DSILU)), warps, 4, ())
         yield (f"ema bwd param_grad {dt}", B._param_grad_kernel,
                {"x_ptr": f"*{dt}", "g_ptr": "*fp32", "a_ptr": "*fp32", "q_ptr": "*fp32", "buf_ptr": "*fp32",
                 "part_ptr": "*fp32", "adj_ptr": "*fp32", "GROUP": "i32", **sizes},
@@ -154,7 +155,7 @@ def ema_configs():
     bwd_types = dict(tc_types, u_ptr="*fp32", out_ptr="*fp32", gy_ptr="*fp32", dom_ptr="*fp32")
     bwd = dict(NDIR=1, MASK_IN=False, HAS_S0=False, CARRY=True, LOOKBACK=False, EVEN=True, PREC="split",
                EXACT_X=False, SUB=TC.SUB, BLOCK_N=16, BD=fp32_bd, NB=tc_nb, STATES=False)
-    for label, consts in (("dsilu", dict(bwd, EPI=F.EPI_DSILU)), ("dx", dict(bwd, EPI=F.EPI_DX, REVERSE=True))):
+    for label, consts in (("dsilu", dict(bwd, EPI=SW.EPI_DSILU)), ("dx", dict(bwd, EPI=SW.EPI_DX, REVERSE=True))):
         yield (f"ema bwd tc {label} fp32", TC._tc_scan_kernel, bwd_types, consts, tc_warps,
                fp32_bd * TC.SUB * tc_nb // (32 * tc_warps),
                tuple(n for n in bwd_types if n.endswith("_ptr")) + ("D",))

@@ -16,6 +16,7 @@ DEVICE, _REASON, pytestmark = triton_ema_gate()
 
 if _REASON is None:
     from mega_kernels.triton import ema_fwd as fwd_mod
+    from mega_kernels.triton import ema_sweep
     from mega_kernels.triton.ema_bwd import ema_bwd
     from mega_kernels.triton.ema_fwd import ema_fwd
 
@@ -145,7 +146,7 @@ def test_backward_scans_match_the_sweeps(case):
     bsz, length, dim, ndim, bidirectional, epi, reverse, mask_in, with_s0, chunk = case
     x, coefs, _, mask, state, = _inputs(bsz, length, dim, ndim, bidirectional, with_s0)[:5]
     a, q, c, omega = coefs
-    epilogue = {"silu": fwd_mod.EPI_SILU, "dsilu": fwd_mod.EPI_DSILU, "dx": fwd_mod.EPI_DX}[epi]
+    epilogue = {"silu": ema_sweep.EPI_SILU, "dsilu": ema_sweep.EPI_DSILU, "dx": ema_sweep.EPI_DX}[epi]
     args = dict(bidirectional=bidirectional, truncation=0, epilogue=epilogue, reverse=reverse, mask_in=mask_in,
                 out_dtype=torch.float32, chunk=chunk, gy=torch.randn_like(x) if epi == "dsilu" else None)
     s0 = None if state is None else (q * state).contiguous()

@@ -62,8 +62,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .ema_sweep import (EPI_DSILU, EPI_DX, EPI_SILU, EPI_STORE, INTERPRET, _coef, _local_state,  # noqa: F401
-                        _local_states_bi, _powi, _program, _secondary_sweep, _sweep)
+from .ema_sweep import (EPI_DSILU, EPI_SILU, EPI_STORE, INTERPRET, _coef, _local_state, _local_states_bi, _powi,
+                        _program, _secondary_sweep, _sweep)
 
 Tensor = torch.Tensor
 
