@@ -76,6 +76,33 @@ def weighted_sum(t: torch.Tensor, seed: int) -> torch.Tensor:
     return (t * w).sum() / math.sqrt(t.numel())
 
 
+# a decoder without dropout (decoding and generate tests)
+DEC = dict(is_decoder=True, bidirectional=False, dropout_prob=0.0, hidden_dropout_prob=0.0,
+           attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
+
+
+def decoder(weight_noise=0.1, **overrides):
+    """A small float64 MegaForCausalLM in eval mode, its weights moved off the trivial init by normal noise
+    (weight_noise 1: outputs that depend strongly on every input, varied greedy tokens)."""
+    from mega_kernels import MegaConfig, MegaForCausalLM
+
+    torch.manual_seed(0)
+    model = MegaForCausalLM(MegaConfig(**config_dict(**DEC, **overrides)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * weight_noise)
+    return model.double().eval()
+
+
+def left_padded_ids(bsz, length, vocab):
+    """(ids, mask) (bsz, length): random ids in [3, vocab), the second row left-padded by 3 (id 1)."""
+    ids = torch.randint(3, vocab, (bsz, length))
+    mask = torch.ones(bsz, length, dtype=torch.long)
+    mask[1, :3] = 0
+    ids[mask == 0] = 1
+    return ids, mask
+
+
 def gpu_backends():
     """kernel_backend settings that run MEGA's ops on this CUDA device through each GPU kernel backend: the name
     when it implements both ops, else a per-op dict (the other op on "auto"). At least one is required."""

@@ -1,35 +1,13 @@
 """Cached decoding equals the full causal pass (spec 9.4: transformers' cached path is wrong for laplace/relu2,
 with chunking, with padding and with truncation; its own test of this is vacuous, 9.7). Float64, every attention
 type, chunking on/off (with L not a multiple of C), truncation, left padding, token-by-token and multi-token
-steps; plus `generate`. No transformers here (the cache's agreement with transformers' is in
-test_parity_models), so the GPU decoding test also runs where transformers is not installed."""
+steps, and selecting cache rows (`generate` is in test_generate.py). No transformers here (the cache's agreement
+with transformers' is in test_parity_models), so the GPU decoding test also runs where transformers is not
+installed."""
 import pytest
 import torch
 
-from model_helpers import config_dict, gpu_backends
-
-import mega_kernels
-from mega_kernels import MegaConfig, MegaForCausalLM
-
-DEC = dict(is_decoder=True, bidirectional=False, dropout_prob=0.0, hidden_dropout_prob=0.0,
-           attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
-
-
-def decoder(**overrides):
-    torch.manual_seed(0)
-    model = MegaForCausalLM(MegaConfig(**config_dict(**DEC, **overrides)))
-    with torch.no_grad():  # move everything off the trivial init
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.double().eval()
-
-
-def left_padded_ids(bsz, length, vocab):
-    ids = torch.randint(3, vocab, (bsz, length))
-    mask = torch.ones(bsz, length, dtype=torch.long)
-    mask[1, :3] = 0  # left padding in the second row
-    ids[mask == 0] = 1
-    return ids, mask
+from model_helpers import decoder, gpu_backends, left_padded_ids
 
 
 def check_steps(model, ids, mask, steps, rtol=1e-10):
@@ -89,19 +67,6 @@ def test_cross_attention_decoding_equals_full_pass(overrides):
     assert (got - full).abs()[mask.bool()].max() < 1e-10
 
 
-def test_generate_greedy_and_sampling_use_the_cache_correctly():
-    model = decoder(attention_activation="relu2", use_chunking=True, chunk_size=4, truncation=5)
-    ids, mask = left_padded_ids(2, 5, 50)
-    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=9)
-    assert greedy.shape == (2, 14) and torch.equal(greedy[:, :5], ids)
-    assert torch.equal(greedy, model.generate(ids, attention_mask=mask, max_new_tokens=9, use_cache=False))
-    top1 = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=True, top_k=1)
-    assert torch.equal(top1, greedy)
-    runs = [model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=True, temperature=0.7, top_k=10,
-                           use_cache=cache, generator=torch.Generator().manual_seed(3)) for cache in (True, False)]
-    assert torch.equal(runs[0], runs[1])
-
-
 def test_reorder_cache_selects_rows():
     model = decoder(truncation=3)
     ids = torch.randint(3, 50, (3, 5))
@@ -111,42 +76,6 @@ def test_reorder_cache_selects_rows():
     full = model(nxt, past_key_values=past, use_cache=True).logits
     got = model(nxt[[2, 0]], past_key_values=picked, use_cache=True).logits
     assert (got - full[[2, 0]]).abs().max() < 1e-12
-
-
-def test_generate_stops_at_eos_and_pads():
-    model = decoder()
-    ids = torch.randint(3, 50, (2, 4))
-    first = model.generate(ids, max_new_tokens=1)[:, -1]
-    eos = int(first[0])
-    out = model.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
-    assert out[0, 4] == eos and (out[0, 5:] == 0).all()
-
-
-def test_generate_needs_a_decoder():
-    model = mega_kernels.MegaForCausalLM(MegaConfig(**config_dict()))
-    with pytest.raises(ValueError, match="is_decoder=True"):
-        model.generate(torch.zeros(1, 3, dtype=torch.long))
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(max_new_tokens=-1), "max_new_tokens must be an int >= 0"),
-    (dict(max_new_tokens=2.5), "max_new_tokens must be an int >= 0"),
-    (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
-    (dict(top_k=0), "top_k must be a positive int"),
-])
-def test_generate_refuses_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        decoder().generate(torch.randint(3, 50, (1, 3)), **kwargs)
-
-
-def test_generate_with_eos_needs_a_pad_token():
-    with pytest.raises(ValueError, match="pass pad_token_id"):
-        decoder(pad_token_id=None).generate(torch.randint(3, 50, (1, 3)), eos_token_id=5)
-
-
-def test_generate_zero_new_tokens_returns_the_prompt():
-    ids = torch.randint(3, 50, (2, 3))
-    assert torch.equal(decoder().generate(ids, max_new_tokens=0), ids)
 
 
 @pytest.mark.gpu

@@ -1,73 +1,163 @@
-"""`generate` for MegaForCausalLM: greedy decoding or sampling (temperature, top-k), using the cache.
+"""`generate` for MegaForCausalLM: greedy decoding or sampling, using the cache.
 
 The prompt goes through one full pass with use_cache=True; each new token is then one cached step
 (`past_key_values` + the attention mask extended with ones). Token-by-token cached steps give the same outputs
 as the full causal pass (spec 9.4), so `use_cache=False` (recomputing everything each step) returns the same
 tokens; it exists for checking.
+
+The next token comes from the last position's logits s (B, vocab), changed in this order, which is the order of
+transformers' generation processors, so the same settings draw from the same distribution:
+1. repetition penalty r (CTRL): for every token already in the row, prompt and padding included,
+   s <- s / r where s > 0, else s * r;
+2. while fewer than `min_new_tokens` tokens are new, the end-of-sequence tokens get s = -inf;
+3. greedy: argmax. Sampling: s / temperature; top-k keeps the k largest; top-p keeps, from the most probable
+   down, the tokens whose more probable predecessors hold less than top_p of the probability (the smallest
+   set reaching top_p, and always the most probable token); one draw from softmax(s).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 Tensor = torch.Tensor
 
+# forward inputs that generate passes on to every call (token_type_ids grow with the tokens, see _extend_types)
+_MODEL_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "token_type_ids")
 
-def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int],
-                generator: Optional[torch.Generator]) -> Tensor:
-    """logits (B, vocab) float -> (B,) token ids."""
+
+def _int_at_least(name: str, value, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams):
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    if repetition_penalty is not None and not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty}")
+    if _int_at_least("num_return_sequences", num_return_sequences, 1) > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat one sequence)")
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use greedy decoding or sampling")
+
+
+def _top_p(logits: Tensor, top_p: float) -> Tensor:
+    """logits (B, vocab) with -inf where the more probable tokens before a token already hold >= top_p."""
+    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    drop = (probs.cumsum(-1) - probs) >= top_p  # never the first: 0 < top_p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def _next_token(logits: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, eos: Optional[Tensor],
+                repetition_penalty: Optional[float], do_sample: bool, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
+    """logits (B, vocab) of the last position, tokens (B, T) so far, `new` of them generated -> (B,) ids."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        seen = logits.gather(1, tokens)
+        logits = logits.scatter(1, tokens, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if eos is not None and new < min_new_tokens:
+        logits = logits.index_fill(1, eos, float("-inf"))
     if not do_sample:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if top_p is not None and top_p < 1.0:
+        logits = _top_p(logits, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _new_token_count(max_new_tokens: Optional[int], max_length: Optional[int], prompt: int) -> int:
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError("pass max_new_tokens or max_length (the total length, prompt included), not both")
+    if max_length is None:
+        return 20 if max_new_tokens is None else _int_at_least("max_new_tokens", max_new_tokens, 0)
+    if _int_at_least("max_length", max_length, 0) < prompt:
+        raise ValueError(f"max_length={max_length} is shorter than the prompt ({prompt} tokens)")
+    return max_length - prompt
+
+
+def _model_kwargs(kwargs: dict) -> dict:
+    """The extra keyword arguments, checked: only the forward inputs of _MODEL_KWARGS are accepted."""
+    unknown = sorted(k for k in kwargs if k not in _MODEL_KWARGS)
+    if unknown:
+        raise ValueError(f"generate got unsupported argument(s) {', '.join(unknown)}; besides the settings in its "
+                         f"signature it takes the model inputs {', '.join(_MODEL_KWARGS)}")
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _extend_types(types: Tensor) -> Tensor:
+    """token_type_ids (B, T) -> (B, T + 1): a new token takes the type of the last one."""
+    return torch.cat([types, types[:, -1:]], dim=1)
 
 
 class GenerationMixin:
     @torch.no_grad()
-    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True, **model_kwargs) -> Tensor:
+    def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                 max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                 pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True, *, max_length: Optional[int] = None, min_new_tokens: int = 0,
+                 top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                 num_return_sequences: int = 1, num_beams: int = 1, **model_kwargs) -> Tensor:
         """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length)
-        -> (B, L + n) with n <= max_new_tokens new tokens. A sequence that emits `eos_token_id` is filled with
-        `pad_token_id` afterwards; generation stops early when every sequence has finished.
-        `model_kwargs` (e.g. encoder_hidden_states) go to every forward call."""
+        -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
+        n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
+        docstring says (repetition_penalty, min_new_tokens, temperature, top_k, top_p). A sequence that emits
+        `eos_token_id` (an id or a list of ids) is filled with `pad_token_id` afterwards; generation stops
+        early when every sequence has finished, and never stops at eos when no eos_token_id is given.
+        `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward
+        call; token_type_ids (B, L) give the prompt's types, and each new token takes its row's last type."""
         if not self.config.is_decoder:
             raise ValueError("generate needs a decoder: build the model with is_decoder=True, bidirectional=False")
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        model_kwargs = _model_kwargs(model_kwargs)
+        _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams)
+        _int_at_least("min_new_tokens", min_new_tokens, 0)
+        steps = _new_token_count(max_new_tokens, max_length, input_ids.shape[1])
         if eos_token_id is not None and pad_token_id is None and self.config.pad_token_id is None:
             raise ValueError("eos_token_id needs a pad_token_id to fill finished sequences with; pass pad_token_id")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be a positive int or None, got {top_k}")
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        if num_return_sequences > 1:
+            input_ids, mask = input_ids.repeat_interleave(num_return_sequences, 0), mask.repeat_interleave(
+                num_return_sequences, 0)
+            model_kwargs = {k: v.repeat_interleave(num_return_sequences, 0) for k, v in model_kwargs.items()}
         bsz = input_ids.shape[0]
         if bsz == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
-            return input_ids.new_zeros(0, input_ids.shape[1] + max_new_tokens)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+            return input_ids.new_zeros(0, input_ids.shape[1] + steps)
+        types = model_kwargs.pop("token_type_ids", None)
+        choose = dict(min_new_tokens=min_new_tokens, eos=eos, repetition_penalty=repetition_penalty,
+                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         tokens = input_ids
         finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-        past, step_ids = None, input_ids
-        for _ in range(max_new_tokens):
+        past, step_ids, step_types = None, input_ids, types
+        for new in range(steps):
             if use_cache:
-                out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=True, **model_kwargs)
+                out = self(step_ids, attention_mask=mask, token_type_ids=step_types, past_key_values=past,
+                           use_cache=True, **model_kwargs)
                 past = out.past_key_values
             else:
-                out = self(tokens, attention_mask=mask, use_cache=False, **model_kwargs)
-            nxt = _next_token(out.logits[:, -1], do_sample, temperature, top_k, generator)
+                out = self(tokens, attention_mask=mask, token_type_ids=types, use_cache=False, **model_kwargs)
+            nxt = _next_token(out.logits[:, -1], tokens, new=new, **choose)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
             step_ids = nxt[:, None]
-            if eos_token_id is not None:
-                finished |= nxt == eos_token_id
+            if types is not None:
+                types = _extend_types(types)
+                step_types = types[:, -1:]
+            if eos is not None:
+                finished |= torch.isin(nxt, eos)
                 if bool(finished.all()):
                     break
         return tokens
