@@ -1,43 +1,60 @@
-"""Model outputs usable by attribute (`out.logits`) and as tuples (`out[0]`, `out.to_tuple()`, unpacking),
-with the fields and order of transformers' output classes. Indexing and iteration skip fields that are None,
-as transformers' ModelOutput does; `out["logits"]`, `keys()`, `values()`, `items()` and `"logits" in out` also
-work."""
+"""Model outputs with the fields, order and behaviour of transformers' output classes: an ordered dict of the
+fields that are not None (`out["logits"]`, `keys()`, `values()`, `items()`, `"logits" in out`, iteration over
+the keys, `isinstance(out, dict)`), attributes for every field (`out.logits`, None when unset) and tuple access
+(`out[0]`, `out.to_tuple()`: the values that are not None, in field order). Every class is a pytree node, so
+torch.export, torch.compile, torch.func and the distributed wrappers see the tensors inside."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Tuple
 
 import torch
+import torch.utils._pytree as pytree
 
 Tensor = torch.Tensor
 
 
-class ModelOutput:
+class ModelOutput(OrderedDict):
+    """Base of the dataclass outputs below. The dict and the attributes stay in step: setting a field (as an
+    attribute or an item) sets both; removing entries is refused, as it would leave a stale attribute."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(cls, _flatten, lambda values, keys: cls(**dict(zip(keys, values))),
+                                    serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                super().__setitem__(f.name, value)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.to_tuple()[key]
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __setattr__(self, name, value):
+        if value is not None and name in {f.name for f in fields(self)}:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} does not remove or merge entries; build a new output or a dict")
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
+
     def to_tuple(self) -> Tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+        return tuple(self.values())
 
-    def keys(self):
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    def values(self):
-        return [getattr(self, k) for k in self.keys()]
-
-    def items(self):
-        return [(k, getattr(self, k)) for k in self.keys()]
-
-    def __contains__(self, key) -> bool:
-        return key in self.keys()
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self) -> int:
-        return len(self.to_tuple())
+def _flatten(out: ModelOutput):
+    return list(out.values()), list(out.keys())
 
 
 @dataclass
