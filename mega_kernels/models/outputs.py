@@ -1,8 +1,9 @@
 """Model outputs with the fields, order and behaviour of transformers' output classes: an ordered dict of the
 fields that are not None (`out["logits"]`, `keys()`, `values()`, `items()`, `"logits" in out`, iteration over
 the keys, `isinstance(out, dict)`), attributes for every field (`out.logits`, None when unset) and tuple access
-(`out[0]`, `out.to_tuple()`: the values that are not None, in field order). Every class is a pytree node, so
-torch.export, torch.compile, torch.func and the distributed wrappers see the tensors inside."""
+(`out[0]`, `out.to_tuple()`: the values that are not None, in field order, a field set later last). Every
+class is a pytree node, so torch.export, torch.compile, torch.func and the distributed wrappers see the tensors
+inside."""
 from __future__ import annotations
 
 from collections import OrderedDict
