@@ -7,10 +7,13 @@ as transformers leaves it out). No import of transformers anywhere in this packa
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from typing import Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import MegaConfig
@@ -124,6 +127,33 @@ class MegaPreTrainedModel(nn.Module):
             elif isinstance(module, (MegaMovingAverageGatedAttention, MegaGatedCrossAttention)):
                 module.backend = self.config.backend_for("attention")
 
+    # -- gradient checkpointing -------------------------------------------------------------------------
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Keep only each MEGA block's inputs in training and recompute the block in the backward pass
+        (torch.utils.checkpoint, use_reentrant=False: any outputs, the cache included, and the RNG state kept,
+        so the dropout masks are the same). Gradients are those without checkpointing; batchnorm running
+        statistics are updated once per step, as without (the recomputation puts them back). In eval mode or
+        without grad the blocks run plainly. `gradient_checkpointing_kwargs` go to torch.utils.checkpoint
+        (e.g. {"determinism_check": "none"})."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("gradient checkpointing runs with use_reentrant=False only (the reentrant variant "
+                             "cannot return the blocks' cache and would update batchnorm statistics twice); "
+                             "leave use_reentrant out")
+        if "context_fn" in kwargs:
+            raise ValueError("gradient_checkpointing_kwargs: context_fn is set by the model (it restores batchnorm "
+                             "statistics in the recomputation); leave it out")
+        self.base_model()._checkpoint_kwargs = kwargs
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model()._checkpoint_kwargs = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model()._checkpoint_kwargs is not None
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -193,6 +223,23 @@ class MegaPreTrainedModel(nn.Module):
         self.tie_weights()
 
 
+@contextlib.contextmanager
+def _keeping_norm_statistics(module: nn.Module):
+    """Put the batchnorm buffers of `module` back on exit (the recomputation of a checkpointed block)."""
+    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+def _checkpoint_contexts(module: nn.Module):
+    return contextlib.nullcontext(), _keeping_norm_statistics(module)
+
+
 class MegaModel(MegaPreTrainedModel):
     """Embeddings -> MEGA blocks -> (pooler). Inputs batch-first; see `forward`."""
 
@@ -201,6 +248,7 @@ class MegaModel(MegaPreTrainedModel):
         self.embedding_layer = MegaEmbeddings(config)
         self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
         self.pooler = MegaPooler(config) if add_pooling_layer else None
+        self._checkpoint_kwargs: Optional[dict] = None  # gradient_checkpointing_enable
         self.post_init()
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
@@ -307,10 +355,16 @@ class MegaModel(MegaPreTrainedModel):
         all_attn = () if output_attentions else None
         all_cross = () if output_attentions and c.add_cross_attention else None
         next_cache = () if use_cache else None
+        checkpointing = self._checkpoint_kwargs is not None and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            hidden, self_w, cross_w, layer_cache = layer(
-                hidden, padding_mask, c.is_decoder, encoder_hidden_states, encoder_attention_mask,
-                None if past_key_values is None else past_key_values[i], output_attentions, bool(use_cache))
+            args = (hidden, padding_mask, c.is_decoder, encoder_hidden_states, encoder_attention_mask,
+                    None if past_key_values is None else past_key_values[i], output_attentions, bool(use_cache))
+            if checkpointing:
+                hidden, self_w, cross_w, layer_cache = torch.utils.checkpoint.checkpoint(
+                    layer, *args, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, layer),
+                    **self._checkpoint_kwargs)
+            else:
+                hidden, self_w, cross_w, layer_cache = layer(*args)
             if output_hidden_states:
                 all_hidden += (hidden,)
             if output_attentions:
