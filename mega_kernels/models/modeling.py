@@ -112,6 +112,50 @@ class MegaPreTrainedModel(nn.Module):
         if out is not None and self.config.tie_word_embeddings:
             out.weight = self.get_input_embeddings().weight
 
+    def resize_token_embeddings(self, new_num_tokens: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Give the vocabulary new_num_tokens entries (rounded up to a multiple of pad_to_multiple_of; None: the
+        present size) and return the new word embedding. The word embedding and an LM head's output projection
+        (weight and bias) keep their first rows; added rows take the mean of the old rows (mean_resizing, as
+        transformers, without its spread of 1e-9 standard deviations around it) or are drawn as at init
+        (N(0, initializer_range), bias 0). config.vocab_size follows; a tied output projection stays tied."""
+        old = self.get_input_embeddings()
+        n = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"new_num_tokens must be an int >= 1, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
+            n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+        if old.padding_idx is not None and old.padding_idx >= n:
+            raise ValueError(f"new_num_tokens={n} would drop the padding token (pad_token_id {old.padding_idx}); "
+                             f"keep at least {old.padding_idx + 1} tokens")
+        if n == old.num_embeddings:
+            return old
+        std = self.config.initializer_range
+        new = nn.Embedding(n, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
+                           dtype=old.weight.dtype)
+        new.weight = _resized(old.weight, n, mean_resizing, std)
+        self.base_model().set_input_embeddings(new)
+        out = self.get_output_embeddings()
+        if out is not None:
+            head = nn.Linear(out.in_features, n, bias=out.bias is not None, device=out.weight.device,
+                             dtype=out.weight.dtype)
+            head.weight = _resized(out.weight, n, mean_resizing, std)  # replaced by the embedding's when tied
+            if out.bias is not None:
+                head.bias = _resized(out.bias, n, mean_resizing, 0.0)
+            setattr(self, self._output_embedding_name, head)
+        self.config.vocab_size = n
+        self.tie_weights()
+        return new
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Number of parameter elements, a tied weight counted once; optionally only those with requires_grad,
+        or without the embeddings' weights (and so without a tied output projection's)."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
     def set_kernel_backend(self, backend) -> None:
         """Switch the kernels of every module: "auto", a backend name, or {"ema": ..., "attention": ...}."""
         previous = self.config.kernel_backend
@@ -221,6 +265,23 @@ class MegaPreTrainedModel(nn.Module):
                            f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
         self.load_state_dict(state, strict=False)
         self.tie_weights()
+
+
+@torch.no_grad()
+def _resized(old: nn.Parameter, n: int, mean_resizing: bool, std: float) -> nn.Parameter:
+    """old (V, ...) -> (n, ...): the first min(V, n) rows kept; added rows the mean of the old rows (computed in
+    float32), or N(0, std) (std 0: zeros)."""
+    new = old.new_empty((n,) + tuple(old.shape[1:]))
+    keep = min(n, old.shape[0])
+    new[:keep] = old[:keep]
+    if n > keep:
+        if mean_resizing:
+            new[keep:] = old.float().mean(0).to(old.dtype)
+        elif std > 0:
+            new[keep:].normal_(0.0, std)
+        else:
+            new[keep:].zero_()
+    return nn.Parameter(new, requires_grad=old.requires_grad)
 
 
 @contextlib.contextmanager
