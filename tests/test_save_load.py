@@ -1,5 +1,6 @@
 """Checkpoints in transformers' format: ours -> transformers -> ours round trips (safetensors and
-pytorch_model.bin), tied output embeddings, strict key matching, config overrides on load."""
+pytorch_model.bin), tied output embeddings, the body's strict key matching, a body under another head, weights
+of another shape, config overrides and loading options."""
 import os
 
 import pytest
@@ -53,20 +54,63 @@ def test_tied_output_embeddings(tmp_path):
     assert untied.mlm_head.weight is not untied.mega.embedding_layer.word_embeddings.weight
 
 
-def test_strict_keys(tmp_path):
+def test_the_body_loads_strictly(tmp_path):
     ours = _ours("MegaForMaskedLM")
     ours.save_pretrained(str(tmp_path), safe_serialization=False)
-    with pytest.raises(KeyError, match="with a head"):
-        mega_kernels.MegaModel.from_pretrained(str(tmp_path))
     state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
     state.pop("mega.layers.0.mega_layer.qk_bias")
     state["mega.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(KeyError) as info:
-        mega_kernels.MegaForMaskedLM.from_pretrained(str(tmp_path))
-    assert "qk_bias" in str(info.value) and "mega.extra" in str(info.value)
+    for cls in (mega_kernels.MegaForMaskedLM, mega_kernels.MegaModel, mega_kernels.MegaForSequenceClassification):
+        with pytest.raises(KeyError) as info:
+            cls.from_pretrained(str(tmp_path))
+        assert "qk_bias" in str(info.value) and "extra" in str(info.value)
     with pytest.raises(FileNotFoundError, match="config.json"):
         mega_kernels.MegaModel.from_pretrained(str(tmp_path / "missing"))
+
+
+def _body(model):
+    base = model.base_model()
+    return {k: v for k, v in base.state_dict().items() if not k.startswith("pooler.")}
+
+
+@pytest.mark.parametrize("source,target,fresh,ignored", [
+    ("MegaForMaskedLM", "MegaForSequenceClassification", ["classifier.dense.bias", "classifier.out_proj.weight"],
+     ["mlm_head.bias", "dense.weight"]),
+    ("MegaForMaskedLM", "MegaModel", ["pooler.dense.weight"], ["mlm_head.bias"]),
+    ("MegaModel", "MegaForCausalLM", ["lm_head.bias", "dense.weight"], ["mega.pooler.dense.weight"]),
+    ("MegaForSequenceClassification", "MegaForMultipleChoice", ["classifier.weight"], ["classifier.dense.weight"]),
+], ids=["mlm-to-classifier", "mlm-to-body", "body-to-causal", "classifier-to-choice"])
+def test_a_body_loads_under_another_head(tmp_path, caplog, source, target, fresh, ignored):
+    """The fine-tuning path: the body's weights load exactly; the new head keeps its init and is logged, as are
+    the checkpoint's weights the model does not use."""
+    dec = dict(is_decoder=True, bidirectional=False)
+    ours = _ours(source, **dec)
+    ours.save_pretrained(str(tmp_path))
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        back = getattr(mega_kernels, target).from_pretrained(str(tmp_path))
+    want, got = _body(ours), _body(back)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    new, unused = [r.getMessage() for r in caplog.records if "newly initialized" in r.getMessage()], \
+        [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(new) == 1 and all(k in new[0] for k in fresh) and "mega.layers" not in new[0]
+    assert len(unused) == 1 and all(k in unused[0] for k in ignored)
+    ids = torch.randint(3, 50, (1, 2, 6) if target == "MegaForMultipleChoice" else (2, 6))
+    back(ids)
+
+
+def test_weights_of_another_shape(tmp_path, caplog):
+    ours = _ours("MegaForSequenceClassification")
+    ours.save_pretrained(str(tmp_path))
+    cls = mega_kernels.MegaForSequenceClassification
+    with pytest.raises(ValueError, match=r"classifier.out_proj.weight: checkpoint \(2, 16\), model \(5, 16\).*"
+                                         r"ignore_mismatched_sizes=True"):
+        cls.from_pretrained(str(tmp_path), num_labels=5)
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        back = cls.from_pretrained(str(tmp_path), num_labels=5, ignore_mismatched_sizes=True)
+    assert back.config.num_labels == 5 and back.classifier.out_proj.weight.shape == (5, 16)
+    assert torch.equal(back.classifier.dense.weight, ours.classifier.dense.weight)
+    assert "classifier.out_proj.bias" in caplog.text and "classifier.dense" not in caplog.text
 
 
 def test_load_with_overrides(tmp_path):
@@ -75,3 +119,26 @@ def test_load_with_overrides(tmp_path):
                                                    torch_dtype=torch.float64)
     assert model.config.kernel_backend == "reference" and model.dtype == torch.float64
     assert model.layers[0].mega_layer.ema_gate.backend == "reference"
+
+
+def test_load_options_and_unknown_overrides(tmp_path):
+    """num_labels overrides; a misspelt option raises instead of landing in the config; dtype by name, by
+    "auto" (the saved dtype, which save_pretrained writes as transformers does) and by its older name;
+    device_map as one device."""
+    ours = _ours("MegaForSequenceClassification").to(torch.bfloat16)
+    ours.save_pretrained(str(tmp_path))
+    cls = mega_kernels.MegaForSequenceClassification
+    assert MegaConfig.from_pretrained(str(tmp_path)).torch_dtype == "bfloat16"
+    assert cls.from_pretrained(str(tmp_path)).dtype == torch.float32  # default: float32, as transformers
+    assert cls.from_pretrained(str(tmp_path), dtype="auto").dtype == torch.bfloat16
+    assert cls.from_pretrained(str(tmp_path), torch_dtype="float64").dtype == torch.float64
+    for device_map in ("cpu", {"": "cpu"}, torch.device("cpu"), "auto" if not torch.cuda.is_available() else "cpu"):
+        assert cls.from_pretrained(str(tmp_path), device_map=device_map).device == torch.device("cpu")
+    with pytest.raises(TypeError, match="unknown argument.*kernel_bakend"):
+        cls.from_pretrained(str(tmp_path), kernel_bakend="reference")
+    with pytest.raises(ValueError, match="loads on one device"):
+        cls.from_pretrained(str(tmp_path), device_map={"mega": "cpu", "classifier": "cpu"})
+    with pytest.raises(ValueError, match="pass a floating torch.dtype"):
+        cls.from_pretrained(str(tmp_path), dtype="int8")
+    with pytest.raises(ValueError, match="is not a device"):
+        cls.from_pretrained(str(tmp_path), device_map="gpu0")

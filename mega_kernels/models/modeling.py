@@ -2,8 +2,9 @@
 
 Checkpoints: `save_pretrained(folder)` writes config.json and model.safetensors (pytorch_model.bin when
 safetensors is not importable) with transformers' key names, so transformers' `from_pretrained` reads it;
-`from_pretrained(folder)` reads either file and matches keys strictly (the tied output embedding may be absent,
-as transformers leaves it out). No import of transformers anywhere in this package.
+`from_pretrained(folder)` reads either file; the MEGA body's keys must match exactly, a head's may be new
+(`loading.py`), and the tied output embedding may be absent, as transformers leaves it out. No import of
+transformers anywhere in this package.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, M
                        MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
 from ..modules.attention import MegaMovingAverageGatedAttention
 from ..modules.cross_attention import MegaGatedCrossAttention
+from .loading import match_checkpoint
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 Tensor = torch.Tensor
@@ -212,6 +214,7 @@ class MegaPreTrainedModel(nn.Module):
         os.makedirs(folder, exist_ok=True)
         config = self.config.copy()
         config.architectures = [type(self).__name__]
+        config.torch_dtype = str(self.dtype).replace("torch.", "")  # as transformers writes it
         config.save_pretrained(folder)
         st = _safetensors()
         if safe_serialization is None:
@@ -226,15 +229,27 @@ class MegaPreTrainedModel(nn.Module):
             torch.save(state, os.path.join(folder, WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, folder: str, config: Optional[MegaConfig] = None, torch_dtype=None, **overrides):
-        """Load a transformers-format folder (config.json + model.safetensors or pytorch_model.bin), strictly.
+    def from_pretrained(cls, folder: str, config: Optional[MegaConfig] = None, torch_dtype=None,
+                        device_map=None, *, dtype=None, ignore_mismatched_sizes: bool = False, **overrides):
+        """Load a transformers-format folder (config.json + model.safetensors or pytorch_model.bin): the MEGA
+        body strictly, the head as transformers does (a new head keeps its fresh init; `loading.py` has the
+        rules; ignore_mismatched_sizes=True re-initializes weights of another shape instead of raising).
 
-        `overrides` change config attributes (e.g. kernel_backend="triton"). Returns the model in eval mode.
-        """
+        `overrides` change config attributes (e.g. kernel_backend="triton", num_labels=5); a name that is not
+        one raises TypeError. dtype (or its older name torch_dtype): a torch.dtype, its name ("bfloat16"), or
+        "auto" for the saved dtype (config.torch_dtype). device_map: one device for the whole model ("cuda", 0,
+        torch.device, {"": device}; "auto": the current CUDA device if there is one, else the CPU). Returns the
+        model in eval mode."""
         if config is None:
-            config = MegaConfig.from_pretrained(folder, **overrides)
-        elif overrides:
+            config = MegaConfig.from_pretrained(folder)
+        unknown = sorted(set(overrides) - set(config.to_dict()) - set(MegaConfig().to_dict()) - {"num_labels"})
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unknown argument(s) {', '.join(unknown)}: not a "
+                            "MegaConfig attribute nor a loading option (dtype / torch_dtype, device_map, "
+                            "ignore_mismatched_sizes)")
+        if overrides:
             config = config.copy(**overrides)
+        device = _load_device(device_map)
         model = cls(config)
         safe, legacy = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
         if os.path.isfile(safe):
@@ -246,25 +261,46 @@ class MegaPreTrainedModel(nn.Module):
             state = torch.load(legacy, map_location="cpu", weights_only=True)
         else:
             raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {folder!r}")
-        model.load_checkpoint_state(state)
-        if torch_dtype is not None:
-            model.to(torch_dtype)
-        return model.eval()
+        dtype = _load_dtype(dtype if dtype is not None else torch_dtype, config, state)
+        model.load_checkpoint_state(state, ignore_mismatched_sizes)
+        return model.to(device=device, dtype=dtype).eval()
 
-    def load_checkpoint_state(self, state: dict) -> None:
-        """load_state_dict with strict key matching, except that tied output weights may be missing."""
-        expected = set(self.state_dict())
-        missing = sorted(expected - set(state) - self._tied_keys())
-        unexpected = sorted(set(state) - expected)
-        if missing or unexpected:
-            hint = ""
-            if any(k.startswith(self.base_model_prefix + ".") for k in unexpected):
-                hint = " (the checkpoint is of a model with a head: load it with that head's class)"
-            raise KeyError(f"{type(self).__name__}.from_pretrained: state_dict keys do not match{hint}; "
-                           f"missing {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-                           f"unexpected {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}")
-        self.load_state_dict(state, strict=False)
+    def load_checkpoint_state(self, state: dict, ignore_mismatched_sizes: bool = False) -> None:
+        """Load a checkpoint's state_dict by the rules of `loading.match_checkpoint` (the MEGA body strictly;
+        head weights may be missing or another head's), then tie the output embedding."""
+        self.load_state_dict(match_checkpoint(self, state, ignore_mismatched_sizes), strict=False)
         self.tie_weights()
+
+
+def _load_dtype(dtype, config: MegaConfig, state: dict) -> Optional[torch.dtype]:
+    """from_pretrained's dtype: None (float32, whatever was saved), a torch.dtype, a name, or "auto":
+    config.torch_dtype, else the checkpoint's first floating tensor's dtype."""
+    if dtype == "auto":
+        dtype = getattr(config, "torch_dtype", None) or next(
+            (t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    named = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: pass a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto'")
+    return named
+
+
+def _load_device(device_map) -> Optional[torch.device]:
+    """from_pretrained's device_map: one device for the whole model (no sharding across devices)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map {device_map!r}: the model loads on one device; pass a device or "
+                             "{'': device} (no placement of single modules)")
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device_map {device_map!r} is not a device ({err}); pass e.g. 'cuda', 0 or 'cpu'") from None
 
 
 @torch.no_grad()
