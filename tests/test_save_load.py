@@ -1,6 +1,7 @@
 """Checkpoints in transformers' format: ours -> transformers -> ours round trips (safetensors and
 pytorch_model.bin), tied output embeddings, the body's strict key matching, a body under another head, weights
 of another shape, config overrides and loading options."""
+import json
 import os
 
 import pytest
@@ -142,3 +143,25 @@ def test_load_options_and_unknown_overrides(tmp_path):
         cls.from_pretrained(str(tmp_path), dtype="int8")
     with pytest.raises(ValueError, match="is not a device"):
         cls.from_pretrained(str(tmp_path), device_map="gpu0")
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_sharded_checkpoints_written_by_transformers(tmp_path, safe):
+    ours = _ours("MegaForMaskedLM", tie_word_embeddings=False)
+    ours.save_pretrained(str(tmp_path / "ours"))
+    theirs = hf.MegaForMaskedLM.from_pretrained(str(tmp_path / "ours"))
+    theirs.save_pretrained(str(tmp_path / "sharded"), max_shard_size="5KB", safe_serialization=safe)
+    files = os.listdir(tmp_path / "sharded")
+    index = "model.safetensors.index.json" if safe else "pytorch_model.bin.index.json"
+    assert index in files and sum(f.endswith(".safetensors" if safe else ".bin") for f in files) >= 3
+    back = mega_kernels.MegaForMaskedLM.from_pretrained(str(tmp_path / "sharded"))
+    assert back.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in back.state_dict().items())
+    with open(tmp_path / "sharded" / index) as f:
+        meta = json.load(f)
+    key, shard = next(iter(meta["weight_map"].items()))
+    meta["weight_map"][key] = next(s for s in meta["weight_map"].values() if s != shard)  # the wrong shard
+    with open(tmp_path / "sharded" / index, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(KeyError, match="lists weights its shards do not hold"):
+        mega_kernels.MegaForMaskedLM.from_pretrained(str(tmp_path / "sharded"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from typing import Optional, Tuple
 
@@ -251,16 +252,7 @@ class MegaPreTrainedModel(nn.Module):
             config = config.copy(**overrides)
         device = _load_device(device_map)
         model = cls(config)
-        safe, legacy = os.path.join(folder, SAFE_WEIGHTS_NAME), os.path.join(folder, WEIGHTS_NAME)
-        if os.path.isfile(safe):
-            st = _safetensors()
-            if st is None:
-                raise ImportError(f"{safe} needs the safetensors package to load; pip install safetensors")
-            state = st.load_file(safe)
-        elif os.path.isfile(legacy):
-            state = torch.load(legacy, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} in {folder!r}")
+        state = _read_weights(folder)
         dtype = _load_dtype(dtype if dtype is not None else torch_dtype, config, state)
         model.load_checkpoint_state(state, ignore_mismatched_sizes)
         return model.to(device=device, dtype=dtype).eval()
@@ -270,6 +262,38 @@ class MegaPreTrainedModel(nn.Module):
         head weights may be missing or another head's), then tie the output embedding."""
         self.load_state_dict(match_checkpoint(self, state, ignore_mismatched_sizes), strict=False)
         self.tie_weights()
+
+
+def _read_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        st = _safetensors()
+        if st is None:
+            raise ImportError(f"{path} needs the safetensors package to load; pip install safetensors")
+        return st.load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_weights(folder: str) -> dict:
+    """The state_dict of a checkpoint folder: model.safetensors, pytorch_model.bin, or either sharded (an
+    `<name>.index.json` whose weight_map names the file of each key), safetensors first."""
+    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return _read_file(path)
+        index = path + ".index.json"
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                part = _read_file(os.path.join(folder, shard))
+                state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+            lost = sorted(set(weight_map) - set(state))
+            if lost:
+                raise KeyError(f"from_pretrained: {index} lists weights its shards do not hold: {lost[:10]}")
+            return state
+    raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} (or their sharded "
+                            f"*.index.json) in {folder!r}")
 
 
 def _load_dtype(dtype, config: MegaConfig, state: dict) -> Optional[torch.dtype]:
