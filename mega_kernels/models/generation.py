@@ -104,7 +104,7 @@ class GenerationMixin:
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                  max_new_tokens: Optional[int] = None, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                 top_k: Optional[int] = 50, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  use_cache: bool = True, *, max_length: Optional[int] = None, min_new_tokens: int = 0,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
@@ -112,7 +112,8 @@ class GenerationMixin:
         """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length)
         -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
         n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
-        docstring says (repetition_penalty, min_new_tokens, temperature, top_k, top_p). A sequence that emits
+        docstring says (repetition_penalty, min_new_tokens, temperature, top_k (default 50, as transformers'
+        GenerationConfig; None: no top-k), top_p). A sequence that emits
         `eos_token_id` (an id or a list of ids) is filled with `pad_token_id` afterwards; generation stops
         early when every sequence has finished, and never stops at eos when no eos_token_id is given.
         `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward

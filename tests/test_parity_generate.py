@@ -1,0 +1,55 @@
+"""`generate` against transformers' GenerationMixin on the same weights. transformers 4.57's MegaForCausalLM has
+no generate of its own (README, difference 14), so the test mixes GenerationMixin into it, and runs it without
+the cache (its cached path cannot hold MEGA's cache). Greedy decoding, and sampling under the same global seed
+with every rule ours takes, give the same tokens: the rules and their order are transformers'."""
+import pytest
+import torch
+from transformers import GenerationConfig, GenerationMixin
+
+from model_helpers import config_dict
+from parity import build_pair
+
+DEC = dict(is_decoder=True, bidirectional=False, dropout_prob=0.0, hidden_dropout_prob=0.0,
+           attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
+
+
+def pair(**overrides):
+    """(transformers model with GenerationMixin, ours), float64, weights moved well off the init so that the
+    tokens vary."""
+    torch.manual_seed(0)
+    theirs, ours = build_pair("MegaForCausalLM", config_dict(**DEC, **overrides), dtype=torch.float64)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p))
+    ours.load_state_dict(theirs.state_dict())
+    theirs.__class__ = type("MegaWithGenerate", (type(theirs), GenerationMixin), {})
+    theirs.generation_config = GenerationConfig.from_model_config(theirs.config)
+    return theirs, ours
+
+
+SETTINGS = [
+    dict(),
+    dict(repetition_penalty=1.5, min_new_tokens=4, eos_token_id=[32, 19], pad_token_id=1),
+    dict(do_sample=True),
+    dict(do_sample=True, temperature=4.0),  # a flat distribution: transformers' default top_k 50 shows
+    dict(do_sample=True, temperature=0.6, top_k=12, top_p=0.85),
+    dict(do_sample=True, top_p=0.7, repetition_penalty=1.3, min_new_tokens=3, eos_token_id=19, pad_token_id=1,
+         num_return_sequences=3),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "greedy-penalty-eos", "sample", "sample-hot", "sample-top-k-p",
+                                                   "sample-all"])
+def test_generate_equals_transformers(settings):
+    theirs, ours = pair(vocab_size=80)  # over transformers' default top_k of 50, which ours takes too
+    ids = torch.randint(3, 80, (2, 5))
+    mask = torch.ones_like(ids)
+    eos = dict(eos_token_id=settings.get("eos_token_id"), pad_token_id=settings.get("pad_token_id", 1))
+    torch.manual_seed(11)
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=10, use_cache=False, **{**settings, **eos})
+    torch.manual_seed(11)
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=10, **settings)
+    assert torch.equal(got, want), (got, want)
+    if settings.get("do_sample"):  # the draws vary: a broken seed or rule would not pass by chance
+        torch.manual_seed(12)
+        assert not torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=10, **settings), got)
