@@ -31,15 +31,15 @@ SETTINGS = [
     dict(),
     dict(repetition_penalty=1.5, min_new_tokens=4, eos_token_id=[32, 19], pad_token_id=1),
     dict(do_sample=True),
-    dict(do_sample=True, temperature=4.0),  # a flat distribution: transformers' default top_k 50 shows
+    dict(do_sample=True, temperature=4.0),  # flat: transformers' default top_k 50 shows
     dict(do_sample=True, temperature=0.6, top_k=12, top_p=0.85),
     dict(do_sample=True, top_p=0.7, repetition_penalty=1.3, min_new_tokens=3, eos_token_id=19, pad_token_id=1,
          num_return_sequences=3),
 ]
 
 
-@pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "greedy-penalty-eos", "sample", "sample-hot", "sample-top-k-p",
-                                                   "sample-all"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "greedy-penalty-eos", "sample", "sample-hot",
+                                                   "sample-top-k-p", "sample-all"])
 def test_generate_equals_transformers(settings):
     theirs, ours = pair(vocab_size=80)  # over transformers' default top_k of 50, which ours takes too
     ids = torch.randint(3, 80, (2, 5))
@@ -53,3 +53,34 @@ def test_generate_equals_transformers(settings):
     if settings.get("do_sample"):  # the draws vary: a broken seed or rule would not pass by chance
         torch.manual_seed(12)
         assert not torch.equal(ours.generate(ids, attention_mask=mask, max_new_tokens=10, **settings), got)
+
+
+BEAMS = [  # (seed of the prompts, prompt length, max_new_tokens, settings)
+    (0, 5, 9, dict(num_beams=3)),
+    (0, 5, 9, dict(num_beams=4, num_return_sequences=2, length_penalty=0.6, eos_token_id=[32, 19], pad_token_id=1)),
+    (0, 5, 9, dict(num_beams=3, early_stopping=True, eos_token_id=19, pad_token_id=1, repetition_penalty=1.4,
+                   min_new_tokens=2)),
+    (0, 5, 9, dict(num_beams=2, early_stopping="never", length_penalty=1.5, eos_token_id=[71, 19], pad_token_id=0)),
+    (0, 5, 9, dict(num_beams=5, num_return_sequences=5, length_penalty=-0.5, eos_token_id=32, pad_token_id=1)),
+    # found by searching for settings where one rule of beam_search.py changes the result:
+    (1, 6, 15, dict(num_beams=3, length_penalty=2.0, eos_token_id=[19, 71], num_return_sequences=3)),  # closing
+    (3, 2, 10, dict(num_beams=4, early_stopping=True, eos_token_id=[20, 19, 55], num_return_sequences=4)),  # full
+    (28, 6, 8, dict(num_beams=5, length_penalty=2.0, early_stopping="never", eos_token_id=71,
+                    num_return_sequences=4)),  # the "never" bound
+    (293, 5, 10, dict(num_beams=4, early_stopping="never", eos_token_id=[71, 20, 19], num_return_sequences=3)),  # M
+]
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "full-passes"])
+@pytest.mark.parametrize("seed,length,steps,settings", BEAMS,
+                         ids=["beams", "beams-eos-lp", "early-stop", "never", "all-returned", "closing", "full-sets",
+                              "never-bound", "three-eos"])
+def test_beam_search_equals_transformers(seed, length, steps, settings, use_cache):
+    theirs, ours = pair(vocab_size=80)
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 80, (3, length))
+    mask = torch.ones_like(ids)  # (no left padding: transformers gives NaN for its first rows, spec 9.5)
+    eos = dict(eos_token_id=settings.get("eos_token_id"), pad_token_id=settings.get("pad_token_id", 1))
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=False, **{**settings, **eos})
+    got = ours.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=use_cache, **settings)
+    assert torch.equal(got, want), (got, want)

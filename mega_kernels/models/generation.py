@@ -1,4 +1,4 @@
-"""`generate` for MegaForCausalLM: greedy decoding or sampling, using the cache.
+"""`generate`: greedy decoding or sampling (below), or beam search (beam_search.py), using the cache.
 
 The prompt goes through one full pass with use_cache=True; each new token is then one cached step
 (`past_key_values` + the attention mask extended with ones). Token-by-token cached steps give the same outputs
@@ -16,9 +16,12 @@ transformers' generation processors, so the same settings draw from the same dis
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
+
+from .beam_search import beam_search
 
 Tensor = torch.Tensor
 
@@ -41,10 +44,16 @@ def _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, nu
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty}")
-    if _int_at_least("num_return_sequences", num_return_sequences, 1) > 1 and not do_sample:
-        raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy decoding would repeat one sequence)")
-    if num_beams != 1:
-        raise ValueError(f"num_beams={num_beams}: beam search is not implemented; use greedy decoding or sampling")
+    if _int_at_least("num_beams", num_beams, 1) > 1:
+        if do_sample:
+            raise ValueError("beam search with sampling (num_beams > 1, do_sample=True) is not implemented; use "
+                             "num_beams=1 to sample, or do_sample=False for beam search")
+        if num_return_sequences > num_beams:
+            raise ValueError(f"num_return_sequences={num_return_sequences} is more than num_beams={num_beams}: "
+                             "beam search returns at most num_beams sequences per prompt")
+    elif _int_at_least("num_return_sequences", num_return_sequences, 1) > 1 and not do_sample:
+        raise ValueError("num_return_sequences > 1 needs do_sample=True or num_beams >= num_return_sequences "
+                         "(greedy decoding would repeat one sequence)")
 
 
 def _top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -54,17 +63,25 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
+def _penalise(scores: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, eos: Optional[Tensor],
+              repetition_penalty: Optional[float]) -> Tensor:
+    """Rules 1 and 2 on scores (B, vocab) (logits, or log-probabilities in beam search), tokens (B, T)."""
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        seen = scores.gather(1, tokens)
+        scores = scores.scatter(1, tokens, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+    if eos is not None and new < min_new_tokens:
+        scores = scores.index_fill(1, eos, float("-inf"))
+    return scores
+
+
 def _next_token(logits: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, eos: Optional[Tensor],
                 repetition_penalty: Optional[float], do_sample: bool, temperature: float, top_k: Optional[int],
                 top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
     """logits (B, vocab) of the last position, tokens (B, T) so far, `new` of them generated -> (B,) ids."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if repetition_penalty is not None and repetition_penalty != 1.0:
-        seen = logits.gather(1, tokens)
-        logits = logits.scatter(1, tokens, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
-    if eos is not None and new < min_new_tokens:
-        logits = logits.index_fill(1, eos, float("-inf"))
+    logits = _penalise(logits, tokens, new=new, min_new_tokens=min_new_tokens, eos=eos,
+                       repetition_penalty=repetition_penalty)
     if not do_sample:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -95,9 +112,42 @@ def _model_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def _extend_types(types: Tensor) -> Tensor:
-    """token_type_ids (B, T) -> (B, T + 1): a new token takes the type of the last one."""
-    return torch.cat([types, types[:, -1:]], dim=1)
+class Stepper:
+    """Runs a decoder one token at a time for a batch of rows: through the cache, or by full passes
+    (use_cache=False). `tokens` (N, T) holds every row's tokens so far; the attention mask grows with ones and
+    token_type_ids with each row's last type."""
+
+    def __init__(self, model, ids: Tensor, mask: Tensor, model_kwargs: dict, use_cache: bool):
+        self.model, self.use_cache = model, use_cache
+        self.types = model_kwargs.pop("token_type_ids", None)
+        self.tokens, self.mask, self.kwargs = ids, mask, model_kwargs
+        self.past, self.step_ids, self.step_types = None, ids, self.types
+
+    def last_logits(self) -> Tensor:
+        """(N, vocab) logits of the next token of every row."""
+        if self.use_cache:
+            out = self.model(self.step_ids, attention_mask=self.mask, token_type_ids=self.step_types,
+                             past_key_values=self.past, use_cache=True, **self.kwargs)
+            self.past = out.past_key_values
+        else:
+            out = self.model(self.tokens, attention_mask=self.mask, token_type_ids=self.types, use_cache=False,
+                             **self.kwargs)
+        return out.logits[:, -1]
+
+    def append(self, nxt: Tensor, rows: Optional[Tensor] = None) -> None:
+        """Extend the rows by nxt (N,); rows (N,), for beam search: the present row each new row continues."""
+        if rows is not None:
+            self.tokens, self.mask = self.tokens[rows], self.mask[rows]
+            self.kwargs = {k: v[rows] for k, v in self.kwargs.items()}
+            self.types = None if self.types is None else self.types[rows]
+            if self.past is not None:
+                self.past = self.model.reorder_cache(self.past, rows)
+        self.tokens = torch.cat([self.tokens, nxt[:, None]], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(nxt), 1)], dim=1)
+        self.step_ids = nxt[:, None]
+        if self.types is not None:  # a new token takes the type of the last one
+            self.types = torch.cat([self.types, self.types[:, -1:]], dim=1)
+            self.step_types = self.types[:, -1:]
 
 
 class GenerationMixin:
@@ -108,7 +158,8 @@ class GenerationMixin:
                  pad_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
                  use_cache: bool = True, *, max_length: Optional[int] = None, min_new_tokens: int = 0,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
-                 num_return_sequences: int = 1, num_beams: int = 1, **model_kwargs) -> Tensor:
+                 num_return_sequences: int = 1, num_beams: int = 1, length_penalty: float = 1.0,
+                 early_stopping: Union[bool, str] = False, **model_kwargs) -> Tensor:
         """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length)
         -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
         n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
@@ -116,6 +167,8 @@ class GenerationMixin:
         GenerationConfig; None: no top-k), top_p). A sequence that emits
         `eos_token_id` (an id or a list of ids) is filled with `pad_token_id` afterwards; generation stops
         early when every sequence has finished, and never stops at eos when no eos_token_id is given.
+        num_beams > 1: beam search (`beam_search.py`; length_penalty, early_stopping True / False / "never" as
+        transformers), returning each prompt's num_return_sequences best hypotheses.
         `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward
         call; token_type_ids (B, L) give the prompt's types, and each new token takes its row's last type."""
         if not self.config.is_decoder:
@@ -128,40 +181,39 @@ class GenerationMixin:
             raise ValueError("eos_token_id needs a pad_token_id to fill finished sequences with; pass pad_token_id")
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
         eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
-        if num_return_sequences > 1:
-            input_ids, mask = input_ids.repeat_interleave(num_return_sequences, 0), mask.repeat_interleave(
-                num_return_sequences, 0)
-            model_kwargs = {k: v.repeat_interleave(num_return_sequences, 0) for k, v in model_kwargs.items()}
-        bsz = input_ids.shape[0]
-        if bsz == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
+        if input_ids.shape[0] == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
             return input_ids.new_zeros(0, input_ids.shape[1] + steps)
-        types = model_kwargs.pop("token_type_ids", None)
+        copies = num_beams if num_beams > 1 else num_return_sequences
+        if copies > 1:
+            input_ids, mask = input_ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
+            model_kwargs = {k: v.repeat_interleave(copies, 0) for k, v in model_kwargs.items()}
+        bsz = input_ids.shape[0]
+        if num_beams > 1:
+            if steps == 0:
+                return input_ids[::num_beams].repeat_interleave(num_return_sequences, 0)
+            rules = functools.partial(_penalise, min_new_tokens=min_new_tokens, eos=eos,
+                                      repetition_penalty=repetition_penalty)
+            return beam_search(Stepper(self, input_ids, mask, model_kwargs, use_cache),
+                               lambda scores, tokens, new: rules(scores, tokens, new=new), num_beams=num_beams,
+                               steps=steps, num_return_sequences=num_return_sequences, eos=eos,
+                               pad_token_id=pad_token_id, length_penalty=length_penalty,
+                               early_stopping=early_stopping)
         choose = dict(min_new_tokens=min_new_tokens, eos=eos, repetition_penalty=repetition_penalty,
                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        tokens = input_ids
+        run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
         finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-        past, step_ids, step_types = None, input_ids, types
         for new in range(steps):
-            if use_cache:
-                out = self(step_ids, attention_mask=mask, token_type_ids=step_types, past_key_values=past,
-                           use_cache=True, **model_kwargs)
-                past = out.past_key_values
-            else:
-                out = self(tokens, attention_mask=mask, token_type_ids=types, use_cache=False, **model_kwargs)
-            nxt = _next_token(out.logits[:, -1], tokens, new=new, **choose)
+            nxt = _next_token(run.last_logits(), run.tokens, new=new, **choose)
             nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, mask.new_ones(bsz, 1)], dim=1)
-            step_ids = nxt[:, None]
-            if types is not None:
-                types = _extend_types(types)
-                step_types = types[:, -1:]
+            run.append(nxt)
             if eos is not None:
                 finished |= torch.isin(nxt, eos)
                 if bool(finished.all()):
                     break
-        return tokens
+        return run.tokens
 
     @staticmethod
     def reorder_cache(past_key_values, beam_idx: Tensor):
