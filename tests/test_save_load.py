@@ -129,10 +129,13 @@ def test_load_options_and_unknown_overrides(tmp_path):
     ours = _ours("MegaForSequenceClassification").to(torch.bfloat16)
     ours.save_pretrained(str(tmp_path))
     cls = mega_kernels.MegaForSequenceClassification
-    assert MegaConfig.from_pretrained(str(tmp_path)).torch_dtype == "bfloat16"
+    assert MegaConfig.from_pretrained(str(tmp_path)).dtype == "bfloat16"  # the key transformers 4.57 writes
     assert cls.from_pretrained(str(tmp_path)).dtype == torch.float32  # default: float32, as transformers
     assert cls.from_pretrained(str(tmp_path), dtype="auto").dtype == torch.bfloat16
     assert cls.from_pretrained(str(tmp_path), torch_dtype="float64").dtype == torch.float64
+    hf.MegaForSequenceClassification.from_pretrained(str(tmp_path), dtype=torch.bfloat16).save_pretrained(
+        str(tmp_path / "hf"))
+    assert cls.from_pretrained(str(tmp_path / "hf"), dtype="auto").dtype == torch.bfloat16  # transformers' too
     for device_map in ("cpu", {"": "cpu"}, torch.device("cpu"), "auto" if not torch.cuda.is_available() else "cpu"):
         assert cls.from_pretrained(str(tmp_path), device_map=device_map).device == torch.device("cpu")
     with pytest.raises(TypeError, match="unknown argument.*kernel_bakend"):

@@ -25,7 +25,7 @@ from .beam_search import beam_search
 
 Tensor = torch.Tensor
 
-# forward inputs that generate passes on to every call (token_type_ids grow with the tokens, see _extend_types)
+# forward inputs that generate passes on to every call (token_type_ids grow with the tokens: Stepper.append)
 _MODEL_KWARGS = ("encoder_hidden_states", "encoder_attention_mask", "token_type_ids")
 
 
@@ -35,7 +35,7 @@ def _int_at_least(name: str, value, low: int) -> int:
     return value
 
 
-def _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams):
+def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams):
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -164,9 +164,9 @@ class GenerationMixin:
         -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
         n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
         docstring says (repetition_penalty, min_new_tokens, temperature, top_k (default 50, as transformers'
-        GenerationConfig; None: no top-k), top_p). A sequence that emits
-        `eos_token_id` (an id or a list of ids) is filled with `pad_token_id` afterwards; generation stops
-        early when every sequence has finished, and never stops at eos when no eos_token_id is given.
+        GenerationConfig; None: no top-k), top_p). A sequence that emits `eos_token_id` (an id or a list of
+        ids) is filled with `pad_token_id` afterwards; generation stops early when every sequence has finished,
+        and never stops at eos when no eos_token_id is given.
         num_beams > 1: beam search (`beam_search.py`; length_penalty, early_stopping True / False / "never" as
         transformers), returning each prompt's num_return_sequences best hypotheses.
         `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward
@@ -174,7 +174,7 @@ class GenerationMixin:
         if not self.config.is_decoder:
             raise ValueError("generate needs a decoder: build the model with is_decoder=True, bidirectional=False")
         model_kwargs = _model_kwargs(model_kwargs)
-        _check_sampling(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams)
+        _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams)
         _int_at_least("min_new_tokens", min_new_tokens, 0)
         steps = _new_token_count(max_new_tokens, max_length, input_ids.shape[1])
         if eos_token_id is not None and pad_token_id is None and self.config.pad_token_id is None:

@@ -1,5 +1,6 @@
-"""Matching a checkpoint's state_dict to a model, as transformers' from_pretrained does for its common cases,
-but strict where a silent mismatch would hide an error.
+"""Reading checkpoints in transformers' format (one file or shards; dtype and device options) and matching their
+state_dict to a model, as transformers' from_pretrained does for its common cases, but strict where a silent
+mismatch would hide an error:
 
 - A bare MegaModel checkpoint loads into a head (its keys get the `mega.` prefix) and a head's checkpoint into
   a MegaModel (the prefix is dropped, with the head's weights).
@@ -12,12 +13,87 @@ but strict where a silent mismatch would hide an error.
 """
 from __future__ import annotations
 
+import json
 import logging
-from typing import Dict
+import os
+from typing import Dict, Optional
 
 import torch
 
 logger = logging.getLogger("mega_kernels")
+SAFE_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "pytorch_model.bin"
+
+
+def safetensors_module():
+    try:
+        import safetensors.torch as st
+    except ImportError:
+        return None
+    return st
+
+
+def _read_file(path: str) -> dict:
+    if path.endswith(".safetensors"):
+        st = safetensors_module()
+        if st is None:
+            raise ImportError(f"{path} needs the safetensors package to load; pip install safetensors")
+        return st.load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_weights(folder: str) -> dict:
+    """The state_dict of a checkpoint folder: model.safetensors, pytorch_model.bin, or either sharded (an
+    `<name>.index.json` whose weight_map names the file of each key), safetensors first."""
+    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return _read_file(path)
+        index = path + ".index.json"
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                part = _read_file(os.path.join(folder, shard))
+                state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
+            lost = sorted(set(weight_map) - set(state))
+            if lost:
+                raise KeyError(f"from_pretrained: {index} lists weights its shards do not hold: {lost[:10]}")
+            return state
+    raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} (or their sharded "
+                            f"*.index.json) in {folder!r}")
+
+
+def load_dtype(dtype, config, state: dict) -> Optional[torch.dtype]:
+    """from_pretrained's dtype: None (float32, whatever was saved), a torch.dtype, a name, or "auto":
+    config.dtype (config.torch_dtype before transformers 4.56), else the checkpoint's first floating tensor's."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or next(
+            (t.dtype for t in state.values() if t.is_floating_point()), None)
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    named = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: pass a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto'")
+    return named
+
+
+def load_device(device_map) -> Optional[torch.device]:
+    """from_pretrained's device_map: one device for the whole model (no sharding across devices)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(f"device_map {device_map!r}: the model loads on one device; pass a device or "
+                             "{'': device} (no placement of single modules)")
+        device_map = device_map[""]
+    if device_map == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device_map {device_map!r} is not a device ({err}); pass e.g. 'cuda', 0 or 'cpu'") from None
 
 
 def _listing(keys, most: int = 10) -> str:

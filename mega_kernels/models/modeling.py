@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 from typing import Optional, Tuple
 
@@ -23,20 +22,11 @@ from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, M
                        MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
 from ..modules.attention import MegaMovingAverageGatedAttention
 from ..modules.cross_attention import MegaGatedCrossAttention
-from .loading import match_checkpoint
+from .loading import (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, load_device, load_dtype, match_checkpoint, read_weights,
+                      safetensors_module)
 from .outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 Tensor = torch.Tensor
-SAFE_WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_NAME = "pytorch_model.bin"
-
-
-def _safetensors():
-    try:
-        import safetensors.torch as st
-    except ImportError:
-        return None
-    return st
 
 
 def _compiling() -> bool:
@@ -215,9 +205,9 @@ class MegaPreTrainedModel(nn.Module):
         os.makedirs(folder, exist_ok=True)
         config = self.config.copy()
         config.architectures = [type(self).__name__]
-        config.torch_dtype = str(self.dtype).replace("torch.", "")  # as transformers writes it
+        config.dtype = str(self.dtype).replace("torch.", "")  # as transformers 4.57 writes it
         config.save_pretrained(folder)
-        st = _safetensors()
+        st = safetensors_module()
         if safe_serialization is None:
             safe_serialization = st is not None
         if safe_serialization and st is None:
@@ -238,7 +228,7 @@ class MegaPreTrainedModel(nn.Module):
 
         `overrides` change config attributes (e.g. kernel_backend="triton", num_labels=5); a name that is not
         one raises TypeError. dtype (or its older name torch_dtype): a torch.dtype, its name ("bfloat16"), or
-        "auto" for the saved dtype (config.torch_dtype). device_map: one device for the whole model ("cuda", 0,
+        "auto" for the saved dtype (config.dtype). device_map: one device for the whole model ("cuda", 0,
         torch.device, {"": device}; "auto": the current CUDA device if there is one, else the CPU). Returns the
         model in eval mode."""
         if config is None:
@@ -250,10 +240,10 @@ class MegaPreTrainedModel(nn.Module):
                             "ignore_mismatched_sizes)")
         if overrides:
             config = config.copy(**overrides)
-        device = _load_device(device_map)
+        device = load_device(device_map)
         model = cls(config)
-        state = _read_weights(folder)
-        dtype = _load_dtype(dtype if dtype is not None else torch_dtype, config, state)
+        state = read_weights(folder)
+        dtype = load_dtype(dtype if dtype is not None else torch_dtype, config, state)
         model.load_checkpoint_state(state, ignore_mismatched_sizes)
         return model.to(device=device, dtype=dtype).eval()
 
@@ -262,69 +252,6 @@ class MegaPreTrainedModel(nn.Module):
         head weights may be missing or another head's), then tie the output embedding."""
         self.load_state_dict(match_checkpoint(self, state, ignore_mismatched_sizes), strict=False)
         self.tie_weights()
-
-
-def _read_file(path: str) -> dict:
-    if path.endswith(".safetensors"):
-        st = _safetensors()
-        if st is None:
-            raise ImportError(f"{path} needs the safetensors package to load; pip install safetensors")
-        return st.load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _read_weights(folder: str) -> dict:
-    """The state_dict of a checkpoint folder: model.safetensors, pytorch_model.bin, or either sharded (an
-    `<name>.index.json` whose weight_map names the file of each key), safetensors first."""
-    for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return _read_file(path)
-        index = path + ".index.json"
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                part = _read_file(os.path.join(folder, shard))
-                state.update({k: v for k, v in part.items() if weight_map.get(k) == shard})
-            lost = sorted(set(weight_map) - set(state))
-            if lost:
-                raise KeyError(f"from_pretrained: {index} lists weights its shards do not hold: {lost[:10]}")
-            return state
-    raise FileNotFoundError(f"from_pretrained: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} (or their sharded "
-                            f"*.index.json) in {folder!r}")
-
-
-def _load_dtype(dtype, config: MegaConfig, state: dict) -> Optional[torch.dtype]:
-    """from_pretrained's dtype: None (float32, whatever was saved), a torch.dtype, a name, or "auto":
-    config.torch_dtype, else the checkpoint's first floating tensor's dtype."""
-    if dtype == "auto":
-        dtype = getattr(config, "torch_dtype", None) or next(
-            (t.dtype for t in state.values() if t.is_floating_point()), None)
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    named = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
-    if not isinstance(named, torch.dtype) or not named.is_floating_point:
-        raise ValueError(f"dtype {dtype!r}: pass a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto'")
-    return named
-
-
-def _load_device(device_map) -> Optional[torch.device]:
-    """from_pretrained's device_map: one device for the whole model (no sharding across devices)."""
-    if device_map is None:
-        return None
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise ValueError(f"device_map {device_map!r}: the model loads on one device; pass a device or "
-                             "{'': device} (no placement of single modules)")
-        device_map = device_map[""]
-    if device_map == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        return torch.device(device_map)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device_map {device_map!r} is not a device ({err}); pass e.g. 'cuda', 0 or 'cpu'") from None
 
 
 @torch.no_grad()
