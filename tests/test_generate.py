@@ -13,6 +13,10 @@ import mega_kernels
 from mega_kernels import MegaConfig
 from mega_kernels.models.generation import _next_token, _top_p
 
+def pick(logits, tokens, **rules):
+    return _next_token(logits, tokens, **rules)[0]
+
+
 RULES = dict(new=0, min_new_tokens=0, eos=None, repetition_penalty=None, do_sample=False, temperature=1.0,
              top_k=None, top_p=None, generator=None)
 
@@ -72,7 +76,7 @@ def test_sampling_draws_from_the_filtered_distribution():
     probabilities (within 5 standard errors)."""
     logits = torch.tensor([1.0, 0.2, -0.3, 0.9, -2.0], dtype=torch.float64)
     rules = dict(RULES, do_sample=True, temperature=0.5, top_k=3, top_p=0.9, generator=torch.Generator().manual_seed(0))
-    draws = _next_token(logits[None].repeat(8000, 1), torch.zeros(8000, 1, dtype=torch.long), **rules)
+    draws = pick(logits[None].repeat(8000, 1), torch.zeros(8000, 1, dtype=torch.long), **rules)
     p = torch.softmax(logits / 0.5, 0)  # 0.547, 0.110, 0.040, 0.448 (top 3), 0.002: top_p 0.9 keeps tokens 0 and 3
     want = torch.zeros(5, dtype=torch.float64)
     want[[0, 3]] = p[[0, 3]] / p[[0, 3]].sum()
@@ -83,13 +87,13 @@ def test_sampling_draws_from_the_filtered_distribution():
 
 def test_repetition_penalty_and_min_new_tokens_on_known_logits():
     positive = torch.tensor([[4.0, -1.0, 0.5, 3.0]])
-    assert _next_token(positive, torch.tensor([[2]]), **RULES) == 0
-    assert _next_token(positive, torch.tensor([[0, 2]]), **dict(RULES, repetition_penalty=2.0)) == 3  # 4 / 2 < 3
+    assert pick(positive, torch.tensor([[2]]), **RULES) == 0
+    assert pick(positive, torch.tensor([[0, 2]]), **dict(RULES, repetition_penalty=2.0)) == 3  # 4 / 2 < 3
     negative = torch.tensor([[-0.5, -1.0, -0.6]])
-    assert _next_token(negative, torch.tensor([[0]]), **dict(RULES, repetition_penalty=1.5)) == 2  # -0.75 < -0.6
+    assert pick(negative, torch.tensor([[0]]), **dict(RULES, repetition_penalty=1.5)) == 2  # -0.75 < -0.6
     rules = dict(RULES, eos=torch.tensor([0, 3]), min_new_tokens=2)
-    assert _next_token(positive, torch.tensor([[1]]), **dict(rules, new=1)) == 2  # eos 0 and 3 still banned
-    assert _next_token(positive, torch.tensor([[1]]), **dict(rules, new=2)) == 0
+    assert pick(positive, torch.tensor([[1]]), **dict(rules, new=1)) == 2  # eos 0 and 3 still banned
+    assert pick(positive, torch.tensor([[1]]), **dict(rules, new=2)) == 0
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

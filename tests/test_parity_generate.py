@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, GenerationMixin
 
-from model_helpers import config_dict
+from model_helpers import assert_close, config_dict
 from parity import build_pair
 
 DEC = dict(is_decoder=True, bidirectional=False, dropout_prob=0.0, hidden_dropout_prob=0.0,
@@ -84,3 +84,33 @@ def test_beam_search_equals_transformers(seed, length, steps, settings, use_cach
     want = theirs.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=False, **{**settings, **eos})
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=use_cache, **settings)
     assert torch.equal(got, want), (got, want)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(repetition_penalty=1.5, min_new_tokens=3, eos_token_id=[32, 19], pad_token_id=1),
+    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, num_return_sequences=2),
+    dict(num_beams=3, num_return_sequences=2, length_penalty=0.7, eos_token_id=19, pad_token_id=1,
+         repetition_penalty=1.2, min_new_tokens=2),
+], ids=["greedy", "sample", "beams"])
+def test_scores_and_logits_equal_transformers(settings):
+    """return_dict_in_generate with output_scores and output_logits: the same sequences, per-step scores (after
+    every rule, -inf where a rule removed a token), raw logits and, for beams, the hypotheses' scores."""
+    theirs, ours = pair(vocab_size=80)
+    torch.manual_seed(4)
+    ids = torch.randint(3, 80, (2, 4))
+    kw = dict(max_new_tokens=7, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    eos = dict(eos_token_id=settings.get("eos_token_id"), pad_token_id=settings.get("pad_token_id", 1))
+    torch.manual_seed(9)
+    want = theirs.generate(ids, use_cache=False, **kw, **{**settings, **eos})
+    torch.manual_seed(9)
+    got = ours.generate(ids, **kw, **settings)
+    assert type(got).__name__ == type(want).__name__ and torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(want.scores) == len(got.logits) > 1
+    for name in ("scores", "logits"):  # to transformers' float32 rounding (its EMA is a float32 FFT)
+        for i, (a, b) in enumerate(zip(getattr(got, name), getattr(want, name))):
+            removed = torch.isinf(b)
+            assert torch.equal(torch.isinf(a), removed), f"{name}[{i}]: other tokens removed"
+            assert_close(f"{name}[{i}]", a[~removed], b[~removed])
+    assert any(torch.isinf(s).any() for s in got.scores)
+    if "num_beams" in settings:
+        assert_close("sequences_scores", got.sequences_scores, want.sequences_scores)

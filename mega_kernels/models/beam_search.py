@@ -33,9 +33,12 @@ def _pick(t: Tensor, idx: Tensor) -> Tensor:
 
 
 def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequences: int, eos: Optional[Tensor],
-                pad_token_id: Optional[int], length_penalty: float, early_stopping: Union[bool, str]) -> Tensor:
+                pad_token_id: Optional[int], length_penalty: float, early_stopping: Union[bool, str],
+                record: Optional[dict] = None) -> Tensor:
     """run: a generation.Stepper over the B * K rows (each prompt repeated K times, next to each other);
-    penalise(scores, tokens, new): rules 1 and 2. -> (B * num_return_sequences, prompt + n) tokens."""
+    penalise(scores, tokens, new): rules 1 and 2. -> (B * num_return_sequences, prompt + n) tokens.
+    record: lists "scores" / "logits" (or None) get each step's (B * K, vocab) log-probabilities after the
+    rules / raw logits, and "sequences_scores" the returned hypotheses' scores."""
     rows, prompt = run.tokens.shape
     k, bsz = num_beams, rows // num_beams
     device = run.tokens.device
@@ -50,8 +53,12 @@ def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequenc
     done = torch.zeros(bsz, k, dtype=torch.bool, device=device)
     open_ = torch.ones(bsz, 1, dtype=torch.bool, device=device)
     for new in range(steps):
-        logp = torch.log_softmax(run.last_logits().to(torch.float32), dim=-1)
-        logp = penalise(logp, run.tokens, new)
+        logits = run.last_logits()
+        logp = penalise(torch.log_softmax(logits, dim=-1), run.tokens, new)
+        if record is not None:
+            for key, value in (("scores", logp), ("logits", logits)):
+                if record.get(key) is not None:
+                    record[key].append(value.clone())
         vocab = logp.shape[-1]
         total = (logp.view(bsz, k, vocab) + running[:, :, None]).view(bsz, k * vocab)
         cand, flat = torch.topk(total, m, dim=1)
@@ -85,5 +92,7 @@ def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequenc
         open_ = open_ & (running[:, :1] / reach > worst).any(dim=-1, keepdim=True)
         if not (open_.any() and not (done.all() and early_stopping is True) and not hits.all()):
             break
+    if record is not None:
+        record["sequences_scores"] = done_scores[:, :num_return_sequences].reshape(-1)
     out = done_seqs[:, :num_return_sequences].reshape(bsz * num_return_sequences, -1)
     return out[:, :prompt + int(done_len[:, :num_return_sequences].max())]

@@ -16,12 +16,12 @@ transformers' generation processors, so the same settings draw from the same dis
 """
 from __future__ import annotations
 
-import functools
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from .beam_search import beam_search
+from .outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 Tensor = torch.Tensor
 
@@ -76,21 +76,20 @@ def _penalise(scores: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, 
 
 def _next_token(logits: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, eos: Optional[Tensor],
                 repetition_penalty: Optional[float], do_sample: bool, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
-    """logits (B, vocab) of the last position, tokens (B, T) so far, `new` of them generated -> (B,) ids."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
+                top_p: Optional[float], generator: Optional[torch.Generator]) -> Tuple[Tensor, Tensor]:
+    """logits (B, vocab) float32 of the last position, tokens (B, T) so far, `new` of them generated ->
+    ((B,) ids, (B, vocab) the scores they were chosen from)."""
     logits = _penalise(logits, tokens, new=new, min_new_tokens=min_new_tokens, eos=eos,
                        repetition_penalty=repetition_penalty)
     if not do_sample:
-        return logits.argmax(-1)
+        return logits.argmax(-1), logits
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         logits = _top_p(logits, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1), logits
 
 
 def _new_token_count(max_new_tokens: Optional[int], max_length: Optional[int], prompt: int) -> int:
@@ -124,7 +123,7 @@ class Stepper:
         self.past, self.step_ids, self.step_types = None, ids, self.types
 
     def last_logits(self) -> Tensor:
-        """(N, vocab) logits of the next token of every row."""
+        """(N, vocab) logits of the next token of every row, float32 (as transformers chooses from)."""
         if self.use_cache:
             out = self.model(self.step_ids, attention_mask=self.mask, token_type_ids=self.step_types,
                              past_key_values=self.past, use_cache=True, **self.kwargs)
@@ -132,7 +131,7 @@ class Stepper:
         else:
             out = self.model(self.tokens, attention_mask=self.mask, token_type_ids=self.types, use_cache=False,
                              **self.kwargs)
-        return out.logits[:, -1]
+        return out.logits[:, -1].to(torch.float32)
 
     def append(self, nxt: Tensor, rows: Optional[Tensor] = None) -> None:
         """Extend the rows by nxt (N,); rows (N,), for beam search: the present row each new row continues."""
@@ -150,6 +149,20 @@ class Stepper:
             self.step_types = self.types[:, -1:]
 
 
+def _repeat_rows(n: int, ids: Tensor, mask: Tensor, model_kwargs: dict):
+    """Each prompt (and its model inputs) n times, next to itself."""
+    return (ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
+            {k: v.repeat_interleave(n, 0) for k, v in model_kwargs.items()})
+
+
+def _keep(record: dict, scores: Tensor, logits: Tensor) -> None:
+    """Add one step's scores and raw logits to what return_dict_in_generate returns, where asked for."""
+    if record["scores"] is not None:
+        record["scores"].append(scores.clone())
+    if record["logits"] is not None:
+        record["logits"].append(logits.clone())
+
+
 class GenerationMixin:
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -159,7 +172,8 @@ class GenerationMixin:
                  use_cache: bool = True, *, max_length: Optional[int] = None, min_new_tokens: int = 0,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                  num_return_sequences: int = 1, num_beams: int = 1, length_penalty: float = 1.0,
-                 early_stopping: Union[bool, str] = False, **model_kwargs) -> Tensor:
+                 early_stopping: Union[bool, str] = False, return_dict_in_generate: bool = False,
+                 output_scores: bool = False, output_logits: bool = False, **model_kwargs):
         """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length)
         -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
         n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
@@ -169,6 +183,8 @@ class GenerationMixin:
         and never stops at eos when no eos_token_id is given.
         num_beams > 1: beam search (`beam_search.py`; length_penalty, early_stopping True / False / "never" as
         transformers), returning each prompt's num_return_sequences best hypotheses.
+        return_dict_in_generate: a GenerateDecoderOnlyOutput (GenerateBeamDecoderOnlyOutput with beams) holding
+        the sequences and, with output_scores / output_logits, each step's scores / raw logits, as transformers.
         `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward
         call; token_type_ids (B, L) give the prompt's types, and each new token takes its row's last type."""
         if not self.config.is_decoder:
@@ -184,36 +200,50 @@ class GenerationMixin:
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        record = dict(scores=[] if output_scores else None, logits=[] if output_logits else None)
         if input_ids.shape[0] == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
-            return input_ids.new_zeros(0, input_ids.shape[1] + steps)
-        copies = num_beams if num_beams > 1 else num_return_sequences
-        if copies > 1:
-            input_ids, mask = input_ids.repeat_interleave(copies, 0), mask.repeat_interleave(copies, 0)
-            model_kwargs = {k: v.repeat_interleave(copies, 0) for k, v in model_kwargs.items()}
-        bsz = input_ids.shape[0]
+            tokens = input_ids.new_zeros(0, input_ids.shape[1] + steps)
+        elif num_beams > 1:
+            tokens = self._beam_search(input_ids, mask, model_kwargs, use_cache, steps, record, num_beams=num_beams,
+                                       num_return_sequences=num_return_sequences, eos=eos, pad_token_id=pad_token_id,
+                                       length_penalty=length_penalty, early_stopping=early_stopping,
+                                       rules=dict(min_new_tokens=min_new_tokens, eos=eos,
+                                                  repetition_penalty=repetition_penalty))
+        else:
+            if num_return_sequences > 1:
+                input_ids, mask, model_kwargs = _repeat_rows(num_return_sequences, input_ids, mask, model_kwargs)
+            choose = dict(min_new_tokens=min_new_tokens, eos=eos, repetition_penalty=repetition_penalty,
+                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            for new in range(steps):
+                logits = run.last_logits()
+                nxt, scores = _next_token(logits, run.tokens, new=new, **choose)
+                _keep(record, scores, logits)
+                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+                run.append(nxt)
+                if eos is not None:
+                    finished |= torch.isin(nxt, eos)
+                    if bool(finished.all()):
+                        break
+            tokens = run.tokens
+        if not return_dict_in_generate:
+            return tokens
+        kind = GenerateBeamDecoderOnlyOutput if num_beams > 1 else GenerateDecoderOnlyOutput
+        found = {k: (None if v is None else tuple(v)) for k, v in record.items() if k != "sequences_scores"}
         if num_beams > 1:
-            if steps == 0:
-                return input_ids[::num_beams].repeat_interleave(num_return_sequences, 0)
-            rules = functools.partial(_penalise, min_new_tokens=min_new_tokens, eos=eos,
-                                      repetition_penalty=repetition_penalty)
-            return beam_search(Stepper(self, input_ids, mask, model_kwargs, use_cache),
-                               lambda scores, tokens, new: rules(scores, tokens, new=new), num_beams=num_beams,
-                               steps=steps, num_return_sequences=num_return_sequences, eos=eos,
-                               pad_token_id=pad_token_id, length_penalty=length_penalty,
-                               early_stopping=early_stopping)
-        choose = dict(min_new_tokens=min_new_tokens, eos=eos, repetition_penalty=repetition_penalty,
-                      do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            found["sequences_scores"] = record.get("sequences_scores") if output_scores else None
+        return kind(sequences=tokens, **found)
+
+    def _beam_search(self, input_ids, mask, model_kwargs, use_cache, steps, record, *, num_beams,
+                     num_return_sequences, rules, **settings) -> Tensor:
+        if steps == 0:
+            return input_ids.repeat_interleave(num_return_sequences, 0)
+        input_ids, mask, model_kwargs = _repeat_rows(num_beams, input_ids, mask, model_kwargs)
         run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
-        finished = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
-        for new in range(steps):
-            nxt = _next_token(run.last_logits(), run.tokens, new=new, **choose)
-            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-            run.append(nxt)
-            if eos is not None:
-                finished |= torch.isin(nxt, eos)
-                if bool(finished.all()):
-                    break
-        return run.tokens
+        return beam_search(run, lambda scores, tokens, new: _penalise(scores, tokens, new=new, **rules),
+                           num_beams=num_beams, steps=steps, num_return_sequences=num_return_sequences,
+                           record=record, **settings)
 
     @staticmethod
     def reorder_cache(past_key_values, beam_idx: Tensor):

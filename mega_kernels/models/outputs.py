@@ -108,3 +108,23 @@ class QuestionAnsweringModelOutput(ModelOutput):
     end_logits: Optional[Tensor] = None
     hidden_states: Optional[Tuple[Tensor, ...]] = None
     attentions: Optional[Tuple[Tensor, ...]] = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)` without beams: sequences (B', L + n); per new token, the
+    scores the next token was chosen from (B', vocab), after every rule (output_scores), and the raw logits
+    (output_logits), float32."""
+    sequences: Optional[Tensor] = None
+    scores: Optional[Tuple[Tensor, ...]] = None
+    logits: Optional[Tuple[Tensor, ...]] = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """The same for beam search, per step over the B * num_beams running beams: scores are the log-probabilities
+    after the rules; sequences_scores (B'), each returned hypothesis' final score (with output_scores)."""
+    sequences: Optional[Tensor] = None
+    sequences_scores: Optional[Tensor] = None
+    scores: Optional[Tuple[Tensor, ...]] = None
+    logits: Optional[Tuple[Tensor, ...]] = None
