@@ -210,23 +210,12 @@ class GenerationMixin:
                                        rules=dict(min_new_tokens=min_new_tokens, eos=eos,
                                                   repetition_penalty=repetition_penalty))
         else:
-            if num_return_sequences > 1:
-                input_ids, mask, model_kwargs = _repeat_rows(num_return_sequences, input_ids, mask, model_kwargs)
-            choose = dict(min_new_tokens=min_new_tokens, eos=eos, repetition_penalty=repetition_penalty,
-                          do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-            for new in range(steps):
-                logits = run.last_logits()
-                nxt, scores = _next_token(logits, run.tokens, new=new, **choose)
-                _keep(record, scores, logits)
-                nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
-                run.append(nxt)
-                if eos is not None:
-                    finished |= torch.isin(nxt, eos)
-                    if bool(finished.all()):
-                        break
-            tokens = run.tokens
+            tokens = self._sample(input_ids, mask, model_kwargs, use_cache, steps, record,
+                                  num_return_sequences=num_return_sequences, eos=eos, pad_token_id=pad_token_id,
+                                  choose=dict(min_new_tokens=min_new_tokens, eos=eos,
+                                              repetition_penalty=repetition_penalty, do_sample=do_sample,
+                                              temperature=temperature, top_k=top_k, top_p=top_p,
+                                              generator=generator))
         if not return_dict_in_generate:
             return tokens
         kind = GenerateBeamDecoderOnlyOutput if num_beams > 1 else GenerateDecoderOnlyOutput
@@ -234,6 +223,25 @@ class GenerationMixin:
         if num_beams > 1:
             found["sequences_scores"] = record.get("sequences_scores") if output_scores else None
         return kind(sequences=tokens, **found)
+
+    def _sample(self, input_ids, mask, model_kwargs, use_cache, steps, record, *, num_return_sequences, eos,
+                pad_token_id, choose) -> Tensor:
+        """Greedy decoding or sampling: one token per row and step, pad_token_id after a row's eos."""
+        if num_return_sequences > 1:
+            input_ids, mask, model_kwargs = _repeat_rows(num_return_sequences, input_ids, mask, model_kwargs)
+        run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for new in range(steps):
+            logits = run.last_logits()
+            nxt, scores = _next_token(logits, run.tokens, new=new, **choose)
+            _keep(record, scores, logits)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
+            run.append(nxt)
+            if eos is not None:
+                finished |= torch.isin(nxt, eos)
+                if bool(finished.all()):
+                    break
+        return run.tokens
 
     def _beam_search(self, input_ids, mask, model_kwargs, use_cache, steps, record, *, num_beams,
                      num_return_sequences, rules, **settings) -> Tensor:
