@@ -19,7 +19,7 @@ pad_token_id (eos_token_id[0] when the pad id is 0 or None) to the longest of th
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -32,13 +32,13 @@ def _pick(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, idx.view(idx.shape + (1,) * (t.dim() - 2)).expand(idx.shape + t.shape[2:]))
 
 
-def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequences: int, eos: Optional[Tensor],
-                pad_token_id: Optional[int], length_penalty: float, early_stopping: Union[bool, str],
-                record: Optional[dict] = None) -> Tensor:
+def beam_search(run, penalise, keep, *, num_beams: int, steps: int, num_return_sequences: int,
+                eos: Optional[Tensor], pad_token_id: Optional[int], length_penalty: float,
+                early_stopping: Union[bool, str]) -> Tuple[Tensor, Tensor]:
     """run: a generation.Stepper over the B * K rows (each prompt repeated K times, next to each other);
-    penalise(scores, tokens, new): rules 1 and 2. -> (B * num_return_sequences, prompt + n) tokens.
-    record: lists "scores" / "logits" (or None) get each step's (B * K, vocab) log-probabilities after the
-    rules / raw logits, and "sequences_scores" the returned hypotheses' scores."""
+    penalise(scores, tokens, new): rules 1 and 2; keep(scores, logits): called with each step's (B * K, vocab)
+    log-probabilities after the rules and raw logits. -> ((B * num_return_sequences, prompt + n) tokens,
+    (B * num_return_sequences,) their scores)."""
     rows, prompt = run.tokens.shape
     k, bsz = num_beams, rows // num_beams
     device = run.tokens.device
@@ -55,10 +55,7 @@ def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequenc
     for new in range(steps):
         logits = run.last_logits()
         logp = penalise(torch.log_softmax(logits, dim=-1), run.tokens, new)
-        if record is not None:
-            for key, value in (("scores", logp), ("logits", logits)):
-                if record.get(key) is not None:
-                    record[key].append(value.clone())
+        keep(logp, logits)
         vocab = logp.shape[-1]
         total = (logp.view(bsz, k, vocab) + running[:, :, None]).view(bsz, k * vocab)
         cand, flat = torch.topk(total, m, dim=1)
@@ -82,17 +79,16 @@ def beam_search(run, penalise, *, num_beams: int, steps: int, num_return_sequenc
         done = _pick(torch.cat([done, just], 1), best)
         # the running beams
         live = cand + hits.to(torch.float32) * NEG
-        keep = torch.topk(live, k, dim=1)[1]
-        running = _pick(live, keep)
-        origin = _pick(beam, keep) + torch.arange(bsz, device=device)[:, None] * k
-        run.append(_pick(token, keep).view(-1), origin.view(-1))
+        chosen = torch.topk(live, k, dim=1)[1]
+        running = _pick(live, chosen)
+        origin = _pick(beam, chosen) + torch.arange(bsz, device=device)[:, None] * k
+        run.append(_pick(token, chosen).view(-1), origin.view(-1))
         # closing
         reach = (steps if early_stopping == "never" and length_penalty > 0.0 else new + 1) ** length_penalty
         worst = torch.where(done, done_scores.min(dim=1, keepdim=True)[0], NEG)
         open_ = open_ & (running[:, :1] / reach > worst).any(dim=-1, keepdim=True)
         if not (open_.any() and not (done.all() and early_stopping is True) and not hits.all()):
             break
-    if record is not None:
-        record["sequences_scores"] = done_scores[:, :num_return_sequences].reshape(-1)
-    out = done_seqs[:, :num_return_sequences].reshape(bsz * num_return_sequences, -1)
-    return out[:, :prompt + int(done_len[:, :num_return_sequences].max())]
+    r = num_return_sequences
+    out = done_seqs[:, :r].reshape(bsz * r, -1)
+    return out[:, :prompt + int(done_len[:, :r].max())], done_scores[:, :r].reshape(-1)

@@ -249,9 +249,11 @@ class GenerationMixin:
             return input_ids.repeat_interleave(num_return_sequences, 0)
         input_ids, mask, model_kwargs = _repeat_rows(num_beams, input_ids, mask, model_kwargs)
         run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
-        return beam_search(run, lambda scores, tokens, new: _penalise(scores, tokens, new=new, **rules),
-                           num_beams=num_beams, steps=steps, num_return_sequences=num_return_sequences,
-                           record=record, **settings)
+        tokens, record["sequences_scores"] = beam_search(
+            run, lambda scores, tokens, new: _penalise(scores, tokens, new=new, **rules),
+            lambda scores, logits: _keep(record, scores, logits), num_beams=num_beams, steps=steps,
+            num_return_sequences=num_return_sequences, **settings)
+        return tokens
 
     @staticmethod
     def reorder_cache(past_key_values, beam_idx: Tensor):
