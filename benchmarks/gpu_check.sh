@@ -62,7 +62,7 @@ grep -E "passed|failed|rc=|FAILED|ERROR" "$OUT/tests.log" | tail -16
 
 # 4. The CLI check on the GPU.
 stamp "mega-kernels check"
-timeout 40 python -m mega_kernels.cli check --device cuda > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
+timeout 40 python -m mega_kernels.cli check --device cuda --op ema --op attention > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
 tail -4 "$OUT/check.log"
 
 stamp "summary"  # the target-shape rows, where their time goes, and each issue's targets (PASS / FAIL / n/a)

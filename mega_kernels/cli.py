@@ -1,8 +1,9 @@
 """`mega-kernels` command line: info, check, bench.
 
     mega-kernels info              versions, devices, and which backend of each op can run here (or why not)
-    mega-kernels check [--device]  every available backend of every op against the float64 reference on fresh
-                                   random inputs, forward and gradients; a table; exit status 1 on any failure
+    mega-kernels check [--device]  every available backend of every op, and inside two small models, against the
+                                   float64 reference on fresh random inputs, forward and gradients; a table; exit
+                                   status 1 on any failure
     mega-kernels bench NAME [...]  run benchmarks/bench_NAME.py from a source checkout (ema, attention, ...)
 """
 from __future__ import annotations
@@ -23,6 +24,13 @@ from .reference.ema import ema_coefficients, ema_fft
 from .testing import ema_params, error_and_bound
 
 OPS = ("ema", "attention")
+# `check --op model`: two small models (a chunked causal LM with truncation; a bidirectional laplace classifier)
+MODEL_CASES = (("MegaForCausalLM", dict(is_decoder=True, bidirectional=False, use_chunking=True, chunk_size=8,
+                                        truncation=11)),
+               ("MegaForSequenceClassification", dict(attention_activation="laplace", normalization_type="layernorm")))
+MODEL_SIZES = dict(vocab_size=60, hidden_size=32, num_hidden_layers=2, intermediate_size=48, ema_projection_size=4,
+                   shared_representation_size=16, nffn_hidden_size=40, max_positions=64, dropout_prob=0.0,
+                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, nffn_activation_dropout_prob=0.0)
 
 
 def _versions() -> List[Tuple[str, str]]:
@@ -48,7 +56,8 @@ def cmd_info(args) -> int:
     for name, value in _versions():
         print(f"{name:<14}{value}")
     for dev in _devices():
-        print(f"\ndevice {dev}: {dev.type == 'cuda' and torch.cuda.get_device_name(dev) or platform.processor() or platform.machine()}")
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+        print(f"\ndevice {dev}: {name}")
         for op in OPS:
             auto = backends.resolve(op, "auto", dev)
             for name, reason in backends.available_backends(op, dev).items():
@@ -109,6 +118,55 @@ def _run_attention(backend, inputs, mask, grad, activation, causal, chunk):
     return [out, *grads]
 
 
+def _model_case(head, overrides):
+    """(config dict, float64 state_dict moved off the init, ids, mask with padding, output weights)."""
+    from . import models
+    from .config import MegaConfig
+
+    cfg = dict(MODEL_SIZES, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        model = getattr(models, head)(MegaConfig(**cfg)).double()
+        gen = torch.Generator().manual_seed(8)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.1)
+    ids = torch.randint(3, cfg["vocab_size"], (2, 21), generator=gen)
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, :5] = 0  # left padding
+    shape = (2, 21, cfg["vocab_size"]) if head == "MegaForCausalLM" else (2, model.config.num_labels)
+    return cfg, model.state_dict(), ids, mask, torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _run_model(kernels, head, cfg, state, ids, mask, grad, dtype, device):
+    """Logits and every parameter gradient (one vector) of the model on `kernels` ({op: backend})."""
+    from . import models
+    from .config import MegaConfig
+
+    model = getattr(models, head)(MegaConfig(**cfg, kernel_backend=kernels))
+    model.load_state_dict(state)
+    model.to(device, dtype).eval()
+    logits = model(ids.to(device), attention_mask=mask.to(device)).logits
+    grads = torch.autograd.grad((logits.double() * grad.to(device)).sum(), list(model.parameters()))
+    return [logits, torch.cat([g.reshape(-1) for g in grads])]
+
+
+def _check_model(name, dtype, device):
+    """Both MODEL_CASES with `name` for every op it can run here (the reference for the others)."""
+    kernels = {op: name for op in OPS if backends.available_backends(op, device).get(name, "") is None}
+    rows = []
+    for head, overrides in MODEL_CASES:
+        case = _model_case(head, overrides)
+
+        def run(backend, dt, dev, case=case, head=head):
+            return _run_model(kernels if backend else "reference", head, *case, dt, dev)
+
+        label = f"model/{name}/{str(dtype).replace('torch.', '')}/{head[len('MegaFor'):]}"
+        for _, tensor, err, bound, ok in _compare(label, run, lambda dt, dev: run(name, dt, dev), dtype, device):
+            rows.append((label, "logits" if tensor == "out" else "param grads", err, bound, ok))
+    return rows
+
+
 def _compare(label, run: Callable, to: Callable, dtype, device) -> List[Tuple[str, str, float, float, bool]]:
     """Run `run` in dtype on device and the reference in float64 and in dtype; apply the tolerance rule."""
     ref64 = [t.detach().cpu() for t in run(None, torch.float64, torch.device("cpu"))]
@@ -142,7 +200,8 @@ def cmd_check(args) -> int:
     dtypes = [torch.float32, torch.bfloat16] + ([torch.float64] if device.type == "cpu" else [])
     results = []
     skipped = []
-    for op in args.op or OPS:
+    ops = args.op or OPS + ("model",)
+    for op in (o for o in ops if o != "model"):
         for name, reason in backends.available_backends(op, device).items():
             if name == "reference" or (args.backend and name not in args.backend):
                 continue  # the reference is what the others are checked against
@@ -157,6 +216,15 @@ def cmd_check(args) -> int:
                 except Exception as exc:
                     results.append((f"{op}/{name}/{str(dtype)[6:]}", "error", float("nan"), float("nan"), False))
                     print(f"{op}/{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    if "model" in ops:  # every kernel backend that runs here, inside whole models (float32, and cpu float64)
+        for name in dict.fromkeys(n for op in OPS for n, r in backends.available_backends(op, device).items()
+                                  if r is None and n != "reference" and (not args.backend or n in args.backend)):
+            for dtype in [torch.float32] + ([torch.float64] if name == "cpu" else []):
+                try:
+                    results += _check_model(name, dtype, device)
+                except Exception as exc:
+                    results.append((f"model/{name}/{str(dtype)[6:]}", "error", float("nan"), float("nan"), False))
+                    print(f"model/{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"{'case':<46}{'worst tensor':<14}{'max err':>10}{'bound':>10}  result")
     for label in dict.fromkeys(r[0] for r in results):
         case = [r for r in results if r[0] == label]
@@ -234,7 +302,8 @@ def main(argv=None) -> int:
     sub.add_parser("info", help="versions, devices and backend availability").set_defaults(fn=cmd_info)
     p = sub.add_parser("check", help="check every available backend against the reference")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--op", action="append", choices=OPS, help="only this op (repeatable)")
+    p.add_argument("--op", action="append", choices=OPS + ("model",),
+                   help="only this op, or 'model': the backends inside two small models (repeatable)")
     p.add_argument("--backend", action="append", choices=backends.BACKENDS[1:], help="only this backend (repeatable)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/")

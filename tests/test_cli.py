@@ -54,3 +54,18 @@ def test_check_of_an_unavailable_backend_that_was_asked_for_fails(monkeypatch, c
     monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", entry)
     assert cli.main(["check", "--device", "cpu", "--op", "ema", "--backend", "cpu"]) == 1
     assert "skipped ema/cpu: pretend it is missing" in capsys.readouterr().out
+
+
+def test_check_runs_the_backends_inside_models(monkeypatch, capsys):
+    assert cli.main(["check", "--device", "cpu", "--op", "model", "--backend", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for row in ("model/cpu/float32/CausalLM", "model/cpu/float64/SequenceClassification"):
+        assert row in out
+    assert "param grads" in out and "FAIL" not in out
+
+    def wrong(x, a, q, c, omega, **kw):
+        return ema_fft(x, a, q, c, omega * 1.001, **kw)
+
+    _fake_backend(monkeypatch, wrong)
+    assert cli.main(["check", "--device", "cpu", "--op", "model", "--backend", "cpu"]) == 1
+    assert capsys.readouterr().out.count("FAIL") == 4
