@@ -177,7 +177,6 @@ def test_generate_needs_a_decoder():
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
     (dict(num_return_sequences=0), "num_return_sequences must be an int >= 1"),
     (dict(num_return_sequences=2), "needs do_sample=True or num_beams"),
-    (dict(num_beams=4, do_sample=True), "beam search with sampling"),
     (dict(num_beams=2, num_return_sequences=3), "more than num_beams=2"),
     (dict(num_beams=0), "num_beams must be an int >= 1"),
     (dict(num_beams=2, early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),

@@ -68,20 +68,26 @@ BEAMS = [  # (seed of the prompts, prompt length, max_new_tokens, settings)
     (28, 6, 8, dict(num_beams=5, length_penalty=2.0, early_stopping="never", eos_token_id=71,
                     num_return_sequences=4)),  # the "never" bound
     (293, 5, 10, dict(num_beams=4, early_stopping="never", eos_token_id=[71, 20, 19], num_return_sequences=3)),  # M
+    # beam sampling: the filters keep at least 1 + the number of eos ids tokens
+    (5, 5, 9, dict(num_beams=3, do_sample=True, temperature=0.8, top_k=5, num_return_sequences=2)),
+    (6, 4, 9, dict(num_beams=4, do_sample=True, top_k=2, top_p=0.3, eos_token_id=[32, 19], pad_token_id=1,
+                   repetition_penalty=1.3, min_new_tokens=1)),
 ]
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "full-passes"])
 @pytest.mark.parametrize("seed,length,steps,settings", BEAMS,
                          ids=["beams", "beams-eos-lp", "early-stop", "never", "all-returned", "closing", "full-sets",
-                              "never-bound", "three-eos"])
+                              "never-bound", "three-eos", "beam-sample", "beam-sample-min-keep"])
 def test_beam_search_equals_transformers(seed, length, steps, settings, use_cache):
     theirs, ours = pair(vocab_size=80)
     torch.manual_seed(seed)
     ids = torch.randint(3, 80, (3, length))
     mask = torch.ones_like(ids)  # (no left padding: transformers gives NaN for its first rows, spec 9.5)
     eos = dict(eos_token_id=settings.get("eos_token_id"), pad_token_id=settings.get("pad_token_id", 1))
+    torch.manual_seed(seed + 100)  # (beam sampling draws from the global generator on both sides)
     want = theirs.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=False, **{**settings, **eos})
+    torch.manual_seed(seed + 100)
     got = ours.generate(ids, attention_mask=mask, max_new_tokens=steps, use_cache=use_cache, **settings)
     assert torch.equal(got, want), (got, want)
 

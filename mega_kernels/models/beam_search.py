@@ -4,7 +4,8 @@ that the same settings give the same sequences.
 Each prompt keeps K running hypotheses with their summed log-probabilities (float32; at the start only the first
 beam is live, the others at -1e9). A step scores every (beam, token) continuation by log_softmax(logits) after
 rules 1 and 2 of generation.py (repetition penalty, min_new_tokens), plus the beam's sum, and keeps the best
-M = max(2, 1 + number of eos ids) * K of the K * vocab. A continuation "hits" when its token is an eos id or the
+M = max(2, 1 + number of eos ids) * K of the K * vocab (beam sampling: draws M of them, the sampling filters
+keeping at least 1 + number of eos ids tokens, or 2). A continuation "hits" when its token is an eos id or the
 length limit is reached.
 - The K best continuations that do not hit (a hit costs -1e9) run on.
 - Among the first K of the M, those that hit are offered to the finished set with the score
@@ -34,11 +35,13 @@ def _pick(t: Tensor, idx: Tensor) -> Tensor:
 
 def beam_search(run, penalise, keep, *, num_beams: int, steps: int, num_return_sequences: int,
                 eos: Optional[Tensor], pad_token_id: Optional[int], length_penalty: float,
-                early_stopping: Union[bool, str]) -> Tuple[Tensor, Tensor]:
+                early_stopping: Union[bool, str], sample: bool = False,
+                generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
     """run: a generation.Stepper over the B * K rows (each prompt repeated K times, next to each other);
-    penalise(scores, tokens, new): rules 1 and 2; keep(scores, logits): called with each step's (B * K, vocab)
-    log-probabilities after the rules and raw logits. -> ((B * num_return_sequences, prompt + n) tokens,
-    (B * num_return_sequences,) their scores)."""
+    penalise(scores, tokens, new): the rules (with sampling, its filters too); keep(scores, logits): called with
+    each step's (B * K, vocab) log-probabilities after the rules and raw logits. sample: the M continuations are
+    drawn without replacement from softmax of their summed scores (in the order drawn) instead of the M best.
+    -> ((B * num_return_sequences, prompt + n) tokens, (B * num_return_sequences,) their scores)."""
     rows, prompt = run.tokens.shape
     k, bsz = num_beams, rows // num_beams
     device = run.tokens.device
@@ -58,7 +61,11 @@ def beam_search(run, penalise, keep, *, num_beams: int, steps: int, num_return_s
         keep(logp, logits)
         vocab = logp.shape[-1]
         total = (logp.view(bsz, k, vocab) + running[:, :, None]).view(bsz, k * vocab)
-        cand, flat = torch.topk(total, m, dim=1)
+        if sample:
+            flat = torch.multinomial(torch.softmax(total, dim=-1), m, generator=generator)
+            cand = total.gather(1, flat)
+        else:
+            cand, flat = torch.topk(total, m, dim=1)
         beam, token = flat // vocab, flat % vocab
         hits = torch.full_like(token, new == steps - 1, dtype=torch.bool)
         if eos is not None:

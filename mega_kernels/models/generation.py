@@ -45,9 +45,6 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty}")
     if _int_at_least("num_beams", num_beams, 1) > 1:
-        if do_sample:
-            raise ValueError("beam search with sampling (num_beams > 1, do_sample=True) is not implemented; use "
-                             "num_beams=1 to sample, or do_sample=False for beam search")
         if num_return_sequences > num_beams:
             raise ValueError(f"num_return_sequences={num_return_sequences} is more than num_beams={num_beams}: "
                              "beam search returns at most num_beams sequences per prompt")
@@ -56,11 +53,28 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
                          "(greedy decoding would repeat one sequence)")
 
 
-def _top_p(logits: Tensor, top_p: float) -> Tensor:
-    """logits (B, vocab) with -inf where the more probable tokens before a token already hold >= top_p."""
+def _top_p(logits: Tensor, top_p: float, min_keep: int = 1) -> Tensor:
+    """logits (B, vocab) with -inf where the more probable tokens before a token already hold >= top_p (the
+    min_keep most probable are always kept)."""
     probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
     drop = (probs.cumsum(-1) - probs) >= top_p  # never the first: 0 < top_p
+    drop[:, :min_keep] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def _warp(scores: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+          min_keep: int = 1) -> Tensor:
+    """Rule 3's sampling filters on scores (B, vocab): temperature, top-k, top-p, each keeping at least min_keep
+    tokens (beam sampling keeps one more than there are eos ids, as transformers)."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k is not None and top_k > 0:
+        k = min(max(top_k, min_keep), scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        scores = _top_p(scores, top_p, min_keep)
+    return scores
 
 
 def _penalise(scores: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int, eos: Optional[Tensor],
@@ -83,12 +97,7 @@ def _next_token(logits: Tensor, tokens: Tensor, *, new: int, min_new_tokens: int
                        repetition_penalty=repetition_penalty)
     if not do_sample:
         return logits.argmax(-1), logits
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        logits = _top_p(logits, top_p)
+    logits = _warp(logits, temperature, top_k, top_p)
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1), logits
 
 
@@ -182,7 +191,8 @@ class GenerationMixin:
         ids) is filled with `pad_token_id` afterwards; generation stops early when every sequence has finished,
         and never stops at eos when no eos_token_id is given.
         num_beams > 1: beam search (`beam_search.py`; length_penalty, early_stopping True / False / "never" as
-        transformers), returning each prompt's num_return_sequences best hypotheses.
+        transformers; with do_sample, beam sampling), returning each prompt's num_return_sequences best
+        hypotheses.
         return_dict_in_generate: a GenerateDecoderOnlyOutput (GenerateBeamDecoderOnlyOutput with beams) holding
         the sequences and, with output_scores / output_logits, each step's scores / raw logits, as transformers.
         `model_kwargs`: encoder_hidden_states (B, S, D) and encoder_attention_mask (B, S) go to every forward
@@ -204,9 +214,14 @@ class GenerationMixin:
         if input_ids.shape[0] == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
             tokens = input_ids.new_zeros(0, input_ids.shape[1] + steps)
         elif num_beams > 1:
+            warp = None
+            if do_sample:  # keeping one more token than there are eos ids, as transformers' beam sampling
+                warp = dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_keep=2 if eos is None else len(eos) + 1)
             tokens = self._beam_search(input_ids, mask, model_kwargs, use_cache, steps, record, num_beams=num_beams,
                                        num_return_sequences=num_return_sequences, eos=eos, pad_token_id=pad_token_id,
                                        length_penalty=length_penalty, early_stopping=early_stopping,
+                                       generator=generator if do_sample else None, warp=warp,
                                        rules=dict(min_new_tokens=min_new_tokens, eos=eos,
                                                   repetition_penalty=repetition_penalty))
         else:
@@ -244,15 +259,20 @@ class GenerationMixin:
         return run.tokens
 
     def _beam_search(self, input_ids, mask, model_kwargs, use_cache, steps, record, *, num_beams,
-                     num_return_sequences, rules, **settings) -> Tensor:
+                     num_return_sequences, rules, warp, **settings) -> Tensor:
+        """Beam search (beam sampling with `warp`, the sampling filters' settings)."""
         if steps == 0:
             return input_ids.repeat_interleave(num_return_sequences, 0)
         input_ids, mask, model_kwargs = _repeat_rows(num_beams, input_ids, mask, model_kwargs)
+
+        def score(scores, tokens, new):
+            scores = _penalise(scores, tokens, new=new, **rules)
+            return scores if warp is None else _warp(scores, **warp)
+
         run = Stepper(self, input_ids, mask, model_kwargs, use_cache)
         tokens, record["sequences_scores"] = beam_search(
-            run, lambda scores, tokens, new: _penalise(scores, tokens, new=new, **rules),
-            lambda scores, logits: _keep(record, scores, logits), num_beams=num_beams, steps=steps,
-            num_return_sequences=num_return_sequences, **settings)
+            run, score, lambda scores, logits: _keep(record, scores, logits), num_beams=num_beams, steps=steps,
+            num_return_sequences=num_return_sequences, sample=warp is not None, **settings)
         return tokens
 
     @staticmethod
