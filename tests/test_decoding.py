@@ -81,7 +81,8 @@ def test_reorder_cache_selects_rows():
 @pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["softmax", "laplace", "relu2"])
 def test_decoding_on_gpu(activation):
-    """Cached decoding equals the full pass on CUDA in float32 through each GPU kernel backend."""
+    """Cached decoding (and beam search) equals the full pass on CUDA in float32 through each GPU kernel
+    backend."""
     for backend in gpu_backends():
         model = decoder(attention_activation=activation, use_chunking=True, chunk_size=4, truncation=6,
                         kernel_backend=backend).float().cuda()
@@ -90,3 +91,7 @@ def test_decoding_on_gpu(activation):
         check_steps(model, ids.cuda(), mask.cuda(), [1] * 11, rtol=2e-5)
         model = decoder(attention_activation=activation, kernel_backend=backend).float().cuda()
         check_steps(model, ids.cuda(), mask.cuda(), [4, 1, 1, 5], rtol=2e-5)
+        # beam search reorders the cache's rows on the GPU each step: the same beams as by full passes
+        beams = [model.generate(ids.cuda(), attention_mask=mask.cuda(), num_beams=3, num_return_sequences=2,
+                                max_new_tokens=5, use_cache=c) for c in (True, False)]
+        assert torch.equal(beams[0], beams[1]), (backend, beams)
