@@ -123,6 +123,19 @@ def test_generate_stops_at_eos_and_pads():
     assert out[0, 4] == eos and (out[0, 5:] == 0).all()
 
 
+def test_a_prompt_without_mask_is_padded_where_it_holds_the_pad_id():
+    """As transformers: without attention_mask, pad ids in the prompt are padding, unless the pad id is an eos
+    id (then every position is a token)."""
+    model = decoder(weight_noise=1.0, use_chunking=True, chunk_size=3)
+    ids, mask = left_padded_ids(2, 6, 50)  # row 1 starts with three pad ids (1)
+    kw = dict(max_new_tokens=5, eos_token_id=[40, 41])
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, attention_mask=mask, **kw))
+    ones = torch.ones_like(mask)
+    kw = dict(max_new_tokens=5, eos_token_id=[40, 1])
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, attention_mask=ones, **kw))
+    assert not torch.equal(model.generate(ids, attention_mask=mask, **kw), model.generate(ids, **kw))
+
+
 def test_max_length_counts_the_prompt():
     model, ids = decoder(), torch.randint(3, 50, (2, 4))
     out = model.generate(ids, max_length=9)

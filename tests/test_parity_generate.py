@@ -1,7 +1,8 @@
 """`generate` against transformers' GenerationMixin on the same weights. transformers 4.57's MegaForCausalLM has
-no generate of its own (README, difference 14), so the test mixes GenerationMixin into it, and runs it without
-the cache (its cached path cannot hold MEGA's cache). Greedy decoding, and sampling under the same global seed
-with every rule ours takes, give the same tokens: the rules and their order are transformers'."""
+no generate of its own (README, difference 14), so the test mixes GenerationMixin into it and has it recompute
+full passes (config.use_cache=False: its cached MEGA path is wrong for laplace, chunking and padding, spec 9.4).
+Greedy decoding, sampling under the same global seed, beam search and beam sampling with every rule ours takes
+give the same tokens, scores and logits: the rules, their order and their defaults are transformers'."""
 import pytest
 import torch
 from transformers import GenerationConfig, GenerationMixin
@@ -22,6 +23,7 @@ def pair(**overrides):
         for p in theirs.parameters():
             p.add_(torch.randn_like(p))
     ours.load_state_dict(theirs.state_dict())
+    theirs.config.use_cache = False  # (else its forward returns, and generate feeds back, its own cache)
     theirs.__class__ = type("MegaWithGenerate", (type(theirs), GenerationMixin), {})
     theirs.generation_config = GenerationConfig.from_model_config(theirs.config)
     return theirs, ours
@@ -120,3 +122,16 @@ def test_scores_and_logits_equal_transformers(settings):
     assert any(torch.isinf(s).any() for s in got.scores)
     if "num_beams" in settings:
         assert_close("sequences_scores", got.sequences_scores, want.sequences_scores)
+
+
+def test_a_padded_prompt_without_mask_equals_transformers():
+    """transformers infers the mask from the pad ids when none is given; so does ours (laplace: transformers'
+    softmax gives NaN for left-padded causal rows, spec 9.5)."""
+    theirs, ours = pair(vocab_size=80, attention_activation="laplace")
+    torch.manual_seed(2)
+    ids = torch.randint(3, 80, (3, 6))
+    ids[1, :2] = 1  # the pad id
+    ids[2, :4] = 1
+    for settings in (dict(), dict(num_beams=3)):
+        want = theirs.generate(ids, max_new_tokens=6, use_cache=False, eos_token_id=None, pad_token_id=1, **settings)
+        assert torch.equal(ours.generate(ids, max_new_tokens=6, **settings), want)

@@ -158,6 +158,16 @@ class Stepper:
             self.step_types = self.types[:, -1:]
 
 
+def _prompt_mask(ids: Tensor, pad_token_id: Optional[int], eos: Optional[Tensor]) -> Tensor:
+    """The attention mask of a prompt given without one, by transformers' rule: the positions holding the pad id
+    are padding when there are any and the pad id is no eos id; otherwise every position is a token."""
+    if pad_token_id is None or not bool((ids == pad_token_id).any()):
+        return torch.ones_like(ids)
+    if eos is not None and bool((eos == pad_token_id).any()):
+        return torch.ones_like(ids)
+    return (ids != pad_token_id).to(ids.dtype)
+
+
 def _repeat_rows(n: int, ids: Tensor, mask: Tensor, model_kwargs: dict):
     """Each prompt (and its model inputs) n times, next to itself."""
     return (ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
@@ -183,7 +193,8 @@ class GenerationMixin:
                  num_return_sequences: int = 1, num_beams: int = 1, length_penalty: float = 1.0,
                  early_stopping: Union[bool, str] = False, return_dict_in_generate: bool = False,
                  output_scores: bool = False, output_logits: bool = False, **model_kwargs):
-        """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length)
+        """input_ids (B, L) prompt (left-pad it, with attention_mask (B, L), for prompts of unequal length; without
+        attention_mask, the positions holding pad_token_id are padding unless it is an eos id, as transformers)
         -> (B * num_return_sequences, L + n) tokens, each prompt's sequences next to each other, with
         n <= max_new_tokens (default 20; or max_length - L) new tokens. The next token is chosen as the module
         docstring says (repetition_penalty, min_new_tokens, temperature, top_k (default 50, as transformers'
@@ -209,7 +220,8 @@ class GenerationMixin:
         eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
         if early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.dtype)
+        mask = _prompt_mask(input_ids, pad_token_id, eos) if attention_mask is None else attention_mask.to(
+            input_ids.dtype)
         record = dict(scores=[] if output_scores else None, logits=[] if output_logits else None)
         if input_ids.shape[0] == 0:  # no sequence to extend (and a cache of no rows could not hold its position)
             tokens = input_ids.new_zeros(0, input_ids.shape[1] + steps)
