@@ -35,7 +35,11 @@ def _int_at_least(name: str, value, low: int) -> int:
     return value
 
 
-def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams):
+def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
+                    min_new_tokens, early_stopping):
+    _int_at_least("min_new_tokens", min_new_tokens, 0)
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     if top_k is not None and top_k < 1:
@@ -211,15 +215,13 @@ class GenerationMixin:
         if not self.config.is_decoder:
             raise ValueError("generate needs a decoder: build the model with is_decoder=True, bidirectional=False")
         model_kwargs = _model_kwargs(model_kwargs)
-        _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams)
-        _int_at_least("min_new_tokens", min_new_tokens, 0)
+        _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
+                        min_new_tokens, early_stopping)
         steps = _new_token_count(max_new_tokens, max_length, input_ids.shape[1])
         if eos_token_id is not None and pad_token_id is None and self.config.pad_token_id is None:
             raise ValueError("eos_token_id needs a pad_token_id to fill finished sequences with; pass pad_token_id")
         pad_token_id = self.config.pad_token_id if pad_token_id is None else pad_token_id
         eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
-        if early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
         mask = _prompt_mask(input_ids, pad_token_id, eos) if attention_mask is None else attention_mask.to(
             input_ids.dtype)
         record = dict(scores=[] if output_scores else None, logits=[] if output_logits else None)

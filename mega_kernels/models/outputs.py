@@ -7,7 +7,7 @@ inside."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import torch
@@ -25,12 +25,6 @@ class ModelOutput(OrderedDict):
         pytree.register_pytree_node(cls, _flatten, lambda values, keys: cls(**dict(zip(keys, values))),
                                     serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                super().__setitem__(f.name, value)
-
     def __getitem__(self, key):
         if isinstance(key, str):
             return super().__getitem__(key)
@@ -41,7 +35,7 @@ class ModelOutput(OrderedDict):
         super().__setattr__(key, value)
 
     def __setattr__(self, name, value):
-        if value is not None and name in {f.name for f in fields(self)}:
+        if value is not None and name in self.__dataclass_fields__:  # (the dataclass __init__ comes here too)
             super().__setitem__(name, value)
         super().__setattr__(name, value)
 
