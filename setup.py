@@ -45,6 +45,7 @@ setup(
     install_requires=["torch>=2.4", "ninja", "packaging"],
     extras_require={
         "triton": ["triton>=3.0"],
+        "hub": ["huggingface_hub"],
         "test": ["pytest", "pytest-benchmark", "transformers==4.57.6", "safetensors"],
     },
     ext_modules=ext_modules,

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from .hub import CONFIG_NAME, resolve, split_hub_options
+
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "relu2", "relu6",
                "sigmoid", "tanh", "linear", "laplace")
 ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
@@ -21,7 +23,6 @@ BIAS_TYPES = ("rotary", "simple")
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 KERNEL_BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
 
-CONFIG_NAME = "config.json"
 
 # (name, default) of every MEGA argument, in transformers' order (spec section 1).
 MEGA_DEFAULTS = (
@@ -173,8 +174,14 @@ class MegaConfig:
 
     @classmethod
     def from_pretrained(cls, path: str, **overrides: Any) -> "MegaConfig":
-        """Read `path/config.json` (or `path` itself when it is a file)."""
-        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+        """Read `path/config.json`, `path` itself when it is a file, or a Hugging Face Hub id's config.json
+        (options revision, cache_dir, local_files_only, token, force_download, subfolder: `hub.py`); other
+        keywords override the config's attributes."""
+        hub_options, overrides = split_hub_options(overrides)
+        if os.path.isfile(path):
+            file = path
+        else:
+            file = os.path.join(resolve(path, weights=False, **hub_options), CONFIG_NAME)
         if not os.path.isfile(file):
             raise FileNotFoundError(f"MegaConfig.from_pretrained: no {CONFIG_NAME} at {path!r}; "
                                     "pass a folder written by save_pretrained (ours or transformers')")

@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..config import MegaConfig
+from ..hub import HUB_OPTIONS, resolve, split_hub_options
 from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, MegaPooler, MegaRMSNorm,
                        MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
 from ..modules.attention import MegaMovingAverageGatedAttention
@@ -222,22 +223,35 @@ class MegaPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str, config: Optional[MegaConfig] = None, torch_dtype=None,
                         device_map=None, *, dtype=None, ignore_mismatched_sizes: bool = False, **overrides):
-        """Load a transformers-format folder (config.json + model.safetensors or pytorch_model.bin): the MEGA
-        body strictly, the head as transformers does (a new head keeps its fresh init; `loading.py` has the
-        rules; ignore_mismatched_sizes=True re-initializes weights of another shape instead of raising).
+        """Load a transformers-format checkpoint (config.json + model.safetensors or pytorch_model.bin, single or
+        sharded): a local folder, or a Hugging Face Hub id fetched into the Hub cache (`mega_kernels/hub.py`;
+        keywords revision, cache_dir, local_files_only, token, force_download, subfolder). The MEGA body loads
+        strictly, the head as transformers does (a new head keeps its fresh init; `loading.py` has the rules;
+        ignore_mismatched_sizes=True re-initializes weights of another shape instead of raising).
 
-        `overrides` change config attributes (e.g. kernel_backend="triton", num_labels=5); a name that is not
-        one raises TypeError. dtype (or its older name torch_dtype): a torch.dtype, its name ("bfloat16"), or
-        "auto" for the saved dtype (config.dtype). device_map: one device for the whole model ("cuda", 0,
+        Other `overrides` change config attributes (e.g. kernel_backend="triton", num_labels=5); a name that is
+        not one raises TypeError. dtype (or its older name torch_dtype): a torch.dtype, its name ("bfloat16"),
+        or "auto" for the saved dtype (config.dtype). device_map: one device for the whole model ("cuda", 0,
         torch.device, {"": device}; "auto": the current CUDA device if there is one, else the CPU). Returns the
         model in eval mode."""
+        hub_options, overrides = split_hub_options(overrides)
+        unknown = set(overrides) - set(MegaConfig().to_dict()) - {"num_labels"}
+
+        def unknown_error(names):
+            return TypeError(f"{cls.__name__}.from_pretrained got unknown argument(s) {', '.join(sorted(names))}: "
+                             "not a MegaConfig attribute nor a loading option (dtype / torch_dtype, device_map, "
+                             f"ignore_mismatched_sizes, {', '.join(HUB_OPTIONS)})")
         if config is None:
-            config = MegaConfig.from_pretrained(folder)
-        unknown = sorted(set(overrides) - set(config.to_dict()) - set(MegaConfig().to_dict()) - {"num_labels"})
+            try:
+                config = MegaConfig.from_pretrained(folder, **hub_options)
+            except OSError:
+                if unknown:  # a misspelt option (cache_dri=...) is the likelier cause
+                    raise unknown_error(unknown) from None
+                raise
+        unknown -= set(config.to_dict())  # (a saved config may carry attributes of its own)
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unknown argument(s) {', '.join(unknown)}: not a "
-                            "MegaConfig attribute nor a loading option (dtype / torch_dtype, device_map, "
-                            "ignore_mismatched_sizes)")
+            raise unknown_error(unknown)
+        folder = resolve(folder, weights=True, **hub_options)
         if overrides:
             config = config.copy(**overrides)
         device = load_device(device_map)
