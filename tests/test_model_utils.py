@@ -34,7 +34,9 @@ def test_growing_keeps_old_rows_and_adds_the_mean(head, tied, tmp_path):
     torch.testing.assert_close(out.weight[50:], old_out.mean(0).expand(6, 16))
     torch.testing.assert_close(out.bias[50:], old_b.mean().expand(6))
     after = model(ids).logits
-    assert after.shape == (2, 6, 56) and torch.equal(after[..., :50], before)
+    assert after.shape == (2, 6, 56)
+    # the same float64 dot products; a wider output may change the BLAS kernel's summation order
+    torch.testing.assert_close(after[..., :50], before, rtol=1e-13, atol=1e-13)
     new_ids = torch.tensor([[50, 55, 3]])  # the added ids are accepted
     model(new_ids)
     model.save_pretrained(tmp_path)
