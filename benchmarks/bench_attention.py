@@ -233,7 +233,8 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
                    kinds=("lse", "fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     registers, spill bytes and the SASS length of its longest loops (masked and interior key tiles) per
-    (kernel, activation), read by `benchmarks.kernel_resources.report`. Run with TRITON_INTERPRET unset."""
+    (kernel, activation), read by `benchmarks.kernel_resources.report`, and its TF32 MMA instructions in the
+    PTX (`tf32_mma`: none may exist for float32 inputs, whose dots are IEEE). Run with TRITON_INTERPRET unset."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -292,8 +293,9 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
             kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", *target),
                                     options=opts)
             res = report(kernel)
+            tf32 = sum("mma" in line and ".tf32" in line for line in kernel.asm["ptx"].splitlines())
             rows.append(dict(kernel=kind, act=act, shared=kernel.metadata.shared, registers=res["regs"],
-                             spill_bytes=res["local"], loops=res["all_loops"][:3], **cfg, **opts))
+                             spill_bytes=res["local"], loops=res["all_loops"][:3], tf32_mma=tf32, **cfg, **opts))
     return rows
 
 

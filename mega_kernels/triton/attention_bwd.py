@@ -296,7 +296,7 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_gb, s_gm, s_gz, Lq, Lk, Z, S, causal, n_slots,
-                  T: tl.constexpr, BLOCK_Z: tl.constexpr):
+                  T: tl.constexpr, BLOCK_Z: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dq for the query tile at absolute positions [pid T, pid T + T) from the stored c_i dS_ij tiles of every
     key tile whose query range (`_query_range`, as in `_dk_kernel`) holds it: dq_i = sum_j (c_i dS_ij) k_j."""
     pid = tl.num_programs(0) - 1 - tl.program_id(0) + (Lk - Lq) // T
@@ -320,7 +320,7 @@ def _dq_ds_kernel(K, DS, DQ, s_kb, s_kn, s_kz, s_gb, s_gm, s_gz, Lq, Lk, Z, S, c
         offs_n = kt * T + tl.arange(0, T)
         k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
                     mask=(offs_n[:, None] < Lk) & (offs_z[None, :] < Z) & seen, other=0.0)
-        dq = tl.dot(ds, k, dq)
+        dq = tl.dot(ds, k, dq, input_precision=DOT_PRECISION)
     tl.store(DQ + b * s_gb + offs_m[:, None] * s_gm + offs_z[None, :] * s_gz, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
 
@@ -423,7 +423,8 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
         first_tile = (pb.lk - pb.lq) // t
         _dq_ds_kernel[(triton.cdiv(pb.lk, t) - first_tile, pb.bsz)](
             k, ds, dq, *k.stride(), *dq.stride(), pb.lq, pb.lk, pb.zdim, pb.size, pb.causal, n_slots, T=t,
-            BLOCK_Z=pb.block_z, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            BLOCK_Z=pb.block_z, DOT_PRECISION=pb.dot_precision, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
         return dq, dk, dv, dbias
     cfg = config("dq", pb, q.dtype)
     _dq_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
