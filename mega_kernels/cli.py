@@ -59,7 +59,11 @@ def cmd_info(args) -> int:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
         print(f"\ndevice {dev}: {name}")
         for op in OPS:
-            auto = backends.resolve(op, "auto", dev)
+            try:
+                auto = backends.resolve(op, "auto", dev)
+            except (backends.BackendUnavailable, ValueError) as err:  # MEGA_KERNELS_BACKEND names what cannot run
+                auto = None
+                print(f"  {op:<10}auto: {err}")
             for name, reason in backends.available_backends(op, dev).items():
                 status = "available" if reason is None else f"unavailable: {reason}"
                 mark = "  <- auto" if name == auto else ""

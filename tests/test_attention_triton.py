@@ -294,11 +294,20 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.mega_kernels.attention_bwd_triton.default, bargs)
 
 
-def test_torch_compile_traces_without_graph_breaks():
-    backend = "inductor" if HAS_CUDA else "aot_eager"
-    x = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 9, 9, 16, 8, 4)]
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "transposed-views"])
+def test_torch_compile_traces_without_graph_breaks(strided):
+    """Also with q, k, v transposed views inside the compiled function (as from (B, Z, L) activations), under
+    inductor, which holds each op's outputs to the strides of its fake: the fake backward must give the real
+    one's contiguous gradients."""
+    backend = "inductor" if HAS_CUDA or strided else "aot_eager"
+    x = [t.float().to(DEVICE) for t in attention_inputs(2, 9, 9, 16, 8, 4)]
+    if strided:
+        x[:3] = [t.transpose(1, 2).contiguous() for t in x[:3]]  # (B, Z, L): fn transposes them back
+    x = [t.requires_grad_() for t in x]
 
     def fn(q, k, v, b):
+        if strided:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         return ops.attention(q, k, v, b, activation="laplace", chunk_size=4, causal=True, backend="triton").sum()
 
     want = fn(*x)  # eager first: the backend registry imports the triton module lazily, which dynamo cannot trace

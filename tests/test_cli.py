@@ -21,6 +21,17 @@ def test_info_lists_every_backend(capsys):
     assert "torch" in out
 
 
+def test_info_names_a_backend_variable_that_cannot_run(monkeypatch, capsys):
+    """info is where a user looks when MEGA_KERNELS_BACKEND names a backend that cannot run: it says so."""
+    monkeypatch.setattr(cli, "_devices", lambda: [torch.device("cpu")])
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", backends._Entry("x", "y", lambda d: "not built here"))
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "ema       auto: ema: MEGA_KERNELS_BACKEND='cpu' cannot run on cpu: not built here" in out
+    assert "attention reference available  <- auto" in out  # (attention has no cpu kernel: auto decides it)
+
+
 def test_check_passes_a_correct_backend(monkeypatch, capsys):
     _fake_backend(monkeypatch, ema_fft)
     assert cli.main(["check", "--device", "cpu", "--op", "ema", "--backend", "cpu"]) == 0

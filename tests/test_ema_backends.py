@@ -177,6 +177,34 @@ def test_decode_steps_equal_full_pass(backend):
         assert_close_to_reference(f"decode state {dtype}", s, ref[1], low[1])
 
 
+@pytest.mark.parametrize("with_state_grad", [True, False], ids=["y-and-state", "y-only"])
+def test_decode_step_gradients(backend, with_state_grad):
+    """ema_step is differentiable on every backend: the gradients of x, the parameters and the state (a padded
+    row among them) against the float64 reference, in each input dtype the backend takes; gradcheck in float64."""
+    name, device = backend
+    x, params, _, state, _, _ = _inputs(3, 1, 24, 5, False, torch.float32, device, False, True)
+    x, mask = x[:, 0], torch.tensor([True, False, True], device=device)
+    gy, gs = torch.randn_like(x), torch.randn_like(state)
+
+    def grads(which, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, *params, state)]
+        y, s = ops.ema_step(leaves[0], *leaves[1:6], leaves[6], mask=mask, backend=which)
+        outs, cots = ([y, s], [gy.to(y.dtype), gs.to(s.dtype)]) if with_state_grad else ([y], [gy.to(y.dtype)])
+        torch.autograd.backward(outs, cots)
+        return [t.grad for t in leaves]
+
+    ref = grads("reference", torch.float64)
+    for dtype in _dtypes(name, device):
+        low, got = grads("reference", dtype), grads(name, dtype)
+        for what, g, r, lo in zip(("x", "delta", "alpha", "beta", "gamma", "omega", "state"), got, ref, low):
+            assert g is not None, f"{name} {dtype}: no gradient for {what}"
+            assert_close_to_reference(f"step d{what} {dtype}", g, r, lo)
+    if torch.float64 in BACKEND_DTYPES[name]:
+        leaves = [t.detach().double().requires_grad_() for t in (x, *params, state)]
+        assert torch.autograd.gradcheck(
+            lambda *t: ops.ema_step(t[0], *t[1:6], t[6], mask=mask, backend=name), leaves)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_gradcheck(backend, bidirectional):
     """Analytic gradients (x, parameters, state) vs finite differences of the same kernel on a tiny shape."""

@@ -53,6 +53,8 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(omega=[0.0] * 4), "omega must be a tensor"),
     (dict(omega=None), "omega must be a tensor, got NoneType"),
     (dict(n=0), "expansion size N >= 1"),
+    (dict(state=torch.zeros(1, 4, 3, device="meta")), "state is on meta but x is on cpu"),
+    (dict(state=torch.zeros(1, 4, 3, dtype=torch.long)), "state must be a floating tensor"),
 ])
 def test_ema_bad_input(bad, match):
     delta, alpha, beta, gamma, omega = ema_params(4, bad.pop("n", 3), dtype=torch.float32)
@@ -61,6 +63,20 @@ def test_ema_bad_input(bad, match):
     x, omega = kw.pop("x"), kw.pop("omega")
     with pytest.raises((ValueError, TypeError), match=match):
         ops.ema(x, delta, alpha, beta, gamma, omega, **kw)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(x=torch.randn(1, 3, 4)), "x must be a \\(B, D\\) tensor"),
+    (dict(state=None), "state must be the \\(B, D, N\\) state of the previous step"),
+    (dict(mask=torch.ones(1, 1, dtype=torch.bool)), "mask must be \\(B,\\) = \\(1,\\)"),
+    (dict(state=torch.zeros(1, 4, 3, device="meta")), "state is on meta"),
+])
+def test_ema_step_bad_input(bad, match):
+    params = ema_params(4, 3, dtype=torch.float32)
+    kw = dict(x=torch.randn(1, 4), state=torch.zeros(1, 4, 3))
+    kw.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.ema_step(kw.pop("x"), *params, kw.pop("state"), **kw)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -159,6 +175,9 @@ def test_auto_attention_keeps_short_blocks_on_the_reference(monkeypatch):
     monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MAX_Z", 3)  # wider q / k than the kernels take
     ops.attention(q, k, v, bias)
     assert calls == ["triton", "triton"]
+    monkeypatch.setenv(backends.ENV_VAR, "cpu")  # names no attention backend: auto still decides, with its rules
+    ops.attention(q, k, v, bias)
+    assert calls == ["triton", "triton"]
 
 
 def test_auto_ema_takes_the_reference_for_n_over_the_cuda_limit(monkeypatch):
@@ -184,6 +203,8 @@ def test_auto_attention_z_limit_is_the_kernels():
 def test_env_var_naming_a_backend_an_op_lacks_leaves_that_op_to_auto(monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "cpu")  # attention has no cpu kernel
     assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+    assert backends.is_auto("attention", "auto") and not backends.is_auto("ema", "auto")
+    assert not backends.is_auto("attention", "triton")
     monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", backends._Entry("x", "y", lambda d: "not built"))
     with pytest.raises(backends.BackendUnavailable, match="MEGA_KERNELS_BACKEND"):
         backends.resolve("ema", "auto", torch.device("cpu"))

@@ -74,7 +74,7 @@ class MegaGatedCrossAttention(nn.Module):
         (then `_weights` does the same maths): the module's request resolved for q's device and dtype, with
         the op's `auto` rule for short blocks."""
         name = backends.resolve("attention", self.backend, q.device, q.dtype)
-        if name == "triton" and backends.is_auto(self.backend) and src_len <= TRITON_ATTENTION_MIN_BLOCK:
+        if name == "triton" and backends.is_auto("attention", self.backend) and src_len <= TRITON_ATTENTION_MIN_BLOCK:
             return None
         return None if name == "reference" else name
 

@@ -112,7 +112,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
                              key_padding_mask=key_padding_mask, backend=backend)
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     name = backends.resolve("attention", backend, q.device, q.dtype)
-    if name == "triton" and backends.is_auto(backend) and (
+    if name == "triton" and backends.is_auto("attention", backend) and (
             block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK or q.shape[2] > TRITON_ATTENTION_MAX_Z):
         name = "reference"
     if q.shape[0] * q.shape[1] * v.shape[2] == 0:

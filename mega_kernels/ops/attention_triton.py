@@ -41,7 +41,8 @@ def attention_bwd_op(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_
 
 @attention_bwd_op.register_fake
 def _(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal, key_padding_mask):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(rel_bias)
+    # attention_bwd allocates its gradients contiguous, whatever the inputs' strides
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), rel_bias.new_empty(rel_bias.shape)
 
 
 def _setup_context(ctx, inputs, output):

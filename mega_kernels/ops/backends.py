@@ -132,9 +132,11 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
     return "reference"
 
 
-def is_auto(requested: Optional[str]) -> bool:
-    """True when `requested` leaves the choice to `auto` (and MEGA_KERNELS_BACKEND does not name a backend)."""
-    return (requested or "auto") == "auto" and (os.environ.get(ENV_VAR, "auto") or "auto") == "auto"
+def is_auto(op: str, requested: Optional[str]) -> bool:
+    """True when `auto` chooses `op`'s backend for `requested`: it is "auto" and MEGA_KERNELS_BACKEND names no
+    backend that `op` implements (as `resolve` decides)."""
+    env = os.environ.get(ENV_VAR, "auto") or "auto"
+    return (requested or "auto") == "auto" and (env == "auto" or (env in BACKENDS and env not in _REGISTRY.get(op, {})))
 
 
 def autocast_dtype(t) -> Optional[torch.dtype]:

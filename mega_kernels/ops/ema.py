@@ -77,6 +77,29 @@ def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
     return run
 
 
+def register_ema_step_autograd(step_op) -> None:
+    """Make a kernel's decoding step `step_op` (EMA_STEP_SCHEMA) differentiable in x, a, q, c, omega and state.
+    Its backward recomputes the step with the reference (`reference.ema.ema_step`, plain PyTorch on (B, D, N)
+    tensors: the cost of the step itself) and differentiates that, so every backend has the reference's
+    gradients without a second copy of the maths."""
+    from ..reference.ema import ema_step as reference_step
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_y, grad_state):
+        *tensors, mask = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, ctx.needs_input_grad)]
+        with torch.enable_grad():
+            y, state = reference_step(*leaves, mask)
+            outs = [(y, grad_y)] + ([(state, grad_state)] if grad_state is not None else [])
+            wanted = [t for t in leaves if t.requires_grad]
+            grads = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,)
+
+    torch.library.register_autograd(step_op, backward, setup_context=setup_context)
+
+
 def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     """Any nonzero entry is a token: every backend sees the same boolean mask."""
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
@@ -122,13 +145,18 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
     if (state is not None or return_state) and truncation is not None and truncation < length + (state is not None):
         raise ValueError("ema: a truncated EMA has no finite recurrent state; drop truncation= or keep the last "
                          "`truncation` inputs and recompute (the models do this for cached decoding)")
-    if state is not None and tuple(state.shape) != (bsz, dim, ndim):
-        raise ValueError(f"ema: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
+    if state is not None:
+        if tuple(state.shape) != (bsz, dim, ndim):
+            raise ValueError(f"ema: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
+        if state.device != x.device:
+            raise ValueError(f"ema: state is on {state.device} but x is on {x.device}; move both to one device")
+        if not state.dtype.is_floating_point:
+            raise TypeError(f"ema: state must be a floating tensor, got {state.dtype}")
 
 
 def _resolve(backend, x, gamma) -> str:
     name = backends.resolve("ema", backend, x.device, x.dtype)
-    if name == "cuda" and backends.is_auto(backend) and gamma.shape[1] > CUDA_MAX_N:
+    if name == "cuda" and backends.is_auto("ema", backend) and gamma.shape[1] > CUDA_MAX_N:
         return "reference"  # (auto tries triton before cuda: it is unavailable here)
     return name
 
@@ -162,12 +190,19 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
     """One decoding step of a unidirectional EMA: x (B, D), state (B, D, N) -> (y (B, D), new state float32).
 
     mask (B,) True = token; a padded token leaves the state decaying without input. As `ema`, unchanged by autocast.
+    Differentiable in x, the parameters and state on every backend (`register_ema_step_autograd`).
     """
     if backends.autocast_dtype(x) is not None:
         with torch.autocast(x.device.type, enabled=False):
             return ema_step(x, delta, alpha, beta, gamma, omega, state, mask=mask, backend=backend)
-    if x.dim() != 2:
-        raise ValueError(f"ema_step: x must be (B, D), got {tuple(x.shape)}")
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"ema_step: x must be a (B, D) tensor, got {getattr(x, 'shape', type(x))}")
+    if not isinstance(state, Tensor):
+        raise TypeError(f"ema_step: state must be the (B, D, N) state of the previous step (zeros to start), got "
+                        f"{type(state).__name__}")
+    if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (x.shape[0],)):
+        raise ValueError(f"ema_step: mask must be (B,) = ({x.shape[0]},), one entry per row of x, got "
+                         f"{tuple(getattr(mask, 'shape', ()))}")
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
               state, True)
     mask = _bool_mask(mask)

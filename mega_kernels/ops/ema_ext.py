@@ -2,7 +2,8 @@
 
 Importing this module loads (or JIT-builds) the extension; the backend registry imports it only after
 `mega_kernels._ext.unavailable_reason` said the extension is usable. The ops get fake (meta) kernels here,
-for torch.compile and opcheck, and the shared autograd of `ops.ema.register_ema_autograd`.
+for torch.compile and opcheck, and the shared autograd of `ops.ema` (`register_ema_autograd`,
+`register_ema_step_autograd`).
 
     ema(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)
         x (B, L, D), a/q/c (kd, N), omega (D,) -> y (B, L, D) [, final state (B, D, N)]
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .ema import CUDA_MAX_N, register_ema_autograd
+from .ema import CUDA_MAX_N, register_ema_autograd, register_ema_step_autograd
 
 _state = _ext.load()
 if not _state["ok"]:
@@ -33,9 +34,9 @@ def _ema_fwd_fake(x, a, q, c, omega, mask, state, bidirectional, truncation, ret
 
 @torch.library.register_fake("mega_kernels::ema_bwd")
 def _ema_bwd_fake(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation):
-    gstate = torch.empty_like(state) if state is not None else a.new_empty((0,))
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(a), torch.empty_like(q),
-            torch.empty_like(c), torch.empty_like(omega), gstate)
+    gstate = state.new_empty(state.shape) if state is not None else a.new_empty((0,))
+    return (x.new_empty(x.shape), a.new_empty(a.shape), q.new_empty(q.shape), c.new_empty(c.shape),
+            omega.new_empty(omega.shape), gstate)
 
 
 @torch.library.register_fake("mega_kernels::ema_step")
@@ -53,6 +54,7 @@ def _check_cuda_n(x, a):
 
 
 _ema = register_ema_autograd(torch.ops.mega_kernels.ema_fwd.default, torch.ops.mega_kernels.ema_bwd.default)
+register_ema_step_autograd(torch.ops.mega_kernels.ema_step.default)
 
 
 def ema(x, a, q, c, omega, **kwargs):
@@ -62,7 +64,8 @@ def ema(x, a, q, c, omega, **kwargs):
 
 
 def ema_step(x, a, q, c, omega, state, mask=None):
-    """One decoding step (not differentiable): x (B, D), state (B, D, N) -> (y (B, D), new state (B, D, N))."""
+    """One decoding step: x (B, D), state (B, D, N) -> (y (B, D), new state (B, D, N)); differentiable
+    (register_ema_step_autograd)."""
     _check_cuda_n(x, a)
     dt = _acc(x)
     return torch.ops.mega_kernels.ema_step.default(

@@ -10,7 +10,7 @@ and carry passes (one read of x less).
 
 `custom_op` + `register_fake` (not `triton_op`): it traces under torch.compile on a GPU and also on the CPU
 under TRITON_INTERPRET=1, where the interpreter's data access breaks triton_op's fake-tensor tracing
-(DESIGN.md). Autograd is the shared `register_ema_autograd` of ops/ema.py.
+(DESIGN.md). Autograd is the shared `register_ema_autograd` / `register_ema_step_autograd` of ops/ema.py.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from ..triton.ema_bwd import ema_bwd as _ema_bwd
 from ..triton.ema_fwd import chunk_states_shape
 from ..triton.ema_fwd import ema_fwd as _ema_fwd
 from ..triton.ema_step import ema_step_fwd as _ema_step
-from .ema import EMA_BWD_SAVED_SCHEMA, EMA_FWD_SAVING_SCHEMA, EMA_STEP_SCHEMA, register_ema_autograd
+from .ema import (EMA_BWD_SAVED_SCHEMA, EMA_FWD_SAVING_SCHEMA, EMA_STEP_SCHEMA, register_ema_autograd,
+                  register_ema_step_autograd)
 
 _EMPTY_STATE = (0,)
 
@@ -60,11 +61,12 @@ def _(x, a, q, c, omega, state, mask):
 
 
 ema = register_ema_autograd(ema_fwd_triton, ema_bwd_triton, saves=True)
+register_ema_step_autograd(ema_step_triton)
 
 
 def ema_step(x, a, q, c, omega, state, mask=None):
     """One decoding step (backend signature of ops.ema_step): x (B, D), state (B, D, N) ->
-    (y (B, D) in x's dtype, new state (B, D, N) float32). Not differentiable (decoding runs without grad)."""
+    (y (B, D) in x's dtype, new state (B, D, N) float32); differentiable (register_ema_step_autograd)."""
     return ema_step_triton(x.contiguous(), a.float().contiguous(), q.float().contiguous(), c.float().contiguous(),
                            omega.float().contiguous(), state.float().contiguous(),
                            None if mask is None else mask.to(torch.bool).contiguous())
