@@ -32,6 +32,23 @@ def test_float64_forward_backward(case, bidirectional, truncation):
                              truncation=truncation)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_ops_take_any_truncation_up_to_int32(bidirectional):
+    """The registered ops take truncation up to 2^31 - 1 (ops.ema turns K >= L into none before them): a window
+    that long is the plain EMA, forward and backward. (The backward's i + K < L overflowed for K near 2^31 and
+    read far outside its buffer.)"""
+    x, params, mask, _, gy, _ = _inputs(2, 40, 5, 3, bidirectional, torch.float64, "cpu", True, False)
+    a, q, c = [t.contiguous() for t in ema_coefficients(*[p.double() for p in params[:4]])]
+    omega = params[4].double()
+    for k in (0, 45, 2**31 - 1):
+        y, _ = torch.ops.mega_kernels.ema_fwd(x, a, q, c, omega, mask, None, bidirectional, k, False)
+        grads = torch.ops.mega_kernels.ema_bwd(gy, None, x, a, q, c, omega, mask, None, bidirectional, k)
+        if k == 0:
+            want = (y, *grads[:5])
+        for got, ref in zip((y, *grads[:5]), want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_long_sequence_without_mask():
     x, params, _, _, gy, _ = _inputs(1, 3000, 20, 16, True, torch.float32, "cpu", False, False)
     _check_against_reference("cpu", x, params, None, None, gy, None, bidirectional=True)

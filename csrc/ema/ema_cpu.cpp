@@ -71,14 +71,14 @@ MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
   A* h = cw + 6 * N * W;
   Coefs<A> cf = gather<W>(p, 0, d0, nw, cw);
   load_state<W>(h, p.state, b, d0, nw, p.D, N);
-  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int t, const A* e) {
+  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) {
     for (int w = 0; w < W; ++w) ebuf[t * W + w] = e[w];
   });
   if (p.final_state) store_state<W>(p.final_state, h, b, d0, nw, p.D, N);
   if (p.bi) {
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int t, const A* e) {
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) {
       for (int w = 0; w < W; ++w) ebuf[t * W + w] += e[w];
     });
   }
@@ -114,7 +114,7 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   if (p.bi) {  // the backward direction's output enters z: keep it in gbuf, where the first sweep reads it
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int t, const A* e) {
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int64_t t, const A* e) {
       for (int w = 0; w < W; ++w) gbuf[t * W + w] = e[w];
     });
   }

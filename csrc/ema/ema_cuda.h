@@ -37,13 +37,15 @@ inline Plan fwd_plan(int B, int L, int D, bool bi) {
   chunk = ((chunk + 31) / 32) * 32;
   if (chunk < 32) chunk = 32;
   if (bi && chunk > kBiChunk) chunk = kBiChunk;
-  return {chunk, (L + chunk - 1) / chunk};
+  return {chunk, static_cast<int>((static_cast<int64_t>(L) + chunk - 1) / chunk)};
 }
 
 // Backward chunks are at most kBwdMaxChunk steps: per-chunk partial sums then keep float32 rounding small.
 inline Plan bwd_plan(int B, int L, int D) {
   Plan plan = fwd_plan(B, L, D, false);
-  if (plan.chunk > kBwdMaxChunk) plan = {kBwdMaxChunk, (L + kBwdMaxChunk - 1) / kBwdMaxChunk};
+  if (plan.chunk > kBwdMaxChunk) {
+    plan = {kBwdMaxChunk, static_cast<int>((static_cast<int64_t>(L) + kBwdMaxChunk - 1) / kBwdMaxChunk)};
+  }
   return plan;
 }
 

@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dx = at::empty_like(pr.x);
   // (b, chunk) partial sums; an empty x launches nothing and needs one zero part per batch row
   const int64_t parts = static_cast<int64_t>(B) * (x.numel() > 0 ? cuda::bwd_chunks(B, L, D) : 1);
-  auto pc = at::zeros({parts, 2 * D, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
+  auto pc = at::zeros({parts, 2 * static_cast<int64_t>(D), N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
   auto pomega = at::zeros({parts, D}, fopts);
   auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
   if (x.numel() > 0) {

@@ -341,7 +341,7 @@ MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int 
   const int nn = NM > 0 ? NM : N;
   for (int i = i1 - 1; i >= i0; --i) {
     const int t = time_of(i, dir, L);
-    const bool far = K > 0 && i + K < L;
+    const bool far = K > 0 && i < L - K;  // (i + K < L, without overflow for K near 2^31)
     const A* gt = gbuf + t * gts;
     const A* go = gbuf + (far ? time_of(i + K, dir, L) : t) * gts;
     A gv[W], gov[W], d[W];
