@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any, Dict, Optional
 
 from .hub import CONFIG_NAME, resolve, split_hub_options
 
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu", "relu2", "relu6",
+logger = logging.getLogger("mega_kernels")
+
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_fast", "gelu_accurate", "gelu_python", "gelu_python_tanh",
+               "gelu_10", "quick_gelu", "gelu_pytorch_tanh", "relu", "relu2", "relu6", "leaky_relu", "mish",
                "sigmoid", "tanh", "linear", "laplace")
 ATTENTION_ACTIVATIONS = ("softmax", "laplace", "relu2")
 NORM_TYPES = ("scalenorm", "layernorm", "rmsnorm", "batchnorm", "syncbatchnorm")
@@ -47,6 +51,21 @@ GENERIC_DEFAULTS = (
 )
 
 
+def _is_dtype(value: Any) -> bool:
+    return type(value).__name__ == "dtype" and type(value).__module__ == "torch"
+
+
+def read_config_dict(path: str, **hub_options: Any) -> Dict[str, Any]:
+    """The saved config as a plain dict, unchecked: `path/config.json`, `path` itself when it is a file, or a Hub
+    id's config.json (`hub.py`)."""
+    file = path if os.path.isfile(path) else os.path.join(resolve(path, weights=False, **hub_options), CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"MegaConfig.from_pretrained: no {CONFIG_NAME} at {path!r}; "
+                                "pass a folder written by save_pretrained (ours or transformers')")
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
 class MegaConfig:
     """Configuration of a MEGA model (transformers-compatible; see MEGA_SPEC.md section 1 for each argument).
 
@@ -60,12 +79,15 @@ class MegaConfig:
             setattr(self, name, kwargs.pop(name, default))
         num_labels = kwargs.pop("num_labels", None)
         id2label = kwargs.pop("id2label", None)
-        kwargs.pop("label2id", None)
+        label2id = kwargs.pop("label2id", None)
         kwargs.pop("model_type", None)
-        if id2label is not None:
+        if id2label is None and label2id is not None:
+            self.label2id = label2id
+        elif id2label is not None:  # as transformers: the map wins over a num_labels of another size
             self.id2label = {int(k): v for k, v in id2label.items()}
             if num_labels is not None and num_labels != len(self.id2label):
-                self.num_labels = num_labels
+                logger.warning("MegaConfig: num_labels=%s does not match id2label's %s labels; id2label is kept",
+                               num_labels, len(self.id2label))
         else:
             self.num_labels = 2 if num_labels is None else num_labels
         for name, value in kwargs.items():  # unknown keys are kept unchanged
@@ -86,6 +108,13 @@ class MegaConfig:
     @property
     def label2id(self) -> Dict[str, int]:
         return {v: k for k, v in self.id2label.items()}
+
+    @label2id.setter
+    def label2id(self, mapping: Dict[str, int]) -> None:
+        """Set the labels from name -> id (fine-tuning scripts assign it); id2label becomes its inverse."""
+        if not isinstance(mapping, dict):
+            raise ValueError(f"label2id must be a dict of label name -> id, got {type(mapping).__name__}")
+        self.id2label = {int(i): name for name, i in mapping.items()}
 
     @property
     def use_return_dict(self) -> bool:
@@ -137,7 +166,7 @@ class MegaConfig:
             bad("chunk_size", f"exceeds max_positions={self.max_positions}, which sizes the simple bias",
                 "raise max_positions to at least chunk_size or use a smaller chunk_size")
         if self.is_decoder and self.bidirectional:
-            bad("bidirectional", "is True but is_decoder=True: a bidirectional EMA sees future tokens",
+            bad("bidirectional", "with is_decoder=True: a bidirectional EMA sees future tokens",
                 "set bidirectional=False for a decoder (or is_decoder=False)")
         if self.add_cross_attention and not self.is_decoder:
             bad("add_cross_attention", "needs is_decoder=True", "set is_decoder=True (and bidirectional=False)")
@@ -147,7 +176,8 @@ class MegaConfig:
     # -- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """All attributes (unknown keys included) as a JSON-serialisable dict, transformers' layout."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
+        out = {k: str(v).replace("torch.", "") if _is_dtype(v) else copy.deepcopy(v)
+               for k, v in self.__dict__.items()}  # a torch.dtype (dtype=torch.float16) by name, as transformers
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = self.label2id
         out["model_type"] = self.model_type
@@ -165,7 +195,9 @@ class MegaConfig:
         model_type = config_dict.get("model_type", "mega")
         if model_type != "mega":
             raise ValueError(f"MegaConfig.from_dict: model_type is {model_type!r}, expected 'mega'")
-        return cls(**{**config_dict, **overrides})
+        if ("num_labels" in overrides or "label2id" in overrides) and "id2label" not in overrides:
+            config_dict = {k: v for k, v in config_dict.items() if k not in ("id2label", "label2id")}
+        return cls(**{**config_dict, **overrides})  # (an override wins over the saved labels)
 
     @classmethod
     def from_json_file(cls, path: str) -> "MegaConfig":
@@ -176,17 +208,9 @@ class MegaConfig:
     def from_pretrained(cls, path: str, **overrides: Any) -> "MegaConfig":
         """Read `path/config.json`, `path` itself when it is a file, or a Hugging Face Hub id's config.json
         (options revision, cache_dir, local_files_only, token, force_download, subfolder: `hub.py`); other
-        keywords override the config's attributes."""
+        keywords override the config's attributes (checked after they apply)."""
         hub_options, overrides = split_hub_options(overrides)
-        if os.path.isfile(path):
-            file = path
-        else:
-            file = os.path.join(resolve(path, weights=False, **hub_options), CONFIG_NAME)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"MegaConfig.from_pretrained: no {CONFIG_NAME} at {path!r}; "
-                                    "pass a folder written by save_pretrained (ours or transformers')")
-        with open(file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return cls.from_dict(read_config_dict(path, **hub_options), **overrides)
 
     def save_pretrained(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)

@@ -88,5 +88,11 @@ def test_multiple_choice_needs_choices():
 
 
 def test_config_of_the_wrong_type():
-    with pytest.raises(TypeError, match="needs a MegaConfig"):
+    with pytest.raises(TypeError, match="needs a mega_kernels.MegaConfig, got builtins.dict"):
         mega_kernels.MegaModel(dict(hidden_size=16))
+    from parity import hf_config_mod  # transformers' own MegaConfig: named in full, with the conversion
+
+    theirs = hf_config_mod.MegaConfig(hidden_size=16)
+    with pytest.raises(TypeError, match=r"got transformers\..*MegaConfig; convert it with mega_kernels.MegaConfig"):
+        mega_kernels.MegaModel(theirs)
+    assert mega_kernels.MegaModel(mega_kernels.MegaConfig(**theirs.to_dict())).config.hidden_size == 16

@@ -65,6 +65,30 @@ def test_to_dict_and_copy():
     assert cfg.copy(hidden_size=32).hidden_size == 32 and cfg.hidden_size == 24
 
 
+def test_labels_as_transformers(caplog):
+    """id2label wins over a num_labels of another size (logged), as in transformers' constructor; an override
+    (copy, from_dict, from_pretrained keywords) wins over saved labels; label2id can be assigned, as fine-tuning
+    scripts do, and sets id2label to its inverse."""
+    theirs = hf_config_mod.MegaConfig(id2label={0: "a", 1: "b"}, num_labels=3)
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        ours = MegaConfig(id2label={0: "a", 1: "b"}, num_labels=3)
+    assert ours.num_labels == theirs.num_labels == 2 and ours.id2label == theirs.id2label
+    assert "num_labels=3 does not match" in caplog.text
+    assert ours.copy(num_labels=5).num_labels == 5 and MegaConfig.from_dict(ours.to_dict(), num_labels=4).num_labels == 4
+    ours.label2id = {"neg": 0, "mid": 1, "pos": 2}
+    assert ours.id2label == {0: "neg", 1: "mid", 2: "pos"} and ours.num_labels == 3
+    assert MegaConfig(label2id={"x": 1, "y": 0}).id2label == {0: "y", 1: "x"}
+
+
+def test_a_torch_dtype_attribute_serialises_by_name(tmp_path):
+    import torch
+
+    cfg = MegaConfig(torch_dtype=torch.float16, dtype=torch.bfloat16)
+    assert cfg.to_dict()["torch_dtype"] == "float16" and "bfloat16" in repr(cfg)
+    cfg.save_pretrained(str(tmp_path))
+    assert MegaConfig.from_pretrained(str(tmp_path)).dtype == "bfloat16"
+
+
 @pytest.mark.parametrize("kwargs, names", [
     (dict(activation="swishy"), ["activation", "use one of"]),
     (dict(attention_activation="sparsemax"), ["attention_activation", "softmax"]),

@@ -58,6 +58,22 @@ def test_generate_greedy_and_sampling_use_the_cache_correctly():
     assert torch.equal(runs[0], runs[1])
 
 
+def test_top_k_zero_and_return_dict_false_as_transformers():
+    """top_k=0 means no top-k filter (transformers' idiom do_sample=True, top_p=..., top_k=0); a model whose
+    config says return_dict=False still generates (generate asks for dict outputs itself)."""
+    model = decoder()
+    ids = torch.randint(3, 50, (2, 4), generator=torch.Generator().manual_seed(1))
+    runs = [model.generate(ids, max_new_tokens=6, do_sample=True, top_p=0.9, top_k=k,
+                           generator=torch.Generator().manual_seed(5)) for k in (0, None, 1)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    greedy = model.generate(ids, max_new_tokens=6)
+    model.config.return_dict = False
+    for cache in (True, False):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, use_cache=cache), greedy)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=2), decoder().generate(
+        ids, max_new_tokens=6, num_beams=2))
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     """Probabilities 0.5, 0.3, 0.15, 0.05 in a shuffled vocabulary: the kept set for each top_p, at the tokens'
     own positions."""
@@ -184,7 +200,7 @@ def test_generate_needs_a_decoder():
     (dict(max_length=2), "shorter than the prompt"),
     (dict(min_new_tokens=-1), "min_new_tokens must be an int >= 0"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
-    (dict(top_k=0), "top_k must be a positive int"),
+    (dict(top_k=-1), "top_k must be an int >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),

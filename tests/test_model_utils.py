@@ -32,7 +32,7 @@ def test_growing_keeps_old_rows_and_adds_the_mean(head, tied, tmp_path):
     assert torch.equal(out.bias[:50], old_b) and out.bias.shape == (56,)
     torch.testing.assert_close(emb.weight[50:], old_w.mean(0).expand(6, 16))
     torch.testing.assert_close(out.weight[50:], old_out.mean(0).expand(6, 16))
-    torch.testing.assert_close(out.bias[50:], old_b.mean().expand(6))
+    torch.testing.assert_close(out.bias[50:], torch.zeros(6, dtype=old_b.dtype) if tied else old_b.mean().expand(6))
     after = model(ids).logits
     assert after.shape == (2, 6, 56)
     # the same float64 dot products; a wider output may change the BLAS kernel's summation order
@@ -90,3 +90,28 @@ def test_num_parameters():
     model.mega.layers[0].requires_grad_(False)
     frozen = sum(p.numel() for p in model.mega.layers[0].parameters())
     assert model.num_parameters(only_trainable=True) == model.num_parameters() - frozen
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resizing_equals_transformers(tied):
+    """Grown and shrunk on the same weights, ours and transformers' (float64) hold the same embedding and output
+    projection: kept rows bit for bit; added rows to transformers' random spread around the mean (covariance
+    1e-9 x the old rows', that is ~3e-5 standard deviations, which ours leaves out)."""
+    from parity import hf, hf_config_mod
+
+    ours = lm("MegaForMaskedLM", tie_word_embeddings=tied)
+    theirs = hf.MegaForMaskedLM(hf_config_mod.MegaConfig(**config_dict(tie_word_embeddings=tied))).double().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    old = 50
+    for n in (57, 40):
+        ours.resize_token_embeddings(n)
+        theirs.resize_token_embeddings(n)
+        pairs = [(ours.get_input_embeddings().weight, theirs.get_input_embeddings().weight)]
+        pairs += [(getattr(ours.get_output_embeddings(), k), getattr(theirs.get_output_embeddings(), k))
+                  for k in ("weight", "bias")]
+        for a, b in pairs:
+            keep = min(old, n)
+            assert a.shape == b.shape and torch.equal(a[:keep], b[:keep])
+            spread = 10 * 1e-9 ** 0.5 * float(b[:keep].std())
+            torch.testing.assert_close(a[keep:], b[keep:], rtol=0, atol=spread)
+        old = n

@@ -156,3 +156,23 @@ def test_gated_attention_gradcheck(overrides):
         return layer(inp, mask, causal=causal)[0] * keep
 
     assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-6)
+
+
+def test_every_activation_is_transformers():
+    """Each activation name MegaConfig takes is transformers' ACT2FN function of that name, bit for bit in float32
+    and float64 (clipping and saturation ranges included); laplace uses the spec's exact mu = sqrt(1/2) and
+    sigma = sqrt(1/(4 pi)) where transformers rounds them to 6 digits (0.707107, 0.282095): ~4e-7 apart."""
+    from transformers.activations import ACT2FN
+
+    from mega_kernels.config import ACTIVATIONS
+    from mega_kernels.modules.common import get_activation
+
+    x = torch.cat([torch.randn(2000, generator=torch.Generator().manual_seed(0)) * 3, torch.linspace(-30, 30, 601)])
+    for name in ACTIVATIONS:
+        MegaConfig(activation=name)  # accepted
+        for dtype in (torch.float32, torch.float64):
+            ours, theirs = get_activation(name)(x.to(dtype)), ACT2FN[name](x.to(dtype))
+            if name == "laplace":
+                torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+            else:
+                assert torch.equal(ours, theirs), (name, dtype, (ours - theirs).abs().max())

@@ -71,7 +71,7 @@ def test_the_body_loads_strictly(tmp_path):
 
 
 def _body(model):
-    base = model.base_model()
+    base = model.base_model
     return {k: v for k, v in base.state_dict().items() if not k.startswith("pooler.")}
 
 
@@ -146,6 +146,23 @@ def test_load_options_and_unknown_overrides(tmp_path):
         cls.from_pretrained(str(tmp_path), dtype="int8")
     with pytest.raises(ValueError, match="is not a device"):
         cls.from_pretrained(str(tmp_path), device_map="gpu0")
+
+
+def test_overrides_apply_before_the_saved_config_is_checked(tmp_path):
+    """transformers saves a causal LM with is_decoder=True and bidirectional=True (it trains it with
+    use_cache=False); ours refuses that config, and is_decoder=False given to from_pretrained repairs it before
+    the check: the outputs of transformers' model loaded with the same keyword."""
+    from parity import hf_config_mod
+
+    theirs = hf.MegaForCausalLM(hf_config_mod.MegaConfig(**config_dict(is_decoder=True, bidirectional=True))).eval()
+    perturb_(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="bidirectional=True with is_decoder=True"):
+        mega_kernels.MegaForCausalLM.from_pretrained(str(tmp_path))
+    ours = mega_kernels.MegaForCausalLM.from_pretrained(str(tmp_path), is_decoder=False)
+    theirs = hf.MegaForCausalLM.from_pretrained(str(tmp_path), is_decoder=False).eval()
+    ids = torch.randint(3, 50, (2, 6))
+    torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])

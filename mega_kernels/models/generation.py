@@ -42,8 +42,8 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filter, as transformers), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if repetition_penalty is not None and not repetition_penalty > 0:
@@ -139,11 +139,11 @@ class Stepper:
         """(N, vocab) logits of the next token of every row, float32 (as transformers chooses from)."""
         if self.use_cache:
             out = self.model(self.step_ids, attention_mask=self.mask, token_type_ids=self.step_types,
-                             past_key_values=self.past, use_cache=True, **self.kwargs)
+                             past_key_values=self.past, use_cache=True, return_dict=True, **self.kwargs)
             self.past = out.past_key_values
-        else:
+        else:  # (return_dict whatever config.return_dict says, as transformers' generate)
             out = self.model(self.tokens, attention_mask=self.mask, token_type_ids=self.types, use_cache=False,
-                             **self.kwargs)
+                             return_dict=True, **self.kwargs)
         return out.logits[:, -1].to(torch.float32)
 
     def append(self, nxt: Tensor, rows: Optional[Tensor] = None) -> None:

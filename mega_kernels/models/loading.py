@@ -105,7 +105,7 @@ def match_checkpoint(model, state: Dict[str, torch.Tensor], ignore_mismatched_si
     """The entries of `state` to load into `model` (keys renamed to the model's), after the checks above."""
     name = type(model).__name__
     prefix = model.base_model_prefix + "."
-    is_head = model.base_model() is not model
+    is_head = model.base_model is not model
     has_prefix = any(k.startswith(prefix) for k in state)
     dropped = []
     if is_head and not has_prefix:

@@ -17,7 +17,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import MegaConfig
+from ..config import MegaConfig, read_config_dict
 from ..hub import HUB_OPTIONS, resolve, split_hub_options
 from ..modules import (MegaBlock, MegaEmbeddings, MegaMultiDimensionDampedEma, MegaPooler, MegaRMSNorm,
                        MegaRotaryRelativePositionalBias, MegaScaleNorm, MegaSimpleRelativePositionalBias)
@@ -44,7 +44,9 @@ class MegaPreTrainedModel(nn.Module):
     def __init__(self, config: MegaConfig):
         super().__init__()
         if not isinstance(config, MegaConfig):
-            raise TypeError(f"{type(self).__name__} needs a MegaConfig, got {type(config).__name__}")
+            kind = f"{type(config).__module__}.{type(config).__qualname__}"
+            fix = "; convert it with mega_kernels.MegaConfig(**config.to_dict())" if hasattr(config, "to_dict") else ""
+            raise TypeError(f"{type(self).__name__} needs a mega_kernels.MegaConfig, got {kind}{fix}")
         config.validate()
         self.config = config
 
@@ -87,11 +89,13 @@ class MegaPreTrainedModel(nn.Module):
         self.apply(self._init_weights)
         self.tie_weights()
 
+    @property
     def base_model(self) -> "MegaModel":
+        """The MEGA body (a property, as transformers')."""
         return getattr(self, self.base_model_prefix, self)
 
     def get_input_embeddings(self) -> nn.Embedding:
-        return self.base_model().embedding_layer.word_embeddings
+        return self.base_model.embedding_layer.word_embeddings
 
     def get_output_embeddings(self) -> Optional[nn.Linear]:
         return None if self._output_embedding_name is None else getattr(self, self._output_embedding_name)
@@ -112,7 +116,8 @@ class MegaPreTrainedModel(nn.Module):
         present size) and return the new word embedding. The word embedding and an LM head's output projection
         (weight and bias) keep their first rows; added rows take the mean of the old rows (mean_resizing, as
         transformers, without its spread of 1e-9 standard deviations around it) or are drawn as at init
-        (N(0, initializer_range), bias 0). config.vocab_size follows; a tied output projection stays tied."""
+        (N(0, initializer_range), bias 0). config.vocab_size follows; a tied output projection stays tied, and
+        its bias grows by zeros, as transformers' tying does."""
         old = self.get_input_embeddings()
         n = old.num_embeddings if new_num_tokens is None else new_num_tokens
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -130,14 +135,14 @@ class MegaPreTrainedModel(nn.Module):
         new = nn.Embedding(n, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
                            dtype=old.weight.dtype)
         new.weight = _resized(old.weight, n, mean_resizing, std)
-        self.base_model().set_input_embeddings(new)
+        self.base_model.set_input_embeddings(new)
         out = self.get_output_embeddings()
         if out is not None:
             head = nn.Linear(out.in_features, n, bias=out.bias is not None, device=out.weight.device,
                              dtype=out.weight.dtype)
             head.weight = _resized(out.weight, n, mean_resizing, std)  # replaced by the embedding's when tied
-            if out.bias is not None:
-                head.bias = _resized(out.bias, n, mean_resizing, 0.0)
+            if out.bias is not None:  # (tied, transformers pads the bias with zeros instead: so do we)
+                head.bias = _resized(out.bias, n, mean_resizing and not self.config.tie_word_embeddings, 0.0)
             setattr(self, self._output_embedding_name, head)
         self.config.vocab_size = n
         self.tie_weights()
@@ -183,14 +188,14 @@ class MegaPreTrainedModel(nn.Module):
         if "context_fn" in kwargs:
             raise ValueError("gradient_checkpointing_kwargs: context_fn is set by the model (it restores batchnorm "
                              "statistics in the recomputation); leave it out")
-        self.base_model()._checkpoint_kwargs = kwargs
+        self.base_model._checkpoint_kwargs = kwargs
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model()._checkpoint_kwargs = None
+        self.base_model._checkpoint_kwargs = None
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return self.base_model()._checkpoint_kwargs is not None
+        return self.base_model._checkpoint_kwargs is not None
 
     @property
     def device(self) -> torch.device:
@@ -243,17 +248,19 @@ class MegaPreTrainedModel(nn.Module):
                              f"ignore_mismatched_sizes, {', '.join(HUB_OPTIONS)})")
         if config is None:
             try:
-                config = MegaConfig.from_pretrained(folder, **hub_options)
+                saved = read_config_dict(folder, **hub_options)
             except OSError:
                 if unknown:  # a misspelt option (cache_dri=...) is the likelier cause
                     raise unknown_error(unknown) from None
                 raise
-        unknown -= set(config.to_dict())  # (a saved config may carry attributes of its own)
+        else:
+            saved = config.to_dict()
+        unknown -= set(saved)  # (a saved config may carry attributes of its own)
         if unknown:
             raise unknown_error(unknown)
+        config_class = cls.config_class if config is None else type(config)
+        config = config_class.from_dict(saved, **overrides)  # checked with the overrides applied
         folder = resolve(folder, weights=True, **hub_options)
-        if overrides:
-            config = config.copy(**overrides)
         device = load_device(device_map)
         model = cls(config)
         state = read_weights(folder)

@@ -27,11 +27,23 @@ def _gelu_fast(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
-# The same functions (and numerics) as transformers' ACT2FN entries of these names.
+def _gelu_python(x: Tensor) -> Tensor:  # the erf form written out
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _gelu_python_tanh(x: Tensor) -> Tensor:  # the tanh form written out (gelu_new's maths, another rounding order)
+    return x * 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# The same functions (and numerics) as transformers' ACT2FN entries of these names (all but the two with
+# learnable parameters, prelu and xielu). tests/test_parity_modules.py compares each.
 ACTIVATION_FUNCTIONS = {
     "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_new": _gelu_new, "gelu_fast": _gelu_fast,
+    "gelu_accurate": _gelu_new, "gelu_python": _gelu_python, "gelu_python_tanh": _gelu_python_tanh,
+    "gelu_10": lambda x: torch.clip(F.gelu(x), -10.0, 10.0), "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "relu2": relu2,
-    "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "linear": lambda x: x, "laplace": laplace,
+    "relu6": F.relu6, "leaky_relu": F.leaky_relu, "mish": F.mish, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "linear": lambda x: x, "laplace": laplace,
 }
 
 

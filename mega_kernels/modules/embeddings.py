@@ -73,13 +73,15 @@ class MegaSimpleRelativePositionalBias(_RelativeBias):
     def __init__(self, config):
         super().__init__()
         self.max_positions = config.max_positions if config.chunk_size < 0 else config.chunk_size
+        self.limit = "max_positions" if config.chunk_size < 0 else "chunk_size"
         self.rel_pos_bias = nn.Parameter(torch.zeros(2 * config.max_positions - 1))
 
     def vector(self, width: int) -> Tensor:
         if width > self.max_positions:
-            raise ValueError(f"sequence length {width} exceeds the simple relative bias' maximum {self.max_positions} "
-                             "(max_positions, or chunk_size when set); use shorter inputs, use_chunking=True with a "
-                             "chunk_size, or relative_positional_bias='rotary'")
+            fix = ("use shorter inputs, use_chunking=True with a chunk_size" if self.limit == "max_positions" else
+                   "a chunk_size (and max_positions) of at least the length (cross-attention spans the whole source)")
+            raise ValueError(f"a block of {width} positions exceeds the simple relative bias' maximum "
+                             f"{self.max_positions} ({self.limit}); {fix}, or relative_positional_bias='rotary'")
         return self.rel_pos_bias[self.max_positions - width: self.max_positions + width - 1]
 
 
