@@ -197,6 +197,26 @@ def test_gpu_tile_configs_and_autotune_plumbing(pick, zdim, monkeypatch):
     check_case(case, "relu2", False, masks["whole_chunk"], dtype=torch.float16, label="whole_chunk")
 
 
+def test_one_autotuner_per_candidate_list(monkeypatch):
+    """The GPU candidates of the wide-E forward depend on Z's width (BN 64 with 3 stages only for Z <= 64): a
+    problem whose candidate list differs gets its own autotuner, whichever Z came first."""
+    from mega_kernels.triton import attention_common, attention_fwd
+
+    made = []
+    monkeypatch.setattr(attention_common, "interpreting", lambda: False)
+    monkeypatch.setattr(attention_common, "_TUNED", {})
+    monkeypatch.setattr(attention_common.triton, "autotune",
+                        lambda configs, key: lambda fn: made.append([c.kwargs for c in configs]) or object())
+
+    def tuner(zdim):
+        pb = attention_common.Problem(1, 64, 64, zdim, 1024, 64, 64, 0, 0, zdim, "tf32")
+        return attention_common.autotuned(attention_fwd._fwd_kernel, ("fwd", "fwd_e256"), pb, torch.float16)
+
+    narrow, mid, narrow_again = tuner(64), tuner(128), tuner(32)
+    assert narrow is narrow_again and mid is not narrow and len(made) == 2
+    assert made[0][1]["BLOCK_N"] == 64 and made[1][1]["BLOCK_N"] == 32
+
+
 def test_empty_rows_give_zeros_and_finite_gradients():
     """Left padding + causal softmax: the first rows see no key (transformers gives NaN, spec 9.5)."""
     q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 9, 9, 16, 8, None)]
@@ -337,9 +357,22 @@ def test_bad_inputs_raise_clear_errors():
         attention_fwd(torch.randn(1, 5, 16, device=DEVICE), k, v, b, "softmax", 0, False)
     with pytest.raises(ValueError, match="key_padding_mask"):
         attention_fwd(q, k, v, b, "softmax", 0, False, torch.ones(1, 3, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="rel_bias must be contiguous"):
+        attention_fwd(q, k, v, torch.randn(2 * b.shape[0], device=DEVICE)[::2], "softmax", 0, False)
     out, stats = attention_fwd(q, k, v, b, "softmax", 0, False)
     with pytest.raises(ValueError, match="stats"):
         attention_bwd(out, q, k, v, b, out, stats[:, :2], "softmax", 0, False)
+    with pytest.raises(ValueError, match="out must be"):
+        attention_bwd(out, q, k, v, b, out[:, :2], stats, "softmax", 0, False)
+    with pytest.raises(ValueError, match="grad_out must be .* on"):
+        attention_bwd(out.to("meta"), q, k, v, b, out, stats, "softmax", 0, False)
+    from mega_kernels.triton.attention_common import describe  # 32-bit in-batch offsets: sizes on meta tensors
+
+    qk, wide_v = torch.empty(1, 2 ** 19 + 1, 16, device="meta"), torch.empty(1, 2 ** 19 + 1, 4096, device="meta")
+    describe(qk, qk, torch.empty(1, 2 ** 19 + 1, 4095, device="meta"), torch.empty(127, device="meta"), "softmax", 64,
+             False, None)
+    with pytest.raises(ValueError, match="one batch row of v spans 2\\^31"):
+        describe(qk, qk, wide_v, torch.empty(127, device="meta"), "softmax", 64, False, None)
 
 
 # -- the models on the triton backend ----------------------------------------------------------------------

@@ -386,6 +386,11 @@ def test_clear_errors():
         ema_fwd(x, a, q, c, omega, None, torch.zeros(2, 4, 3, device=DEVICE), False, 0, True)
     with pytest.raises(ValueError, match="grad_y must be"):
         ema_bwd(x[:, :3].contiguous(), None, x, a, q, c, omega, None, None, False, 0)
+    with pytest.raises(ValueError, match="grad_y must be .* on"):
+        ema_bwd(x.to("meta"), None, x, a, q, c, omega, None, None, False, 0)
+    for tensor_cores in (False, True):
+        with pytest.raises(ValueError, match="chunk must be a positive number of steps"):
+            ema_fwd(x, a, q, c, omega, None, None, False, 0, False, chunk=-16, tensor_cores=tensor_cores)
     with pytest.raises(ValueError, match="ema_step: x must be"):
         ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
 

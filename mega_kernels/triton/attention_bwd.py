@@ -366,9 +366,10 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     """Backward launcher: gradients (dq, dk, dv, d rel_bias) shaped like (q, k, v, rel_bias), from
     grad_out (B, Lq, E), the forward's out and stats (see attention_fwd.attention_fwd)."""
     pb = describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
-    if tuple(grad_out.shape) != (pb.bsz, pb.lq, pb.edim):
-        raise ValueError(f"triton attention backward: grad_out must be (B, Lq, E) = {(pb.bsz, pb.lq, pb.edim)}, "
-                         f"got {tuple(grad_out.shape)}")
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        if tuple(t.shape) != (pb.bsz, pb.lq, pb.edim) or t.device != q.device:
+            raise ValueError(f"triton attention backward: {name} must be (B, Lq, E) = {(pb.bsz, pb.lq, pb.edim)} "
+                             f"on {q.device}, got {tuple(t.shape)} on {t.device}")
     if pb.act == 0 and tuple(stats.shape) != (pb.bsz, pb.lq):
         raise ValueError(f"triton attention backward: softmax stats must be (B, Lq) = {(pb.bsz, pb.lq)}, "
                          f"got {tuple(stats.shape)} (pass the forward's second output)")

@@ -244,6 +244,13 @@ def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask
                          f"{size}; got shape {tuple(rel_bias.shape)}")
     if rel_bias.device != q.device:
         raise ValueError(f"triton attention: rel_bias is on {rel_bias.device} but q is on {q.device}")
+    if rel_bias.stride(0) != 1:
+        raise ValueError("triton attention: rel_bias must be contiguous (the kernels read it as a flat vector); "
+                         "pass rel_bias.contiguous()")
+    for name, t in (("q", q), ("k", k), ("v", v)):  # the kernels' in-batch offsets are 32-bit
+        if max(t.shape[1] - 1, 0) * abs(t.stride(1)) + max(t.shape[2] - 1, 0) * abs(t.stride(2)) >= 2 ** 31:
+            raise ValueError(f"triton attention: one batch row of {name} spans 2^31 elements or more (shape "
+                             f"{tuple(t.shape)}, strides {t.stride()}); pass {name}.contiguous() or split the sequence")
     if key_padding_mask is not None and (tuple(key_padding_mask.shape) != (bsz, lk)
                                          or key_padding_mask.device != q.device):
         raise ValueError(f"triton attention: key_padding_mask must be (B, Lk) = ({bsz}, {lk}) on {q.device}, "
@@ -281,12 +288,13 @@ _TUNED = {}
 
 def autotuned(fn, kinds, pb: Problem, dtype: torch.dtype):
     """`fn` autotuned (by timing, once per Z, E, causal) over the configs of `kinds` (16-bit, GPU only). One
-    autotuner per (kernel, Z class, kinds), since the configs depend on them."""
-    key = (getattr(fn, "__name__", str(id(fn))), pb.block_z > 128, tuple(kinds))
+    autotuner per (kernel, candidate list): the candidates depend on the problem (Z's width), so a problem whose
+    list differs never shares an autotuner with another."""
+    chosen = [dict(config(kind, pb, dtype)) for kind in kinds]
+    key = (getattr(fn, "__name__", str(id(fn))), tuple(tuple(sorted(cfg.items())) for cfg in chosen))
     if key not in _TUNED:
         configs = []
-        for kind in kinds:
-            cfg = dict(config(kind, pb, dtype))
+        for cfg in chosen:
             warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
             configs.append(triton.Config(cfg, num_warps=warps, num_stages=stages))
         _TUNED[key] = triton.autotune(configs, key=["Z", "E", "causal"])(fn)

@@ -292,12 +292,15 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     whatever tc_precision asks) and the parameter sweep through ema_tc_bwd.py (no truncation, chunk a multiple
     of 16: refused otherwise)."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
-    if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous():
-        raise ValueError(f"ema_bwd: grad_y must be a contiguous {tuple(x.shape)} tensor, got {tuple(grad_y.shape)}")
+    if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous() or grad_y.device != x.device \
+            or not grad_y.dtype.is_floating_point:
+        raise ValueError(f"ema_bwd: grad_y must be a contiguous floating {tuple(x.shape)} tensor on {x.device}, got "
+                         f"{tuple(grad_y.shape)} {grad_y.dtype} on {grad_y.device}")
     if grad_state is not None and (tuple(grad_state.shape) != (x.shape[0], x.shape[2], q.shape[1])
-                                   or grad_state.dtype != torch.float32 or not grad_state.is_contiguous()):
-        raise ValueError(f"ema_bwd: grad_state must be a contiguous (B, D, N) float32 tensor, "
-                         f"got {tuple(grad_state.shape)} {grad_state.dtype}")
+                                   or grad_state.dtype != torch.float32 or not grad_state.is_contiguous()
+                                   or grad_state.device != x.device):
+        raise ValueError(f"ema_bwd: grad_state must be a contiguous (B, D, N) float32 tensor on {x.device}, "
+                         f"got {tuple(grad_state.shape)} {grad_state.dtype} on {grad_state.device}")
     if truncation >= x.shape[1]:
         truncation = 0
     keep = keep_of(mask)

@@ -232,6 +232,9 @@ def _scan_out_kernel(u_ptr, keep_ptr, out_ptr, acc_ptr, gy_ptr, a_ptr, q_ptr, c_
         _secondary_sweep(u_ptr, keep_ptr, acc_ptr, a_ptr, q_ptr, c_ptr, buf_ptr, b, cp, (rem % NDB) * BLOCK_D,
                          tp0 + (n - 1) * step, -step, n, B, L, D, N, K, MASK_IN, TRUNC, CARRY, UNROLL, BLOCK_N,
                          BLOCK_D)
+        # the primary walk adds what that one stored in acc: with more threads than channels (a tile tuned
+        # wider than one channel per thread) another thread may hold the element, so order the two walks
+        tl.debug_barrier()
     # -- rows [:D]: primary direction -----------------------------------------------------------------------
     a = _coef(a_ptr, 0, offs_n, offs_d, N, D, KD)
     q = _coef(q_ptr, 0, offs_n, offs_d, N, D, KD, 1.0)
@@ -365,6 +368,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or DEFAULT_CHUNK)
+    if chunk < 1:
+        raise ValueError(f"ema_scan: chunk must be a positive number of steps, got {chunk}")
     nc = triton.cdiv(length, chunk)
     block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)

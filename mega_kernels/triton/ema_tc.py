@@ -512,6 +512,8 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     bsz, length, dim = u.shape
     ndim = q.shape[1]
     chunk = int(chunk or _fwd.DEFAULT_CHUNK)
+    if chunk < 1:
+        raise ValueError(f"ema_scan_tc: chunk must be a positive number of steps, got {chunk}")
     block_d = block_d or default_block_d(u.dtype, lookback)
     if block_d < 8 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
         raise ValueError(f"ema_scan_tc: block_d must be a power of two >= 8 and cols one >= 16 (the dots' smallest "
