@@ -132,7 +132,9 @@ def measure(rows: List[Row], fn: Callable[[], object], device, *, with_memory: b
     except Exception as exc:  # one failing row must not lose the others
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        r = Row(ms=None, note=("OOM" if is_oom(exc) else f"{type(exc).__name__}: {exc}")[:200], **row)
+        error = ("OOM" if is_oom(exc) else f"{type(exc).__name__}: {exc}")[:200]
+        note = row.pop("note", "")  # (a row may bring a note of its own: keep both)
+        r = Row(ms=None, note=f"{note}; {error}" if note else error, **row)
     rows.append(r)
     return r
 

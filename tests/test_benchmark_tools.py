@@ -46,9 +46,12 @@ def test_bench_ema_target_lines():
             Row("ema", "fwd+bwd", uni, "fp32", "triton", 0.50, speedup=12.0,
                 extra={"peak_over_x_y_dx_dy": 0.8}),
             Row("ema", "fwd", bi, "fp32", "triton", 0.16),
-            Row("ema", "fwd", uni, "bf16", "triton", 0.20, floor_fraction=0.3),
+            Row("ema", "fwd", uni, "bf16", "triton", 0.20, floor_fraction=0.3, speedup=26.0),
+            Row("ema", "fwd+bwd", uni, "bf16", "triton", 0.60, speedup=19.0),
+            Row("ema", "fwd+bwd", bi, "bf16", "triton", 0.80),
             Row("ema", "fwd", bi, "bf16", "triton", 0.20),
-            Row("ema", "fwd+bwd", bi, "bf16", "triton", 1.0, extra={"peak_over_x_y_dx_dy": 1.63}),
+            Row("ema", "fwd+bwd", bi, "bf16", "triton[x]", 1.0, extra={"peak_over_x_y_dx_dy": 1.63}),
+            Row("ema", "fwd+bwd", bi, "fp32", "triton", 1.0, extra={"peak_over_x_y_dx_dy": 1.63}),
             Row("ema", "fwd", uni, "fp32", "cuda", 0.12, floor_fraction=0.75),
             Row("ema", "fwd", uni, "bf16", "triton[tc c256]", 0.08, floor_fraction=0.72),
             Row("ema", "fwd+bwd", uni, "fp32", "triton[tc c256]", 0.30, speedup=21.0),
@@ -62,8 +65,13 @@ def test_bench_ema_target_lines():
     assert verdict["triton fp32 fwd+bwd >= 20x the FFT reference"] == "FAIL"
     assert verdict["triton fp32 fwd bidirectional / unidirectional <= 1.5"] == "FAIL"   # 1.6
     assert verdict["triton bf16 fwd bidirectional / unidirectional <= 1.5"] == "PASS"   # 1.0
+    assert verdict["triton bf16 fwd >= 25x the FFT reference"] == "PASS"
+    assert verdict["triton bf16 fwd+bwd >= 20x the FFT reference"] == "FAIL"
+    assert verdict["triton bf16 fwd+bwd bidirectional / unidirectional <= 1.5"] == "PASS"   # 1.33
+    assert verdict["triton fp32 fwd+bwd bidirectional / unidirectional <= 1.5"] == "FAIL"   # 2.0
     assert verdict[f"triton {uni} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "PASS"
-    assert verdict[f"triton {bi} bf16 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "FAIL"
+    assert verdict[f"triton {bi} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "FAIL"
+    assert not any(f"{bi} bf16 fwd+bwd peak" in line for line in verdict)  # a variant's row is not the target
     assert verdict["triton B1 L1048576 bf16 fwd+bwd runs"] == "FAIL"
     assert verdict["(variant) triton[tc c256] bf16 fwd >= 0.70 of the copy floor"] == "PASS"
     assert verdict["(variant) triton[tc c256] fp32 fwd >= 0.70 of the copy floor"] == "n/a "
