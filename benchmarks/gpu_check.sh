@@ -45,7 +45,7 @@ memcheck_pid=$!
 stamp "GPU tests (triton EMA, models)"
 # (run 2: the EMA tests took ~20 s; the attention tests compile ~120 kernels and needed more than 120 s)
 timeout $(cap 80) $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py tests/test_ema_tc.py \
-    tests/test_ema_tc_bwd.py > "$OUT/tests.log" 2>&1
+    tests/test_ema_tc_bwd.py tests/test_parity_models.py > "$OUT/tests.log" 2>&1
 echo "triton EMA/model gpu tests rc=$?" >> "$OUT/tests.log"
 
 # 3. Benchmarks (JSON to $OUT), once the extension is built (bench_ema times the cuda backend too).

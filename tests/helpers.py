@@ -2,11 +2,20 @@
 tests use (never copy these into a test file)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
 # -- tolerance rule (lives in the package so `mega-kernels check` applies the same rule) ----------------
 from mega_kernels.testing import ATOL, assert_close_to_reference, ema_params  # noqa: E402,F401
+
+
+def in_ci() -> bool:
+    """True on CI (env CI set to anything but "", "0" or "false"): a missing backend or reference is a failure."""
+    import os
+
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
 def triton_ema_gate():
@@ -20,7 +29,7 @@ def triton_ema_gate():
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reason = unavailable_reason("ema", "triton", torch.device(device))
-    if reason is not None and os.environ.get("CI"):
+    if reason is not None and in_ci():
         raise RuntimeError(f"the triton EMA backend must run in CI: {reason}")
     return device, reason, pytest.mark.skipif(reason is not None, reason=str(reason))
 
@@ -39,6 +48,18 @@ def poison_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: fill(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: fill(real_like(*a, **kw)))
+
+
+@contextlib.contextmanager
+def nan_filled_allocations():
+    """While active, ATen's own uninitialized allocations (at::empty in the C++ kernels) are filled with NaN too:
+    torch's deterministic mode fills them (warn_only: no op is refused)."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn)
 
 
 def guarded(t):

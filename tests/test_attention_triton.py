@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from helpers import ATTN_CASES, assert_close_to_reference, attention_inputs, guarded, padding_masks, poison_empty
+from helpers import (ATTN_CASES, assert_close_to_reference, attention_inputs, guarded, in_ci, padding_masks,
+                     poison_empty)
 from mega_kernels import ops
 from mega_kernels.reference.attention import ACTIVATIONS
 from mega_kernels.reference.attention import attention as reference
@@ -252,8 +253,9 @@ def test_decoding_token_by_token_equals_full_pass():
             x = (q[:, t:t + 1], k[:, :t + 1], v[:, :t + 1], b)
             torch.testing.assert_close(triton_attention(*x, **kw), full[:, t:t + 1], rtol=1e-5, atol=1e-6)
             want = reference(*[y.double() for y in x], key_padding_mask=mask[:, :t + 1], **kw)
+            low = reference(*x, key_padding_mask=mask[:, :t + 1], **kw)
             got = triton_attention(*x, key_padding_mask=mask[:, :t + 1], **kw)
-            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+            assert_close_to_reference(f"{activation} step {t}", got.cpu(), want, low.cpu())
 
 
 def test_rel_bias_longer_than_the_block_and_its_gradient():
@@ -262,14 +264,16 @@ def test_rel_bias_longer_than_the_block_and_its_gradient():
     bias = torch.randn(2 * 7 - 1, dtype=torch.float64) * 0.1
     x64 = [t.requires_grad_() for t in (q, k, v, bias)]
     xk = [t.detach().float().to(DEVICE).requires_grad_() for t in x64]
+    x32 = [t.detach().float().requires_grad_() for t in x64]  # the reference in the kernel's dtype
     for activation in ACTIVATIONS:
         kw = dict(activation=activation, chunk_size=4, causal=False)
-        ref = reference(*x64, **kw)
+        ref, low = reference(*x64, **kw), reference(*x32, **kw)
         out = triton_attention(*xk, **kw)
-        torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-5)
+        assert_close_to_reference(f"{activation} out", out.cpu(), ref, low)
         (gb,) = torch.autograd.grad(out.sum(), xk[3])
         (rb,) = torch.autograd.grad(ref.sum(), x64[3])
-        torch.testing.assert_close(gb.cpu().double(), rb, rtol=1e-4, atol=1e-5)
+        (lb,) = torch.autograd.grad(low.sum(), x32[3])
+        assert_close_to_reference(f"{activation} d rel_bias", gb.cpu(), rb, lb)
         assert torch.equal(gb[:3].cpu(), torch.zeros(3)) and torch.equal(gb[-3:].cpu(), torch.zeros(3))
 
 
@@ -408,10 +412,10 @@ def test_models_on_triton_backend_equal_reference(head, overrides):
         results.append((hidden.detach().clone(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                   if p.grad is not None}))
     (h_ref, g_ref), (h_tri, g_tri) = results
-    torch.testing.assert_close(h_tri, h_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h_tri, h_ref, rtol=2e-5, atol=2e-5)  # model_helpers' OUT_RTOL / GRAD_RTOL
     assert g_ref.keys() == g_tri.keys()
     for n in g_ref:
-        torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+        torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
 
 
 # -- compiled for Hopper without a GPU: the GPU tile configs fit (ptxas, no register spills) ---------------
@@ -420,7 +424,7 @@ PTXAS = os.path.join(os.path.dirname(__import__("triton").__file__), "backends",
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(not os.path.exists(PTXAS), reason="this triton ships no ptxas")
+@pytest.mark.skipif(not os.path.exists(PTXAS) and not in_ci(), reason="this triton ships no ptxas")
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the kernels compile for real in the other tests (saves ~30 s)")
 @pytest.mark.parametrize("shape", ["lm", "lra"])
 def test_gpu_configs_compile_for_sm90(shape):

@@ -74,7 +74,8 @@ def test_labels_as_transformers(caplog):
         ours = MegaConfig(id2label={0: "a", 1: "b"}, num_labels=3)
     assert ours.num_labels == theirs.num_labels == 2 and ours.id2label == theirs.id2label
     assert "num_labels=3 does not match" in caplog.text
-    assert ours.copy(num_labels=5).num_labels == 5 and MegaConfig.from_dict(ours.to_dict(), num_labels=4).num_labels == 4
+    assert ours.copy(num_labels=5).num_labels == 5
+    assert MegaConfig.from_dict(ours.to_dict(), num_labels=4).num_labels == 4
     ours.label2id = {"neg": 0, "mid": 1, "pos": 2}
     assert ours.id2label == {0: "neg", 1: "mid", 2: "pos"} and ours.num_labels == 3
     assert MegaConfig(label2id={"x": 1, "y": 0}).id2label == {0: "y", 1: "x"}

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from helpers import assert_close_to_reference
+from helpers import ATOL, assert_close_to_reference
 from mega_kernels import MegaConfig, ops
 from mega_kernels.ops import backends
 from mega_kernels.modules import MegaGatedCrossAttention
@@ -165,7 +165,8 @@ def test_module_routes_through_the_op_when_the_backend_resolves_to_a_kernel(monk
     calls.clear()
     ref, weights, _ = mod(query, enc, mask, output_attentions=True)
     assert weights.shape == (3, 7, 3) and calls == []
-    assert_close_to_reference("routed", out.cpu(), ref.double().cpu(), ref.cpu(), factor=10.0)
+    # two float32 paths (the op's kernel and the materialized weights): equal to float32's bare tolerance
+    torch.testing.assert_close(out.cpu(), ref.cpu(), rtol=0, atol=ATOL[torch.float32] * (1 + ref.abs().max().item()))
     for backend in ("reference", "auto"):
         mod.backend = backend
         mod(query, enc, mask)

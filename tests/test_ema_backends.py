@@ -8,7 +8,6 @@ TRITON_INTERPRET=1 (tests/conftest.py), where every time step costs ~1 ms: shape
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -16,7 +15,8 @@ import torch
 
 import mega_kernels.ops as ops
 from mega_kernels.ops.backends import unavailable_reason
-from helpers import EMA_CASES, assert_close_to_reference, ema_params, poison_empty, random_mask
+from helpers import (EMA_CASES, assert_close_to_reference, ema_params, in_ci, nan_filled_allocations, poison_empty,
+                     random_mask)
 
 BACKEND_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),  # bfloat16 under the interpreter: mega_kernels/triton
@@ -24,6 +24,14 @@ BACKEND_DTYPES = {
     "cuda": (torch.float32, torch.float16),  # + bfloat16 on a GPU (see _dtypes); tests marked gpu
 }
 GPU_BACKENDS = ("triton", "cuda")  # run on CUDA tensors when a GPU is present
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_outputs():
+    """The C++ kernels allocate their outputs with at::empty: filled with NaN here, so an element no kernel
+    writes fails the comparison (torch.empty is poisoned where a test asks, see poison_empty)."""
+    with nan_filled_allocations():
+        yield
 
 
 def _device(name):
@@ -37,7 +45,7 @@ def backend(request):
     device = _device(name)
     reason = unavailable_reason("ema", name, torch.device(device))
     if reason is not None:
-        if os.environ.get("CI") and name in ("triton", "cpu"):
+        if in_ci() and name in ("triton", "cpu"):
             pytest.fail(f"backend {name!r} must run in CI: {reason}")
         pytest.skip(reason)
     return name, device
@@ -211,8 +219,8 @@ def test_gradcheck(backend, bidirectional):
     name, device = backend
     dtype = torch.float64 if torch.float64 in BACKEND_DTYPES[name] else torch.float32
     tol = dict(fast_mode=_interpreted(name, device))
-    if dtype != torch.float64:
-        tol.update(eps=1e-3, atol=2e-3, rtol=1e-2)
+    if dtype != torch.float64:  # float32 central differences at eps 1e-3 carry ~eps^2 of truncation and ~6e-8 / eps
+        tol.update(eps=1e-3, atol=2e-3, rtol=1e-2)  # of rounding per entry (~1e-4 each, times |y| and the fan-in)
     x, params, mask, state, _, _ = _inputs(3, 6, 3, 2, bidirectional, dtype, device, True, not bidirectional)
     params = [p.to(dtype).requires_grad_() for p in params]
     x = x.requires_grad_()

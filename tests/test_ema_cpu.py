@@ -4,19 +4,18 @@ tests/test_ema_backends.py. Here: float64 end to end against the float64 referen
 truncated gradcheck, float64 decoding, a long sequence, determinism across thread counts, auto's choice, and
 models on the cpu backend equal to the reference backend.
 """
-import os
 
 import pytest
 import torch
 
-from helpers import EMA_CASES, ema_params, random_mask
+from helpers import EMA_CASES, assert_close_to_reference, ema_params, in_ci, random_mask
 from mega_kernels import _ext, ops
 from mega_kernels.reference.ema import ema_coefficients
 from mega_kernels.reference.ema import ema_step as ref_step
 from test_ema_backends import _check_against_reference, _inputs
 
 _REASON = _ext.unavailable_reason(torch.device("cpu"))
-pytestmark = pytest.mark.skipif(_REASON is not None and os.environ.get("CI") != "true",
+pytestmark = pytest.mark.skipif(_REASON is not None and not in_ci(),
                                 reason=f"C++ extension unavailable: {_REASON}")
 
 
@@ -78,16 +77,20 @@ def test_step_matches_reference_and_full_pass(dtype):
     full, final = ops.ema(x, delta, alpha, beta, gamma, omega, mask=mask, state=state, return_state=True,
                           backend="reference")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    full64, final64 = ops.ema(*[t.double() for t in (x, delta, alpha, beta, gamma, omega)], mask=mask,
+                              state=state.double(), return_state=True, backend="reference")
+    a64, q64, c64, omega64 = (t.double() for t in (a, q, c, omega))
     h = state.to(acc)
-    for t in range(length):
+    for t in range(length):  # each step from the kernel's own previous state, against the float64 reference
         y, h_new = ops.ema_step(x[:, t], delta, alpha, beta, gamma, omega, h, mask=mask[:, t], backend="cpu")
         ry, rh = ref_step(x[:, t], a, q, c, omega, h, mask[:, t])
+        ry64, rh64 = ref_step(x[:, t].double(), a64, q64, c64, omega64, h.double(), mask[:, t])
         assert y.dtype == dtype and h_new.dtype == acc
-        torch.testing.assert_close(y, ry)
-        torch.testing.assert_close(h_new, rh)
-        torch.testing.assert_close(y, full[:, t])
+        assert_close_to_reference(f"step {t} y", y, ry64, ry)
+        assert_close_to_reference(f"step {t} state", h_new, rh64, rh)
+        assert_close_to_reference(f"step {t} y vs the full pass", y, full64[:, t], full[:, t])
         h = h_new
-    torch.testing.assert_close(h, final.to(acc))
+    assert_close_to_reference("final state", h, final64, final.to(acc))
 
 
 def test_backward_is_deterministic_across_thread_counts():

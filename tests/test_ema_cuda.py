@@ -10,12 +10,11 @@ bfloat16 shape of realistic size, opcheck and torch.compile on CUDA, determinism
 stream, and the errors for what the backend does not take.
 """
 import hashlib
-import os
 
 import pytest
 import torch
 
-from helpers import assert_close_to_reference, ema_params, random_mask
+from helpers import assert_close_to_reference, ema_params, in_ci, random_mask
 from mega_kernels import _build, _ext, ops
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 from mega_kernels.reference.ema import ema_step as ref_step
@@ -54,7 +53,7 @@ def emulator():
         return cpp_extension.load(name=f"mega_kernels_cuda_emulator_{tag}", build_directory=str(build_dir),
                                   sources=[str(_build.ROOT / _EMULATOR_FILES[0])], extra_cflags=flags)
     except Exception as exc:
-        if os.environ.get("CI") == "true":
+        if in_ci():
             raise
         pytest.skip(f"cannot build the CUDA emulator here: {exc}")
 

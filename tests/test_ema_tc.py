@@ -191,6 +191,7 @@ def test_default_tile(monkeypatch, dtype, lookback, block_d):
     (dict(tc_precision="tf32"), "'tf32' for bfloat16 inputs only"),
 ])
 def test_refuses_what_it_does_not_take(option, match):
+    option = dict(option)  # (the parametrized dict is shared: leave it unchanged)
     x, coefs, _, _, _ = _inputs(2, 40, 8, 3, False, False)
     args = dict(truncation=0, return_state=False, bidirectional=False)
     args.update({k: option.pop(k) for k in list(option) if k in args})

@@ -114,6 +114,7 @@ def test_workspaces_poisoned_with_nan(monkeypatch):
     (dict(chunk=40), "multiple of 16"),
 ])
 def test_refuses_what_it_does_not_take(option, match):
+    option = dict(option)  # (the parametrized dict is shared: leave it unchanged)
     coefs, _, x, _, _, gy, _ = _case(2, 90, 8, 3, False, False)
     truncation = option.pop("truncation", 0)
     with pytest.raises(ValueError, match=match):

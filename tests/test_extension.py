@@ -8,18 +8,18 @@ import sys
 import pytest
 import torch
 
-from helpers import ema_params, random_mask
+from helpers import ema_params, in_ci, random_mask
 from mega_kernels import _ext, ops
 from mega_kernels.ops.ema import EMA_BWD_SCHEMA, EMA_FWD_SCHEMA, EMA_STEP_SCHEMA
 from mega_kernels.reference.ema import ema_coefficients
 
 _REASON = _ext.unavailable_reason(torch.device("cpu"))
-needs_ext = pytest.mark.skipif(_REASON is not None and os.environ.get("CI") != "true",
+needs_ext = pytest.mark.skipif(_REASON is not None and not in_ci(),
                                reason=f"C++ extension unavailable: {_REASON}")
 
 
 def test_extension_builds_in_ci():
-    if os.environ.get("CI") != "true" and _REASON is not None:
+    if not in_ci() and _REASON is not None:
         pytest.skip(f"not CI; extension unavailable here: {_REASON}")
     assert _REASON is None, _REASON
 

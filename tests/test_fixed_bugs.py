@@ -22,6 +22,10 @@ def test_9_1_rmsnorm_normalizes():
 
     assert is_rmsnorm(MegaRMSNorm(16).double())
     assert not is_rmsnorm(hf.MegaRMSNorm(16, eps=1e-5).double())
+    # without affine weights (norm_affine=False): the bare normalisation, by the formula
+    bare = MegaRMSNorm(16, affine=False).double()
+    assert bare.weight is None
+    assert torch.allclose(bare(x), x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-5), atol=1e-12)
 
 
 def test_9_2_any_length_with_chunking():

@@ -57,6 +57,7 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(state=torch.zeros(1, 4, 3, dtype=torch.long)), "state must be a floating tensor"),
 ])
 def test_ema_bad_input(bad, match):
+    bad = dict(bad)  # (the parametrized dict is shared: leave it unchanged)
     delta, alpha, beta, gamma, omega = ema_params(4, bad.pop("n", 3), dtype=torch.float32)
     kw = dict(x=torch.randn(1, 3, 4), omega=omega)
     kw.update(bad)

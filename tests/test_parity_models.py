@@ -232,10 +232,12 @@ def test_autocast_bfloat16(case, backend):
         scalar_loss(low).backward()  # after the autocast region, as torch advises
         scalar_loss(mine).backward()
     assert any(t.dtype == torch.bfloat16 for t in _flat(mine)), "autocast did not reach the model"
+    assert len(_flat(mine)) == len(_flat(ref)) == len(_flat(low))
     pairs = list(zip(_flat(mine), _flat(ref), _flat(low)))
     ref_params, low_params = dict(hf_model.named_parameters()), dict(hf_low.named_parameters())
     pairs += [(p.grad, ref_params[n].grad, low_params[n].grad) for n, p in ours.named_parameters()
               if ref_params[n].grad is not None]
+    assert all(p.grad is None for n, p in ours.named_parameters() if ref_params[n].grad is None)
     for i, (out, r32, rlow) in enumerate(pairs):
         assert out is not None and torch.isfinite(out).all(), f"tensor {i}: missing or non-finite"
         err, _, base = error_and_bound(out, r32, rlow)

@@ -41,6 +41,7 @@ def test_round_trip_through_transformers(tmp_path, head, safe, overrides):
     back = getattr(mega_kernels, head).from_pretrained(str(tmp_path / "theirs"))
     assert not back.training
     assert torch.equal(back(ids).to_tuple()[0], first)
+    assert list(back.state_dict()) == list(ours.state_dict())
     for (name, a), (_, b) in zip(back.state_dict().items(), ours.state_dict().items()):
         assert torch.equal(a, b), name
 
