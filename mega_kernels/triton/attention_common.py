@@ -244,7 +244,7 @@ def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask
                          f"{size}; got shape {tuple(rel_bias.shape)}")
     if rel_bias.device != q.device:
         raise ValueError(f"triton attention: rel_bias is on {rel_bias.device} but q is on {q.device}")
-    if rel_bias.stride(0) != 1:
+    if rel_bias.shape[0] > 1 and rel_bias.stride(0) != 1:
         raise ValueError("triton attention: rel_bias must be contiguous (the kernels read it as a flat vector); "
                          "pass rel_bias.contiguous()")
     for name, t in (("q", q), ("k", k), ("v", v)):  # the kernels' in-batch offsets are 32-bit
