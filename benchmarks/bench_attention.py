@@ -120,7 +120,7 @@ def sdpa_dense_bias_peer(b, L, z, e, causal):
 
 
 def bench_shape(rows, name, spec, device, dtype, quick):
-    from benchmarks.harness import kernel_ms, measure
+    from benchmarks.harness import Row, kernel_ms, measure
     from mega_kernels.ops.attention_triton import attention as triton_attention
     from mega_kernels.reference.attention import attention as reference
 
@@ -140,7 +140,11 @@ def bench_shape(rows, name, spec, device, dtype, quick):
 
         if name != "long":  # ANCHORS has no Flex row there; its compile would cost ~30 s of the budget
             compiled = torch.compile(flex_attention, dynamic=False)
-            methods.append(("flex-softmax", flex_peer(*spec, *x, compiled)))
+            try:  # (its block mask is built here, outside measure: a failure must cost only its own rows)
+                methods.append(("flex-softmax", flex_peer(*spec, *x, compiled)))
+            except Exception as exc:
+                rows.append(Row("attention", "fwd", shape, dname, "flex-softmax", None,
+                                note=f"peer setup: {type(exc).__name__}: {str(exc)[:120]}"))
         methods.append(("sdpa-flash-nobias", sdpa_peer(*spec)))
         if name == "one-block" and not quick:
             methods.append(("sdpa-dense-bias", sdpa_dense_bias_peer(b, L, z, e, causal)))

@@ -82,14 +82,14 @@ def kernel_ms(fn: Callable[[], object], device, *, rep: int = 5, top: int = 10) 
 
     device = torch.device(device)
     gpu = device.type == "cuda"
-    fn()
-    _sync(device)
     try:
+        fn()
+        _sync(device)
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
             for _ in range(rep):
                 fn()
             _sync(device)
-    except Exception as exc:  # a profiler that cannot start must not cost the run its timings
+    except Exception as exc:  # a profiler (or call) that fails here must not cost the run its timings
         return {f"(profiler failed: {type(exc).__name__}: {str(exc)[:80]})": 0.0}
     times: Dict[str, float] = {}
     for evt in prof.key_averages():
