@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Any, Dict, Optional
 
+import torch
+
 from .hub import CONFIG_NAME, resolve, split_hub_options
 
 logger = logging.getLogger("mega_kernels")
@@ -49,10 +51,6 @@ GENERIC_DEFAULTS = (
     ("problem_type", None), ("output_attentions", False), ("output_hidden_states", False),
     ("return_dict", True), ("kernel_backend", "auto"),
 )
-
-
-def _is_dtype(value: Any) -> bool:
-    return type(value).__name__ == "dtype" and type(value).__module__ == "torch"
 
 
 def read_config_dict(path: str, **hub_options: Any) -> Dict[str, Any]:
@@ -176,7 +174,7 @@ class MegaConfig:
     # -- (de)serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
         """All attributes (unknown keys included) as a JSON-serialisable dict, transformers' layout."""
-        out = {k: str(v).replace("torch.", "") if _is_dtype(v) else copy.deepcopy(v)
+        out = {k: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else copy.deepcopy(v)
                for k, v in self.__dict__.items()}  # a torch.dtype (dtype=torch.float16) by name, as transformers
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["label2id"] = self.label2id

@@ -15,9 +15,10 @@ from typing import Any, Dict, Tuple
 
 HUB_OPTIONS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "subfolder")
 CONFIG_NAME = "config.json"
-# The weight files in the order read_weights prefers them (safetensors first; each alone or sharded).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
-                "pytorch_model.bin", "pytorch_model.bin.index.json")
+SAFE_WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "pytorch_model.bin"
+# The weight files in the order loading.read_weights prefers them (safetensors first; each alone or sharded).
+WEIGHT_FILES = tuple(name + ext for name in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME) for ext in ("", ".index.json"))
 
 
 def split_hub_options(kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:

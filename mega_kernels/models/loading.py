@@ -20,9 +20,9 @@ from typing import Dict, Optional
 
 import torch
 
+from ..hub import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
 logger = logging.getLogger("mega_kernels")
-SAFE_WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_NAME = "pytorch_model.bin"
 
 
 def safetensors_module():

@@ -246,21 +246,18 @@ class MegaPreTrainedModel(nn.Module):
             return TypeError(f"{cls.__name__}.from_pretrained got unknown argument(s) {', '.join(sorted(names))}: "
                              "not a MegaConfig attribute nor a loading option (dtype / torch_dtype, device_map, "
                              f"ignore_mismatched_sizes, {', '.join(HUB_OPTIONS)})")
-        if config is None:
-            try:
-                saved = read_config_dict(folder, **hub_options)
-            except OSError:
-                if unknown:  # a misspelt option (cache_dri=...) is the likelier cause
-                    raise unknown_error(unknown) from None
-                raise
-        else:
-            saved = config.to_dict()
+        try:
+            folder = resolve(folder, weights=True, **hub_options)
+        except OSError:
+            if unknown:  # a misspelt option (cache_dri=...) is the likelier cause
+                raise unknown_error(unknown) from None
+            raise
+        saved = read_config_dict(folder) if config is None else config.to_dict()
         unknown -= set(saved)  # (a saved config may carry attributes of its own)
         if unknown:
             raise unknown_error(unknown)
         config_class = cls.config_class if config is None else type(config)
         config = config_class.from_dict(saved, **overrides)  # checked with the overrides applied
-        folder = resolve(folder, weights=True, **hub_options)
         device = load_device(device_map)
         model = cls(config)
         state = read_weights(folder)

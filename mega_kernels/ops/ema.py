@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from ..reference.ema import ema_coefficients
+from ..reference.ema import ema_step as reference_step
 from . import backends
 
 Tensor = torch.Tensor
@@ -82,7 +83,6 @@ def register_ema_step_autograd(step_op) -> None:
     Its backward recomputes the step with the reference (`reference.ema.ema_step`, plain PyTorch on (B, D, N)
     tensors: the cost of the step itself) and differentiates that, so every backend has the reference's
     gradients without a second copy of the maths."""
-    from ..reference.ema import ema_step as reference_step
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
