@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared GPU session: build the extension, run the GPU tests, run the benchmarks, print a short table.
 # Usage (on the lent machine, repo root): OUT=/some/dir MEGA_GIT_COMMIT=<sha> bash benchmarks/gpu_check.sh [quick]
-# Budget: the foreground steps' timeouts sum to ~570 s, each capped by DEADLINE below, under the device tool's
-# 600 s per command (run 2 took 364 s with the attention tests cut short). Every step has its own timeout so
-# one hang cannot eat the rest;
+# after `bash benchmarks/gpu_wheels.sh` here (the parity reference's wheels; carry .whl).
+# Budget: every step has its own timeout, so one hang cannot eat the rest, capped by DEADLINE below under the
+# device tool's 600 s per command (run 2 took 364 s with the attention tests cut short); the last test step
+# takes what is left;
 # logs and JSON results land in $OUT (at most 8 files come back from the lent machine).
 set -u
 OUT=${OUT:-/tmp/mega_gpu_out}
@@ -21,6 +22,16 @@ PYTEST="python -m pytest -v --tb=short -p no:cacheprovider --continue-on-collect
 
 stamp "device: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# pytest-xdist (in the image) spreads the compile-bound test steps over the CPU cores; each worker reuses the
+# kernels another compiled through Triton's on-disk cache.
+XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
+# The parity reference, transformers 4.57.6, travels as wheels (fetch them here with benchmarks/gpu_wheels.sh and
+# name .whl in the device tool's carry): the image's transformers 5.x has no MEGA. Only the parity step sees them.
+PARITY_PATH=$PYTHONPATH
+if ls .whl/transformers-4.57.6-*.whl > /dev/null 2>&1 && python -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/parity_site .whl/*.whl > /tmp/wheels.log 2>&1; then
+  PARITY_PATH=/tmp/parity_site:$PYTHONPATH
+else stamp "no parity wheels (.whl): the parity tests will fail to import transformers' MEGA"; fi
 
 # 1. JIT-build the extension (CPU + CUDA) in the background while the Triton GPU tests run.
 stamp "building the extension in the background"
@@ -44,7 +55,7 @@ memcheck_pid=$!
 
 stamp "GPU tests (triton EMA, models)"
 # (run 2: the EMA tests took ~20 s; the attention tests compile ~120 kernels and needed more than 120 s)
-timeout $(cap 80) $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py tests/test_ema_tc.py \
+PYTHONPATH=$PARITY_PATH timeout $(cap 80) $PYTEST -m gpu tests/test_ema_triton.py tests/test_models_gpu.py tests/test_decoding.py tests/test_ema_tc.py \
     tests/test_ema_tc_bwd.py tests/test_parity_models.py > "$OUT/tests.log" 2>&1
 echo "triton EMA/model gpu tests rc=$?" >> "$OUT/tests.log"
 
@@ -59,7 +70,7 @@ stamp "bench_attention"
 timeout $(cap 150) python -m benchmarks.bench_attention $quick > "$OUT/bench_attention.log" 2>&1; echo "bench_attention rc=$?" >> "$OUT/bench_attention.log"
 
 stamp "GPU tests (triton attention)"
-timeout $(cap 95) $PYTEST -m gpu tests/test_attention_triton.py >> "$OUT/tests.log" 2>&1
+timeout $(cap 95) $PYTEST $XDIST -m gpu tests/test_attention_triton.py >> "$OUT/tests.log" 2>&1
 echo "triton attention gpu tests rc=$?" >> "$OUT/tests.log"
 # Run 2 segfaulted at the N = 33 refusal, after the opcheck and torch.compile tests of the same process, where
 # a float64 refusal from the same C++ function had raised normally. The N = 33 tests first alone in a fresh
@@ -77,6 +88,17 @@ grep -E "passed|failed|rc=|FAILED|ERROR" "$OUT/tests.log" | tail -16
 stamp "mega-kernels check"
 timeout $(cap 40) python -m mega_kernels.cli check --device cuda --op ema --op attention > "$OUT/check.log" 2>&1; echo "check rc=$?" >> "$OUT/check.log"
 tail -4 "$OUT/check.log"
+
+# 5. With the time left: the tests not marked gpu that run on CUDA tensors when a GPU is present (the Triton
+#    modules' tiny-shape matrices and the backend-generic tests: odd sizes, masks, state, Lq = 1), compiled
+#    instead of interpreted. They compile a kernel per shape class, so they come last and are spread by xdist.
+stamp "GPU tests (not gpu-marked, compiled)"
+timeout $(cap 150) $PYTEST $XDIST -m "not gpu" tests/test_ema_backends.py tests/test_ema_triton.py \
+    tests/test_ema_tc.py tests/test_ema_tc_bwd.py tests/test_triton_bfloat16.py tests/test_cross_attention_op.py \
+    tests/test_attention_triton.py > /tmp/generic.log 2>&1
+echo "compiled generic tests rc=$?" >> /tmp/generic.log
+{ grep -E "FAILED|ERROR|Error" /tmp/generic.log | head -40; tail -3 /tmp/generic.log; } >> "$OUT/tests.log"
+grep -E "rc=|passed|failed" /tmp/generic.log | tail -3
 
 stamp "summary"  # the target-shape rows, where their time goes, and each issue's targets (PASS / FAIL / n/a)
 echo "== bench_ema"
