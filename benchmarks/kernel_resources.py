@@ -172,17 +172,22 @@ def ema_configs():
                tuple(n for n in types if n.endswith("_ptr")) + ("D",))
 
 
-def cuda_report(path: str = "csrc/ema/ema_cuda.cu", arch: int = 90) -> list:
-    """(kernel, registers, stack bytes, shared bytes) of every kernel in a .cu file compiled by nvcc for `arch`
-    (flags of scripts/compile_cuda.sh; about a minute), names demangled when c++filt is present."""
+CUDA_KERNEL_FILES = ("csrc/ema/ema_cuda_f32.cu", "csrc/ema/ema_cuda_f16.cu", "csrc/ema/ema_cuda_bf16.cu")
+
+
+def cuda_report(paths=CUDA_KERNEL_FILES, arch: int = 90) -> list:
+    """(kernel, registers, stack bytes, shared bytes) of every kernel in the .cu files compiled by nvcc for
+    `arch` (flags of scripts/compile_cuda.sh; about a minute each), names demangled when c++filt is present."""
     import shutil
     import tempfile
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    usage = ""
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        subprocess.run([nvcc, "-std=c++20", "-O3", "-cubin", f"-arch=sm_{arch}", "-Icsrc", path, "-o", cubin],
-                       check=True, capture_output=True, text=True)
-        usage = _tool("cuobjdump", cubin, "--dump-resource-usage")
+        for i, path in enumerate(paths):
+            cubin = os.path.join(tmp, f"k{i}.cubin")
+            subprocess.run([nvcc, "-std=c++20", "-O3", "-cubin", f"-arch=sm_{arch}", "-Icsrc", path, "-o", cubin],
+                           check=True, capture_output=True, text=True)
+            usage += _tool("cuobjdump", cubin, "--dump-resource-usage")
     rows = []
     for name, body in re.findall(r"Function (\S+):\s*\n\s*(REG:.*)", usage):
         if shutil.which("c++filt"):  # "void ns::(anonymous namespace)::kernel<T, 16>(args)" -> "kernel<T, 16>"

@@ -15,9 +15,11 @@ _PACKAGE = Path(__file__).resolve().parent
 ROOT = _PACKAGE.parent if (_PACKAGE.parent / "csrc").is_dir() else _PACKAGE / "_csrc_root"
 CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/ema/ema_cpu.cpp"]
-CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_ops.cpp"]
+# The CUDA kernels are instantiated once per I/O dtype in files of their own, which ninja compiles in parallel.
+CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_f32.cu", "csrc/ema/ema_cuda_f16.cu",
+                "csrc/ema/ema_cuda_bf16.cu", "csrc/ema/ema_cuda_ops.cpp"]
 HEADERS = ["csrc/ema/ema_kernels.cuh", "csrc/ema/ema_checks.h", "csrc/ema/ema_cuda.h",
-           "csrc/ema/ema_cuda_threads.cuh", "csrc/ema/ema_cuda_threads_bwd.cuh"]
+           "csrc/ema/ema_cuda_threads.cuh", "csrc/ema/ema_cuda_threads_bwd.cuh", "csrc/ema/ema_cuda_launch.cuh"]
 CXX_FLAGS = ["-O3"]
 CUDA_ARCHS = ("80", "90")
 NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)

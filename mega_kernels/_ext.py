@@ -41,8 +41,24 @@ def _digest(files, with_cuda: bool) -> str:
         h.update(rel.encode())
         h.update((_build.ROOT / rel).read_bytes())
     flags = _build.CXX_FLAGS + (_build.NVCC_FLAGS if with_cuda else [])
-    h.update(f"{torch.__version__}|{torch.version.cuda}|{with_cuda}|{flags}".encode())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{with_cuda}|{flags}|{_cuda_targets(with_cuda)}".encode())
     return h.hexdigest()[:16]
+
+
+def _cuda_targets(with_cuda: bool) -> str:
+    """The GPU architectures a CUDA build compiles for: TORCH_CUDA_ARCH_LIST, else (as torch's JIT build does)
+    those of the visible GPUs. Part of the cache key, so a cache built for another GPU is never loaded (its
+    kernels would fail with "no kernel image is available")."""
+    if not with_cuda:
+        return ""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if listed:
+        return listed
+    try:
+        return ",".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                                for i in range(torch.cuda.device_count())}))
+    except Exception:  # no driver: the build itself reports that
+        return ""
 
 
 def _prebuilt_is_stale(path: Optional[str]) -> bool:

@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
+# benchmarks/gpu_check.sh sets MEGA_NATIVE_STACKS for the extension's GPU tests: a crash inside an op then also
+# prints its C++ frames (pytest's faulthandler prints only the Python ones).
+if os.environ.get("MEGA_NATIVE_STACKS") and hasattr(torch._C, "_set_print_stack_traces_on_fatal_signal"):
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
+
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:

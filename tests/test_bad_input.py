@@ -67,6 +67,9 @@ def test_bad_cache_and_mask_with_cache():
     past = dec(IDS, use_cache=True).past_key_values
     with pytest.raises(ValueError, match="past_key_values has 1 layers"):
         dec(IDS[:, :1], past_key_values=past[:1])
+    as_transformers = tuple(layer[:3] for layer in past)  # transformers' layout: no position entry
+    with pytest.raises(ValueError, match=r"got entries of \[3\] items .*transformers' MEGA cache"):
+        dec(IDS[:, :1], past_key_values=as_transformers)
     with pytest.raises(ValueError, match=r"attention_mask must be \(B, L\) = \(2, 8\)"):
         dec(IDS[:, :1], past_key_values=past, attention_mask=torch.ones(2, 1))
 

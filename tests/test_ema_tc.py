@@ -211,3 +211,13 @@ def test_gpu_tensor_core_precision(dtype, bidirectional, precision):
     float64 reference under the tolerance rule, split operands in float32 and bfloat16, one TF32 product in
     bfloat16."""
     _check_forward(2, 4096, 96, 16, bidirectional, not bidirectional, True, dtype, chunk=256, tc_precision=precision)
+
+
+def test_refuses_more_states_than_its_tiles_hold():
+    """N > 32 pads to 64-state tiles, which need more shared memory than an sm_90 program has (the interpreter
+    has no such limit): refused by name, with the fix; N = 32 runs."""
+    x, coefs, _, _, _ = _inputs(1, 16, 8, 33, False, False)
+    with pytest.raises(ValueError, match=r"N <= 32 .* got N = 33; leave tensor_cores off"):
+        ema_fwd(x, *coefs, None, None, False, 0, False, tensor_cores=True, chunk=16)
+    x, coefs, _, _, _ = _inputs(1, 16, 8, 32, False, False)
+    ema_fwd(x, *coefs, None, None, False, 0, False, tensor_cores=True, chunk=16)

@@ -121,6 +121,15 @@ def test_refuses_what_it_does_not_take(option, match):
         ema_bwd(gy, None, x, *coefs, None, None, False, truncation, tensor_cores=True, **option)
 
 
+def test_refuses_more_states_than_its_tiles_hold():
+    """The parameter sweep's 64-state tiles (N > 32) exceed an sm_90 program's shared memory: refused by name."""
+    coefs, _, x, mask, state, gy, gs = _case(1, 16, 8, 33, False, False)
+    a, q, c, omega = coefs
+    g = gy.float()
+    with pytest.raises(ValueError, match=r"param_sweep_tc: tensor_cores=True takes N <= 32"):
+        ema_param_grads(g, x, a, q, c, None, None, None, None, 16, False, 0, tensor_cores=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,bidirectional", [(torch.bfloat16, False), (torch.float32, True)], ids=str)
 def test_gpu_tensor_core_param_sweep(dtype, bidirectional):

@@ -391,6 +391,12 @@ def test_clear_errors():
     for tensor_cores in (False, True):
         with pytest.raises(ValueError, match="chunk must be a positive number of steps"):
             ema_fwd(x, a, q, c, omega, None, None, False, 0, False, chunk=-16, tensor_cores=tensor_cores)
+    for unroll in (0, 3, 2.0):  # a tile's rows: tl.arange needs a power of two
+        with pytest.raises(ValueError, match="ema_scan: unroll must be a power of two"):
+            ema_fwd(x, a, q, c, omega, None, None, False, 0, False, unroll=unroll)
+    # the parameter sweep sums blocks of 64 steps, each a whole number of tiles: 128-step tiles would count twice
+    with pytest.raises(ValueError, match="ema_param_grads: unroll must be a power of two up to 64"):
+        ema_bwd(x, None, x, a, q, c, omega, None, None, False, 0, unroll=128, chunk=256)
     with pytest.raises(ValueError, match="ema_step: x must be"):
         ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
 

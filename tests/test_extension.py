@@ -223,3 +223,17 @@ def test_build_lock_is_exclusive(tmp_path):
         assert held.returncode != 0 and b"BlockingIOError" in held.stderr
     free = subprocess.run([sys.executable, "-c", take, str(tmp_path / "build.lock")], capture_output=True)
     assert free.returncode == 0, free.stderr
+
+
+def test_cache_key_names_the_gpu_architectures(monkeypatch):
+    """A CUDA build's cache folder depends on the architectures it targets (TORCH_CUDA_ARCH_LIST, else the visible
+    GPUs'), so a cache built for another GPU is never loaded; the CPU-only key ignores them."""
+    from mega_kernels import _build
+
+    files = _build.sources(True) + _build.HEADERS
+    keys = {}
+    for archs in ("8.0", "9.0", "8.0;9.0"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", archs)
+        keys[archs] = (_ext._digest(files, True), _ext._digest(files, False))
+    assert len({cuda for cuda, _ in keys.values()}) == 3
+    assert len({cpu for _, cpu in keys.values()}) == 1

@@ -243,3 +243,17 @@ def test_autocast_bfloat16(case, backend):
         err, _, base = error_and_bound(out, r32, rlow)
         bound = 3.0 * base + ATOL[torch.bfloat16] * (1.0 + r32.abs().max().item())
         assert err <= bound, f"tensor {i}: max error {err:.3e} > bound {bound:.3e} (transformers' own {base:.3e})"
+
+
+@pytest.mark.parametrize("num_labels,labels", [(1, torch.randn(2)), (3, torch.tensor([0, 2])),
+                                               (3, torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))],
+                         ids=["regression", "single_label", "multi_label"])
+def test_inferred_problem_type_is_kept_like_transformers(num_labels, labels):
+    """The first labelled call writes the problem type it inferred into the config (transformers does), so a
+    saved model records its task and later calls keep the same loss."""
+    hf_model, ours = build_pair("MegaForSequenceClassification", config_dict(num_labels=num_labels))
+    ids = torch.randint(2, 50, (2, 6))
+    for m in (hf_model, ours):
+        assert m.config.problem_type is None
+        m(ids, labels=labels)
+    assert ours.config.problem_type == hf_model.config.problem_type is not None

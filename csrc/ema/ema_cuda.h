@@ -97,6 +97,17 @@ const char* launch_fwd(const FwdParams& p, DType dtype, void* stream);
 const char* launch_bwd(const BwdParams& p, DType dtype, void* stream);
 const char* launch_step(const StepParams& p, DType dtype, void* stream);
 
+// The same per I/O dtype, each compiled in its own file (ema_cuda_f32.cu, ema_cuda_f16.cu, ema_cuda_bf16.cu);
+// the three above dispatch to them.
+#define MK_EMA_CUDA_DECLARE(SUFFIX)                                          \
+  const char* launch_fwd_##SUFFIX(const FwdParams& p, void* stream);         \
+  const char* launch_bwd_##SUFFIX(const BwdParams& p, void* stream);         \
+  const char* launch_step_##SUFFIX(const StepParams& p, void* stream);
+MK_EMA_CUDA_DECLARE(f32)
+MK_EMA_CUDA_DECLARE(f16)
+MK_EMA_CUDA_DECLARE(bf16)
+#undef MK_EMA_CUDA_DECLARE
+
 }  // namespace cuda
 }  // namespace ema
 }  // namespace mega_kernels

@@ -119,6 +119,7 @@ def _classification_loss(config, logits: Tensor, labels: Tensor) -> Tensor:
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+        config.problem_type = problem  # kept, as transformers does: later calls and save_pretrained see it
     if problem == "regression":
         return F.mse_loss(logits.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(logits, labels)
     if problem == "single_label_classification":

@@ -400,6 +400,14 @@ class MegaModel(MegaPreTrainedModel):
             if len(past_key_values) != c.num_hidden_layers:
                 raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has "
                                  f"{c.num_hidden_layers}; pass the past_key_values returned by this model")
+            want = 6 if c.add_cross_attention else 4
+            sizes = sorted({len(layer) if isinstance(layer, (tuple, list)) else -1 for layer in past_key_values})
+            if any(n not in (4, want) for n in sizes):
+                raise ValueError("past_key_values: each layer's entry must be the (self_k, self_v, ema_cache, "
+                                 f"position[, cross_k, cross_v]) tuple this model returns, got entries of {sizes} "
+                                 "items (-1: not a tuple); transformers' MEGA cache (no position entry: README "
+                                 "difference 7) cannot be continued, so run the prompt through this model with "
+                                 "use_cache=True")
             past = int(past_key_values[0][3].max()) if past_key_values[0][3].numel() else 0
         padding_mask = self._bool_mask("attention_mask", attention_mask, (bsz, past + length))
         if padding_mask is not None and not _compiling() and bool(padding_mask.all()):

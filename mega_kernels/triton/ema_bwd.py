@@ -54,6 +54,7 @@ from .ema_sweep import EPI_DSILU, EPI_DX, _coef, _load_in, _powi
 
 Tensor = torch.Tensor
 PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
+PARAM_SUB = 64  # steps per block of the parameter sweep's two-level sums (a whole number of unroll tiles)
 
 
 @triton.jit
@@ -77,7 +78,7 @@ def _param_step(um, g, ud, hs, hp, H, P, pw, bH, bP, bA, q, qk, kqk1, TRUNC: tl.
 def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, part_ptr, adj_ptr,
                        B, L, D, N, K, CHUNK, GROUP, NDB, NDIR: tl.constexpr, MASK_IN: tl.constexpr,
                        TRUNC: tl.constexpr, HAS_S: tl.constexpr, HAS_BUF: tl.constexpr, UNROLL: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = 64):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SUB: tl.constexpr = PARAM_SUB):
     """One program = one group of GROUP scan chunks (GROUP * CHUNK steps), one batch row, one direction, BLOCK_D
     channels. From the true incoming h (S, 0, or buf = h_in of the group's first chunk in its direction) it runs
     h, H_run, P_run (H, P from zero) and writes four (BLOCK_N, BLOCK_D) partials to part[:, group, b, row]:
@@ -164,7 +165,7 @@ def _param_grad_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, s_ptr, buf_ptr, par
     a = _sw._safe(_coef(a_ptr, row0, offs_n, offs_d, N, D, kd))  # loaded again: not held through the sweep
     ng = tl.num_programs(0) // per_group
     part = part_ptr + (grp * B + b).to(tl.int64) * kd * N + bst
-    plane = ng * B * kd * N
+    plane = ng.to(tl.int64) * B * kd * N
     tl.store(part, sum_H, mask=sm)
     tl.store(part + plane, a * sum_P, mask=sm)
     tl.store(part + 2 * plane, H, mask=sm)
@@ -189,7 +190,7 @@ def _param_carry_kernel(part_ptr, adj_ptr, a_ptr, c_ptr, q_ptr, s_ptr, gs_ptr, d
     row = e % KD  # partials, a, q and c are (N, KD) per batch row
     rev = row >= D
     q = tl.load(q_ptr + e, mask=em, other=1.0)
-    plane = NG * B * KD * N
+    plane = NG.to(tl.int64) * B * KD * N
     nc = (L + CHUNK - 1) // CHUNK
     H_in = tl.zeros((BLOCK,), tl.float32)
     P_in = tl.zeros((BLOCK,), tl.float32)
@@ -263,6 +264,7 @@ def ema_param_grads(g: Tensor, x: Tensor, a: Tensor, q: Tensor, c: Tensor, keep:
         part, adj = param_sweep_tc(x, keep, g, a, q, state, buf, chunk, group, bidirectional, truncation,
                                    block_d=block_d, cols=cols)
     else:
+        _fwd.check_unroll("ema_param_grads", unroll, most=PARAM_SUB)  # whole tiles in each block of the sums
         block_d = block_d_for(dim, block_d)
         ndb = triton.cdiv(dim, block_d)
         part = _fwd._empty((4, ngroups, bsz, ndim, kd), torch.float32, x.device)

@@ -370,6 +370,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     chunk = int(chunk or DEFAULT_CHUNK)
     if chunk < 1:
         raise ValueError(f"ema_scan: chunk must be a positive number of steps, got {chunk}")
+    check_unroll("ema_scan", unroll)
     nc = triton.cdiv(length, chunk)
     block_d = block_d_for(dim, block_d)
     ndb = triton.cdiv(dim, block_d)
@@ -424,6 +425,13 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
         CARRY=carry, LOOKBACK=lookback, WRITE_FINAL=write_final, UNROLL=unroll, BLOCK_N=block_n,
         BLOCK_D=block_d, num_warps=num_warps, **({"maxnreg": cap} if cap else {}))
     return Scan(out, final, buf, chunk, dom)
+
+
+def check_unroll(fn: str, unroll: int, most: Optional[int] = None) -> None:
+    """A ValueError unless unroll (time steps per loop iteration, a tile's rows) is a power of two (up to `most`)."""
+    if not isinstance(unroll, int) or unroll < 1 or unroll & (unroll - 1) or (most is not None and unroll > most):
+        upto = f" up to {most}" if most is not None else ""
+        raise ValueError(f"{fn}: unroll must be a power of two{upto} (time steps per tile), got {unroll!r}")
 
 
 def _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse, mask_in,

@@ -57,6 +57,9 @@ from . import ema_sweep as _sw
 
 Tensor = torch.Tensor
 SUB = 16  # steps per sub-chunk: the dots' smallest size
+# The most states per channel the passes take: past 32 the tiles (BLOCK_N 64) need more shared memory than one
+# sm_90 program can have (232448 B): the 16-bit output pass 344064 B, the backward's parameter sweep 286720 B.
+MAX_N = 32
 
 
 @triton.jit
@@ -471,6 +474,13 @@ def default_block_d(dtype: torch.dtype, lookback: bool) -> int:
     return 8 if dtype == torch.float32 and not lookback else 16
 
 
+def check_ndim(fn: str, n: int) -> None:
+    """A ValueError for an N the tensor-core tiles cannot hold (MAX_N), with the fix."""
+    if n > MAX_N:
+        raise ValueError(f"{fn}: tensor_cores=True takes N <= {MAX_N} states per channel (larger tiles exceed an "
+                         f"SM's shared memory), got N = {n}; leave tensor_cores off (the sweeps take any N)")
+
+
 def block_n_tc(n: int) -> int:
     """States per channel in the tensor-core kernels' tiles (and their operators' rows): N padded to a power of
     two >= 16, the dots' smallest size."""
@@ -518,6 +528,7 @@ def ema_scan_tc(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep:
     if block_d < 8 or cols < 16 or block_d & (block_d - 1) or cols & (cols - 1):
         raise ValueError(f"ema_scan_tc: block_d must be a power of two >= 8 and cols one >= 16 (the dots' smallest "
                          f"size), got {block_d}, {cols}")
+    check_ndim("ema_scan_tc", ndim)
     if precision not in ("split", "tf32") or (precision == "tf32" and u.dtype != torch.bfloat16):
         raise ValueError(f"ema_scan_tc: precision must be 'split', or 'tf32' for bfloat16 inputs only; got "
                          f"{precision!r} for {u.dtype}")

@@ -41,7 +41,7 @@ import triton.language as tl
 from . import ema_fwd as _fwd
 from . import ema_sweep as _sw
 from .ema_bwd import _param_step
-from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk, block_n_tc
+from .ema_tc import SUB, _mm, _pow, _split, _sub_chunk, block_n_tc, check_ndim
 
 Tensor = torch.Tensor
 BLOCK_D, NUM_WARPS = 8, 8  # channels and warps per program (sm_90: 236 registers, no spill; 16 channels spill)
@@ -244,7 +244,7 @@ def _tc_param_kernel(x_ptr, keep_ptr, g_ptr, a_ptr, q_ptr, op_ptr, s_ptr, buf_pt
     sH += tl.where(first, in_H, 0.0)
     sP += tl.where(first, in_P, 0.0)
     part = part_ptr + (col.to(tl.int64) * N + n3) * KD + row0 + d3
-    plane = NCOL * N * KD
+    plane = NCOL.to(tl.int64) * N * KD
     tl.store(part, sH, mask=st_m)
     tl.store(part + plane, a * sP, mask=st_m)
     tl.store(part + 2 * plane, H, mask=st_m)
@@ -273,6 +273,7 @@ def param_sweep_tc(x: Tensor, keep: Optional[Tensor], g: Tensor, a: Tensor, q: T
     if truncation > 0:
         raise ValueError("param_sweep_tc: the tensor-core parameter sweep does not take truncation; leave "
                          "tensor_cores off for a truncated EMA")
+    check_ndim("param_sweep_tc", q.shape[1])
     if chunk % SUB:
         raise ValueError(f"param_sweep_tc: the tensor-core parameter sweep needs chunk to be a multiple of {SUB}, "
                          f"got {chunk}")
