@@ -276,13 +276,14 @@ def _check_op(op, name, dtype, device):
 
 def cmd_bench(args) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "benchmarks", f"bench_{args.name}.py")
-    if not os.path.exists(path):
+    path = os.path.join(root, "benchmarks", f"bench_{args.name or ''}.py")
+    if args.name is None or not os.path.exists(path):
         folder = os.path.dirname(path)
         if os.path.isdir(folder):
             names = sorted(f[len("bench_"):-3] for f in os.listdir(folder)
                            if f.startswith("bench_") and f.endswith(".py"))
-            print(f"no benchmark {args.name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+            what = "name a benchmark" if args.name is None else f"no benchmark {args.name!r}"
+            print(f"{what}; choose one of: {', '.join(names)}", file=sys.stderr)
         else:
             print(f"no benchmark {args.name!r}: benchmarks/ ships with the source checkout only "
                   f"(looked for {path})", file=sys.stderr)
@@ -311,8 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", action="append", choices=backends.BACKENDS[1:], help="only this backend (repeatable)")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("bench", help="run a benchmark script from benchmarks/")
-    p.add_argument("name", help="ema, attention, ema_cpu, model_cpu, ...")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("name", nargs="?", help="ema, attention, ema_cpu, model_cpu, ... (none: list them)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...", help="the benchmark's own options (e.g. --tiny)")
     p.set_defaults(fn=cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)

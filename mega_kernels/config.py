@@ -155,7 +155,8 @@ class MegaConfig:
                 "set chunk_size to the attention block length (e.g. 128) or use_chunking=False")
         if not isinstance(self.chunk_size, int) or (self.chunk_size < 1 and self.chunk_size != -1):
             bad("chunk_size", "must be -1 (no chunking) or a positive int", "use -1 or a positive block length")
-        if self.truncation is not None and (not isinstance(self.truncation, int) or self.truncation < 1):
+        if self.truncation is not None and (not isinstance(self.truncation, int) or isinstance(self.truncation, bool)
+                                            or self.truncation < 1):
             bad("truncation", "must be None or a positive int", "use None (full EMA) or a positive kernel length")
         if self.relative_positional_bias == "rotary" and self.shared_representation_size % 2:
             bad("shared_representation_size", "must be even with the rotary relative bias (it rotates halves)",

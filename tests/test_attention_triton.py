@@ -304,6 +304,23 @@ def test_gradcheck(activation):
     assert torch.autograd.gradcheck(fn, (q, k, v, b), eps=1e-3, atol=2e-3, rtol=2e-2, fast_mode=True)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_double_backward_matches_reference(activation):
+    """create_graph=True (a gradient penalty): the second derivatives in q, k, v and rel_bias equal the reference's
+    (the kernels' backward has no derivative; under create_graph it differentiates the reference instead)."""
+    torch.manual_seed(2)
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 7, 7, 16, 8, 4)]
+    mask = torch.tensor([[True] * 7, [False, True, True, True, True, True, False]], device=DEVICE)
+    gy = torch.randn(2, 7, 8, device=DEVICE)
+    second = []
+    for fn in (triton_attention, reference):
+        out = fn(*leaves, activation=activation, chunk_size=4, causal=True, key_padding_mask=mask)
+        first = torch.autograd.grad((out * gy).sum(), leaves, create_graph=True)
+        second.append(torch.autograd.grad(sum((g ** 2).sum() for g in first), leaves))
+    for name, got, want in zip("q k v rel_bias".split(), *second):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
 # -- torch.library: opcheck and torch.compile ----------------------------------------------------------
 
 def test_opcheck():
@@ -479,3 +496,36 @@ def test_gpu_bitwise_deterministic():
         assert torch.equal(a, b)
     for a, b in zip(runs[0], runs[2]):
         assert torch.equal(a, b)
+
+
+def test_launches_make_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current device: the forward and backward ops enter their inputs' device first (on a
+    CPU tensor a no-op), so inputs on cuda:1 while cuda:0 is current run where they live."""
+    import mega_kernels.triton as kernels
+
+    seen, real = [], kernels.on_device_of
+    monkeypatch.setattr(kernels, "on_device_of", lambda t: seen.append(t.device) or real(t))
+    q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(1, 5, 5, 16, 8, None)]
+    triton_attention(q, k, v, b).sum().backward()
+    assert seen == [q.device, q.device]
+
+
+def test_batch_beyond_the_grid_is_refused():
+    q, k, v, b = attention_inputs(65536, 1, 1, 16, 8, None, dtype=torch.float32)
+    with pytest.raises(ValueError, match="batch size 65536 exceeds 65535.*split the batch"):
+        attention_fwd(q, k, v, b, "softmax", 0, False, None)
+
+
+def test_deterministic_mode_uses_the_fixed_configs(monkeypatch):
+    """Autotuning picks by timing, so another process may pick another config (another summation order): under
+    torch.use_deterministic_algorithms(True) the launchers keep the fixed configs."""
+    from mega_kernels.triton import attention_common
+
+    monkeypatch.setattr(attention_common, "interpreting", lambda: False)  # as on a GPU
+    assert attention_common.may_autotune(torch.bfloat16)
+    assert not attention_common.may_autotune(torch.float32)
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not attention_common.may_autotune(torch.bfloat16)
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -33,7 +33,8 @@ def test_token_type_ids_out_of_range():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(input_ids=IDS.float()), TypeError, "input_ids must be an integer"),
+    (dict(input_ids=IDS.float()), TypeError, "input_ids must be a torch.long or torch.int"),
+    (dict(input_ids=IDS.to(torch.uint8)), TypeError, r"input_ids must be a torch.long or torch.int .*ids.long\(\)"),
     (dict(inputs_embeds=torch.randn(2, 7, 16, dtype=torch.float64)), TypeError, r"inputs_embeds is torch.float64"),
     (dict(inputs_embeds=torch.randn(2, 7, 15)), ValueError, r"inputs_embeds must be \(B, L, 16\)"),
     (dict(), ValueError, "exactly one of input_ids and inputs_embeds"),
@@ -72,6 +73,15 @@ def test_bad_cache_and_mask_with_cache():
         dec(IDS[:, :1], past_key_values=as_transformers)
     with pytest.raises(ValueError, match=r"attention_mask must be \(B, L\) = \(2, 8\)"):
         dec(IDS[:, :1], past_key_values=past, attention_mask=torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("head,labels", [("MegaForCausalLM", IDS[:, :5]), ("MegaForCausalLM", IDS.reshape(-1)),
+                                         ("MegaForMaskedLM", IDS[:, :5]), ("MegaForMaskedLM", IDS.float())])
+def test_token_labels_must_match_the_tokens(head, labels):
+    overrides = DEC if head == "MegaForCausalLM" else {}
+    with pytest.raises(ValueError, match=r"labels must be integer token ids of shape \(B, L\) = \(2, 7\)"):
+        model(head, **overrides)(IDS, labels=labels)
+    model("MegaForMaskedLM")(IDS, labels=IDS.reshape(-1))  # as transformers: any shape holding B * L ids
 
 
 def test_cross_attention_inputs():

@@ -50,6 +50,8 @@ def test_check_fails_a_wrong_backend(monkeypatch, capsys):
 def test_bench_unknown_name_is_an_error(capsys):
     assert cli.main(["bench", "no_such_benchmark"]) == 2
     assert "choose one of: attention, ema" in capsys.readouterr().err  # a source checkout lists them
+    assert cli.main(["bench"]) == 2  # no name: the list, not argparse's "arguments are required"
+    assert "name a benchmark; choose one of: attention, ema" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("device,match", [("xyz", "--device must be cpu or cuda"),

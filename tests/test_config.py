@@ -100,6 +100,7 @@ def test_a_torch_dtype_attribute_serialises_by_name(tmp_path):
     (dict(use_chunking=True), ["chunk_size", "positive"]),
     (dict(use_chunking=True, chunk_size=0), ["chunk_size", "positive"]),
     (dict(truncation=0), ["truncation", "positive"]),
+    (dict(truncation=True), ["truncation", "positive"]),
     (dict(add_cross_attention=True), ["add_cross_attention", "is_decoder=True"]),
     (dict(hidden_size=0), ["hidden_size", "positive"]),
     (dict(dropout_prob=1.5), ["dropout_prob", "[0, 1]"]),

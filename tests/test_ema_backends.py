@@ -8,6 +8,7 @@ TRITON_INTERPRET=1 (tests/conftest.py), where every time step costs ~1 ms: shape
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -235,6 +236,43 @@ def test_gradcheck(backend, bidirectional):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*double precision.*")
         assert torch.autograd.gradcheck(fn, (x, *params) + ((st,) if st is not None else ()), **tol)
+
+
+@pytest.mark.parametrize("bidirectional,truncation,step", [(False, None, False), (True, 4, False), (False, None, True)],
+                         ids=["uni-state", "bi-trunc", "step"])
+def test_double_backward(backend, bidirectional, truncation, step):
+    """create_graph=True (a gradient penalty): the second derivatives in x, the parameters and the state equal the
+    reference backend's, in the backend's widest dtype; gradgradcheck where the backend takes float64. (A kernel's
+    backward op has no derivative: under create_graph the backends differentiate the reference, ops/autograd.py.)"""
+    name, device = backend
+    dtype = torch.float64 if torch.float64 in BACKEND_DTYPES[name] else torch.float32
+    with_state = not bidirectional and truncation is None
+    x, params, mask, state, gy, gs = _inputs(2, 1 if step else 6, 5, 3, bidirectional, dtype, device, True,
+                                             with_state)
+    params = [p.to(dtype) for p in params]
+    state = None if state is None else state.to(dtype)
+
+    def fn(which, x, *rest):
+        *ps, s = rest if state is not None else (*rest, None)
+        if step:
+            return ops.ema_step(x[:, 0], *ps, s, mask=mask[:, 0], backend=which)
+        out = ops.ema(x, *ps, mask=mask, state=s, return_state=s is not None, bidirectional=bidirectional,
+                      truncation=truncation, backend=which)
+        return out if s is not None else (out,)
+
+    leaves = [t.detach().requires_grad_() for t in [x, *params] + ([state] if state is not None else [])]
+    second = {}
+    for which in ("reference", name):
+        outs = fn(which, *leaves)
+        loss = sum((o.double() * torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                    .to(o.device)).sum() for i, o in enumerate(outs))
+        first = torch.autograd.grad(loss, leaves, create_graph=True)
+        second[which] = torch.autograd.grad(sum((g.double() ** 2).sum() for g in first), leaves)
+    rtol = 1e-10 if dtype == torch.float64 else 1e-5
+    for i, (got, want) in enumerate(zip(second[name], second["reference"])):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=f"input {i}")
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(functools.partial(fn, name), leaves)
 
 
 @pytest.mark.parametrize("shape", [(0, 7, 24), (3, 0, 24), (3, 7, 0)], ids=["B0", "L0", "D0"])

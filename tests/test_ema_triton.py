@@ -401,6 +401,21 @@ def test_clear_errors():
         ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
 
 
+def test_launches_make_the_inputs_device_current(monkeypatch):
+    """Triton launches on the current device: the forward, backward and step ops enter x's device first (on a CPU
+    tensor a no-op), so inputs on cuda:1 while cuda:0 is current run where they live."""
+    import mega_kernels.triton as kernels
+
+    seen, real = [], kernels.on_device_of
+    monkeypatch.setattr(kernels, "on_device_of", lambda t: seen.append(t.device) or real(t))
+    (a, q, c, omega), _ = _coefs(4, 2, False)
+    x = torch.randn(2, 5, 4, device=DEVICE)
+    ema_fwd_triton(x, a, q, c, omega, None, None, False, 0, False)
+    ema_bwd_triton(x, None, x, a, q, c, omega, None, None, False, 0)
+    ema_step_triton(x[:, 0].contiguous(), a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
+    assert seen == [x.device] * 3
+
+
 # -- GPU only ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

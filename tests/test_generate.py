@@ -201,6 +201,8 @@ def test_generate_needs_a_decoder():
     (dict(min_new_tokens=-1), "min_new_tokens must be an int >= 0"),
     (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
     (dict(top_k=-1), "top_k must be an int >= 0"),
+    (dict(do_sample=True, top_k=2.5), "top_k must be an int >= 0"),
+    (dict(do_sample=True, top_k=True), "top_k must be an int >= 0"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
@@ -215,6 +217,11 @@ def test_generate_needs_a_decoder():
 def test_generate_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         decoder().generate(torch.randint(3, 50, (1, 3)), **kwargs)
+
+
+def test_generate_needs_a_batch_of_prompts():
+    with pytest.raises(ValueError, match=r"input_ids must be a \(B, L\) tensor of token ids, got \(3,\).*ids\[None\]"):
+        decoder().generate(torch.randint(3, 50, (3,)), max_new_tokens=2)
 
 
 def test_generate_with_eos_needs_a_pad_token():

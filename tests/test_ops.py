@@ -70,7 +70,8 @@ def test_ema_bad_input(bad, match):
     (dict(x=torch.randn(1, 3, 4)), "x must be a \\(B, D\\) tensor"),
     (dict(state=None), "state must be the \\(B, D, N\\) state of the previous step"),
     (dict(mask=torch.ones(1, 1, dtype=torch.bool)), "mask must be \\(B,\\) = \\(1,\\)"),
-    (dict(state=torch.zeros(1, 4, 3, device="meta")), "state is on meta"),
+    (dict(state=torch.zeros(1, 4, 3, device="meta")), "ema_step: state is on meta"),
+    (dict(state=torch.zeros(1, 4, 2)), r"ema_step: state must be \(B, D, N\) = \(1, 4, 3\)"),
 ])
 def test_ema_step_bad_input(bad, match):
     params = ema_params(4, 3, dtype=torch.float32)
@@ -89,6 +90,7 @@ def test_ema_step_bad_input(bad, match):
     (lambda t: dict(t, activation="gelu"), "activation must be"),
     (lambda t: dict(t, key_padding_mask=torch.ones(2, 3, dtype=torch.bool)), "key_padding_mask must be"),
     (lambda t: dict(t, chunk_size=0), "chunk_size must be"),
+    (lambda t: dict(t, chunk_size=True), "chunk_size must be"),
     (lambda t: dict(t, rel_bias=[0.0] * 9), "rel_bias must be a float tensor"),
     (lambda t: dict(t, rel_bias=None), "rel_bias must be a float tensor, got None"),
     (lambda t: dict(t, rel_bias=torch.arange(9)), "rel_bias must be a float tensor, got torch.int64"),

@@ -36,6 +36,25 @@ def test_ema_kernel_matches_definition():
     torch.testing.assert_close(k, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_ema_fft_of_a_saturated_damping_is_finite(bidirectional):
+    """delta = alpha = 20: p and sigmoid(alpha) round to 1 in float32, so q = 0 for every channel. The powers
+    q^l are 1 at l = 0 and 0 after: the FFT form (exp(l log q), NaN at 0 * log 0 unguarded) equals the
+    recurrence, forward and state, and its gradients are finite."""
+    delta, alpha, beta, gamma, omega = (p.float() for p in ema_params(3, 2, bidirectional))
+    delta, alpha = torch.full_like(delta, 20.0), torch.full_like(alpha, 20.0)
+    a, q, c = ema_coefficients(delta, alpha, beta, gamma)
+    assert (q == 0).all()
+    x = torch.randn(2, 7, 3, requires_grad=True)
+    kw = dict(mask=random_mask(2, 7), bidirectional=bidirectional)
+    if not bidirectional:
+        kw.update(state=torch.randn(2, 3, 2), return_state=True)
+    got, want = ema_fft(x, a, q, c, omega, **kw), ema_recurrent(x, a, q, c, omega, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    (grad,) = torch.autograd.grad(sum(t.sum() for t in (got if isinstance(got, tuple) else (got,))), x)
+    assert torch.isfinite(grad).all()
+
+
 def test_ema_state_split_and_steps_equal_one_pass():
     x = torch.randn(2, 20, 5, dtype=torch.float64)
     delta, alpha, beta, gamma, omega = ema_params(5, 3)

@@ -42,7 +42,7 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_k is not None and top_k < 0:
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
         raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filter, as transformers), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
@@ -214,6 +214,10 @@ class GenerationMixin:
         call; token_type_ids (B, L) give the prompt's types, and each new token takes its row's last type."""
         if not self.config.is_decoder:
             raise ValueError("generate needs a decoder: build the model with is_decoder=True, bidirectional=False")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"generate: input_ids must be a (B, L) tensor of token ids, got "
+                             f"{tuple(getattr(input_ids, 'shape', ())) or type(input_ids).__name__}; for one "
+                             "prompt pass ids[None]")
         model_kwargs = _model_kwargs(model_kwargs)
         _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
                         min_new_tokens, early_stopping)

@@ -68,6 +68,7 @@ class MegaForCausalLM(_LMHeadModel, GenerationMixin):
         logits = self._logits(out.last_hidden_state)
         loss = None
         if labels is not None:
+            _check_token_labels(labels, logits, shifted=True)
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         if not return_dict:
             return _head_tuple(loss, (logits,), out)
@@ -90,7 +91,10 @@ class MegaForMaskedLM(_LMHeadModel):
                         encoder_attention_mask, output_attentions=output_attentions,
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self._logits(out.last_hidden_state)
-        loss = None if labels is None else F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss = None
+        if labels is not None:
+            _check_token_labels(labels, logits, shifted=False)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return _logits_output(MaskedLMOutput, loss, logits, out, return_dict)
 
 
@@ -107,6 +111,16 @@ class MegaClassificationHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         x = self.dropout(features[:, 0])
         return self.out_proj(self.dropout(torch.tanh(self.dense(x))))
+
+
+def _check_token_labels(labels: Tensor, logits: Tensor, shifted: bool) -> None:
+    """labels of a token-level head: integer ids, one per token of the (B, L) input (shifted: in that shape; else,
+    as transformers, any shape holding B * L ids)."""
+    shape = tuple(logits.shape[:2])
+    fits = tuple(labels.shape) == shape if shifted else labels.numel() == shape[0] * shape[1]
+    if not fits or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer token ids of shape (B, L) = {tuple(logits.shape[:2])}, got "
+                         f"{labels.dtype} {tuple(labels.shape)}; use -100 where no loss is wanted")
 
 
 def _classification_loss(config, logits: Tensor, labels: Tensor) -> Tensor:

@@ -325,9 +325,9 @@ class MegaModel(MegaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MegaModel: pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.dim() != 2:
-                raise TypeError(f"input_ids must be an integer (B, L) tensor, got {input_ids.dtype} "
-                                f"{tuple(input_ids.shape)}; pass token ids (e.g. torch.long)")
+            if input_ids.dtype not in (torch.long, torch.int) or input_ids.dim() != 2:
+                raise TypeError(f"input_ids must be a torch.long or torch.int (B, L) tensor, got {input_ids.dtype} "
+                                f"{tuple(input_ids.shape)}; pass token ids (e.g. ids.long())")
             if input_ids.numel() and not _compiling():
                 lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
                 if lo < 0 or hi >= c.vocab_size:

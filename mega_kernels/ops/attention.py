@@ -67,7 +67,7 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
         raise ValueError(f"attention: Lq ({lq}) must not exceed Lk ({lk}); queries sit at the end of the keys")
     if activation not in ACTIVATIONS:
         raise ValueError(f"attention: activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"attention: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(rel_bias, Tensor) or not rel_bias.dtype.is_floating_point:
         raise TypeError(f"attention: rel_bias must be a float tensor, got {getattr(rel_bias, 'dtype', rel_bias)!r}")

@@ -14,16 +14,20 @@ from typing import Optional
 
 import torch
 
+from .. import triton as _triton
 from ..triton.attention_bwd import attention_bwd
 from ..triton.attention_fwd import attention_fwd
+from ..reference.attention import attention as reference
 from .attention import ATTN_BWD_SCHEMA, ATTN_FWD_SCHEMA
+from .autograd import reference_grads
 
 Tensor = torch.Tensor
 
 
 @torch.library.custom_op("mega_kernels::attention_fwd_triton", mutates_args=(), schema=ATTN_FWD_SCHEMA)
 def attention_fwd_op(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
-    return attention_fwd(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    with _triton.on_device_of(q):
+        return attention_fwd(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
 
 
 @attention_fwd_op.register_fake
@@ -35,8 +39,9 @@ def _(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
 
 @torch.library.custom_op("mega_kernels::attention_bwd_triton", mutates_args=(), schema=ATTN_BWD_SCHEMA)
 def attention_bwd_op(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal, key_padding_mask):
-    return attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal,
-                         key_padding_mask)
+    with _triton.on_device_of(q):
+        return attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation, chunk_size, causal,
+                             key_padding_mask)
 
 
 @attention_bwd_op.register_fake
@@ -55,6 +60,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_stats):
     q, k, v, rel_bias, out, stats, key_padding_mask = ctx.saved_tensors
     activation, chunk_size, causal = ctx.flags
+    if torch.is_grad_enabled():  # create_graph=True: differentiable gradients through the reference (ops/autograd.py)
+        def recompute(q, k, v, rel_bias):
+            return (reference(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size or None, causal=causal,
+                              key_padding_mask=key_padding_mask),)
+
+        return reference_grads(recompute, (q, k, v, rel_bias), ctx.needs_input_grad[:4], (grad_out,)) + (None,) * 4
     dq, dk, dv, dbias = attention_bwd_op(grad_out.contiguous(), q, k, v, rel_bias, out, stats, activation,
                                          chunk_size, causal, key_padding_mask)
     return dq, dk, dv, dbias, None, None, None, None

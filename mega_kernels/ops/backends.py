@@ -158,9 +158,10 @@ def autocast_dtype(t) -> Optional[torch.dtype]:
 def implementation(op: str, backend: str) -> Callable:
     entry = _REGISTRY[op][backend]
     if entry._impl is None and torch.compiler.is_compiling():
-        raise RuntimeError(f"{op}: the {backend!r} backend is not loaded yet and torch.compile cannot trace its "
-                           f"import; call mega_kernels.ops.backends.preload(device, {backend!r}) (a model: "
-                           f"preload(device, model.config.kernel_backend)) or run once eagerly before compiling")
+        raise RuntimeError(f"{op}: the {backend!r} backend is not loaded yet and torch.compile / torch.export "
+                           f"cannot trace its import; call mega_kernels.ops.backends.preload(device, {backend!r}) "
+                           f"(a model: preload(device, model.config.kernel_backend)) or run once eagerly before "
+                           f"compiling or exporting")
     return entry.load()
 
 

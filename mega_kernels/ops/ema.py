@@ -18,9 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ..reference.ema import ema_coefficients
+from ..reference.ema import ema_coefficients, ema_fft
 from ..reference.ema import ema_step as reference_step
 from . import backends
+from .autograd import reference_grads
 
 Tensor = torch.Tensor
 
@@ -47,7 +48,9 @@ CUDA_MAX_N = 32
 def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
     """Make `fwd_op` differentiable with `bwd_op`; return a callable with the backend signature
     `(x, a, q, c, omega, *, mask, bidirectional, truncation, state, return_state)`. saves: the pair has the
-    EMA_FWD_SAVING_SCHEMA / EMA_BWD_SAVED_SCHEMA schemas (the forward's third output goes to the backward)."""
+    EMA_FWD_SAVING_SCHEMA / EMA_BWD_SAVED_SCHEMA schemas (the forward's third output goes to the backward).
+    A backward under create_graph=True differentiates the reference (`ema_fft`) instead of calling `bwd_op`,
+    so double backward is right on every backend (ops/autograd.py)."""
 
     def setup_context(ctx, inputs, output):
         x, a, q, c, omega, mask, state, bidirectional, truncation, return_state = inputs
@@ -58,6 +61,16 @@ def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
         x, a, q, c, omega, mask, state, saved = ctx.saved_tensors
         bidirectional, truncation, return_state = ctx.flags
         gs = grad_state if return_state else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (ops/autograd.py)
+            def recompute(x, a, q, c, omega, state):
+                out = ema_fft(x, a, q, c, omega, mask=mask, bidirectional=bidirectional,
+                              truncation=truncation or None, state=state, return_state=return_state)
+                return out if return_state else (out, None)
+
+            needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 3, 4, 6)]
+            gx, ga, gq, gc, gomega, gstate = reference_grads(recompute, (x, a, q, c, omega, state), needs,
+                                                             (grad_y, gs))
+            return gx, ga, gq, gc, gomega, None, gstate, None, None, None
         args = (grad_y.contiguous(), None if gs is None else gs.contiguous(), x, a, q, c, omega, mask, state,
                 bidirectional, truncation) + ((saved,) if saves else ())
         gx, ga, gq, gc, gomega, gstate = bwd_op(*args)
@@ -89,13 +102,8 @@ def register_ema_step_autograd(step_op) -> None:
 
     def backward(ctx, grad_y, grad_state):
         *tensors, mask = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, ctx.needs_input_grad)]
-        with torch.enable_grad():
-            y, state = reference_step(*leaves, mask)
-            outs = [(y, grad_y)] + ([(state, grad_state)] if grad_state is not None else [])
-            wanted = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs], allow_unused=True))
-        return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,)
+        return reference_grads(lambda *t: reference_step(*t, mask), tensors, ctx.needs_input_grad[:6],
+                               (grad_y, grad_state)) + (None,)
 
     torch.library.register_autograd(step_op, backward, setup_context=setup_context)
 
@@ -105,53 +113,54 @@ def _bool_mask(mask: Optional[Tensor]) -> Optional[Tensor]:
     return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
-def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state):
+def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state,
+              fn="ema"):
     if not isinstance(x, Tensor) or x.dim() != 3:
-        raise ValueError(f"ema: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
+        raise ValueError(f"{fn}: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in _FLOATS:
-        raise TypeError(f"ema: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega),
                     ("mask", mask), ("state", state)):
         if (p is not None or name not in ("mask", "state")) and not isinstance(p, Tensor):
-            raise TypeError(f"ema: {name} must be a tensor, got {type(p).__name__}")
+            raise TypeError(f"{fn}: {name} must be a tensor, got {type(p).__name__}")
     bsz, length, dim = x.shape
     kd = 2 * dim if bidirectional else dim
     if gamma.dim() != 2 or gamma.shape[0] != kd:
-        raise ValueError(f"ema: gamma must be ({kd}, N) for D={dim}, bidirectional={bidirectional}; "
+        raise ValueError(f"{fn}: gamma must be ({kd}, N) for D={dim}, bidirectional={bidirectional}; "
                          f"got {tuple(gamma.shape)}")
     ndim = gamma.shape[1]
     if ndim < 1:
-        raise ValueError("ema: gamma must be (kd, N) with an expansion size N >= 1, got N = 0")
+        raise ValueError(f"{fn}: gamma must be (kd, N) with an expansion size N >= 1, got N = 0")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta)):
         if tuple(p.shape) != (kd, ndim, 1):
-            raise ValueError(f"ema: {name} must be ({kd}, {ndim}, 1), got {tuple(p.shape)}")
+            raise ValueError(f"{fn}: {name} must be ({kd}, {ndim}, 1), got {tuple(p.shape)}")
     if tuple(omega.shape) != (dim,):
-        raise ValueError(f"ema: omega must be ({dim},), got {tuple(omega.shape)}")
+        raise ValueError(f"{fn}: omega must be ({dim},), got {tuple(omega.shape)}")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega)):
         if p.device != x.device:
-            raise ValueError(f"ema: {name} is on {p.device} but x is on {x.device}; move both to one device")
+            raise ValueError(f"{fn}: {name} is on {p.device} but x is on {x.device}; move both to one device")
         if not p.dtype.is_floating_point:
-            raise TypeError(f"ema: {name} must be a floating tensor, got {p.dtype}")
+            raise TypeError(f"{fn}: {name} must be a floating tensor, got {p.dtype}")
     if mask is not None:
         if tuple(mask.shape) != (bsz, length):
-            raise ValueError(f"ema: mask must be (B, L) = ({bsz}, {length}), got {tuple(mask.shape)}")
+            raise ValueError(f"{fn}: mask must be (B, L) = ({bsz}, {length}), got {tuple(mask.shape)}")
         if mask.device != x.device:
-            raise ValueError(f"ema: mask is on {mask.device} but x is on {x.device}")
+            raise ValueError(f"{fn}: mask is on {mask.device} but x is on {x.device}")
     if truncation is not None and (not isinstance(truncation, int) or isinstance(truncation, bool) or truncation < 1):
-        raise ValueError(f"ema: truncation must be a positive int or None, got {truncation!r}")
+        raise ValueError(f"{fn}: truncation must be a positive int or None, got {truncation!r}")
     if (state is not None or return_state) and bidirectional:
-        raise ValueError("ema: a state (state= or return_state=True) exists only for a unidirectional EMA; "
+        raise ValueError(f"{fn}: a state (state= or return_state=True) exists only for a unidirectional EMA; "
                          "pass bidirectional=False or drop the state arguments")
     if (state is not None or return_state) and truncation is not None and truncation < length + (state is not None):
-        raise ValueError("ema: a truncated EMA has no finite recurrent state; drop truncation= or keep the last "
+        raise ValueError(f"{fn}: a truncated EMA has no finite recurrent state; drop truncation= or keep the last "
                          "`truncation` inputs and recompute (the models do this for cached decoding)")
     if state is not None:
         if tuple(state.shape) != (bsz, dim, ndim):
-            raise ValueError(f"ema: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
+            raise ValueError(f"{fn}: state must be (B, D, N) = ({bsz}, {dim}, {ndim}), got {tuple(state.shape)}")
         if state.device != x.device:
-            raise ValueError(f"ema: state is on {state.device} but x is on {x.device}; move both to one device")
+            raise ValueError(f"{fn}: state is on {state.device} but x is on {x.device}; move both to one device")
         if not state.dtype.is_floating_point:
-            raise TypeError(f"ema: state must be a floating tensor, got {state.dtype}")
+            raise TypeError(f"{fn}: state must be a floating tensor, got {state.dtype}")
 
 
 def _resolve(backend, x, gamma) -> str:
@@ -187,7 +196,8 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
 
 def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, omega: Tensor,
              state: Tensor, *, mask: Optional[Tensor] = None, backend: Optional[str] = "auto"):
-    """One decoding step of a unidirectional EMA: x (B, D), state (B, D, N) -> (y (B, D), new state float32).
+    """One decoding step of a unidirectional EMA: x (B, D), state (B, D, N) -> (y (B, D), new state (B, D, N);
+    float32, float64 for float64 x).
 
     mask (B,) True = token; a padded token leaves the state decaying without input. As `ema`, unchanged by autocast.
     Differentiable in x, the parameters and state on every backend (`register_ema_step_autograd`).
@@ -204,7 +214,7 @@ def ema_step(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tenso
         raise ValueError(f"ema_step: mask must be (B,) = ({x.shape[0]},), one entry per row of x, got "
                          f"{tuple(getattr(mask, 'shape', ()))}")
     _validate(x[:, None], delta, alpha, beta, gamma, omega, None if mask is None else mask[:, None], False, None,
-              state, True)
+              state, True, fn="ema_step")
     mask = _bool_mask(mask)
     name = _resolve(backend, x, gamma)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)

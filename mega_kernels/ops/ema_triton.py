@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import triton as _triton
 from ..triton.ema_bwd import ema_bwd as _ema_bwd
 from ..triton.ema_fwd import chunk_states_shape
 from ..triton.ema_fwd import ema_fwd as _ema_fwd
@@ -28,7 +29,8 @@ _EMPTY_STATE = (0,)
 
 @torch.library.custom_op("mega_kernels::ema_fwd_triton", mutates_args=(), schema=EMA_FWD_SAVING_SCHEMA)
 def ema_fwd_triton(x, a, q, c, omega, mask, state, bidirectional, truncation, return_state):
-    return _ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, return_state, return_states=True)
+    with _triton.on_device_of(x):
+        return _ema_fwd(x, a, q, c, omega, mask, state, bidirectional, truncation, return_state, return_states=True)
 
 
 @ema_fwd_triton.register_fake
@@ -40,7 +42,8 @@ def _(x, a, q, c, omega, mask, state, bidirectional, truncation, return_state):
 
 @torch.library.custom_op("mega_kernels::ema_bwd_triton", mutates_args=(), schema=EMA_BWD_SAVED_SCHEMA)
 def ema_bwd_triton(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation, saved=None):
-    return _ema_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation, states=saved)
+    with _triton.on_device_of(x):
+        return _ema_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation, states=saved)
 
 
 @ema_bwd_triton.register_fake
@@ -52,7 +55,8 @@ def _(grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncat
 
 @torch.library.custom_op("mega_kernels::ema_step_triton", mutates_args=(), schema=EMA_STEP_SCHEMA)
 def ema_step_triton(x, a, q, c, omega, state, mask):
-    return _ema_step(x, a, q, c, omega, state, mask)
+    with _triton.on_device_of(x):
+        return _ema_step(x, a, q, c, omega, state, mask)
 
 
 @ema_step_triton.register_fake

@@ -51,6 +51,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 TAP_BLOCK = 64  # taps per row of the power tables of `ema_kernel`
 
 
+def _log_q(q: Tensor) -> Tensor:
+    """log q, finite where q = 0 (a saturated damping: p and alpha both round to 1), so the powers q^l =
+    exp(l log q) are 1 at l = 0 and 0 after, as the recurrence gives, instead of NaN from 0 * log 0 (transformers'
+    FFT kernel returns NaN there)."""
+    return torch.log(q).clamp_min(-1e4)
+
+
 def ema_kernel(a: Tensor, q: Tensor, c: Tensor, length: int) -> Tensor:
     """Convolution taps k[d, l] = sum_n c a q^l for l < length: (kd, length).
 
@@ -63,7 +70,7 @@ def ema_kernel(a: Tensor, q: Tensor, c: Tensor, length: int) -> Tensor:
     kd = q.shape[0]
     inner_len = TAP_BLOCK
     outer_len = -(-length // inner_len)
-    logq = torch.log(q).unsqueeze(-1)                                                   # (kd, N, 1)
+    logq = _log_q(q).unsqueeze(-1)                                                      # (kd, N, 1)
     inner = (a * c).unsqueeze(-1) * torch.exp(torch.arange(inner_len, device=q.device, dtype=q.dtype) * logq)
     outer = torch.exp(torch.arange(outer_len, device=q.device, dtype=q.dtype) * inner_len * logq)
     taps = torch.bmm(outer.transpose(1, 2), inner)                                       # (kd, outer, inner)
@@ -95,7 +102,7 @@ def _prepare(x, mask, a, q, c, omega):
 def _state_terms(q: Tensor, c: Tensor, state: Tensor, length: int) -> Tensor:
     """sum_n c q^(t+1) s[n] for t < length: (B, length, D)."""
     steps = torch.arange(1, length + 1, device=q.device, dtype=q.dtype)
-    powers = torch.exp(steps.view(1, 1, length) * torch.log(q).unsqueeze(-1))  # (D, N, L)
+    powers = torch.exp(steps.view(1, 1, length) * _log_q(q).unsqueeze(-1))  # (D, N, L)
     return torch.einsum("dnl,dn,bdn->bld", powers, c, state.to(q.dtype))
 
 
@@ -103,7 +110,7 @@ def _final_state(xm: Tensor, a: Tensor, q: Tensor, state: Optional[Tensor]) -> T
     """h_{L-1} = sum_l a q^(L-1-l) x_l + q^L s: (B, D, N) float32."""
     length = xm.shape[1]
     steps = torch.arange(length - 1, -1, -1, device=q.device, dtype=q.dtype)
-    powers = torch.exp(steps.view(1, 1, length) * torch.log(q).unsqueeze(-1))  # (D, N, L)
+    powers = torch.exp(steps.view(1, 1, length) * _log_q(q).unsqueeze(-1))  # (D, N, L)
     h = torch.einsum("bld,dnl->bdn", xm, powers) * a
     if state is not None:
         h = h + q.pow(length) * state.to(q.dtype)

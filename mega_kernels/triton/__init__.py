@@ -12,6 +12,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def on_device_of(t):
+    """A context making t's GPU the current device (a no-op for CPU tensors). Triton launches on the current
+    device and its current stream: inputs on cuda:1 while cuda:0 is current (device_map="auto") would otherwise
+    fail to launch, or run on the wrong device and stream."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _patch_interpreter_index():
     """Triton 3.6's CPU interpreter keeps scalars as 1-element arrays and turns them into loop bounds with
     int(array), which NumPy >= 2.4 refuses ("only 0-dimensional arrays ..."). Re-point `__index__` at the

@@ -36,10 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (NO_SPECIALIZE, autotuned, config, constants, describe, element_act,
-                               element_act_grad, interior_query_range, interpreting, inv_count, load_bias,
-                               load_key_pad, mask_args, masked_tile_start, pair_interior, query_tile, row_info,
-                               visible)
+from .attention_common import (NO_SPECIALIZE, autotuned, config, constants, describe, element_act, element_act_grad,
+                               interior_query_range, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
+                               may_autotune, pair_interior, query_tile, row_info, visible)
 
 
 @triton.jit
@@ -390,7 +389,7 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     sizes = (pb.lq, pb.lk, pb.zdim, pb.edim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask)
     mstr = (kpm.stride(0), counts.stride(0))
 
-    if pb.edim >= 1024 and q.dtype != torch.float32 and not interpreting():   # the score recompute dominates
+    if pb.edim >= 1024 and may_autotune(q.dtype):   # the score recompute dominates
         kernel, cfg = autotuned(_dv_kernel, ("dv", "dv_e512"), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lk, meta["BLOCK_N"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
                              pb.bsz)

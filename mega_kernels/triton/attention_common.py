@@ -211,6 +211,9 @@ class Problem:
     dot_precision: str
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels put the batch on one of them)
+
+
 def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask) -> Problem:
     """Check the inputs a Triton launcher gets (naming the argument and the fix) and resolve sizes."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -231,6 +234,9 @@ def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask
     if not 1 <= lq <= lk or edim < 1:
         raise ValueError(f"triton attention: need 1 <= Lq <= Lk and E >= 1, got Lq={lq}, Lk={lk}, E={edim} "
                          "(ops.attention returns an empty output without a launch)")
+    if bsz > MAX_GRID_YZ:
+        raise ValueError(f"triton attention: batch size {bsz} exceeds {MAX_GRID_YZ}, the GPU grid axis the kernels "
+                         "launch the batch on; split the batch into parts of at most that many rows")
     if zdim > MAX_Z:
         raise ValueError(f"triton attention: Z = {zdim} exceeds the kernel's limit of {MAX_Z}; "
                          f"use backend='reference' for wider q/k")
@@ -284,6 +290,14 @@ def constants():
 
 
 _TUNED = {}
+
+
+def may_autotune(dtype: torch.dtype) -> bool:
+    """Whether a launch may time candidate configs (16-bit, compiled). Not under
+    torch.use_deterministic_algorithms(True): the timing can pick another config in another process, and with it
+    another summation order (the last bits of out, lse and every gradient); the fixed configs give the same bits
+    in every run."""
+    return dtype != torch.float32 and not interpreting() and not torch.are_deterministic_algorithms_enabled()
 
 
 def autotuned(fn, kinds, pb: Problem, dtype: torch.dtype):

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, config, constants, describe, element_act,
-                               interpreting, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
+                               inv_count, load_bias, load_key_pad, mask_args, masked_tile_start, may_autotune,
                                query_tile, row_info, visible)
 
 
@@ -262,7 +262,7 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
             q, k, rel_bias, kpm, counts, lse, *q.stride(), *k.stride(), kpm.stride(0), counts.stride(0),
             pb.lq, pb.lk, pb.zdim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
             DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
-    if pb.edim >= 256 and q.dtype != torch.float32 and not interpreting():
+    if pb.edim >= 256 and may_autotune(q.dtype):
         kernel, cfg = autotuned(_fwd_kernel, _fwd_kinds(pb), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
                              pb.bsz)
