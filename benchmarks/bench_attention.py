@@ -248,7 +248,7 @@ def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
     from mega_kernels.triton import attention_common as common
     from mega_kernels.triton import attention_fwd as fw
 
-    zdim, edim, size = {"lm": (256, 2048, 1024), "lra": (64, 256, 128)}[shape]
+    zdim, edim, size = {"lm": (256, 2048, 1024), "lra": (64, 256, 128), "z128": (128, 512, 512)}[shape]
     pb = common.Problem(1, 4096, 4096, zdim, edim, size, size, 0, 1, max(16, triton.next_power_of_2(zdim)),
                         "ieee" if dtype == torch.float32 else "tf32")
     tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -307,7 +307,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="LM and LRA shapes only, fewer peers")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU under TRITON_INTERPRET=1)")
-    ap.add_argument("--compile-report", choices=["lm", "lra"], help="print sm_90 compile resources as JSON")
+    ap.add_argument("--compile-report", choices=["lm", "lra", "z128"], help="print sm_90 compile resources as JSON")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
     if args.compile_report:
