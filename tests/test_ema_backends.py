@@ -275,6 +275,20 @@ def test_double_backward(backend, bidirectional, truncation, step):
         assert torch.autograd.gradgradcheck(functools.partial(fn, name), leaves)
 
 
+def test_first_order_backward_runs_the_kernel(backend, monkeypatch):
+    """Only create_graph=True takes the reference's backward: a plain backward, eager or compiled, runs the
+    backend's own kernel (nothing silently slower)."""
+    import sys
+
+    name, device = backend
+    monkeypatch.setattr(sys.modules["mega_kernels.ops.ema"], "reference_grads",
+                        lambda *a, **k: pytest.fail("the reference backward ran"))
+    x, params, mask, state, gy, _ = _inputs(2, 6, 5, 3, False, torch.float32, device, True, False)
+    leaves = [t.detach().requires_grad_() for t in [x, *params]]
+    (ops.ema(leaves[0], *leaves[1:], mask=mask, backend=name) * gy).sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
 @pytest.mark.parametrize("shape", [(0, 7, 24), (3, 0, 24), (3, 7, 0)], ids=["B0", "L0", "D0"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_empty_inputs(backend, shape, bidirectional, monkeypatch):
