@@ -321,6 +321,32 @@ def test_double_backward_matches_reference(activation):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
 
 
+def test_double_backward_of_one_tensor_passed_as_q_k_v():
+    """attention(x, x, x, ...) (Z == E) under create_graph=True: each input gets its own share of x's gradient
+    (recomputing from the saved inputs themselves summed the whole gradient once per input: 3x), and the second
+    derivatives equal the reference's."""
+    torch.manual_seed(3)
+    x, _, _, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(2, 6, 6, 16, 16, None)]
+    gy = torch.randn(2, 6, 16, device=DEVICE)
+    results = []
+    for fn in (triton_attention, reference):
+        first = torch.autograd.grad((fn(x, x, x, b, causal=True) * gy).sum(), [x, b], create_graph=True)
+        results.append(list(first) + list(torch.autograd.grad(sum((g ** 2).sum() for g in first), [x, b])))
+    for name, got, want in zip(("dx", "dbias", "d2x", "d2bias"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+def test_first_order_backward_runs_the_kernel(monkeypatch):
+    """Only create_graph=True takes the reference's backward: a plain backward runs the Triton kernels."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["mega_kernels.ops.attention_triton"], "reference_grads",
+                        lambda *a, **k: pytest.fail("the reference backward ran"))
+    q, k, v, b = [t.float().to(DEVICE).requires_grad_() for t in attention_inputs(1, 5, 5, 16, 8, None)]
+    triton_attention(q, k, v, b).sum().backward()
+    assert all(t.grad is not None for t in (q, k, v, b))
+
+
 # -- torch.library: opcheck and torch.compile ----------------------------------------------------------
 
 def test_opcheck():

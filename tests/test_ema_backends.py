@@ -276,8 +276,8 @@ def test_double_backward(backend, bidirectional, truncation, step):
 
 
 def test_first_order_backward_runs_the_kernel(backend, monkeypatch):
-    """Only create_graph=True takes the reference's backward: a plain backward, eager or compiled, runs the
-    backend's own kernel (nothing silently slower)."""
+    """Only create_graph=True takes the reference's backward: a plain backward runs the backend's own kernel
+    (nothing silently slower)."""
     import sys
 
     name, device = backend

@@ -43,6 +43,7 @@ def test_ema_fft_of_a_saturated_damping_is_finite(bidirectional):
     recurrence, forward and state, and its gradients are finite."""
     delta, alpha, beta, gamma, omega = (p.float() for p in ema_params(3, 2, bidirectional))
     delta, alpha = torch.full_like(delta, 20.0), torch.full_like(alpha, 20.0)
+    leaves = [t.requires_grad_() for t in (delta, alpha, beta, gamma, omega)]
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     assert (q == 0).all()
     x = torch.randn(2, 7, 3, requires_grad=True)
@@ -51,8 +52,9 @@ def test_ema_fft_of_a_saturated_damping_is_finite(bidirectional):
         kw.update(state=torch.randn(2, 3, 2), return_state=True)
     got, want = ema_fft(x, a, q, c, omega, **kw), ema_recurrent(x, a, q, c, omega, **kw)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    (grad,) = torch.autograd.grad(sum(t.sum() for t in (got if isinstance(got, tuple) else (got,))), x)
-    assert torch.isfinite(grad).all()
+    grads = torch.autograd.grad(sum(t.sum() for t in (got if isinstance(got, tuple) else (got,))), [x] + leaves)
+    for name, g in zip(("x", "delta", "alpha", "beta", "gamma", "omega"), grads):
+        assert torch.isfinite(g).all(), name
 
 
 def test_ema_state_split_and_steps_equal_one_pass():

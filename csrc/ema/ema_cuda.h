@@ -1,5 +1,5 @@
-// Interface between the CUDA kernels (ema_cuda.cu) and their torch glue (ema_cuda_ops.cpp); free of torch and
-// of CUDA headers (a stream is passed as void*, a cudaStream_t).
+// Interface between the CUDA kernels (ema_cuda_launch.cuh, compiled per dtype; ema_cuda.cu dispatches) and
+// their torch glue (ema_cuda_ops.cpp); free of torch and of CUDA headers (a stream is passed as void*).
 // All pointers are device pointers to contiguous tensors; coefficients, omega, states and workspaces are
 // float32; x / y / grad_y / dx are of `dtype`. Launchers return nullptr on success, else an error message.
 #pragma once
@@ -49,7 +49,7 @@ inline Plan bwd_plan(int B, int L, int D) {
   return plan;
 }
 
-// The grid sizes the launches of ema_cuda.cu would use for x (B, L, D) (B, L, D < 2^31 already checked).
+// The grid sizes the launches of ema_cuda_launch.cuh would use for x (B, L, D) (B, L, D < 2^31 already checked).
 struct Geometry {
   int64_t rows;         // grid y of the per-direction kernels: B * directions
   int64_t fwd_chunks;   // grid z of the forward kernels

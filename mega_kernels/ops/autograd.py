@@ -20,11 +20,13 @@ def reference_grads(recompute: Callable[..., Sequence[Optional[Tensor]]], inputs
     """The gradients of `recompute(*inputs)` (the reference maths of the op's outputs, None where an output is
     absent) for the cotangents `grad_outputs` (None: no cotangent), one per input (None where `needs` is False).
 
-    Called from a custom op's backward: under grad mode (create_graph=True) the saved inputs are used as they are,
-    so the returned gradients carry a graph back through them; otherwise the recomputation runs on detached
-    copies and its graph is freed on return."""
+    Called from a custom op's backward: under grad mode (create_graph=True) the recomputation starts from views of
+    the saved inputs, so the returned gradients carry a graph back through them (a view per input: one tensor
+    passed as several inputs, attention(x, x, x, ...), gets each input's share, not the sum once per input);
+    otherwise it runs on detached copies and its graph is freed on return."""
     create = torch.is_grad_enabled()
-    leaves = [t if t is None or create else t.detach().requires_grad_(need) for t, need in zip(inputs, needs)]
+    leaves = [t if t is None else t.view_as(t) if create else t.detach().requires_grad_(need)
+              for t, need in zip(inputs, needs)]
     wanted = [i for i, (t, need) in enumerate(zip(leaves, needs)) if need and t is not None and t.requires_grad]
     grads = [None] * len(inputs)
     if not wanted:

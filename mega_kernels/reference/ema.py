@@ -54,8 +54,10 @@ TAP_BLOCK = 64  # taps per row of the power tables of `ema_kernel`
 def _log_q(q: Tensor) -> Tensor:
     """log q, finite where q = 0 (a saturated damping: p and alpha both round to 1), so the powers q^l =
     exp(l log q) are 1 at l = 0 and 0 after, as the recurrence gives, instead of NaN from 0 * log 0 (transformers'
-    FFT kernel returns NaN there)."""
-    return torch.log(q).clamp_min(-1e4)
+    FFT kernel returns NaN there). The log never sees the 0, so its gradient is finite too (there it drops the
+    l = 1 term's d q^l / dq = 1, as any finite stand-in for log 0 must)."""
+    live = q > 0
+    return torch.where(live, torch.log(torch.where(live, q, torch.ones_like(q))), torch.full_like(q, -1e4))
 
 
 def ema_kernel(a: Tensor, q: Tensor, c: Tensor, length: int) -> Tensor:
