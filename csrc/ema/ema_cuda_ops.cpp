@@ -79,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dx = at::empty_like(pr.x);
   // (b, chunk) partial sums; an empty x launches nothing and needs one zero part per batch row
   const int64_t parts = static_cast<int64_t>(B) * (x.numel() > 0 ? cuda::bwd_chunks(B, L, D) : 1);
-  auto pc = at::zeros({parts, 2 * static_cast<int64_t>(D), N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
+  const int64_t kd = a.size(0);  // rows of the coefficients: D, or 2 D for a bidirectional EMA
+  auto pc = at::zeros({parts, kd, N}, fopts), pa = at::zeros_like(pc), pq = at::zeros_like(pc);
   auto pomega = at::zeros({parts, D}, fopts);
   auto dstate = state.has_value() ? at::empty({B, D, N}, fopts) : at::Tensor();
   if (x.numel() > 0) {
@@ -97,10 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     dstate.copy_(gs.defined() ? gs : at::zeros_like(dstate));  // L = 0: the state passes through
   }
   // Sum over (b, chunk) by ATen's CUDA sum: a fixed reduction tree, so the result is the same run to run.
-  const int64_t kd = a.size(0);
-  auto grad = [&](const at::Tensor& t, const at::Tensor& like) {
-    return t.sum(0).narrow(0, 0, kd).to(like.scalar_type());
-  };
+  auto grad = [&](const at::Tensor& t, const at::Tensor& like) { return t.sum(0).to(like.scalar_type()); };
   at::Tensor gstate_out = state.has_value() ? dstate.to(state->scalar_type()) : at::empty({0}, a.options());
   return {dx, grad(pa, a), grad(pq, q), grad(pc, c), pomega.sum(0).to(omega.scalar_type()), gstate_out};
 }

@@ -253,7 +253,7 @@ MK_HD void param_sweep(const BwdView& w, int chunk, int n0, int i0, int i1) {
   });
   if (FORM_G) p.pomega[(static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * p.D + w.d] = somega;
   const bool last = w.dir_idx == 0 && chunk == w.plan.nchunks - 1 && p.gstate != nullptr;
-  const int64_t o0 = ((static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * 2 * p.D + w.row) * p.N;
+  const int64_t o0 = ((static_cast<int64_t>(w.b) * w.plan.nchunks + chunk) * w.ndir * p.D + w.row) * p.N;
   MK_UNROLL for (int n = 0; n < NP; ++n) {
     const int m = n0 + n;
     if (m < p.N) {  // a gradient G of the final state adds G H_{L-1} to da and G P_{L-1} to dq

@@ -66,7 +66,7 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
   auto dx = nans(x.sizes()), ds = nans({B, D, N}), gbuf = nans({B, L, D});
   auto dxm = bi ? nans({B, L, D}) : torch::Tensor();  // as the CUDA op: direction 0's share of dx, bidirectional
   auto ws = nans({3 * mc::bwd_region_floats(plan, B, D, N, bi)});
-  auto pc = torch::zeros({B * C, 2 * D, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
+  auto pc = torch::zeros({B * C, kd, N}), pa = torch::zeros_like(pc), pq = torch::zeros_like(pc);
   auto pom = torch::zeros({B * C, D});
   mc::BwdParams p{x.data_ptr(), gy.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), fptr(state),
                   fptr(gs), dx.data_ptr(), state ? ds.data_ptr<float>() : nullptr, pc.data_ptr<float>(),
@@ -103,7 +103,7 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
       for (int b = 0; b < B; ++b)
         for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM, TR>(p, plan, b, d, c);
   });
-  return {dx, pa.sum(0).narrow(0, 0, kd), pq.sum(0).narrow(0, 0, kd), pc.sum(0).narrow(0, 0, kd), pom.sum(0), ds};
+  return {dx, pa.sum(0), pq.sum(0), pc.sum(0), pom.sum(0), ds};
 }
 
 template <int NM>
