@@ -21,8 +21,6 @@ def in_ci() -> bool:
 def triton_ema_gate():
     """(device, reason or None, module skip mark) of a Triton EMA test module: the device to test on; without a
     usable Triton backend the module skips, except in CI (CI set), where that is an error, never a skip."""
-    import os
-
     import pytest
 
     from mega_kernels.ops.backends import unavailable_reason
