@@ -401,6 +401,24 @@ def test_clear_errors():
         ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
 
 
+@pytest.mark.parametrize("with_state,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
+                         ids=["no-state", "state", "state-bf16"])
+def test_long_backward_runs_in_segments(with_state, dtype, monkeypatch):
+    """A unidirectional backward whose float32 g would exceed SEGMENT_BYTES runs in segments of whole chunks
+    (here 16 steps: three over L = 37, the last partial), handing the state gradient from each segment to the one
+    before: every gradient, the initial state's too, against the float64 reference under the tolerance rule."""
+    from mega_kernels.triton import ema_bwd as bwd_mod
+
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 37, 5, 3, False, with_state, dtype=dtype)
+    monkeypatch.setattr(bwd_mod, "SEGMENT_BYTES", 4 * 2 * 5 * 16)
+    assert bwd_mod.segment_steps(x, False, 0, dict(chunk=8)) == 16
+    assert bwd_mod.segment_steps(x, True, 0, dict(chunk=8)) == 37  # bidirectional: one piece
+    segmented, real = [], bwd_mod._segmented_bwd
+    monkeypatch.setattr(bwd_mod, "_segmented_bwd", lambda *a: segmented.append(1) or real(*a))
+    _check(x, coefs, coefs64, mask, state, gy, gs, False, 0, chunk=8, param_group_steps=16)
+    assert segmented == [1]
+
+
 def test_launches_make_the_inputs_device_current(monkeypatch):
     """Triton launches on the current device: the forward, backward and step ops enter x's device first (on a CPU
     tensor a no-op), so inputs on cuda:1 while cuda:0 is current run where they live."""

@@ -54,6 +54,11 @@ from .ema_sweep import EPI_DSILU, EPI_DX, _coef, _load_in, _powi
 
 Tensor = torch.Tensor
 PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple of the scan's chunk)
+# A unidirectional backward whose float32 g = dL/dz would exceed this many bytes runs in segments of whole chunks,
+# right to left, each with the state entering it and the state gradient leaving it (`_segmented_bwd`): one
+# segment's g is alive at a time. B1 L1048576 D1024: 4 GiB of g in one piece, beside 8 GiB of x, y and their
+# bfloat16 gradients (the issue-3 peak, 1.5x those bytes, needs it).
+SEGMENT_BYTES = 1 << 30
 PARAM_SUB = 64  # steps per block of the parameter sweep's two-level sums (a whole number of unroll tiles)
 
 
@@ -305,6 +310,8 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
                          f"got {tuple(grad_state.shape)} {grad_state.dtype} on {grad_state.device}")
     if truncation >= x.shape[1]:
         truncation = 0
+    if segment_steps(x, bidirectional, truncation, tuning) < x.shape[1]:
+        return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, tuning)
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     tensor_cores = tuning.pop("tensor_cores", False)
@@ -336,3 +343,44 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     if state is not None and x.shape[1] == 0:  # no step ran: the final state was the initial one
         dstate = grad_state.clone() if grad_state is not None else torch.zeros_like(state)
     return dx, da, dq, dc, dom.sum((0, 1)), dstate
+
+
+def segment_steps(x: Tensor, bidirectional: bool, truncation: int, tuning: dict) -> int:
+    """Steps per backward segment: L unless a unidirectional, untruncated backward's float32 g exceeds
+    SEGMENT_BYTES, then the most whole chunks whose g fits (at least one chunk). A bidirectional or truncated EMA
+    has no state to hand between segments, and the tensor-core path keeps its own schedule: one piece."""
+    bsz, length, dim = x.shape
+    chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
+    if bidirectional or truncation or tuning.get("tensor_cores") or 4 * bsz * length * dim <= SEGMENT_BYTES:
+        return length
+    return max(chunk, SEGMENT_BYTES // (4 * bsz * dim) // chunk * chunk)
+
+
+def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, tuning):
+    """ema_bwd of a unidirectional, untruncated EMA in segments of `segment_steps`: the forward states entering
+    the segments (left to right, each segment's final state), then each segment's backward right to left, the
+    gradient of the state entering it becoming the next one's grad_state. The parameter gradients add up in a
+    fixed order (deterministic). Costs one more forward pass over x (without its output kept)."""
+    seg = segment_steps(x, False, 0, tuning)
+    length = x.shape[1]
+    starts = list(range(0, length, seg))
+    fwd_tuning = {k: v for k, v in tuning.items() if k not in ("param_group_steps", "lookback")}
+
+    def part(t, t0):
+        return None if t is None else t[:, t0:t0 + seg].contiguous()
+
+    entering = [state]
+    for t0 in starts[:-1]:
+        _, final = _fwd.ema_fwd(part(x, t0), a, q, c, omega, part(mask, t0), entering[-1], False, 0, True,
+                                **fwd_tuning)
+        entering.append(final)
+    dx = torch.empty_like(x)
+    total = None
+    for t0, s in zip(reversed(starts), reversed(entering)):
+        grads = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0), s, False, 0,
+                        **tuning)
+        dx[:, t0:t0 + seg] = grads[0]
+        total = list(grads[1:5]) if total is None else [t + g for t, g in zip(total, grads[1:5])]
+        grad_state = grads[5] if s is not None else None
+    dstate = grad_state if state is not None else x.new_empty(0, dtype=torch.float32)
+    return (dx, *total, dstate)
