@@ -297,7 +297,8 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     (return_states=True, the same tuning; empty or None: recomputed). tuning: ema_scan's, and param_group_steps;
     tensor_cores=True runs the backward on tensor cores: the two scans through ema_tc.py (split TF32 products
     whatever tc_precision asks) and the parameter sweep through ema_tc_bwd.py (no truncation, chunk a multiple
-    of 16: refused otherwise)."""
+    of 16: refused otherwise). A unidirectional, untruncated backward whose float32 g would pass SEGMENT_BYTES
+    runs in segments (`segment_steps`): the same gradients with one segment's g alive at a time."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous() or grad_y.device != x.device \
             or not grad_y.dtype.is_floating_point:
