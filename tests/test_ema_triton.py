@@ -401,22 +401,36 @@ def test_clear_errors():
         ema_step_fwd(x, a, q, c, omega, torch.zeros(2, 4, 2, device=DEVICE), None)
 
 
-@pytest.mark.parametrize("with_state,dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)],
-                         ids=["no-state", "state", "state-bf16"])
-def test_long_backward_runs_in_segments(with_state, dtype, monkeypatch):
+@pytest.mark.parametrize("initial,final,dtype,saved", [(False, False, torch.float32, False),
+                                                       (True, True, torch.float32, False),
+                                                       (False, True, torch.float32, True),
+                                                       (True, True, torch.bfloat16, True)],
+                         ids=["plain", "state", "grad-state-saved", "state-bf16-saved"])
+def test_long_backward_runs_in_segments(initial, final, dtype, saved, monkeypatch):
     """A unidirectional backward whose float32 g would exceed SEGMENT_BYTES runs in segments of whole chunks
     (here 16 steps: three over L = 37, the last partial), handing the state gradient from each segment to the one
-    before: every gradient, the initial state's too, against the float64 reference under the tolerance rule."""
+    before, from the forward's saved chunk states (saved, as the op passes them) or a forward pre-pass: every
+    gradient, the initial state's too, against the float64 reference under the tolerance rule."""
     from mega_kernels.triton import ema_bwd as bwd_mod
 
-    coefs, coefs64, x, mask, state, gy, gs = _case(2, 37, 5, 3, False, with_state, dtype=dtype)
+    coefs, coefs64, x, mask, state, gy, gs = _case(2, 37, 5, 3, False, True, dtype=dtype)
+    state, gs = (state if initial else None), (gs if final else None)
     monkeypatch.setattr(bwd_mod, "SEGMENT_BYTES", 4 * 2 * 5 * 16)
     assert bwd_mod.segment_steps(x, False, 0, dict(chunk=8)) == 16
     assert bwd_mod.segment_steps(x, True, 0, dict(chunk=8)) == 37  # bidirectional: one piece
     segmented, real = [], bwd_mod._segmented_bwd
-    monkeypatch.setattr(bwd_mod, "_segmented_bwd", lambda *a: segmented.append(1) or real(*a))
-    _check(x, coefs, coefs64, mask, state, gy, gs, False, 0, chunk=8, param_group_steps=16)
-    assert segmented == [1]
+    monkeypatch.setattr(bwd_mod, "_segmented_bwd", lambda *a: segmented.append(a[9] is not None) or real(*a))
+    monkeypatch.setattr(fwd_mod, "ema_fwd", lambda *a, **k: pytest.fail("pre-pass with saved states") if saved
+                        else ema_fwd(*a, **k))
+    *_, states = ema_fwd(x, *coefs, mask, state, False, 0, final, return_states=True, chunk=8)
+    grads = ema_bwd(gy, gs, x, *coefs, mask, state, False, 0, states=states if saved else None, chunk=8,
+                    param_group_steps=16)
+    assert segmented == [saved]
+    ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, False, 0)
+    low = _reference(x, coefs, mask, state, gy, gs, False, 0)
+    for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], grads, ref[1], low[1]):
+        assert_close_to_reference(name, g, r, lo)
+    assert (state is None) == (grads[5].numel() == 0)
 
 
 def test_launches_make_the_inputs_device_current(monkeypatch):

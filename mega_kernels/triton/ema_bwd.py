@@ -312,7 +312,7 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     if truncation >= x.shape[1]:
         truncation = 0
     if segment_steps(x, bidirectional, truncation, tuning) < x.shape[1]:
-        return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, tuning)
+        return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning)
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     tensor_cores = tuning.pop("tensor_cores", False)
@@ -357,31 +357,39 @@ def segment_steps(x: Tensor, bidirectional: bool, truncation: int, tuning: dict)
     return max(chunk, SEGMENT_BYTES // (4 * bsz * dim) // chunk * chunk)
 
 
-def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, tuning):
-    """ema_bwd of a unidirectional, untruncated EMA in segments of `segment_steps`: the forward states entering
-    the segments (left to right, each segment's final state), then each segment's backward right to left, the
-    gradient of the state entering it becoming the next one's grad_state. The parameter gradients add up in a
-    fixed order (deterministic). Costs one more forward pass over x (without its output kept)."""
+def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning):
+    """ema_bwd of a unidirectional, untruncated EMA in segments of `segment_steps` whole chunks, right to left:
+    each segment's backward starts from the forward state entering it and hands the gradient of that state to
+    the segment before as its grad_state. The entering states are the forward's chunk states where it saved
+    them (`states`, (nc, B, N, kd): the state entering each chunk), else one more forward pass over x finds them
+    (left to right, each segment's final state). The parameter gradients add up in a fixed order
+    (deterministic)."""
     seg = segment_steps(x, False, 0, tuning)
+    chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
     length = x.shape[1]
     starts = list(range(0, length, seg))
-    fwd_tuning = {k: v for k, v in tuning.items() if k not in ("param_group_steps", "lookback")}
 
     def part(t, t0):
         return None if t is None else t[:, t0:t0 + seg].contiguous()
 
-    entering = [state]
-    for t0 in starts[:-1]:
-        _, final = _fwd.ema_fwd(part(x, t0), a, q, c, omega, part(mask, t0), entering[-1], False, 0, True,
-                                **fwd_tuning)
-        entering.append(final)
+    saved = states is not None and states.dim() == 4 and states.shape[0] == triton.cdiv(length, chunk)
+    if saved:  # chunk 0 of a segment starts from its entering state, so its entry in the slice is never read
+        entering = [state] + [states[t0 // chunk].transpose(1, 2).contiguous() for t0 in starts[1:]]
+    else:
+        fwd_tuning = {k: v for k, v in tuning.items() if k not in ("param_group_steps", "lookback")}
+        entering = [state]
+        for t0 in starts[:-1]:
+            entering.append(_fwd.ema_fwd(part(x, t0), a, q, c, omega, part(mask, t0), entering[-1], False, 0, True,
+                                         **fwd_tuning)[1])
     dx = torch.empty_like(x)
     total = None
     for t0, s in zip(reversed(starts), reversed(entering)):
-        grads = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0), s, False, 0,
-                        **tuning)
-        dx[:, t0:t0 + seg] = grads[0]
-        total = list(grads[1:5]) if total is None else [t + g for t, g in zip(total, grads[1:5])]
-        grad_state = grads[5] if s is not None else None
+        seg_states = states[t0 // chunk:(t0 + seg) // chunk] if saved else None
+        dxs, *pgrads, ds = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0), s,
+                                   False, 0, states=seg_states, **tuning)
+        dx[:, t0:t0 + seg] = dxs
+        del dxs  # (one segment's dx at a time)
+        total = pgrads if total is None else [t + g for t, g in zip(total, pgrads)]
+        grad_state = ds if s is not None else None
     dstate = grad_state if state is not None else x.new_empty(0, dtype=torch.float32)
     return (dx, *total, dstate)
