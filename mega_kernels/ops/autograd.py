@@ -23,7 +23,7 @@ def reference_grads(recompute: Callable[..., Sequence[Optional[Tensor]]], inputs
     Called from a custom op's backward: under grad mode (create_graph=True) the recomputation starts from views of
     the saved inputs, so the returned gradients carry a graph back through them (a view per input: one tensor
     passed as several inputs, attention(x, x, x, ...), gets each input's share, not the sum once per input);
-    otherwise it runs on detached copies and its graph is freed on return."""
+    otherwise it runs on detached views and its graph is freed on return."""
     create = torch.is_grad_enabled()
     leaves = [t if t is None else t.view_as(t) if create else t.detach().requires_grad_(need)
               for t, need in zip(inputs, needs)]
