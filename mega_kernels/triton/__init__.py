@@ -4,7 +4,10 @@ Importing this package under TRITON_INTERPRET=1 (CPU tests) patches faults of Tr
 incompatibility with NumPy >= 2.4 (`_patch_interpreter_index`) and its bfloat16 dots and rounding
 (`_patch_interpreter_bfloat16`). Compiled kernels are untouched.
 """
+import contextlib
 import os
+
+import torch
 
 
 def interpreting() -> bool:
@@ -16,10 +19,6 @@ def on_device_of(t):
     """A context making t's GPU the current device (a no-op for CPU tensors). Triton launches on the current
     device and its current stream: inputs on cuda:1 while cuda:0 is current (device_map="auto") would otherwise
     fail to launch, or run on the wrong device and stream."""
-    import contextlib
-
-    import torch
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
