@@ -233,12 +233,19 @@ def check_targets(rows):
     print("# targets\n" + "\n".join(lines))
 
 
-def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32),
-                   kinds=("lse", "fwd", "fwd_e256", "fwd_e512", "decode", "dv", "dv_e512", "dk", "dq", "dq_ds")):
+FIXED_KINDS = ("lse", "fwd", "decode", "dv", "dk", "dq", "dq_ds")   # what float32 launches (no autotuning)
+AUTOTUNED_KINDS = ("fwd_e256", "fwd_e512", "dv_e512")               # 16-bit candidates beside "fwd" and "dv"
+
+
+def compile_report(shape: str, dtype=torch.bfloat16, target=(90, 32), kinds=None):
     """Compile every attention kernel with its launcher's GPU config for sm_90 (no GPU needed): shared memory,
     registers, spill bytes and the SASS length of its longest loops (masked and interior key tiles) per
     (kernel, activation), read by `benchmarks.kernel_resources.report`, and its TF32 MMA instructions in the
-    PTX (`tf32_mma`: none may exist for float32 inputs, whose dots are IEEE). Run with TRITON_INTERPRET unset."""
+    PTX (`tf32_mma`: none may exist for float32 inputs, whose dots are IEEE). `kinds` defaults to what the
+    launchers can run in `dtype`: the autotuner's extra candidates only in 16 bits. Run with TRITON_INTERPRET
+    unset."""
+    if kinds is None:
+        kinds = FIXED_KINDS + (AUTOTUNED_KINDS if dtype != torch.float32 else ())
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -197,6 +197,21 @@ def test_gpu_tile_configs_and_autotune_plumbing(pick, zdim, monkeypatch):
     check_case(case, "relu2", False, masks["whole_chunk"], dtype=torch.float16, label="whole_chunk")
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the float32 tiles run compiled in the other float32 tests")
+@pytest.mark.parametrize("activation,causal,mname", [("softmax", True, "left"), ("laplace", False, "whole_chunk")])
+def test_float32_gpu_tiles(activation, causal, mname, monkeypatch):
+    """The float32 GPU tiles under the interpreter (dV with 16 keys per tile against 32 queries, dK / dQ with 8
+    warps), against the reference: key tiles shorter than query tiles, partial tiles at both ends."""
+    from mega_kernels.triton import attention_common
+
+    monkeypatch.setattr(attention_common, "interpreting", lambda: False)
+    cfg = attention_common.config("dv", attention_common.Problem(1, 50, 50, 24, 40, 24, 24, 0, 1, 32, "ieee"),
+                                  torch.float32)
+    assert cfg["BLOCK_N"] < cfg["BLOCK_M"]  # the shape this test is for
+    case = (2, 50, 50, 24, 40, 24)
+    check_case(case, activation, causal, padding_masks(case[0], case[2], case[5], device=DEVICE)[mname], label=mname)
+
+
 def test_one_autotuner_per_candidate_list(monkeypatch):
     """The GPU candidates of the wide-E forward depend on Z's width (BN 64 with 3 stages only for Z <= 64): a
     problem whose candidate list differs gets its own autotuner, whichever Z came first."""

@@ -337,8 +337,12 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=1, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=2)
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=max(16, min(128, np2e)), num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=max(16, min(32 if kind == "dv" else 64, np2e)), num_warps=4,
+    if dtype == torch.float32:  # exact dots on the FMA units, whose operand layouts hold more per thread than MMA's:
+        # at Z 256 the 4-warp 32 x 32 tiles spilled 2.4-3 KB per thread in dV, dK and dQ (sm_90). dV with 16 keys
+        # per tile and dK / dQ with 8 warps spill nothing (benchmarks/NOTES.md, session 16).
+        if kind == "dv":
+            return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_E=max(16, min(32, np2e)), num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_E=max(16, min(64, np2e)), num_warps=8 if kind in ("dk", "dq") else 4,
                     num_stages=1)
     wide = pb.block_z > 128
     if kind == "fwd":       # program = (query tile, E tile): acc (BM, BE), q (BM, BZ), scores (BM, BN)
