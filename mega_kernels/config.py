@@ -45,6 +45,11 @@ MEGA_DEFAULTS = (
     ("relative_positional_bias", "rotary"), ("classifier_dropout", None), ("use_cache", True),
     ("add_lm_hidden_dense_layer", True),
 )
+# The on / off arguments: True or False (a string such as "False" would read as true).
+FLAGS = ("bidirectional", "use_chunking", "normalize_before_mega", "norm_affine", "use_feature_dropout",
+         "use_normalized_ffn", "normalize_before_ffn", "add_token_type_embeddings", "use_cache",
+         "add_lm_hidden_dense_layer", "is_decoder", "add_cross_attention", "tie_word_embeddings",
+         "output_attentions", "output_hidden_states", "return_dict")
 # Generic attributes of a transformers PretrainedConfig that the models read.
 GENERIC_DEFAULTS = (
     ("is_decoder", False), ("add_cross_attention", False), ("tie_word_embeddings", True),
@@ -129,6 +134,9 @@ class MegaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "must be a positive int", f"set {name} to a positive integer")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False", f"pass {name}=True or {name}=False (a bool, not a string)")
         for name, allowed in (("activation", ACTIVATIONS), ("attention_activation", ATTENTION_ACTIVATIONS),
                               ("normalization_type", NORM_TYPES), ("relative_positional_bias", BIAS_TYPES),
                               ("problem_type", PROBLEM_TYPES)):
@@ -148,8 +156,12 @@ class MegaConfig:
         for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
                      "nffn_activation_dropout_prob", "classifier_dropout"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and 0.0 <= value <= 1.0):
                 bad(name, "must be a probability", "use a number in [0, 1]")
+        if isinstance(self.chunk_size, bool):
+            bad("chunk_size", "must be an int, not a bool", "use -1 (no chunking) or a positive block length "
+                "(and use_chunking=True to chunk)")
         if self.use_chunking and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             bad("chunk_size", "must be a positive int when use_chunking=True",
                 "set chunk_size to the attention block length (e.g. 128) or use_chunking=False")

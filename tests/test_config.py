@@ -110,6 +110,11 @@ def test_a_torch_dtype_attribute_serialises_by_name(tmp_path):
     (dict(kernel_backend="cuda"), ["kernel_backend='cuda' names no kernels for attention", "{'ema': 'cuda'}"]),
     (dict(relative_positional_bias="simple", chunk_size=64, max_positions=32), ["chunk_size", "max_positions"]),
     (dict(problem_type="ranking"), ["problem_type", "regression"]),
+    (dict(use_chunking="False", chunk_size=4), ["use_chunking", "a bool, not a string"]),
+    (dict(bidirectional="false"), ["bidirectional", "True or False"]),
+    (dict(norm_affine="no"), ["norm_affine", "True or False"]),
+    (dict(chunk_size=True), ["chunk_size", "not a bool"]),
+    (dict(dropout_prob=True), ["dropout_prob", "[0, 1]"]),
 ])
 def test_validation_names_the_argument_and_the_fix(kwargs, names):
     with pytest.raises(ValueError) as info:

@@ -55,6 +55,8 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(n=0), "expansion size N >= 1"),
     (dict(state=torch.zeros(1, 4, 3, device="meta")), "state is on meta but x is on cpu"),
     (dict(state=torch.zeros(1, 4, 3, dtype=torch.long)), "state must be a floating tensor"),
+    (dict(bidirectional="no"), "bidirectional must be True or False, got 'no'"),
+    (dict(return_state="yes"), "return_state must be True or False"),
 ])
 def test_ema_bad_input(bad, match):
     bad = dict(bad)  # (the parametrized dict is shared: leave it unchanged)
@@ -96,6 +98,7 @@ def test_ema_step_bad_input(bad, match):
     (lambda t: dict(t, rel_bias=torch.arange(9)), "rel_bias must be a float tensor, got torch.int64"),
     (lambda t: dict(t, key_padding_mask=[True] * 5), "key_padding_mask must be a tensor"),
     (lambda t: dict(t, q=t["q"][..., :0], k=t["k"][..., :0]), "Z >= 1"),
+    (lambda t: dict(t, causal="no"), "causal must be True or False, got 'no'"),
 ])
 def test_attention_bad_input(change, match):
     q, k, v, bias = attention_inputs(2, 5, 5, 4, 3, None)

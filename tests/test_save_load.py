@@ -147,6 +147,12 @@ def test_load_options_and_unknown_overrides(tmp_path):
         cls.from_pretrained(str(tmp_path), dtype="int8")
     with pytest.raises(ValueError, match="is not a device"):
         cls.from_pretrained(str(tmp_path), device_map="gpu0")
+    for bad in (torch.int32, torch.complex64):  # a torch.dtype is checked too (complex loaded silently before)
+        with pytest.raises(ValueError, match="pass a floating torch.dtype"):
+            cls.from_pretrained(str(tmp_path), dtype=bad)
+    cuda = f"cuda:{torch.cuda.device_count()}"  # a device this machine lacks: refused before the model is built
+    with pytest.raises(ValueError, match=f"device_map '{cuda}': this machine has"):
+        cls.from_pretrained(str(tmp_path), device_map=cuda)
 
 
 def test_overrides_apply_before_the_saved_config_is_checked(tmp_path):

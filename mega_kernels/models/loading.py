@@ -71,9 +71,9 @@ def load_dtype(dtype, config, state: dict) -> Optional[torch.dtype]:
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or next(
             (t.dtype for t in state.values() if t.is_floating_point()), None)
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None:
         return dtype
-    named = getattr(torch, str(dtype), None) if isinstance(dtype, str) else None
+    named = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype, None) if isinstance(dtype, str) else None
     if not isinstance(named, torch.dtype) or not named.is_floating_point:
         raise ValueError(f"dtype {dtype!r}: pass a floating torch.dtype, its name (e.g. 'bfloat16') or 'auto'")
     return named
@@ -91,9 +91,14 @@ def load_device(device_map) -> Optional[torch.device]:
     if device_map == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        return torch.device(device_map)
+        device = torch.device(device_map)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device_map {device_map!r} is not a device ({err}); pass e.g. 'cuda', 0 or 'cpu'") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        have = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device_map {device_map!r}: this machine has {have}; pass 'cpu', 'auto' or a device "
+                         "that exists")
+    return device
 
 
 def _listing(keys, most: int = 10) -> str:

@@ -259,6 +259,8 @@ class MegaPreTrainedModel(nn.Module):
         config_class = cls.config_class if config is None else type(config)
         config = config_class.from_dict(saved, **overrides)  # checked with the overrides applied
         device = load_device(device_map)
+        if "auto" not in (dtype, torch_dtype):  # a bad dtype fails before the weights are read
+            load_dtype(dtype if dtype is not None else torch_dtype, config, {})
         model = cls(config)
         state = read_weights(folder)
         dtype = load_dtype(dtype if dtype is not None else torch_dtype, config, state)

@@ -78,10 +78,14 @@ class MegaSimpleRelativePositionalBias(_RelativeBias):
 
     def vector(self, width: int) -> Tensor:
         if width > self.max_positions:
-            fix = ("use shorter inputs, use_chunking=True with a chunk_size" if self.limit == "max_positions" else
-                   "a chunk_size (and max_positions) of at least the length (cross-attention spans the whole source)")
+            if self.limit == "max_positions":
+                fix = "use shorter inputs, or use_chunking=True with a chunk_size"
+            else:  # the config's chunk_size sizes this bias even when chunking is off (spec section 3)
+                fix = (f"the bias is sized by chunk_size={self.max_positions} (even when use_chunking=False and for "
+                       "cross-attention, which spans the whole source): use blocks of at most that many positions "
+                       "(use_chunking=True), or chunk_size=-1 to size it by max_positions")
             raise ValueError(f"a block of {width} positions exceeds the simple relative bias' maximum "
-                             f"{self.max_positions} ({self.limit}); {fix}, or relative_positional_bias='rotary'")
+                             f"{self.max_positions} ({self.limit}); {fix}; or relative_positional_bias='rotary'")
         return self.rel_pos_bias[self.max_positions - width: self.max_positions + width - 1]
 
 

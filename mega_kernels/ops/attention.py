@@ -31,7 +31,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # `auto` runs the Triton kernel only for attention blocks longer than this. Measured in GPU run 2 (H100, bf16,
 # results/gpu-run2/attention-*.json), fwd+bwd, reference vs triton softmax: LM B4 L4096 C1024 causal 1.59 vs
 # 2.97 ms; LRA B32 L4096 C128 1.08 vs 1.64 ms; one block B4 L2048 causal 2.25 vs 3.14 ms; but unchunked
-# B1 L16384 causal 76.6 vs 39.5 ms with 15.6 GiB vs 241 MiB peak memory (the reference is quadratic in L).
+# B1 L16384 causal 76.6 vs 39.5 ms with 15.3 GiB vs 241 MiB peak memory (the reference is quadratic in L).
 TRITON_ATTENTION_MIN_BLOCK = 4096
 # The widest q / k the Triton kernels take (mega_kernels/triton/attention_common.MAX_Z; a test holds them equal):
 # auto sends wider ones to the reference instead of failing.
@@ -67,6 +67,8 @@ def _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mas
         raise ValueError(f"attention: Lq ({lq}) must not exceed Lk ({lk}); queries sit at the end of the keys")
     if activation not in ACTIVATIONS:
         raise ValueError(f"attention: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"attention: causal must be True or False, got {causal!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"attention: chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(rel_bias, Tensor) or not rel_bias.dtype.is_floating_point:

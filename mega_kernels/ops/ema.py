@@ -119,6 +119,9 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
         raise ValueError(f"{fn}: x must be a (B, L, D) tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{fn}: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    for name, flag in (("bidirectional", bidirectional), ("return_state", return_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be True or False, got {flag!r}")
     for name, p in (("delta", delta), ("alpha", alpha), ("beta", beta), ("gamma", gamma), ("omega", omega),
                     ("mask", mask), ("state", state)):
         if (p is not None or name not in ("mask", "state")) and not isinstance(p, Tensor):
