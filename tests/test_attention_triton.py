@@ -141,6 +141,67 @@ def test_softmax_lse_prepass(case, monkeypatch):
                 check_case(case, "softmax", causal, masks[mname], label=mname)
 
 
+def _grads(backend, dtype, inputs, g, **kw):
+    """out and (dq, dk, dv, d rel_bias) of ops.attention on float64 `inputs` cast to dtype (rel_bias float32)."""
+    x = [t.to(DEVICE if backend == "triton" else "cpu", dtype if i < 3 or dtype == torch.float64 else torch.float32)
+         .detach().requires_grad_() for i, t in enumerate(inputs)]
+    out = ops.attention(*x, backend=backend, **kw)
+    return [t.cpu() for t in (out, *torch.autograd.grad(out, x, g.to(out.device, out.dtype)))]
+
+
+@pytest.mark.parametrize("pre_lse", [False, True])
+@pytest.mark.parametrize("scale", [3.0, 10.0, 30.0])
+def test_softmax_at_large_scores(scale, pre_lse, monkeypatch):
+    """Scores of |s| ~ 1e2-1e3 (q, k scaled up; rows near one-hot) in float32: the backward recomputes each p from
+    the forward's log2-domain scores and lse2 (a natural-log lse, converted twice, was off by ulp(|s|): 100x the
+    reference's own error in dv), and the pre-pass forward divides by the row sum at the end (p = 2^(s - lse2)
+    rounded lse2 to ulp(|s|)). out and dv by the tolerance rule; dq, dk and d rel_bias are ~0 here by
+    cancellation (delta = dO . out against sum_j p dP), which leaves them only the bare atol."""
+    from mega_kernels.triton import attention_fwd as fwd
+
+    monkeypatch.setattr(fwd, "PRE_LSE_MIN_E", 0 if pre_lse else 1 << 30)
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 24, 16, generator=gen, dtype=torch.float64) * scale for _ in range(2))
+    v, g = (torch.randn(2, 24, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    inputs = (q, k, v, torch.randn(47, generator=gen, dtype=torch.float64))
+    r64, r32, tri = (_grads(b, dt, inputs, g) for b, dt in
+                     (("reference", torch.float64), ("reference", torch.float32), ("triton", torch.float32)))
+    for i, name in ((0, "out"), (3, "dv")):
+        assert_close_to_reference(f"scale {scale} {name}", tri[i], r64[i], r32[i])
+
+
+def test_float16_dq_recompute_path_scales_before_rounding(monkeypatch):
+    """The dq recompute path (long unchunked blocks) rounds c dS to float16, as the stored-dS path does: dS alone
+    (relu2' ~ 10 times dP ~ 1e4) passes float16's range where c dS = dS / n and dq do not (it gave inf)."""
+    from mega_kernels.triton import attention_bwd as bwd
+
+    monkeypatch.setattr(bwd, "DS_SCRATCH_LIMIT_BYTES", 0)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 40, 16, generator=gen, dtype=torch.float64) * 0.1 for _ in range(2))
+    v = torch.randn(1, 40, 20, generator=gen, dtype=torch.float64)
+    g = torch.randn(1, 40, 20, generator=gen, dtype=torch.float64) * 2000
+    inputs = (q, k, v, torch.full((79,), 5.0, dtype=torch.float64))
+    r64, r16, tri = (_grads(b, dt, inputs, g, activation="relu2") for b, dt in
+                     (("reference", torch.float64), ("reference", torch.float16), ("triton", torch.float16)))
+    assert_close_to_reference("dq", tri[1], r64[1], r16[1])
+
+
+@pytest.mark.parametrize("where", ["all", "one diagonal"])
+def test_softmax_bias_beyond_the_log2_range(where):
+    """rel_bias entries beyond FLT_MAX / log2(e) (~2.36e38): bias log2(e) overflowed to -inf (a row of them read
+    as a row with no key: zeros where the reference averages) or +inf (NaN). They are clamped to 1e38."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 4, 8, generator=gen) for _ in range(2))
+    v = torch.randn(1, 4, 4, generator=gen)
+    bias = torch.full((7,), torch.finfo(torch.float32).min) if where == "all" else \
+        torch.randn(7, generator=gen).index_fill_(0, torch.tensor([4]), 3e38)
+    with torch.no_grad():
+        out = ops.attention(*(t.to(DEVICE) for t in (q, k, v, bias)), backend="triton").cpu()
+        r64 = reference(q.double(), k.double(), v.double(), bias.double())
+        r32 = reference(q, k, v, bias)
+    assert_close_to_reference(where, out, r64, r32)
+
+
 @pytest.mark.parametrize("store_ds", [True, False])
 def test_non_contiguous_inputs(store_ds, monkeypatch):
     """Gradients are written with their own strides, not the inputs' (both dq paths)."""
@@ -422,7 +483,7 @@ def test_bad_inputs_raise_clear_errors():
         attention_fwd(q, k, v, torch.randn(2 * b.shape[0], device=DEVICE)[::2], "softmax", 0, False)
     out, stats = attention_fwd(q, k, v, b, "softmax", 0, False)
     with pytest.raises(ValueError, match="stats"):
-        attention_bwd(out, q, k, v, b, out, stats[:, :2], "softmax", 0, False)
+        attention_bwd(out, q, k, v, b, out, stats[..., :2], "softmax", 0, False)
     with pytest.raises(ValueError, match="out must be"):
         attention_bwd(out, q, k, v, b, out[:, :2], stats, "softmax", 0, False)
     with pytest.raises(ValueError, match="grad_out must be .* on"):

@@ -150,6 +150,21 @@ def test_zero_and_tiny_input_coefficients(backend, bidirectional, truncation):
                              truncation=truncation)
 
 
+def test_silu_of_huge_negative_inputs(backend):
+    """beta = 0, omega = 1: y = silu(x). For x down to -1e37 silu(x) and silu'(x) are -0 / 0 as in the
+    reference (the C++ host exp once saturated at e^88, leaving sigmoid ~6e-39 and silu(-1e37) = -0.06)."""
+    name, device = backend
+    params = [torch.zeros(3, 2, 1), torch.zeros(3, 2, 1), torch.zeros(3, 2, 1), torch.zeros(3, 2), torch.ones(3)]
+    x = torch.tensor([-1e37, -1e30, -1e3, -90.0, 0.5]).reshape(1, 5, 1).expand(1, 5, 3).contiguous()
+    outs = []
+    for be, dev in (("reference", "cpu"), (name, device)):
+        xx = x.to(dev).requires_grad_()
+        y = ops.ema(xx, *(p.to(dev) for p in params), backend=be)
+        outs.append([t.cpu() for t in (y, torch.autograd.grad(y.sum(), xx)[0])])
+    for got, want in zip(*outs[::-1]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
+
+
 def test_split_sequence_equals_one_call(backend):
     """Two calls chained through the state give the output and final state of one call over the whole sequence."""
     name, device = backend

@@ -78,11 +78,13 @@ template <> MK_HD __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return
 #endif
 
 // exp for float: the GPU's expf; on the host a branch-free version (2^k times a degree-7 polynomial on
-// |r| <= ln2/2, about 1 ulp) that the compiler vectorises, unlike the libm call.
+// |r| <= ln2/2, about 1 ulp) that the compiler vectorises, unlike the libm call. It is inf above ln(FLT_MAX),
+// as expf: clamped there, sigmoid(z) would stay near 6e-39 and silu(z) ~ 6e-39 z for z < -1e30.
 MK_HD float mk_exp(float v) {
 #if defined(__CUDA_ARCH__)
   return expf(v);
 #else
+  const bool overflows = v > 88.72283935546875f;
   v = v < -87.0f ? -87.0f : (v > 88.0f ? 88.0f : v);
   const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
   const float r = (v - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
@@ -94,7 +96,8 @@ MK_HD float mk_exp(float v) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  const float e = p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return overflows ? __builtin_inff() : e;
 #endif
 }
 MK_HD double mk_exp(double v) { return exp(v); }

@@ -7,7 +7,7 @@ q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E), queries aligned to the end of the keys
 W >= the block length (chunk_size when it cuts the keys, else Lk). Maths: `mega_kernels.reference.attention`.
 
 Kernel backends implement two torch.library ops with the schemas below (chunk_size 0 = none; `stats` is
-whatever per-row float32 tensor the forward keeps for the backward, e.g. the softmax log-sum-exp).
+whatever per-row float32 tensor the forward keeps for the backward, e.g. the softmax row max and sum).
 """
 from __future__ import annotations
 

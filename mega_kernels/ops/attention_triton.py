@@ -3,7 +3,8 @@
     mega_kernels::attention_fwd_triton  ATTN_FWD_SCHEMA -> (out (B, Lq, E), stats)
     mega_kernels::attention_bwd_triton  ATTN_BWD_SCHEMA -> (dq, dk, dv, d rel_bias)
 
-stats is the per-row float32 log-sum-exp (B, Lq) for softmax and an empty tensor for laplace / relu2.
+stats is, for softmax, (B, 2, Lq) float32: each query row's max of the log2-domain scores and log2 of its sum
+(triton/attention_fwd.py); an empty tensor for laplace / relu2.
 `custom_op` + `register_fake` (not `triton_op`): it traces under torch.compile on the GPU and on the CPU under
 TRITON_INTERPRET=1 (where triton_op's fake tracing touches data, DESIGN.md). `register_autograd` ties the pair
 into one differentiable op, so `attention` below is differentiable in q, k, v and rel_bias.
@@ -33,7 +34,7 @@ def attention_fwd_op(q, k, v, rel_bias, activation, chunk_size, causal, key_padd
 @attention_fwd_op.register_fake
 def _(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
     out = v.new_empty(q.shape[0], q.shape[1], v.shape[2])
-    stats = q.new_empty((q.shape[0], q.shape[1]) if activation == "softmax" else (0,), dtype=torch.float32)
+    stats = q.new_empty((q.shape[0], 2, q.shape[1]) if activation == "softmax" else (0,), dtype=torch.float32)
     return out, stats
 
 

@@ -5,6 +5,8 @@ Maths (notation of attention_common.py and attention_fwd.py; dO = dL/d out, all 
     dP_ij = dO_i . v_j                                   (sums over all of E)
     dv_j  = sum_i p_ij dO_i
     softmax:  p = exp(s - lse);  dS_ij = p_ij (dP_ij - delta_i),  delta_i = sum_j p_ij dP_ij = dO_i . out_i
+              (p = 2^((s2 - m) - log2 l) with the forward's log2-domain scores s2, row max m and sum l:
+              attention_fwd.py)
               ds/dq = Z^-0.5 k,  ds/dk = Z^-0.5 q               (delta_i: `_delta_kernel`, first)
     element:  p = act(s);        dS_ij = act'(s_ij) dP_ij
               ds/dq_i = k_j / n_i,  ds/dk_j = q_i / n_i
@@ -37,17 +39,19 @@ import triton
 import triton.language as tl
 
 from .attention_common import (NO_SPECIALIZE, autotuned, config, constants, describe, element_act, element_act_grad,
-                               interior_query_range, inv_count, load_bias, load_key_pad, mask_args, masked_tile_start,
-                               may_autotune, pair_interior, query_tile, row_info, visible)
+                               interior_query_range, inv_count, kernel_bias, load_bias, load_key_pad, load_row_stats,
+                               mask_args, masked_tile_start, may_autotune, pair_interior, query_tile, row_info,
+                               visible)
 
 
 @triton.jit
-def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale, causal, interior,
+def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, m_row, ll_row, scale, causal, interior,
            ACT: tl.constexpr, DOT_PRECISION: tl.constexpr,
            LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
     """Recompute a tile: returns p (float32, 0 off the visible pairs), the element scores s, the visibility,
     and the per-row factor c (Z^-0.5 or 1 / n). interior (`pair_interior`): every pair is visible, so the
-    masks and the masked bias gather are skipped."""
+    masks and the masked bias gather are skipped. Softmax: m_row, ll_row are the forward's row max and log2 of
+    its sum (`load_row_stats`)."""
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if interior:
         vis = tl.full(qk.shape, 1, tl.int1)
@@ -55,9 +59,9 @@ def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale,
     else:
         vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
         bias = load_bias(BIAS, pos, offs_n, W, vis)
-    if ACT == 0:
-        s = qk * scale + bias
-        p = tl.where(vis, tl.exp2((s - LSE_row[:, None]) * 1.4426950408889634), 0.0)
+    if ACT == 0:  # the forward's log2-domain scores, to the bit (attention_fwd.py): s - m is exact at the max
+        s = qk * (scale * 1.4426950408889634) + bias * 1.4426950408889634
+        p = tl.where(vis, tl.exp2((s - m_row[:, None]) - ll_row[:, None]), 0.0)
         c = tl.full(pos.shape, 1.0, tl.float32) * scale
     else:
         c = inv_count(pos, cs, cnt, causal)
@@ -68,15 +72,14 @@ def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, LSE_row, scale,
 
 @triton.jit
 def _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT: tl.constexpr):
-    """Per query row: (lse, delta) of the softmax (see the top of this file); placeholders for laplace / relu2,
-    which use neither."""
+    """Per query row: (m, log2 l, delta) of the softmax (see the top of this file); placeholders for laplace /
+    relu2, which use none of them."""
+    m, ll = load_row_stats(LSE, b, Lq, offs_m, row_ok, pos, ACT)
     if ACT == 0:
-        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + b * Lq + offs_m, mask=row_ok, other=0.0)
     else:
-        lse = pos.to(tl.float32)
-        delta = lse
-    return lse, delta
+        delta = m
+    return m, ll, delta
 
 
 @triton.jit
@@ -133,11 +136,8 @@ def _dv_tile(acc, Q, BIAS, CNT, LSE, DO, kt, kp, offs_n, offs_z, offs_e, b, p0, 
     cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
     q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
                 mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-    if ACT == 0:
-        lse = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=0.0)
-    else:
-        lse = pos.to(tl.float32)                      # unused by laplace / relu2
-    p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+    m, ll = load_row_stats(LSE, b, Lq, offs_m, row_ok, pos, ACT)
+    p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, m, ll, scale,
                           causal, not MASKED, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
     do = tl.load(DO + b * s_db + offs_m[:, None] * s_dm + offs_e[None, :] * s_de,
                  mask=row_ok[:, None] & (offs_e[None, :] < E), other=0.0)
@@ -212,9 +212,9 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
         cs, ce, cnt = row_info(pos, row_ok, Lk, S, CNT + b * s_cb, has_mask)
         q = tl.load(Q + b * s_qb + offs_m[:, None] * s_qm + offs_z[None, :] * s_qz,
                     mask=row_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
-        lse, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
+        m_row, ll, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
         inner = pair_interior(p0, p0 + T - 1, pid_n * T, pid_n * T + T - 1, Lq, Lk, S, causal, has_mask)
-        p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+        p, s, vis, c = _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, m_row, ll, scale,
                               causal, inner, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
         dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
                       T, T, BLOCK_E, DOT_PRECISION)
@@ -241,7 +241,7 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
 
 
 @triton.jit
-def _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, lse, delta,
+def _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, m_row, ll, delta,
              s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, Lk, Z, E, W, scale, causal, has_mask,
              ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
@@ -252,12 +252,13 @@ def _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, 
     k = tl.load(K + b * s_kb + offs_n[:, None] * s_kn + offs_z[None, :] * s_kz,
                 mask=n_ok[:, None] & (offs_z[None, :] < Z), other=0.0)
     kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
-    p, s, vis, c = _probs(q, tl.trans(k), pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, lse, scale,
+    p, s, vis, c = _probs(q, tl.trans(k), pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, m_row, ll, scale,
                           causal, not MASKED, ACT, DOT_PRECISION, LAPLACE_MU, LAPLACE_C)
     dp = _dp_tile(DO, V, b, offs_m, row_ok, offs_n, n_ok, s_db, s_dm, s_de, s_vb, s_vn, s_ve, E,
                   BLOCK_M, BLOCK_N, BLOCK_E, DOT_PRECISION)
     ds = _dscores(p, s, vis, dp, delta, ACT, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    # c dS rounded to k's dtype, as `_dk_kernel` stores it (dS alone can pass float16's range where c dS does not)
+    return tl.dot((ds * c[:, None]).to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -273,22 +274,18 @@ def _dq_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DQ,
     offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
         Q, CNT, b, pid_m, s_qb, s_qm, s_qz, s_cb, Lq, Lk, Z, S, causal, has_mask, BLOCK_M, BLOCK_N, BLOCK_Z)
     offs_z = tl.arange(0, BLOCK_Z)
-    lse, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
+    m_row, ll, delta = _row_stats(LSE, DELTA, b, Lq, offs_m, row_ok, pos, ACT)
     dq = tl.zeros((BLOCK_M, BLOCK_Z), dtype=tl.float32)
     for t in range(0, n_masked):
         dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, masked_tile_start(t, lo, int_lo, int_hi, BLOCK_N), hi, pos,
-                      offs_m, row_ok, cs, ce, cnt, offs_z, lse, delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db,
+                      offs_m, row_ok, cs, ce, cnt, offs_z, m_row, ll, delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db,
                       s_dm, s_de, s_mb, Lk, Z, E, W, scale, causal, has_mask, ACT, DOT_PRECISION, True, BLOCK_M,
                       BLOCK_N, BLOCK_E, LAPLACE_MU, LAPLACE_C, LAPLACE_D)
     for start in range(int_lo, int_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, lse,
-                      delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, Lk, Z, E, W, scale,
+        dq = _dq_tile(dq, q, K, V, BIAS, KPM, DO, b, start, hi, pos, offs_m, row_ok, cs, ce, cnt, offs_z, m_row,
+                      ll, delta, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_mb, Lk, Z, E, W, scale,
                       causal, has_mask, ACT, DOT_PRECISION, False, BLOCK_M, BLOCK_N, BLOCK_E, LAPLACE_MU,
                       LAPLACE_C, LAPLACE_D)
-    if ACT == 0:
-        dq = dq * scale
-    else:
-        dq = dq * inv_count(pos, cs, cnt, causal)[:, None]
     tl.store(DQ + b * s_gb + offs_m[:, None] * s_gm + offs_z[None, :] * s_gz, dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_z[None, :] < Z))
 
@@ -369,10 +366,11 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
         if tuple(t.shape) != (pb.bsz, pb.lq, pb.edim) or t.device != q.device:
             raise ValueError(f"triton attention backward: {name} must be (B, Lq, E) = {(pb.bsz, pb.lq, pb.edim)} "
                              f"on {q.device}, got {tuple(t.shape)} on {t.device}")
-    if pb.act == 0 and tuple(stats.shape) != (pb.bsz, pb.lq):
-        raise ValueError(f"triton attention backward: softmax stats must be (B, Lq) = {(pb.bsz, pb.lq)}, "
+    if pb.act == 0 and tuple(stats.shape) != (pb.bsz, 2, pb.lq):
+        raise ValueError(f"triton attention backward: softmax stats must be (B, 2, Lq) = {(pb.bsz, 2, pb.lq)}, "
                          f"got {tuple(stats.shape)} (pass the forward's second output)")
     kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
+    bias = kernel_bias(rel_bias, pb)
     do = grad_out.to(v.dtype)
     stats = stats.float().contiguous()
     delta = stats
@@ -396,7 +394,7 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     else:
         kernel, cfg = _dv_kernel, config("dv", pb, q.dtype)
         grid = (triton.cdiv(pb.lk, cfg["BLOCK_N"]), triton.cdiv(pb.edim, cfg["BLOCK_E"]), pb.bsz)
-    kernel[grid](q, k, rel_bias, kpm, counts, stats, do, dv, *q.stride(), *k.stride(), *do.stride(),
+    kernel[grid](q, k, bias, kpm, counts, stats, do, dv, *q.stride(), *k.stride(), *do.stride(),
                  *dv.stride(), *mstr, *sizes, **common, **cfg)
 
     cfg = config("dk", pb, q.dtype)
@@ -410,7 +408,7 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     n_slots = _query_slots(pb, t)
     store_ds = pb.bsz * n_tiles * n_slots * t * t * q.element_size() <= DS_SCRATCH_LIMIT_BYTES
     ds = torch.empty(pb.bsz * n_tiles * n_slots * t * t if store_ds else 1, dtype=q.dtype, device=q.device)
-    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, rel_bias, kpm, counts, stats, delta, do, dk, gb, ds,
+    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, bias, kpm, counts, stats, delta, do, dk, gb, ds,
                                   *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *mstr,
                                   *sizes, -m_lo, nseg, n_slots, STORE_DS=store_ds, **common, **cfg)
     # segment s holds diagonals d = (s - m_lo) T + c, so diagonal d sits at flat index d + m_lo T
@@ -428,6 +426,6 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
         return dq, dk, dv, dbias
     cfg = config("dq", pb, q.dtype)
     _dq_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
-        q, k, v, rel_bias, kpm, counts, stats, delta, do, dq, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, bias, kpm, counts, stats, delta, do, dq, *q.stride(), *k.stride(), *v.stride(),
         *do.stride(), *dq.stride(), *mstr, *sizes, **common, **cfg)
     return dq, dk, dv, dbias

@@ -77,6 +77,20 @@ def load_key_pad(kpm_ptr, offs_n, Lk, has_mask):
 
 
 @triton.jit
+def load_row_stats(STATS, b, Lq, offs_m, row_ok, pos, ACT: tl.constexpr):
+    """A query tile's softmax row statistics from stats (B, 2, Lq): the row max m of the log2-domain scores and
+    log2 of the row sum (0 and +inf for a row with no visible key, so every p = 2^((s - m) - log2 l) is 0);
+    placeholders for laplace / relu2, which have none."""
+    if ACT == 0:
+        m = tl.load(STATS + b * 2 * Lq + offs_m, mask=row_ok, other=0.0)
+        ll = tl.load(STATS + b * 2 * Lq + Lq + offs_m, mask=row_ok, other=float("inf"))
+    else:
+        m = pos.to(tl.float32)
+        ll = m
+    return m, ll
+
+
+@triton.jit
 def load_bias(bias_ptr, pos, offs_n, W, vis):
     """The Toeplitz bias tile rel_bias[W - 1 + j - P] in float32 (0 where not visible)."""
     idx = W - 1 + offs_n[None, :] - pos[:, None]
@@ -212,6 +226,17 @@ class Problem:
 
 
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (the kernels put the batch on one of them)
+# Softmax scores are taken in the log2 domain, bias log2(e) in float32, which overflows beyond +-2.36e38.
+BIAS_LIMIT = 1e38
+
+
+def kernel_bias(rel_bias: torch.Tensor, pb: "Problem") -> torch.Tensor:
+    """rel_bias as the kernels read it: for softmax, finite entries beyond +-BIAS_LIMIT are clamped there (+-inf
+    stay), so bias log2(e) stays finite. An entry that large already takes all or none of its row's softmax
+    weight at any score a float32 dot can give; only two such entries in one row tie where they would not."""
+    if pb.act != 0 or rel_bias.dtype == torch.float16:   # float16 cannot hold such values
+        return rel_bias
+    return torch.where(rel_bias.isinf(), rel_bias, rel_bias.clamp(-BIAS_LIMIT, BIAS_LIMIT))
 
 
 def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask) -> Problem:

@@ -9,14 +9,20 @@ Maths (notation of attention_common.py). For a query row i and the keys j of its
 The softmax is computed online over key tiles (FlashAttention): a running max m_i and sum l_i, the
 accumulator rescaled by exp(m_old - m_new) when the max grows, all in the log2 domain (exp2). laplace / relu2
 need no normalisation: each tile's act(s) multiplies v directly. Rows with no visible key keep l_i = 0 and give
-zeros (stats lse = +inf there, so the backward's exp(s - lse) is 0).
+zeros (stats log2 l = +inf there, so the backward's p is 0).
 
 E is tiled in the grid (program = query tile x E tile x batch): every E tile recomputes the same scores, which
 costs Z / BLOCK_E extra matmul work but keeps the accumulator (BLOCK_M, BLOCK_E) in registers for any E.
-The E-tile-0 program writes the per-row lse (natural log) used by the backward. For wide E (softmax,
-E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes the lse from the scores alone first; the E tiles then
-take p = exp(s - lse) directly (PRE_LSE) with no running max, sum or accumulator rescale, which every E tile
-would otherwise repeat.
+The E-tile-0 program writes the per-row statistics the backward needs, stats (B, 2, Lq): the row max m of the
+log2-domain scores and log2 of the row sum l. The backward recomputes the scores with the forward's own
+arithmetic, s2 = (q.k) Z^-0.5 log2(e) + bias log2(e), and takes p = 2^((s2 - m) - log2 l): s2 - m is exact at
+the max. (One lse = (m + log2 l) / log2(e) rounds to ulp(|s|), in the conversions and in the sum: at |s| ~ 1e3
+that is 1e-4 relative in p, 100x the reference's own float32 error in near one-hot rows.) For wide E (softmax,
+E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes these statistics from the scores alone first; the E tiles
+then take p = 2^(s2 - m) directly (PRE_LSE) and divide by l once at the end, with no running max, sum or
+accumulator rescale, which every E tile would otherwise repeat.
+Finite rel_bias entries beyond +-BIAS_LIMIT are clamped there for softmax (`kernel_bias`), so that bias log2(e)
+stays finite.
 
 Key range of a query tile: from the block start of its first row to the block end of its last row (to its
 last row + 1 when causal), so key tiles above the diagonal and outside the tile's blocks are never visited;
@@ -32,9 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import (LOG2E, NO_SPECIALIZE, Problem, autotuned, config, constants, describe, element_act,
-                               inv_count, load_bias, load_key_pad, mask_args, masked_tile_start, may_autotune,
-                               query_tile, row_info, visible)
+from .attention_common import (NO_SPECIALIZE, Problem, autotuned, config, constants, describe, element_act,
+                               inv_count, kernel_bias, load_bias, load_key_pad, load_row_stats, mask_args,
+                               masked_tile_start, may_autotune, query_tile, row_info, visible)
 
 
 @triton.jit
@@ -84,8 +90,8 @@ def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z
               qscale, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_mb, Lk, Z, E, W, causal, has_mask,
               ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, PRE_LSE: tl.constexpr,
               BLOCK_N: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr):
-    """One key tile of the forward: acc += p v. Softmax with PRE_LSE: m_i holds the final log2-domain lse and
-    p = 2^(sc - lse) needs no rescaling; otherwise the online update."""
+    """One key tile of the forward: acc += p v. Softmax with PRE_LSE: m_i holds the row's final max (0 for a row
+    with no visible key) and p = 2^(sc - max) needs no rescaling; otherwise the online update."""
     sc = _score_tile(q, K, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z, inv_n, qscale, s_kb, s_kn,
                      s_kz, s_mb, Lk, Z, W, causal, has_mask, ACT, DOT_PRECISION, MASKED, BLOCK_N, LAPLACE_MU,
                      LAPLACE_C)
@@ -107,6 +113,15 @@ def _fwd_tile(q, K, V, BIAS, KPM, b, start, hi, pos, row_ok, cs, ce, cnt, offs_z
     return acc, m_i, l_i
 
 
+@triton.jit
+def _store_row_stats(LSE, b, Lq, offs_m, row_ok, m_i, l_i):
+    """stats[b, :, rows] = (row max m, log2 of the row sum l); (0, +inf) for a row with no visible key (l = 0)."""
+    has = l_i > 0
+    tl.store(LSE + b * 2 * Lq + offs_m, tl.where(has, m_i, 0.0), mask=row_ok)
+    tl.store(LSE + b * 2 * Lq + Lq + offs_m, tl.where(has, tl.log2(tl.where(has, l_i, 1.0)), float("inf")),
+             mask=row_ok)
+
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                 s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_mb, s_cb,
@@ -114,8 +129,8 @@ def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_Z: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
                 LAPLACE_D: tl.constexpr):
-    """The softmax pre-pass for wide E: each row's lse (natural log; +inf for rows with no visible key) from
-    the scores alone, so that the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
+    """The softmax pre-pass for wide E: each row's statistics (`store_row_stats`) from the scores alone, so that
+    the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_m, row_ok, pos, cs, ce, cnt, q, lo, hi, int_lo, int_hi, n_masked = query_tile(
@@ -134,9 +149,7 @@ def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                          s_kn, s_kz, s_mb, Lk, Z, W, causal, has_mask, 0, DOT_PRECISION, False, BLOCK_N,
                          LAPLACE_MU, LAPLACE_C)
         _, _, m_i, l_i = _online_update(sc, m_i, l_i)
-    has = l_i > 0
-    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-    tl.store(LSE + b * Lq + offs_m, lse, mask=row_ok)
+    _store_row_stats(LSE, b, Lq, offs_m, row_ok, m_i, l_i)
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
@@ -155,11 +168,12 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
 
     acc = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    if PRE_LSE:    # m_i: the final lse in the log2 domain (+inf for rows with no visible key: p = 0)
-        m_i = tl.load(LSE + b * Lq + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    if PRE_LSE:    # the pre-pass's final max and sum (l = inf for rows with no visible key, where every p is 0)
+        m_i, ll = load_row_stats(LSE, b, Lq, offs_m, row_ok, pos, 0)
+        l_i = tl.exp2(ll)
     else:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qscale = scale * 1.4426950408889634
     inv_n = inv_count(pos, cs, cnt, causal)
     for t in range(0, n_masked):
@@ -173,12 +187,10 @@ def _fwd_kernel(Q, K, V, BIAS, KPM, CNT, O, LSE,
                                   E, W, causal, has_mask, ACT, DOT_PRECISION, False, PRE_LSE, BLOCK_N,
                                   LAPLACE_MU, LAPLACE_C)
 
-    if ACT == 0 and not PRE_LSE:
-        has = l_i > 0
-        acc = acc / tl.where(has, l_i, 1.0)[:, None]
-        if pid_e == 0:
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) / 1.4426950408889634, float("inf"))
-            tl.store(LSE + b * Lq + offs_m, lse, mask=row_ok)
+    if ACT == 0:
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if pid_e == 0 and not PRE_LSE:
+            _store_row_stats(LSE, b, Lq, offs_m, row_ok, m_i, l_i)
     tl.store(O + b * s_ob + offs_m[:, None] * s_om + offs_e[None, :] * s_oe, acc.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_e[None, :] < E))
 
@@ -219,7 +231,7 @@ def _decode_kernel(Q, K, V, BIAS, KPM, CNT, ACC, M, L,
         v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_e[None, :] * s_ve,
                     mask=n_ok[:, None] & (offs_e[None, :] < E), other=0.0)
         if ACT == 0:
-            s2 = tl.where(vis, (qk * scale + bias) * 1.4426950408889634, float("-inf"))
+            s2 = tl.where(vis, qk * (scale * 1.4426950408889634) + bias * 1.4426950408889634, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s2, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s2 - m_safe[:, None])
@@ -253,7 +265,7 @@ PRE_LSE_MIN_E = 1024
 
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
-    lse = torch.empty(pb.bsz, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
+    lse = torch.empty(pb.bsz, 2, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
     pre_lse = pb.act == 0 and pb.edim >= PRE_LSE_MIN_E
     if pre_lse:
@@ -303,17 +315,19 @@ def _launch_decode(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     total = (l_ * w).sum(1, keepdim=True)
     has = total > 0
     out = (acc * w[:, :, None]).sum(1, keepdim=True) / torch.where(has, total, torch.ones_like(total))[:, :, None]
-    lse = torch.where(has, (m_safe + torch.log2(torch.where(has, total, torch.ones_like(total)))) / LOG2E,
-                      torch.full_like(total, float("inf")))
-    return out.to(v.dtype), lse
+    log_sum = torch.where(has, torch.log2(torch.where(has, total, torch.ones_like(total))),
+                          torch.full_like(total, float("inf")))
+    return out.to(v.dtype), torch.stack((m_safe, log_sum), 1)                # (B, 2, 1)
 
 
 def attention_fwd(q, k, v, rel_bias, activation: str, chunk_size: int, causal: bool, key_padding_mask=None):
     """Forward launcher: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E), rel_bias (2W - 1,), key_padding_mask
-    (B, Lk) bool or None; chunk_size 0 = one block. Returns out (B, Lq, E) in v's dtype and stats: the per-row
-    float32 log-sum-exp (B, Lq) for softmax (+inf for rows with no visible key), an empty tensor otherwise."""
+    (B, Lk) bool or None; chunk_size 0 = one block. Returns out (B, Lq, E) in v's dtype and stats: for softmax
+    (B, 2, Lq) float32, each row's max of the log2-domain scores and log2 of its sum (0 and +inf for rows with no
+    visible key); an empty tensor otherwise."""
     pb = describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
+    rel_bias = kernel_bias(rel_bias, pb)
     if pb.lq == 1:
         return _launch_decode(q, k, v, rel_bias, pb, kpm, counts, has_mask)
     return _launch_fwd(q, k, v, rel_bias, pb, kpm, counts, has_mask)

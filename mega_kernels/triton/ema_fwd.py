@@ -19,7 +19,10 @@ Scaled state. The sweep that writes outputs keeps g = h / a instead of h: g_t = 
 multiply-add per state and step (u_t is shared by the N states), and e_t = sum_n (c a) g_t another, against
 three operations per state for h. A state s enters as g = s / a. Coefficients a with |a| < TINY = 2^-64 are
 raised to TINY: h = a g stays exact for the state's own decay, and the input path gains at most
-TINY |c| sum |u| (far below float32 resolution of any output); a state would overflow only past 2^64.
+TINY |c| sum |u|. Two limits follow, shared by the CUDA kernels (ema_kernels.cuh) and written in the README:
+that error is below float32 resolution for |c| up to ~1e12 (MEGA's c = gamma / sqrt(N) is O(1)), not for a
+huge c paired with a tiny a; and a caller's state overflows g once |S / a| passes ~3e38 (|S| ~ 1e19 where a
+is raised to TINY), giving inf where the reference and the cpu kernels stay finite.
 
 Chunked scan. A sequential loop over L per channel block is latency-bound, so L is cut in chunks of T steps
 (steps [cT, cT + T), the last chunk shorter, whichever way a direction runs) and the chunks run in parallel.
