@@ -46,7 +46,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "hub": ["huggingface_hub"],
-        "test": ["pytest", "pytest-benchmark", "transformers==4.57.6", "safetensors"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers==4.57.6", "safetensors"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -241,9 +241,12 @@ def cmd_check(args) -> int:
     failed = len(dict.fromkeys(r[0] for r in results if not r[-1]))
     print(f"\n{cases - failed} passed, {failed} failed on {device} (forward and gradients vs the float64 reference)")
     if not results:
-        print("no kernel backend is available on this device; see `mega-kernels info`")
-        if args.backend:  # what was asked for explicitly could not run
+        if args.backend:  # what was asked for explicitly could not run, or does not exist for these ops
+            have = {op: [n for n in backends.implemented(op) if n != "reference"] for op in ops if op in OPS}
+            print(f"nothing to check: backend {', '.join(args.backend)} runs none of {', '.join(ops)} on {device} "
+                  f"(kernel backends: {have}; see `mega-kernels info`)")
             return 1
+        print("no kernel backend is available on this device; see `mega-kernels info`")
     return 1 if failed else 0
 
 

@@ -69,6 +69,12 @@ def test_check_of_an_unavailable_backend_that_was_asked_for_fails(monkeypatch, c
     assert "skipped ema/cpu: pretend it is missing" in capsys.readouterr().out
 
 
+def test_check_of_a_backend_the_op_lacks_says_so(capsys):
+    assert cli.main(["check", "--device", "cpu", "--op", "attention", "--backend", "cpu"]) == 1
+    assert "backend cpu runs none of attention on cpu (kernel backends: {'attention': ['triton']}" in \
+        capsys.readouterr().out
+
+
 def test_check_runs_the_backends_inside_models(monkeypatch, capsys):
     assert cli.main(["check", "--device", "cpu", "--op", "model", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out

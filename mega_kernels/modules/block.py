@@ -5,9 +5,9 @@ Block = mega_layer -> cross_attn (decoders with add_cross_attention) -> nffn (us
 Per-layer cache of a decoder (a tuple, every entry batch-first so beam search can `index_select` dim 0):
     (self_key (B, c, Z), self_value (B, c, E), ema_cache, position (B,) int64 [, cross_key (B, S, Z),
      cross_value (B, S, D)])
-ema_cache is the EMA state (B, D, N) float32, or with truncation T the last T - 1 masked EMA inputs
-(B, T - 1, D); c is the number of keys since the last chunk boundary (all keys without chunking); position
-is the number of tokens consumed so far (used by the cross-attention bias and the mask checks).
+ema_cache is the EMA state (B, D, N) float32 (float64 for a float64 model), or with truncation T the last T - 1
+masked EMA inputs (B, T - 1, D); c is the number of keys since the last chunk boundary (all keys without
+chunking); position is the number of tokens consumed so far (used by the cross-attention bias and the mask checks).
 """
 from __future__ import annotations
 

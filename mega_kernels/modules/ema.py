@@ -3,8 +3,8 @@
 calls, so a weight change is always seen (transformers caches it in eval mode, spec 9.6).
 
 Incremental decoding (unidirectional only) carries one cache tensor:
-- without truncation: the EMA state h (B, D, N) float32; one token goes through `ops.ema_step`, several
-  tokens through `ops.ema(state=..., return_state=True)`;
+- without truncation: the EMA state h (B, D, N), float32 (float64 for a float64 model); one token goes through
+  `ops.ema_step`, several tokens through `ops.ema(state=..., return_state=True)`;
 - with truncation T: a truncated EMA has no finite state, so the cache is the window of the last T - 1 masked
   inputs (B, T - 1, D) (zeros before the sequence start); the new outputs are recomputed over
   window + new inputs, which gives exactly the full pass' truncated convolution.

@@ -113,7 +113,9 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
         reason = unavailable_reason(op, name, device)
         if reason is not None:
             fix = f"unset {ENV_VAR} or set it to 'reference'" if source != "backend=" else \
-                "use backend='auto' or 'reference'"
+                ("use backend='auto' or 'reference' (a model takes it from config.kernel_backend, which "
+                 "save_pretrained keeps: model.set_kernel_backend('auto'), or from_pretrained(..., "
+                 "kernel_backend='auto'))")
             raise BackendUnavailable(f"{op}: {source}{name!r} cannot run on {device.type}: {reason}. "
                                      f"To go on, {fix}, or fix the cause.")
         return name
