@@ -231,12 +231,13 @@ BIAS_LIMIT = 1e38
 
 
 def kernel_bias(rel_bias: torch.Tensor, pb: "Problem") -> torch.Tensor:
-    """rel_bias as the kernels read it: for softmax, finite entries beyond +-BIAS_LIMIT are clamped there (+-inf
-    stay), so bias log2(e) stays finite. An entry that large already takes all or none of its row's softmax
-    weight at any score a float32 dot can give; only two such entries in one row tie where they would not."""
+    """rel_bias as the kernels read it: for softmax, entries beyond +-BIAS_LIMIT (+-inf included) are clamped
+    there (one small launch), so bias log2(e) stays finite. An entry that large already takes all or none of its
+    row's softmax weight at any score a float32 dot can give; two such entries in one row tie where they would
+    not, and a row whose visible entries are all -inf averages them where the reference gives NaN."""
     if pb.act != 0 or rel_bias.dtype == torch.float16:   # float16 cannot hold such values
         return rel_bias
-    return torch.where(rel_bias.isinf(), rel_bias, rel_bias.clamp(-BIAS_LIMIT, BIAS_LIMIT))
+    return rel_bias.clamp(-BIAS_LIMIT, BIAS_LIMIT)
 
 
 def describe(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask) -> Problem:

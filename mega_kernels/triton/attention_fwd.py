@@ -21,8 +21,8 @@ that is 1e-4 relative in p, 100x the reference's own float32 error in near one-h
 E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes these statistics from the scores alone first; the E tiles
 then take p = 2^(s2 - m) directly (PRE_LSE) and divide by l once at the end, with no running max, sum or
 accumulator rescale, which every E tile would otherwise repeat.
-Finite rel_bias entries beyond +-BIAS_LIMIT are clamped there for softmax (`kernel_bias`), so that bias log2(e)
-stays finite.
+rel_bias entries beyond +-BIAS_LIMIT (1e38, +-inf included) are clamped there for softmax (`kernel_bias`), so
+that bias log2(e) stays finite.
 
 Key range of a query tile: from the block start of its first row to the block end of its last row (to its
 last row + 1 when causal), so key tiles above the diagonal and outside the tile's blocks are never visited;
