@@ -78,8 +78,9 @@ template <> MK_HD __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) { return
 #endif
 
 // exp for float: the GPU's expf; on the host a branch-free version (2^k times a degree-7 polynomial on
-// |r| <= ln2/2, about 1 ulp) that the compiler vectorises, unlike the libm call. It is inf above ln(FLT_MAX),
-// as expf: clamped there, sigmoid(z) would stay near 6e-39 and silu(z) ~ 6e-39 z for z < -1e30.
+// |r| <= ln2/2, about 1 ulp) that the compiler vectorises, unlike the libm call. Above 88.7228 (about
+// ln FLT_MAX) it is inf, as expf; between 88 and that, e^88 (its only caller is sigmoid, where that is ~1e-38).
+// Saturated instead, sigmoid(z) would stay near 6e-39 and silu(z) ~ 6e-39 z for z < -1e30.
 MK_HD float mk_exp(float v) {
 #if defined(__CUDA_ARCH__)
   return expf(v);

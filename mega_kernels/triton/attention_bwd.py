@@ -42,6 +42,7 @@ from .attention_common import (NO_SPECIALIZE, autotuned, config, constants, desc
                                interior_query_range, inv_count, kernel_bias, load_bias, load_key_pad, load_row_stats,
                                mask_args, masked_tile_start, may_autotune, pair_interior, query_tile, row_info,
                                visible)
+from .attention_fwd import row_stats
 
 
 @triton.jit
@@ -59,7 +60,7 @@ def _probs(q, kt, pos, row_ok, cs, ce, cnt, offs_n, kp, BIAS, W, m_row, ll_row, 
     else:
         vis = visible(pos, row_ok, cs, ce, cnt, offs_n, kp, causal, ACT)
         bias = load_bias(BIAS, pos, offs_n, W, vis)
-    if ACT == 0:  # the forward's log2-domain scores, to the bit (attention_fwd.py): s - m is exact at the max
+    if ACT == 0:  # the forward's log2-domain scores, its arithmetic (attention_fwd.py): s - m is exact at the max
         s = qk * (scale * 1.4426950408889634) + bias * 1.4426950408889634
         p = tl.where(vis, tl.exp2((s - m_row[:, None]) - ll_row[:, None]), 0.0)
         c = tl.full(pos.shape, 1.0, tl.float32) * scale
@@ -371,6 +372,8 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
                          f"got {tuple(stats.shape)} (pass the forward's second output)")
     kpm, counts, has_mask = mask_args(key_padding_mask, pb, q.device)
     bias = kernel_bias(rel_bias, pb)
+    if pb.act == 0 and pb.lq == 1:  # a decoding step: statistics from the tiled score arithmetic (row_stats)
+        stats = row_stats(q, k, bias, pb, kpm, counts, has_mask)
     do = grad_out.to(v.dtype)
     stats = stats.float().contiguous()
     delta = stats

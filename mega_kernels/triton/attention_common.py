@@ -351,7 +351,7 @@ def config(kind: str, pb: Problem, dtype: torch.dtype) -> dict:
     E >= 1024 (dV) in 16-bit on a GPU `autotuned` times the "fwd" / "fwd_e256" / "fwd_e512" and "dv" /
     "dv_e512" candidates (the dK tile stays fixed: the bias-gradient scratch depends on it). The GPU configs
     were checked by compiling for sm_90 (`python -m benchmarks.bench_attention --compile-report lm`): they fit
-    in shared memory and spill at most 72 bytes per thread (the laplace dQ kernel at Z = 256). float32 (exact
+    in shared memory and spill at most 32 bytes per thread (the softmax forward at Z = 256). float32 (exact
     "ieee" dots, a correctness path, not a fast one) uses small tiles."""
     np2e = triton.next_power_of_2(pb.edim)
     if kind == "lse":       # softmax pre-pass for wide E (attention_fwd.PRE_LSE_MIN_E): program = query tile

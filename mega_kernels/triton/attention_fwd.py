@@ -16,7 +16,9 @@ costs Z / BLOCK_E extra matmul work but keeps the accumulator (BLOCK_M, BLOCK_E)
 The E-tile-0 program writes the per-row statistics the backward needs, stats (B, 2, Lq): the row max m of the
 log2-domain scores and log2 of the row sum l. The backward recomputes the scores with the forward's own
 arithmetic, s2 = (q.k) Z^-0.5 log2(e) + bias log2(e), and takes p = 2^((s2 - m) - log2 l): s2 - m is exact at
-the max. (One lse = (m + log2 l) / log2(e) rounds to ulp(|s|), in the conversions and in the sum: at |s| ~ 1e3
+the max (where both passes' dots sum alike: always under the interpreter and for float32's FMA dots; 16-bit
+tiles of other heights may use other MMA instructions). A decoding step's forward sums q.k as a vector, so its
+backward recomputes the statistics with the pre-pass kernel (`row_stats`). (One lse = (m + log2 l) / log2(e) rounds to ulp(|s|), in the conversions and in the sum: at |s| ~ 1e3
 that is 1e-4 relative in p, 100x the reference's own float32 error in near one-hot rows.) For wide E (softmax,
 E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes these statistics from the scores alone first; the E tiles
 then take p = 2^(s2 - m) directly (PRE_LSE) and divide by l once at the end, with no running max, sum or
@@ -129,7 +131,7 @@ def _lse_kernel(Q, K, BIAS, KPM, CNT, LSE,
                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_Z: tl.constexpr, LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr,
                 LAPLACE_D: tl.constexpr):
-    """The softmax pre-pass for wide E: each row's statistics (`store_row_stats`) from the scores alone, so that
+    """The softmax pre-pass for wide E: each row's statistics (`_store_row_stats`) from the scores alone, so that
     the E tiles of `_fwd_kernel` (PRE_LSE) skip the online max, sum and rescale."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -263,17 +265,26 @@ def _fwd_kinds(pb: Problem):
 PRE_LSE_MIN_E = 1024
 
 
+def row_stats(q, k, rel_bias, pb: Problem, kpm, counts, has_mask, out=None):
+    """The softmax statistics (B, 2, Lq) from the scores alone (`_lse_kernel`): the pre-pass of wide-E forwards,
+    and the backward's for a decoding step, whose forward summed q.k as a vector (the backward's tile dot would
+    differ from it by an ulp of |s|, too much for p at large scores)."""
+    out = torch.empty(pb.bsz, 2, pb.lq, dtype=torch.float32, device=q.device) if out is None else out
+    cfg = config("lse", pb, q.dtype)
+    _lse_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
+        q, k, rel_bias, kpm, counts, out, *q.stride(), *k.stride(), kpm.stride(0), counts.stride(0),
+        pb.lq, pb.lk, pb.zdim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
+        DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
+    return out
+
+
 def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     out = torch.empty(pb.bsz, pb.lq, pb.edim, dtype=v.dtype, device=q.device)
     lse = torch.empty(pb.bsz, 2, pb.lq, dtype=torch.float32, device=q.device) if pb.act == 0 else \
         torch.empty(0, dtype=torch.float32, device=q.device)
     pre_lse = pb.act == 0 and pb.edim >= PRE_LSE_MIN_E
     if pre_lse:
-        cfg = config("lse", pb, q.dtype)
-        _lse_kernel[(triton.cdiv(pb.lq, cfg["BLOCK_M"]), pb.bsz)](
-            q, k, rel_bias, kpm, counts, lse, *q.stride(), *k.stride(), kpm.stride(0), counts.stride(0),
-            pb.lq, pb.lk, pb.zdim, pb.size, pb.width, pb.zdim ** -0.5, pb.causal, has_mask,
-            DOT_PRECISION=pb.dot_precision, BLOCK_Z=pb.block_z, **cfg, **constants())
+        row_stats(q, k, rel_bias, pb, kpm, counts, has_mask, out=lse)
     if pb.edim >= 256 and may_autotune(q.dtype):
         kernel, cfg = autotuned(_fwd_kernel, _fwd_kinds(pb), pb, q.dtype), {}
         grid = lambda meta: (triton.cdiv(pb.lq, meta["BLOCK_M"]), triton.cdiv(pb.edim, meta["BLOCK_E"]),  # noqa
