@@ -20,10 +20,11 @@ the max (where both passes' dots sum alike: always under the interpreter and for
 tiles of other heights may use other MMA instructions). A decoding step's forward sums q.k as a vector, so its
 backward recomputes the statistics with the pre-pass kernel (`row_stats`). (One lse = (m + log2 l) / log2(e)
 rounds to ulp(|s|), in the conversions and in the sum: at |s| ~ 1e3 that is 1e-4 relative in p, 100x the
-reference's own float32 error in near one-hot rows.) For wide E (softmax,
-E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes these statistics from the scores alone first; the E tiles
-then take p = 2^(s2 - m) directly (PRE_LSE) and divide by l once at the end, with no running max, sum or
-accumulator rescale, which every E tile would otherwise repeat.
+reference's own float32 error in near one-hot rows.)
+
+For wide E (softmax, E >= PRE_LSE_MIN_E) a pre-pass `_lse_kernel` computes these statistics from the scores
+alone first; the E tiles then take p = 2^(s2 - m) directly (PRE_LSE) and divide by l once at the end, with no
+running max, sum or accumulator rescale, which every E tile would otherwise repeat.
 rel_bias entries beyond +-BIAS_LIMIT (1e38, +-inf included) are clamped there for softmax (`kernel_bias`), so
 that bias log2(e) stays finite.
 
