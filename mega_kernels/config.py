@@ -159,14 +159,13 @@ class MegaConfig:
             if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                           and 0.0 <= value <= 1.0):
                 bad(name, "must be a probability", "use a number in [0, 1]")
-        if isinstance(self.chunk_size, bool):
-            bad("chunk_size", "must be an int, not a bool", "use -1 (no chunking) or a positive block length "
-                "(and use_chunking=True to chunk)")
         if self.use_chunking and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             bad("chunk_size", "must be a positive int when use_chunking=True",
                 "set chunk_size to the attention block length (e.g. 128) or use_chunking=False")
-        if not isinstance(self.chunk_size, int) or (self.chunk_size < 1 and self.chunk_size != -1):
-            bad("chunk_size", "must be -1 (no chunking) or a positive int", "use -1 or a positive block length")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or \
+                (self.chunk_size < 1 and self.chunk_size != -1):
+            bad("chunk_size", "must be -1 (no chunking) or a positive int (not a bool)",
+                "use -1 or a positive block length")
         if self.truncation is not None and (not isinstance(self.truncation, int) or isinstance(self.truncation, bool)
                                             or self.truncation < 1):
             bad("truncation", "must be None or a positive int", "use None (full EMA) or a positive kernel length")

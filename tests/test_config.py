@@ -114,6 +114,7 @@ def test_a_torch_dtype_attribute_serialises_by_name(tmp_path):
     (dict(bidirectional="false"), ["bidirectional", "True or False"]),
     (dict(norm_affine="no"), ["norm_affine", "True or False"]),
     (dict(chunk_size=True), ["chunk_size", "not a bool"]),
+    (dict(chunk_size=True, use_chunking=True), ["chunk_size", "not a bool"]),
     (dict(dropout_prob=True), ["dropout_prob", "[0, 1]"]),
 ])
 def test_validation_names_the_argument_and_the_fix(kwargs, names):

@@ -259,11 +259,13 @@ class MegaPreTrainedModel(nn.Module):
         config_class = cls.config_class if config is None else type(config)
         config = config_class.from_dict(saved, **overrides)  # checked with the overrides applied
         device = load_device(device_map)
-        if "auto" not in (dtype, torch_dtype):  # a bad dtype fails before the weights are read
-            load_dtype(dtype if dtype is not None else torch_dtype, config, {})
+        asked = dtype if dtype is not None else torch_dtype
+        if asked != "auto":  # checked before the weights are read; "auto" needs them
+            dtype = load_dtype(asked, config, {})
         model = cls(config)
         state = read_weights(folder)
-        dtype = load_dtype(dtype if dtype is not None else torch_dtype, config, state)
+        if asked == "auto":
+            dtype = load_dtype(asked, config, state)
         model.load_checkpoint_state(state, ignore_mismatched_sizes)
         return model.to(device=device, dtype=dtype).eval()
 
