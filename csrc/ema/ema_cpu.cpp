@@ -2,8 +2,9 @@
 // Work is split into tasks of (batch row, block of W contiguous channels) run by at::parallel_for; inside a
 // task the loop over time carries the N x W state on the stack and the loops over the W channels are
 // contiguous, so the compiler vectorises them (target_clones builds AVX-512 / AVX2 / baseline copies and
-// picks one at load time). Gradients of a, q, c, omega are summed per task and then over the batch in a
-// fixed order, so results do not depend on the thread count.
+// picks one at load time; everything a sweep calls per step must be inlined into them). A decoding step runs
+// over blocks of (batch row, channel) lanes instead. Gradients of a, q, c, omega are summed per task and then
+// over the batch in a fixed order, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,12 +20,23 @@
 #else
 #define MK_CLONES
 #endif
+// The per-step lambdas handed to the sweeps must be inlined: an outlined lambda is compiled once, for the
+// baseline ISA, and called at every step (the bidirectional forward's output ran 2x slower that way).
+#if defined(__GNUC__)
+#define MK_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define MK_INLINE_LAMBDA
+#endif
 
 namespace mega_kernels {
 namespace ema {
 namespace {
 
-template <typename A> constexpr int lanes() { return sizeof(A) == 8 ? 8 : 16; }
+// Channels per task. A task reads W channels of each row of x, D apart: 32 float32 lanes (two cache lines per
+// row) took the forward from 15.7 to 10.4 ms at B4 L4096 D256 N16 (benchmarks/NOTES.md, session 17). The
+// backward holds ten N x W arrays, which at W = 32 outgrow L1: it keeps 16.
+template <typename A> constexpr int fwd_lanes() { return sizeof(A) == 8 ? 8 : 32; }
+template <typename A> constexpr int bwd_lanes() { return sizeof(A) == 8 ? 8 : 16; }
 
 template <typename T, typename A>
 struct Args {
@@ -33,8 +45,8 @@ struct Args {
   T* y; T* dx; A* final_state; A* dstate;                         // outputs (null when not wanted)
   A *pc, *pa, *pq, *pomega;                                        // per-batch partial gradients
   int64_t B, L, D, N; int K; bool bi;
-  int64_t tasks() const { return B * ((D + lanes<A>() - 1) / lanes<A>()); }
-  int64_t work_size() const { return (2 * L + 16 * N + 1) * lanes<A>(); }
+  int64_t tasks(int W) const { return B * ((D + W - 1) / W); }
+  int64_t work_size(int W) const { return (2 * L + 16 * N + 1) * W; }
 };
 
 // Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
@@ -61,33 +73,48 @@ MK_HD void store_state(A* s, const A* h, int64_t b, int64_t d0, int nw, int64_t 
     for (int w = 0; w < nw; ++w) s[((b * D) + d0 + w) * N + n] = h[n * W + w];
 }
 
+// y_t = silu(e [+ other] + omega x_t) over the lanes, stored (the output of the forward's last sweep).
+template <int W, typename T, typename A>
+MK_HD void store_output(T* y, const T* x, int nw, const A* MK_R e, const A* MK_R other, const A* MK_R om) {
+  A xr[W], z[W];
+  load_lanes<W>(xr, x, nw);
+  if (other) {
+    for (int w = 0; w < W; ++w) z[w] = silu((e[w] + other[w]) + om[w] * xr[w]);
+  } else {
+    for (int w = 0; w < W; ++w) z[w] = silu(e[w] + om[w] * xr[w]);
+  }
+  store_lanes<W>(y, z, nw);
+}
+
 template <typename T, typename A, int W>
 MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
   const int64_t nblk = (p.D + W - 1) / W, b = task / nblk, d0 = (task % nblk) * W, L = p.L, N = p.N;
   const int nw = static_cast<int>(std::min<int64_t>(W, p.D - d0));
   const Lanes<T> in{p.x + b * L * p.D + d0, p.mask ? p.mask + b * L : nullptr, p.D, static_cast<int>(L), nw};
-  A* ebuf = work;
+  A* ebuf = work;  // the forward rows' e, while the backward rows run (bidirectional only)
   A* cw = ebuf + L * W;
   A* h = cw + 6 * N * W;
+  A om[W];
+  for (int w = 0; w < W; ++w) om[w] = w < nw ? p.omega[d0 + w] : A(0);
+  // The last sweep forms y_t while x_t is in cache (no pass of its own).
+  T* y = p.y + b * L * p.D + d0;
   Coefs<A> cf = gather<W>(p, 0, d0, nw, cw);
   load_state<W>(h, p.state, b, d0, nw, p.D, N);
-  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) {
-    for (int w = 0; w < W; ++w) ebuf[t * W + w] = e[w];
+  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
+    if (p.bi) {
+      for (int w = 0; w < W; ++w) ebuf[t * W + w] = e[w];
+    } else {
+      store_output<W>(y + t * p.D, in.x + t * p.D, nw, e, static_cast<const A*>(nullptr), om);
+    }
   });
   if (p.final_state) store_state<W>(p.final_state, h, b, d0, nw, p.D, N);
   if (p.bi) {
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) {
-      for (int w = 0; w < W; ++w) ebuf[t * W + w] += e[w];
-    });
-  }
-  A om[W], xr[W], z[W];
-  for (int w = 0; w < W; ++w) om[w] = w < nw ? p.omega[d0 + w] : A(0);
-  for (int64_t t = 0; t < L; ++t) {
-    load_lanes<W>(xr, in.x + t * p.D, nw);
-    for (int w = 0; w < W; ++w) z[w] = silu(ebuf[t * W + w] + om[w] * xr[w]);
-    store_lanes<W>(p.y + (b * L + t) * p.D + d0, z, nw);
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h,
+                   [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
+                     store_output<W>(y + t * p.D, in.x + t * p.D, nw, ebuf + t * W, e, om);
+                   });
   }
 }
 
@@ -114,7 +141,7 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   if (p.bi) {  // the backward direction's output enters z: keep it in gbuf, where the first sweep reads it
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int64_t t, const A* e) {
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
       for (int w = 0; w < W; ++w) gbuf[t * W + w] = e[w];
     });
   }
@@ -159,20 +186,64 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   for (int w = 0; w < nw; ++w) p.pomega[b * p.D + d0 + w] = tomega[w];
 }
 
+// One decoding step over the lanes [begin, end) of (B x D): per lane, the state update and z (step_lane_z: the
+// sum over n in the sweep's order), then y = silu(z) over blocks of lanes, vectorised.
+template <typename T, typename A>
+struct StepArgs {
+  const T* x; const bool* mask; const A *a, *q, *c, *omega, *state; A* new_state; T* y;
+  int64_t D, N;
+};
+
+template <typename T, typename A>
+MK_HD void step_task(const StepArgs<T, A>& s, int64_t begin, int64_t end) {
+  constexpr int W = fwd_lanes<A>();
+  const int64_t N = s.N;
+  for (int64_t i0 = begin; i0 < end; i0 += W) {
+    const int nl = static_cast<int>(std::min<int64_t>(W, end - i0));
+    A z[W];
+    for (int k = 0; k < W; ++k) z[k] = A(0);
+    int64_t b = i0 / s.D, d = i0 % s.D;
+    for (int k = 0; k < nl; ++k) {
+      const int64_t i = i0 + k;
+      const A xv = to_acc<A>(s.x[i]), xm = (s.mask == nullptr || s.mask[b]) ? xv : A(0);
+      z[k] = step_lane_z<0>(xm, xv, s.omega[d], s.a + d * N, s.q + d * N, s.c + d * N, s.state + i * N, 1,
+                            s.new_state + i * N, 1, static_cast<int>(N));
+      if (++d == s.D) {
+        d = 0;
+        ++b;
+      }
+    }
+    for (int k = 0; k < W; ++k) z[k] = silu(z[k]);
+    store_lanes<W>(s.y + i0, z, nl);
+  }
+}
+
 // Non-template entry points, one per dtype, so target_clones can compile each for several ISAs.
-#define MK_DEFINE_TASKS(T, A)                                                                            \
-  MK_CLONES void run_fwd(const Args<T, A>& p, int64_t task, A* work) { fwd_task<T, A, lanes<A>()>(p, task, work); } \
-  MK_CLONES void run_bwd(const Args<T, A>& p, int64_t task, A* work) { bwd_task<T, A, lanes<A>()>(p, task, work); }
+#define MK_DEFINE_TASKS(T, A)                                                                        \
+  MK_CLONES void run_fwd(const Args<T, A>& p, int64_t task, A* work) {                               \
+    fwd_task<T, A, fwd_lanes<A>()>(p, task, work);                                                   \
+  }                                                                                                  \
+  MK_CLONES void run_bwd(const Args<T, A>& p, int64_t task, A* work) {                               \
+    bwd_task<T, A, bwd_lanes<A>()>(p, task, work);                                                   \
+  }                                                                                                  \
+  MK_CLONES void run_step(const StepArgs<T, A>& s, int64_t begin, int64_t end) { step_task<T, A>(s, begin, end); }
 MK_DEFINE_TASKS(float, float)
 MK_DEFINE_TASKS(double, double)
 MK_DEFINE_TASKS(c10::Half, float)
 MK_DEFINE_TASKS(c10::BFloat16, float)
 #undef MK_DEFINE_TASKS
 
+// Tasks per thread at least: waking the pool costs more than a task with under ~32K state updates (a
+// decoding step's whole batch, say), so small problems run on the calling thread.
+inline int64_t task_grain(int64_t L, int64_t N, int W) {
+  constexpr int64_t kMinWork = 1 << 15;
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, L * N * W));
+}
+
 template <typename T, typename A, typename F>
-void run_tasks(const Args<T, A>& p, F fn) {
-  at::parallel_for(0, p.tasks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> work(p.work_size());
+void run_tasks(const Args<T, A>& p, int W, F fn) {
+  at::parallel_for(0, p.tasks(W), task_grain(p.L, p.N, W), [&](int64_t begin, int64_t end) {
+    std::vector<A> work(p.work_size(W));
     for (int64_t task = begin; task < end; ++task) fn(p, task, work.data());
   });
 }
@@ -219,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cpu(const at::Tensor& x, const at::Te
     auto p = make_args<T, A>(pr, bidirectional, truncation);
     p.y = y.data_ptr<T>();
     p.final_state = return_state ? final_state.data_ptr<A>() : nullptr;
-    run_tasks(p, [](const Args<T, A>& pp, int64_t task, A* work) { run_fwd(pp, task, work); });
+    run_tasks(p, fwd_lanes<A>(), [](const Args<T, A>& pp, int64_t task, A* work) { run_fwd(pp, task, work); });
   });
   return {y, final_state};
 }
@@ -248,7 +319,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.dstate = dstate.defined() ? dstate.data_ptr<A>() : nullptr;
     p.pc = pc.data_ptr<A>(); p.pa = pa.data_ptr<A>(); p.pq = pq.data_ptr<A>();
     p.pomega = pomega.data_ptr<A>();
-    run_tasks(p, [](const Args<T, A>& pp, int64_t task, A* work) { run_bwd(pp, task, work); });
+    run_tasks(p, bwd_lanes<A>(), [](const Args<T, A>& pp, int64_t task, A* work) { run_bwd(pp, task, work); });
   });
   // Sum the per-batch partials over b in order (deterministic; at::sum's order may depend on threads).
   auto sum_batches = [&](const at::Tensor& t) {
@@ -258,7 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     return out;
   };
   const int64_t kd = a.size(0);
-  auto grad = [&](const at::Tensor& t, const at::Tensor& like) { return sum_batches(t).narrow(0, 0, kd).to(like.scalar_type()); };
+  auto grad = [&](const at::Tensor& t, const at::Tensor& like) {
+    return sum_batches(t).narrow(0, 0, kd).to(like.scalar_type());
+  };
   at::Tensor gstate_out = state.has_value() ? dstate.to(state->scalar_type()) : at::empty({0}, a.options());
   return {dx, grad(pa, a), grad(pq, q), grad(pc, c), sum_batches(pomega).to(omega.scalar_type()), gstate_out};
 }
@@ -272,20 +345,10 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::T
   auto y = at::empty({B, D}, x.options());
   auto out_state = at::empty({B, D, N}, x.options().dtype(acc_type(x)));
   MK_DISPATCH(x.scalar_type(), [&] {
-    const T* xp = pr.x.data_ptr<T>();
-    const bool* mp = pr.mask.defined() ? pr.mask.data_ptr<bool>() : nullptr;
-    const A *ap = pr.a.data_ptr<A>(), *qp = pr.q.data_ptr<A>(), *cp = pr.c.data_ptr<A>();
-    const A *op = pr.omega.data_ptr<A>(), *sp = pr.state.data_ptr<A>();
-    A* so = out_state.data_ptr<A>();
-    T* yp = y.data_ptr<T>();
-    at::parallel_for(0, B * D, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / D, d = i % D;
-        const A xv = to_acc<A>(xp[i]), xm = (mp == nullptr || mp[b]) ? xv : A(0);
-        yp[i] = from_acc<T>(step_lane<0>(xm, xv, op[d], ap + d * N, qp + d * N, cp + d * N, sp + i * N, 1,
-                                         so + i * N, 1, static_cast<int>(N)));
-      }
-    });
+    StepArgs<T, A> s{pr.x.data_ptr<T>(), pr.mask.defined() ? pr.mask.data_ptr<bool>() : nullptr,
+                     pr.a.data_ptr<A>(), pr.q.data_ptr<A>(), pr.c.data_ptr<A>(), pr.omega.data_ptr<A>(),
+                     pr.state.data_ptr<A>(), out_state.data_ptr<A>(), y.data_ptr<T>(), D, N};
+    at::parallel_for(0, B * D, task_grain(1, N, 1), [&](int64_t begin, int64_t end) { run_step(s, begin, end); });
   });
   return {y, out_state};
 }

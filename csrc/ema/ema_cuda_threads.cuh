@@ -396,9 +396,9 @@ MK_HD void step_thread(const StepParams& p, int64_t i) {
   const int64_t b = i / p.D, d = i % p.D;
   const float x = to_acc<float>(static_cast<const T*>(p.x)[i]);
   const float xm = (p.mask == nullptr || p.mask[b]) ? x : 0.f;
-  static_cast<T*>(p.y)[i] = from_acc<T>(step_lane<NM>(xm, x, p.omega[d], p.cf.a + d * p.N, p.cf.q + d * p.N,
-                                                      p.cf.c + d * p.N, p.state + i * p.N, 1,
-                                                      p.new_state + i * p.N, 1, p.N));
+  static_cast<T*>(p.y)[i] = from_acc<T>(silu(step_lane_z<NM>(xm, x, p.omega[d], p.cf.a + d * p.N,
+                                                             p.cf.q + d * p.N, p.cf.c + d * p.N, p.state + i * p.N,
+                                                             1, p.new_state + i * p.N, 1, p.N)));
 }
 
 }  // namespace cuda

@@ -195,15 +195,22 @@ MK_HD void step_h(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* 
   }
 }
 
-template <int W, typename A>
+// One n of the parameter sweep. ACC: first add gp (g of the previous step) times the states held, which are
+// that step's h, H, P: the sums of step t are added at step t + 1, so each state is read once per step.
+template <int W, bool TRUNC, bool ACC, typename A>
 MK_HD void step_hHP(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R qk, const A* MK_R kaqk1,
-                    const A* MK_R c, const A* MK_R xv, const A* MK_R xo, A* MK_R h, A* MK_R H, A* MK_R P,
-                    A* MK_R e) {
+                    const A* MK_R c, const A* MK_R xv, const A* MK_R xo, const A* MK_R gp, A* MK_R h, A* MK_R H,
+                    A* MK_R P, A* MK_R e, A* MK_R sc, A* MK_R sH, A* MK_R sP) {
   for (int w = 0; w < W; ++w) {
-    const A hp = h[w];
-    const A hv = q[w] * hp + a[w] * xv[w] - aqk[w] * xo[w];
-    H[w] = q[w] * H[w] + xv[w] - qk[w] * xo[w];
-    P[w] = q[w] * P[w] + hp - kaqk1[w] * xo[w];
+    const A hp = h[w], Hp = H[w], Pp = P[w];
+    if (ACC) {
+      sc[w] += gp[w] * hp;
+      sH[w] += gp[w] * Hp;
+      sP[w] += gp[w] * Pp;
+    }
+    const A hv = q[w] * hp + a[w] * xv[w] - (TRUNC ? aqk[w] * xo[w] : A(0));
+    H[w] = q[w] * Hp + xv[w] - (TRUNC ? qk[w] * xo[w] : A(0));
+    P[w] = q[w] * Pp + hp - (TRUNC ? kaqk1[w] * xo[w] : A(0));
     h[w] = hv;
     e[w] += c[w] * hv;
   }
@@ -219,11 +226,11 @@ MK_HD void accumulate3(const A* MK_R g, const A* MK_R h, const A* MK_R H, const 
   }
 }
 
-template <int W, typename A>
+template <int W, bool TRUNC, typename A>
 MK_HD void step_adjoint(const A* MK_R q, const A* MK_R a, const A* MK_R c, const A* MK_R qk, const A* MK_R g,
                         const A* MK_R go, A* MK_R r, A* MK_R d) {
   for (int w = 0; w < W; ++w) {
-    const A lam = r[w] + c[w] * g[w] - c[w] * qk[w] * go[w];
+    const A lam = r[w] + c[w] * g[w] - (TRUNC ? c[w] * qk[w] * go[w] : A(0));
     d[w] += a[w] * lam;
     r[w] = q[w] * lam;
   }
@@ -246,6 +253,21 @@ MK_HD int time_of(int i, int dir, int L) { return dir > 0 ? i : L - 1 - i; }
 // to 2^-64, so 1 / a' is finite. A NaN a stays NaN.
 constexpr float kScaledTiny = 0x1p-64f;
 MK_HD float scaled_coef(float a) { return fabsf(a) < kScaledTiny ? kScaledTiny : a; }
+
+// Host: the rows of x (and dL/dy) a lane group reads are W elements at a stride of D, a new cache line per
+// step; the hardware prefetcher stops at page boundaries (every 4 steps at D = 256 float32). The host sweeps
+// prefetch the row kPrefetchSteps ahead (no-op on the GPU, whose sweeps keep their loads ahead themselves).
+constexpr int kPrefetchSteps = 16;
+template <int W, typename T>
+MK_HD void prefetch_row(const T* base, int64_t ts, int i, int dir, int L) {
+#if !defined(__CUDA_ARCH__) && defined(__GNUC__)
+  if (i < L) {
+    const T* row = base + time_of(i, dir, L) * ts;
+    __builtin_prefetch(row);
+    if (W * sizeof(T) > 64) __builtin_prefetch(row + W - 1);
+  }
+#endif
+}
 
 // xm at position i along the direction (0 outside [0, L), where masked, or in padded lanes).
 template <int W, typename T, typename A>
@@ -274,6 +296,7 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
   constexpr int U = MK_TIME_UNROLL;
   for (int ib = i0; ib < i1; ib += U) {
     A xv[U][W], xo[U][W], e[W];
+    prefetch_row<W>(in.x, in.ts, ib + kPrefetchSteps, dir, in.L);
     MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
       load_xm<W>(xv[k], in, ib + k < i1 ? ib + k : -1, dir);
       if (TRUNC) load_xm<W>(xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
@@ -304,20 +327,32 @@ MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, c
 // sums sc += g h, sH += g H, sP += g P are N x W. With MAKE_G the sweep also forms g_t itself:
 //   z = e + extra[t] + omega x_t, g = gy_t silu'(z); it stores g_t into gbuf[t] (extra may alias gbuf)
 //   and adds g x to somega. Without MAKE_G it reads g_t from gbuf.
-template <int W, int NM, bool MAKE_G, typename T, typename A>
-MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
-                       A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
-                       A* sc, A* sH, A* sP) {
+template <int W, int NM, bool MAKE_G, bool TRUNC, typename T, typename A>
+MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
+                         A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
+                         A* sc, A* sH, A* sP) {
   const int nn = NM > 0 ? NM : N;
+  A gv[W];
   for (int i = i0; i < i1; ++i) {
     const int t = time_of(i, dir, in.L);
-    A xv[W], xo[W], e[W], gv[W];
+    A xv[W], xo[W], e[W];
+    prefetch_row<W>(in.x, in.ts, i + kPrefetchSteps, dir, in.L);
+    if (MAKE_G) prefetch_row<W>(gy, in.ts, i + kPrefetchSteps, dir, in.L);
     load_xm<W>(xv, in, i, dir);
-    load_xm<W>(xo, in, K > 0 ? i - K : -1, dir);
+    load_xm<W>(xo, in, TRUNC ? i - K : -1, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
-    MK_UNROLL for (int n = 0; n < nn; ++n) {
-      const int j = n * W;
-      step_hHP<W>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, h + j, H + j, P + j, e);
+    if (i == i0) {  // no previous step in this call: its sums were added by the call before
+      MK_UNROLL for (int n = 0; n < nn; ++n) {
+        const int j = n * W;
+        step_hHP<W, TRUNC, false>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv,
+                                  h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
+      }
+    } else {
+      MK_UNROLL for (int n = 0; n < nn; ++n) {
+        const int j = n * W;
+        step_hHP<W, TRUNC, true>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv,
+                                 h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
+      }
     }
     A* gt = gbuf + t * gts;
     if (MAKE_G) {
@@ -330,22 +365,36 @@ MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf,
     } else {
       for (int w = 0; w < W; ++w) gv[w] = gt[w];
     }
-    MK_UNROLL for (int n = 0; n < nn; ++n) {
-      const int j = n * W;
-      accumulate3<W>(gv, h + j, H + j, P + j, sc + j, sH + j, sP + j);
-    }
+  }
+  if (i1 <= i0) return;
+  MK_UNROLL for (int n = 0; n < nn; ++n) {  // the last step's sums
+    const int j = n * W;
+    accumulate3<W>(gv, h + j, H + j, P + j, sc + j, sH + j, sP + j);
+  }
+}
+
+template <int W, int NM, bool MAKE_G, typename T, typename A>
+MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
+                       A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
+                       A* sc, A* sH, A* sP) {
+  if (K > 0) {
+    scan_params_k<W, NM, MAKE_G, true>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N, cf, h, H, P, sc,
+                                       sH, sP);
+  } else {
+    scan_params_k<W, NM, MAKE_G, false>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N, cf, h, H, P,
+                                        sc, sH, sP);
   }
 }
 
 // Adjoint sweep against direction `dir`, positions i1-1 down to i0: carry r (N x W, r = q lam_{i+1}),
 // writes (or adds, `accumulate`) sum_n a lam_i to dxm[t] unless dxm is null. Leaves r = q lam_{i0}.
-template <int W, int NM, typename A>
-MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
-                        const Coefs<A>& cf, A* r, bool accumulate) {
+template <int W, int NM, bool TRUNC, typename A>
+MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
+                          const Coefs<A>& cf, A* r, bool accumulate) {
   const int nn = NM > 0 ? NM : N;
   for (int i = i1 - 1; i >= i0; --i) {
     const int t = time_of(i, dir, L);
-    const bool far = K > 0 && i < L - K;  // (i + K < L, without overflow for K near 2^31)
+    const bool far = TRUNC && i < L - K;  // (i + K < L, without overflow for K near 2^31)
     const A* gt = gbuf + t * gts;
     const A* go = gbuf + (far ? time_of(i + K, dir, L) : t) * gts;
     A gv[W], gov[W], d[W];
@@ -356,7 +405,7 @@ MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int 
     }
     MK_UNROLL for (int n = 0; n < nn; ++n) {
       const int j = n * W;
-      step_adjoint<W>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, d);
+      step_adjoint<W, TRUNC>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, d);
     }
     if (dxm == nullptr) continue;  // carry only (the CUDA backward's local pass)
     A* out = dxm + t * gts;
@@ -364,10 +413,21 @@ MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int 
   }
 }
 
-// One decoding step of one channel: h = q s + a xm, returns silu(sum_n c h + omega x); writes h to s_out.
+template <int W, int NM, typename A>
+MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
+                        const Coefs<A>& cf, A* r, bool accumulate) {
+  if (K > 0) {
+    scan_adjoint_k<W, NM, true>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
+  } else {
+    scan_adjoint_k<W, NM, false>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
+  }
+}
+
+// One decoding step of one channel: h = q s + a xm, returns z = sum_n c h + omega x (y = silu(z)); writes h to
+// s_out.
 template <int NM, typename A>
-MK_HD A step_lane(A xm, A x, A omega, const A* a, const A* q, const A* c, const A* s, int64_t s_stride,
-                  A* s_out, int64_t o_stride, int N) {
+MK_HD A step_lane_z(A xm, A x, A omega, const A* a, const A* q, const A* c, const A* s, int64_t s_stride,
+                    A* s_out, int64_t o_stride, int N) {
   const int nn = NM > 0 ? NM : N;
   A e = A(0);
   MK_UNROLL for (int n = 0; n < nn; ++n) {
@@ -376,7 +436,7 @@ MK_HD A step_lane(A xm, A x, A omega, const A* a, const A* q, const A* c, const 
     s_out[n * o_stride] = hv;
     e += c[n] * hv;
   }
-  return silu(e + omega * x);
+  return e + omega * x;
 }
 
 }  // namespace ema
