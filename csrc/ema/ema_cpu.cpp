@@ -33,8 +33,9 @@ namespace ema {
 namespace {
 
 // Channels per task. A task reads W channels of each row of x, D apart: 32 float32 lanes (two cache lines per
-// row) took the forward from 15.7 to 10.4 ms at B4 L4096 D256 N16 (benchmarks/NOTES.md, session 17). The
-// backward holds ten N x W arrays, which at W = 32 outgrow L1: it keeps 16.
+// row) took the forward from 15.4 to 9.2 ms at B4 L4096 D256 N16 (with the fused output; benchmarks/NOTES.md,
+// session 17). The backward holds ten N x W arrays, which at W = 32 outgrow L1: it keeps 16 (measured no faster
+// at 32).
 template <typename A> constexpr int fwd_lanes() { return sizeof(A) == 8 ? 8 : 32; }
 template <typename A> constexpr int bwd_lanes() { return sizeof(A) == 8 ? 8 : 16; }
 

@@ -37,6 +37,9 @@ AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
     # 0.043 vs 0.046 ms (1.1x: both are dominated by the Python coefficient maths).
     # Rerun on an idle machine (same benchmark): fwd 14.4 vs 172 ms (11.9x), fwd+bwd 52.9 vs 359 ms (6.8x),
     # bidirectional fwd+bwd 116 vs 1794 ms (15.5x), decoding step 40.5 vs 42.4 us.
+    # Session 17 (faster sweeps, same machine kind, the reference itself also faster here): fwd 10.6 vs 70.6 ms
+    # (6.6x), fwd+bwd 58.0 vs 241 ms (4.2x), bidirectional fwd+bwd 101 vs 802 ms (8.0x); a decoding step 76 vs
+    # 72 us (0.95x: both are Python coefficient maths and dispatch; the step kernel itself went 25 -> 13 us).
     ("ema", "cpu"): ("cpu",),
     # attention on cuda: Triton, but only for blocks longer than TRITON_ATTENTION_MIN_BLOCK (ops/attention.py):
     # below that the materialized reference was faster in GPU run 2.
