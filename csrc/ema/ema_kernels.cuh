@@ -258,13 +258,13 @@ MK_HD float scaled_coef(float a) { return fabsf(a) < kScaledTiny ? kScaledTiny :
 // step; the hardware prefetcher stops at page boundaries (every 4 steps at D = 256 float32). The host sweeps
 // prefetch the row kPrefetchSteps ahead (no-op on the GPU, whose sweeps keep their loads ahead themselves).
 constexpr int kPrefetchSteps = 16;
-template <int W, typename T>
-MK_HD void prefetch_row(const T* base, int64_t ts, int i, int dir, int L) {
+template <typename T>
+MK_HD void prefetch_row(const T* base, const Lanes<T>& in, int i, int dir) {
 #if !defined(__CUDA_ARCH__) && defined(__GNUC__)
-  if (i < L) {
-    const T* row = base + time_of(i, dir, L) * ts;
+  if (i < in.L) {  // the lanes that exist: a partial group's row ends before W
+    const T* row = base + time_of(i, dir, in.L) * in.ts;
     __builtin_prefetch(row);
-    if (W * sizeof(T) > 64) __builtin_prefetch(row + W - 1);
+    if (in.nw * sizeof(T) > 64) __builtin_prefetch(row + in.nw - 1);
   }
 #endif
 }
@@ -296,7 +296,7 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
   constexpr int U = MK_TIME_UNROLL;
   for (int ib = i0; ib < i1; ib += U) {
     A xv[U][W], xo[U][W], e[W];
-    prefetch_row<W>(in.x, in.ts, ib + kPrefetchSteps, dir, in.L);
+    prefetch_row(in.x, in, ib + kPrefetchSteps, dir);
     MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
       load_xm<W>(xv[k], in, ib + k < i1 ? ib + k : -1, dir);
       if (TRUNC) load_xm<W>(xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
@@ -336,8 +336,8 @@ MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbu
   for (int i = i0; i < i1; ++i) {
     const int t = time_of(i, dir, in.L);
     A xv[W], xo[W], e[W];
-    prefetch_row<W>(in.x, in.ts, i + kPrefetchSteps, dir, in.L);
-    if (MAKE_G) prefetch_row<W>(gy, in.ts, i + kPrefetchSteps, dir, in.L);
+    prefetch_row(in.x, in, i + kPrefetchSteps, dir);
+    if (MAKE_G) prefetch_row(gy, in, i + kPrefetchSteps, dir);
     load_xm<W>(xv, in, i, dir);
     load_xm<W>(xo, in, TRUNC ? i - K : -1, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
