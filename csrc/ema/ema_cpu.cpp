@@ -47,7 +47,10 @@ struct Args {
   A *pc, *pa, *pq, *pomega;                                        // per-batch partial gradients
   int64_t B, L, D, N; int K; bool bi;
   int64_t tasks(int W) const { return B * ((D + W - 1) / W); }
-  int64_t work_size(int W) const { return (2 * L + 16 * N + 1) * W; }
+  // Scratch per thread: fwd_task's e rows (bidirectional only), coefficients and state; bwd_task's g and dx
+  // rows, coefficients, states, sums and omega.
+  int64_t fwd_work(int W) const { return ((bi ? L : 0) + 7 * N) * W; }
+  int64_t bwd_work(int W) const { return (2 * L + 16 * N + 1) * W; }
 };
 
 // Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
@@ -93,7 +96,7 @@ MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
   const int nw = static_cast<int>(std::min<int64_t>(W, p.D - d0));
   const Lanes<T> in{p.x + b * L * p.D + d0, p.mask ? p.mask + b * L : nullptr, p.D, static_cast<int>(L), nw};
   A* ebuf = work;  // the forward rows' e, while the backward rows run (bidirectional only)
-  A* cw = ebuf + L * W;
+  A* cw = ebuf + (p.bi ? L * W : 0);
   A* h = cw + 6 * N * W;
   A om[W];
   for (int w = 0; w < W; ++w) om[w] = w < nw ? p.omega[d0 + w] : A(0);
@@ -242,9 +245,9 @@ inline int64_t task_grain(int64_t L, int64_t N, int W) {
 }
 
 template <typename T, typename A, typename F>
-void run_tasks(const Args<T, A>& p, int W, F fn) {
+void run_tasks(const Args<T, A>& p, int W, int64_t work_size, F fn) {
   at::parallel_for(0, p.tasks(W), task_grain(p.L, p.N, W), [&](int64_t begin, int64_t end) {
-    std::vector<A> work(p.work_size(W));
+    std::vector<A> work(work_size);
     for (int64_t task = begin; task < end; ++task) fn(p, task, work.data());
   });
 }
@@ -291,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor> ema_fwd_cpu(const at::Tensor& x, const at::Te
     auto p = make_args<T, A>(pr, bidirectional, truncation);
     p.y = y.data_ptr<T>();
     p.final_state = return_state ? final_state.data_ptr<A>() : nullptr;
-    run_tasks(p, fwd_lanes<A>(), [](const Args<T, A>& pp, int64_t task, A* work) { run_fwd(pp, task, work); });
+    constexpr int W = fwd_lanes<A>();
+    run_tasks(p, W, p.fwd_work(W), [](const Args<T, A>& pp, int64_t task, A* work) { run_fwd(pp, task, work); });
   });
   return {y, final_state};
 }
@@ -320,7 +324,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.dstate = dstate.defined() ? dstate.data_ptr<A>() : nullptr;
     p.pc = pc.data_ptr<A>(); p.pa = pa.data_ptr<A>(); p.pq = pq.data_ptr<A>();
     p.pomega = pomega.data_ptr<A>();
-    run_tasks(p, bwd_lanes<A>(), [](const Args<T, A>& pp, int64_t task, A* work) { run_bwd(pp, task, work); });
+    constexpr int W = bwd_lanes<A>();
+    run_tasks(p, W, p.bwd_work(W), [](const Args<T, A>& pp, int64_t task, A* work) { run_bwd(pp, task, work); });
   });
   // Sum the per-batch partials over b in order (deterministic; at::sum's order may depend on threads).
   auto sum_batches = [&](const at::Tensor& t) {
