@@ -7,6 +7,7 @@ first use. CUDA sources join only when torch has CUDA and nvcc is found (`cuda_u
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,7 +21,21 @@ CUDA_SOURCES = ["csrc/ema/ema_cuda.cu", "csrc/ema/ema_cuda_f32.cu", "csrc/ema/em
                 "csrc/ema/ema_cuda_bf16.cu", "csrc/ema/ema_cuda_ops.cpp"]
 HEADERS = ["csrc/ema/ema_kernels.cuh", "csrc/ema/ema_checks.h", "csrc/ema/ema_cuda.h",
            "csrc/ema/ema_cuda_threads.cuh", "csrc/ema/ema_cuda_threads_bwd.cuh", "csrc/ema/ema_cuda_launch.cuh"]
-CXX_FLAGS = ["-O3"]
+
+
+def _openmp_flags() -> List[str]:
+    """-fopenmp when torch's own parallel backend is OpenMP (every Linux wheel): at::parallel_for is a header
+    template that splits work only when the including file is compiled with OpenMP (_OPENMP defined), and
+    otherwise runs the whole range on the calling thread. Linked with it, the extension shares the libgomp
+    that torch has already loaded (same soname), so torch.set_num_threads governs both."""
+    import torch
+
+    return ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
+
+
+OPENMP_FLAGS = _openmp_flags()
+CXX_FLAGS = ["-O3"] + OPENMP_FLAGS
+LD_FLAGS = list(OPENMP_FLAGS)
 CUDA_ARCHS = ("80", "90")
 NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)
 GENCODE = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]  # ahead-of-time builds
@@ -50,5 +65,5 @@ def extension():
     with_cuda = cuda_unavailable_reason() is None and os.environ.get("MEGA_KERNELS_BUILD_CUDA", "1") != "0"
     kind = CUDAExtension if with_cuda else CppExtension
     flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + GENCODE} if with_cuda else {"cxx": CXX_FLAGS}
-    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags)
+    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags, extra_link_args=LD_FLAGS)
     return [ext], {"build_ext": BuildExtension}

@@ -40,7 +40,7 @@ def _digest(files, with_cuda: bool) -> str:
     for rel in sorted(set(files)):
         h.update(rel.encode())
         h.update((_build.ROOT / rel).read_bytes())
-    flags = _build.CXX_FLAGS + (_build.NVCC_FLAGS if with_cuda else [])
+    flags = _build.CXX_FLAGS + _build.LD_FLAGS + (_build.NVCC_FLAGS if with_cuda else [])
     h.update(f"{torch.__version__}|{torch.version.cuda}|{with_cuda}|{flags}|{_cuda_targets(with_cuda)}".encode())
     return h.hexdigest()[:16]
 
@@ -150,7 +150,7 @@ def _jit_build_with(with_cuda: bool, cuda_reason: Optional[str]) -> dict:
     with _build_lock(build_dir):
         cpp_extension.load(
             name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
-            extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS,
+            extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS, extra_ldflags=_build.LD_FLAGS,
             build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
     return {"ok": True, "how": "jit", "path": str(build_dir), "cuda": with_cuda, "cuda_reason": cuda_reason,
             "reason": None}
@@ -188,8 +188,13 @@ def unavailable_reason(device) -> Optional[str]:
     return None
 
 
-def info() -> dict:
-    """What `mega-kernels info` shows about the extension (loads it)."""
-    state = dict(load())
-    state["cache"] = str(cache_root())
-    return state
+def summary() -> str:
+    """One line for `mega-kernels info`: how the extension was loaded and how many threads its CPU kernels
+    use, or why it is unavailable (loads it)."""
+    state = load()
+    if not state["ok"]:
+        return f"unavailable: {state['reason']}"
+    threads = torch.ops.mega_kernels.cpu_parallel_threads()
+    how = "prebuilt" if state["how"] == "prebuilt" else "JIT-built"
+    cuda = "CUDA kernels built" if state["cuda"] else f"no CUDA kernels ({state['cuda_reason']})"
+    return f"{how} ({state['path']}); {cuda}; CPU kernels on {threads} of {torch.get_num_threads()} torch threads"

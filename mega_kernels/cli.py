@@ -17,7 +17,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import __version__
+from . import __version__, _ext
 from .ops import backends
 from .reference.attention import attention as attention_ref
 from .reference.ema import ema_coefficients, ema_fft
@@ -55,6 +55,7 @@ def _devices() -> List[torch.device]:
 def cmd_info(args) -> int:
     for name, value in _versions():
         print(f"{name:<14}{value}")
+    print(f"{'extension':<14}{_ext.summary()}")
     for dev in _devices():
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
         print(f"\ndevice {dev}: {name}")

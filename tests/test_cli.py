@@ -21,6 +21,17 @@ def test_info_lists_every_backend(capsys):
     assert "torch" in out
 
 
+def test_info_shows_the_extension_and_its_threads(capsys):
+    from mega_kernels import _ext
+
+    assert cli.main(["info"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("extension"))
+    if _ext.load()["ok"]:
+        assert f"CPU kernels on {torch.get_num_threads()} of {torch.get_num_threads()} torch threads" in line
+    else:
+        assert "unavailable: " in line
+
+
 def test_info_names_a_backend_variable_that_cannot_run(monkeypatch, capsys):
     """info is where a user looks when MEGA_KERNELS_BACKEND names a backend that cannot run: it says so."""
     monkeypatch.setattr(cli, "_devices", lambda: [torch.device("cpu")])

@@ -1,7 +1,7 @@
 """What is specific to the `cpu` EMA backend (C++ extension, csrc/ema/ema_cpu.cpp); the backend-generic tests
 (float32 / float16 / bfloat16 forward, backward, state, truncation, decoding, float64 gradcheck) run it from
 tests/test_ema_backends.py. Here: float64 end to end against the float64 reference over the shared cases, a
-truncated gradcheck, float64 decoding, a long sequence, determinism across thread counts, auto's choice, and
+truncated gradcheck, float64 decoding, a long sequence, the kernels' use of every thread, determinism across thread counts, auto's choice, and
 models on the cpu backend equal to the reference backend.
 """
 
@@ -93,6 +93,18 @@ def test_step_matches_reference_and_full_pass(dtype):
     assert_close_to_reference("final state", h, final64, final.to(acc))
 
 
+def test_kernels_run_on_every_thread():
+    """at::parallel_for splits work only in files compiled with OpenMP: without -fopenmp every task runs on the
+    calling thread, whatever torch.set_num_threads says."""
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert torch.ops.mega_kernels.cpu_parallel_threads() == n
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_backward_is_deterministic_across_thread_counts():
     params = ema_params(40, 16, True, dtype=torch.float32, requires_grad=True)
     x = torch.randn(4, 300, 40, requires_grad=True)
@@ -107,6 +119,7 @@ def test_backward_is_deterministic_across_thread_counts():
         torch.set_num_threads(1)
         one = grads()
         torch.set_num_threads(max(2, threads))
+        assert torch.ops.mega_kernels.cpu_parallel_threads() > 1  # else this compares one thread with itself
         many = grads()
     finally:
         torch.set_num_threads(threads)

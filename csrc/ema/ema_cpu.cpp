@@ -359,7 +359,19 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::T
   return {y, out_state};
 }
 
+// The number of threads at::parallel_for spreads this file's tasks over: torch's thread count when the file is
+// compiled with OpenMP (-fopenmp, mega_kernels/_build.py), 1 when it is not, since parallel_for is a header
+// template that otherwise runs the whole range on the calling thread. `mega-kernels info` shows it.
+int64_t cpu_parallel_threads() {
+  const int64_t n = at::get_num_threads();
+  std::vector<char> seen(n, 0);
+  at::parallel_for(0, 4 * n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
+  return std::count(seen.begin(), seen.end(), char(1));
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mega_kernels, m) { m.def("cpu_parallel_threads() -> int", &cpu_parallel_threads); }
 
 TORCH_LIBRARY_IMPL(mega_kernels, CPU, m) {
   m.impl("ema_fwd", &ema_fwd_cpu);
