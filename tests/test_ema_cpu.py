@@ -1,8 +1,8 @@
 """What is specific to the `cpu` EMA backend (C++ extension, csrc/ema/ema_cpu.cpp); the backend-generic tests
 (float32 / float16 / bfloat16 forward, backward, state, truncation, decoding, float64 gradcheck) run it from
 tests/test_ema_backends.py. Here: float64 end to end against the float64 reference over the shared cases, a
-truncated gradcheck, float64 decoding, a long sequence, the kernels' use of every thread, determinism across thread counts, auto's choice, and
-models on the cpu backend equal to the reference backend.
+truncated gradcheck, float64 decoding, a long sequence, the kernels' use of every thread, determinism across
+thread counts, auto's choice, and models on the cpu backend equal to the reference backend.
 """
 
 import pytest
