@@ -237,8 +237,9 @@ MK_DEFINE_TASKS(c10::Half, float)
 MK_DEFINE_TASKS(c10::BFloat16, float)
 #undef MK_DEFINE_TASKS
 
-// Tasks per thread at least: waking the pool costs more than a task with under ~32K state updates (a
-// decoding step's whole batch, say), so small problems run on the calling thread.
+// Tasks per thread at least: waking the pool costs about what a task of ~32K state updates does (a decoding
+// step's whole batch, say), so smaller problems run on the calling thread. Measured at B1 D64 N16, two tasks of
+// 32 lanes: L 64 (32K updates per task) forward 25 us on one thread, 21 on two; L 256, 57 and 34 us.
 inline int64_t task_grain(int64_t L, int64_t N, int W) {
   constexpr int64_t kMinWork = 1 << 15;
   return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, L * N * W));

@@ -387,7 +387,8 @@ MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf,
 }
 
 // Adjoint sweep against direction `dir`, positions i1-1 down to i0: carry r (N x W, r = q lam_{i+1}),
-// writes (or adds, `accumulate`) sum_n a lam_i to dxm[t] unless dxm is null. Leaves r = q lam_{i0}.
+// writes (or adds, `accumulate`) sum_n a lam_i to dxm[t]. Leaves r = q lam_{i0}. (The cpu backward's; the CUDA
+// backward runs its adjoint in ema_cuda_threads_bwd.cuh.)
 template <int W, int NM, bool TRUNC, typename A>
 MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
                           const Coefs<A>& cf, A* r, bool accumulate) {
@@ -407,7 +408,6 @@ MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, in
       const int j = n * W;
       step_adjoint<W, TRUNC>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, d);
     }
-    if (dxm == nullptr) continue;  // carry only (the CUDA backward's local pass)
     A* out = dxm + t * gts;
     for (int w = 0; w < W; ++w) out[w] = accumulate ? out[w] + d[w] : d[w];
   }

@@ -40,6 +40,9 @@ AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
     # Session 17 (faster sweeps, same machine kind, the reference itself also faster here): fwd 10.6 vs 70.6 ms
     # (6.6x), fwd+bwd 58.0 vs 241 ms (4.2x), bidirectional fwd+bwd 101 vs 802 ms (8.0x); a decoding step 76 vs
     # 72 us (0.95x: both are Python coefficient maths and dispatch; the step kernel itself went 25 -> 13 us).
+    # Every figure above ran the extension on one thread (it lacked -fopenmp). Session 18, on 2 threads: fwd
+    # 10.8 vs 81.2 ms (7.5x), fwd+bwd 41.4 vs 234 ms (5.6x), bidirectional fwd+bwd 58.8 vs 588 ms (10.0x);
+    # a decoding step 73.8 vs 74.3 us (1.0x).
     ("ema", "cpu"): ("cpu",),
     # attention on cuda: Triton, but only for blocks longer than TRITON_ATTENTION_MIN_BLOCK (ops/attention.py):
     # below that the materialized reference was faster in GPU run 2.
