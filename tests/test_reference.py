@@ -170,6 +170,13 @@ def test_attention_of_an_empty_batch_or_no_key(bsz, lq, lk):
         assert attention_weights(q, k, v, torch.randn(7, dtype=torch.float64), **kw).shape == (bsz, lq, lk)
 
 
+def test_attention_rejects_a_bias_shorter_than_the_block():
+    """The Toeplitz bias is cut from the middle 2S - 1 taps: a shorter vector must not wrap around."""
+    q, k, v = (torch.randn(1, 6, 3, dtype=torch.float64) for _ in range(3))
+    with pytest.raises(ValueError, match="rel_bias covers blocks of 2 positions but the block length is 3"):
+        attention(q, k, v, torch.randn(3, dtype=torch.float64), chunk_size=3)
+
+
 def test_attention_gradcheck():
     q, k, v = (torch.randn(1, 6, d, dtype=torch.float64, requires_grad=True) for d in (3, 3, 2))
     rel_bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
