@@ -183,3 +183,23 @@ def test_module_routes_through_the_op_when_the_backend_resolves_to_a_kernel(monk
         cfg = MegaConfig(hidden_size=8, shared_representation_size=8, is_decoder=True, bidirectional=False,
                          add_cross_attention=True, kernel_backend=kb)
         assert MegaGatedCrossAttention(cfg).backend == "triton"
+
+
+def test_auto_follows_the_op_rules(monkeypatch):
+    """The module asks the op's own `auto` rules which backend a call runs on: short source blocks and a Z wider
+    than the kernels take stay on the materialized path (it once named triton for Z > 256 and the kernel
+    refused the call)."""
+    import importlib
+
+    from test_ops import _fake_auto_backend
+
+    attention_mod = importlib.import_module("mega_kernels.ops.attention")
+    _fake_auto_backend(monkeypatch, "attention", "triton")
+    monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MIN_BLOCK", 4)
+    mod = module("softmax", "simple", dtype=torch.float32)
+    q = torch.randn(2, 3, 8)
+    assert mod._op_backend(q, 4) is None and mod._op_backend(q, 5) == "triton"
+    monkeypatch.setattr(attention_mod, "TRITON_ATTENTION_MAX_Z", 7)
+    assert mod._op_backend(q, 5) is None
+    mod.backend = "triton"  # an explicit request keeps the kernel (which then says what it refuses)
+    assert mod._op_backend(q, 4) == "triton"

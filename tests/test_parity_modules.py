@@ -138,6 +138,22 @@ def test_training_attention_dropout_path_equals_the_op():
     assert layer.v_proj.weight.grad is not None
 
 
+def test_training_attention_dropout_acts_on_blocks():
+    """Attention dropout in training multiplies the per-block probabilities (B * blocks, C, C): no (B, L, L)
+    matrix is built (it was, and a dense product with v ran, whatever the chunk size)."""
+    layer = _layer(use_chunking=True, chunk_size=4, bidirectional=False).train()
+    seen = []
+
+    class Recorder(torch.nn.Dropout):
+        def forward(self, t):
+            seen.append(tuple(t.shape))
+            return super().forward(t)
+
+    layer.attention_dropout = Recorder(0.5)
+    y, weights, _ = layer(torch.randn(2, 10, 16), torch.ones(2, 10, dtype=torch.bool), causal=True)
+    assert seen == [(2 * 3, 4, 4)] and weights is None and torch.isfinite(y).all()
+
+
 @pytest.mark.parametrize("overrides", [
     dict(use_chunking=True, chunk_size=3, attention_activation="softmax", bidirectional=False, truncation=4),
     dict(attention_activation="relu2", relative_positional_bias="simple", normalization_type="layernorm"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import ema_params, random_mask
-from mega_kernels.reference.attention import attention, attention_weights, laplace, relu2
+from mega_kernels.reference.attention import attention, attention_and_weights, attention_weights, laplace, relu2
 from mega_kernels.reference.ema import ema_coefficients, ema_fft, ema_kernel, ema_recurrent, ema_step
 
 
@@ -168,6 +168,32 @@ def test_attention_of_an_empty_batch_or_no_key(bsz, lq, lk):
         kw = dict(activation=act, chunk_size=4, causal=True, key_padding_mask=torch.ones(bsz, lk, dtype=torch.bool))
         assert attention(q, k, v, torch.randn(7, dtype=torch.float64), **kw).shape == (bsz, lq, 6)
         assert attention_weights(q, k, v, torch.randn(7, dtype=torch.float64), **kw).shape == (bsz, lq, lk)
+
+
+@pytest.mark.parametrize("lq", [10, 3])
+def test_attention_and_weights_is_one_pass_of_both(lq):
+    """Output and weights from one pass equal the two functions; a dropout callable acts on the blocked
+    probabilities before their product with v, as dropping the dense weights would (the weights returned are
+    those before dropout)."""
+    q, k, v = (torch.randn(2, n, d, dtype=torch.float64) for n, d in ((lq, 4), (10, 4), (10, 6)))
+    rel_bias = torch.randn(7, dtype=torch.float64)
+    kw = dict(activation="softmax", chunk_size=4, causal=True, key_padding_mask=random_mask(2, 10))
+    out, w = attention_and_weights(q, k, v, rel_bias, **kw)
+    assert torch.equal(out, attention(q, k, v, rel_bias, **kw))
+    assert torch.equal(w, attention_weights(q, k, v, rel_bias, **kw))
+    scale = {}
+
+    def drop(p):  # deterministic stand-in for dropout, remembered per block to rebuild the dense mask
+        scale["blocks"] = torch.rand(p.shape, dtype=p.dtype).round() * 2
+        return p * scale["blocks"]
+
+    dropped, w2 = attention_and_weights(q, k, v, rel_bias, dropout=drop, **kw)
+    assert torch.equal(w2, w)
+    blocks = scale["blocks"].reshape(2, 3, 4, 4)
+    dense = torch.block_diag(*blocks[0]), torch.block_diag(*blocks[1])
+    dense_mask = torch.stack(dense)[:, 10 - lq: 10, :10]
+    torch.testing.assert_close(dropped, (w * dense_mask) @ v, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(dropped, out)
 
 
 def test_attention_rejects_a_bias_shorter_than_the_block():

@@ -17,8 +17,10 @@ Cache (decoders): (self_key (B, c, Z), self_value (B, c, E), ema cache); with ch
 the keys since the last chunk boundary (it restarts at each boundary), so queries at the end of the cached
 keys see exactly their chunk, as in the full causal pass.
 
-Attention weights (output_attentions) and attention dropout in training use the materialized
-`mega_kernels.reference.attention.attention_weights` (same maths as the op); otherwise only the op runs.
+A call with attention weights (output_attentions) or attention dropout (training) runs the materialized
+reference once for both, `mega_kernels.reference.attention.attention_and_weights` (same maths as the op; the
+kernels have no dropout): dropout goes on the per-block probabilities, so memory stays O(L C); otherwise only
+the op runs.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.attention import block_length
-from ..reference.attention import attention_weights
+from ..reference.attention import attention_and_weights
 from .common import init_gated_attention
 from .ema import MegaMultiDimensionDampedEma
 from .embeddings import make_relative_bias
@@ -110,13 +112,8 @@ class MegaMovingAverageGatedAttention(nn.Module):
         kwargs = dict(activation=self.attention_activation, chunk_size=self.chunk_size, causal=causal,
                       key_padding_mask=kpm)
         drop = self.training and self.attention_dropout.p > 0
-        weights = None
-        if output_attentions or drop:
-            weights = attention_weights(query, key, value, bias, **kwargs).to(value.dtype)
-        if drop:
-            h = torch.matmul(self.attention_dropout(weights), value)
-        else:
-            h = ops.attention(query, key, value, bias, backend=self.backend, **kwargs)
-        if output_attentions:
-            return h, blocked_weights(weights, self.chunk_size)
-        return h, None
+        if not (output_attentions or drop):
+            return ops.attention(query, key, value, bias, backend=self.backend, **kwargs), None
+        h, weights = attention_and_weights(query, key, value, bias, dropout=self.attention_dropout if drop else None,
+                                           need_weights=output_attentions, **kwargs)
+        return h, None if weights is None else blocked_weights(weights, self.chunk_size)

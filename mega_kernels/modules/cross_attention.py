@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops import backends
-from ..ops.attention import TRITON_ATTENTION_MIN_BLOCK
+from ..ops.attention import resolve as resolve_attention
 from ..reference.attention import laplace, relu2
 from .common import init_gated_attention
 from .embeddings import make_relative_bias
@@ -72,10 +71,8 @@ class MegaGatedCrossAttention(nn.Module):
     def _op_backend(self, q: Tensor, src_len: int) -> Optional[str]:
         """The kernel backend `ops.attention` would run for this call, or None when it would run the reference
         (then `_weights` does the same maths): the module's request resolved for q's device and dtype, with
-        the op's `auto` rule for short blocks."""
-        name = backends.resolve("attention", self.backend, q.device, q.dtype)
-        if name == "triton" and backends.is_auto("attention", self.backend) and src_len <= TRITON_ATTENTION_MIN_BLOCK:
-            return None
+        the op's `auto` rules (`ops.attention.resolve`: short blocks, large Z)."""
+        name = resolve_attention(self.backend, q, src_len)
         return None if name == "reference" else name
 
     def _shifted_bias(self, vec: Tensor, width: int, src_len: int, rows: int, first: int) -> Tensor:

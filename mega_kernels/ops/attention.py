@@ -98,6 +98,16 @@ def _no_output(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor) -> Tensor:
     return v.new_zeros(q.shape[0], q.shape[1], v.shape[2]) + nothing.to(v.dtype)
 
 
+def resolve(backend: Optional[str], q: Tensor, block: int) -> str:
+    """The backend a call runs on: the request resolved for q's device and dtype; `auto` keeps the reference
+    for blocks of at most TRITON_ATTENTION_MIN_BLOCK keys and for Z above TRITON_ATTENTION_MAX_Z."""
+    name = backends.resolve("attention", backend, q.device, q.dtype)
+    if name == "triton" and backends.is_auto("attention", backend) and (
+            block <= TRITON_ATTENTION_MIN_BLOCK or q.shape[2] > TRITON_ATTENTION_MAX_Z):
+        return "reference"
+    return name
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
               chunk_size: Optional[int] = None, causal: bool = False, key_padding_mask: Optional[Tensor] = None,
               backend: Optional[str] = "auto") -> Tensor:
@@ -113,10 +123,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: 
             return attention(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
                              key_padding_mask=key_padding_mask, backend=backend)
     _validate(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
-    name = backends.resolve("attention", backend, q.device, q.dtype)
-    if name == "triton" and backends.is_auto("attention", backend) and (
-            block_length(k.shape[1], chunk_size) <= TRITON_ATTENTION_MIN_BLOCK or q.shape[2] > TRITON_ATTENTION_MAX_Z):
-        name = "reference"
+    name = resolve(backend, q, block_length(k.shape[1], chunk_size))
     if q.shape[0] * q.shape[1] * v.shape[2] == 0:
         return _no_output(q, k, v, rel_bias)
     impl = backends.implementation("attention", name)

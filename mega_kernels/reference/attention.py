@@ -16,12 +16,13 @@ i, j the positions of query and key:
 
 laplace(x) = 0.5 * (1 + erf((x - mu) / (sigma sqrt 2))), mu = sqrt(1/2), sigma = sqrt(1/(4 pi));
 relu2(x) = relu(x)^2. Scores and probabilities are computed in float32 (float64 for float64 inputs).
-`attention_weights` gives the (B, Lq, Lk) matrix for output_attentions; `attention` the output.
+`attention` gives the output, `attention_weights` the (B, Lq, Lk) matrix for output_attentions, and
+`attention_and_weights` both from one pass, with training's attention dropout where asked.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -121,24 +122,45 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     return p, vb, (bsz, lq, lk, size, nblocks, total)
 
 
+def _spread(p: Tensor, bsz: int, lq: int, lk: int, size: int, nblocks: int, total: int) -> Tensor:
+    """Blocked probabilities (B * blocks, S, S) -> the dense (B, Lq, Lk) matrix, zero outside the blocks."""
+    dense = p.new_zeros(bsz, nblocks, size, nblocks, size)
+    idx = torch.arange(nblocks, device=p.device)
+    dense[:, idx, :, idx, :] = p.reshape(bsz, nblocks, size, size).transpose(0, 1)
+    return dense.reshape(bsz, total, total)[:, lk - lq: lk, :lk]
+
+
+def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
+                          chunk_size: Optional[int] = None, causal: bool = False,
+                          key_padding_mask: Optional[Tensor] = None,
+                          dropout: Optional[Callable[[Tensor], Tensor]] = None,
+                          need_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """One materialized pass: (out (B, Lq, E) in v's dtype, the attention matrix (B, Lq, Lk) or None).
+
+    dropout (training's attention dropout) is applied to the blocked probabilities (B * blocks, S, S) before
+    their product with v, so memory stays O(L S) however long L; the weights returned are those before it,
+    zero outside each query's block, in v's dtype (output_attentions).
+    """
+    p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
+                                                          key_padding_mask)
+    pv = p.to(v.dtype)
+    out = torch.matmul(pv if dropout is None else dropout(pv), vb).reshape(bsz, total, vb.shape[-1])
+    weights = _spread(pv, bsz, lq, lk, size, nblocks, total) if need_weights else None
+    return out[:, lk - lq: lk], weights
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
               chunk_size: Optional[int] = None, causal: bool = False,
               key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """Materialized chunked attention: q (B, Lq, Z), k (B, Lk, Z), v (B, Lk, E) -> (B, Lq, E) in v's dtype."""
-    p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
-                                                          key_padding_mask)
-    out = torch.matmul(p.to(v.dtype), vb).reshape(bsz, total, vb.shape[-1])
-    return out[:, lk - lq: lk]
+    return attention_and_weights(q, k, v, rel_bias, activation=activation, chunk_size=chunk_size, causal=causal,
+                                 key_padding_mask=key_padding_mask, need_weights=False)[0]
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
                       chunk_size: Optional[int] = None, causal: bool = False,
                       key_padding_mask: Optional[Tensor] = None) -> Tensor:
-    """The attention matrix (B, Lq, Lk), zero outside each query's block (for output_attentions)."""
-    p, _, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
-                                                         key_padding_mask)
-    dense = p.new_zeros(bsz, nblocks, size, nblocks, size)
-    idx = torch.arange(nblocks, device=p.device)
-    dense[:, idx, :, idx, :] = p.reshape(bsz, nblocks, size, size).transpose(0, 1)
-    dense = dense.reshape(bsz, total, total)
-    return dense[:, lk - lq: lk, :lk]
+    """The attention matrix (B, Lq, Lk) in the scores' dtype (float32, float64 for float64 inputs), zero
+    outside each query's block (for output_attentions)."""
+    p, _, shapes = _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    return _spread(p, *shapes)
