@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-_PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent
 # A source checkout (or editable install) has csrc/ beside the package; a wheel ships it inside (setup.py).
-ROOT = _PACKAGE.parent if (_PACKAGE.parent / "csrc").is_dir() else _PACKAGE / "_csrc_root"
+ROOT = PACKAGE.parent if (PACKAGE.parent / "csrc").is_dir() else PACKAGE / "_csrc_root"
 CSRC = ROOT / "csrc"
 CPU_SOURCES = ["csrc/registration.cpp", "csrc/ema/ema_cpu.cpp"]
 # The CUDA kernels are instantiated once per I/O dtype in files of their own, which ninja compiles in parallel.
@@ -27,10 +27,18 @@ def _openmp_flags() -> List[str]:
     """-fopenmp when torch's own parallel backend is OpenMP (every Linux wheel): at::parallel_for is a header
     template that splits work only when the including file is compiled with OpenMP (_OPENMP defined), and
     otherwise runs the whole range on the calling thread. Linked with it, the extension shares the libgomp
-    that torch has already loaded (same soname), so torch.set_num_threads governs both."""
+    that torch has already loaded (same soname), so torch.set_num_threads governs both. GCC only: clang's
+    -fopenmp links another runtime (libomp), whose threads would each see libgomp's thread number 0."""
     import torch
+    from torch.utils import cpp_extension
 
-    return ["-fopenmp"] if torch._C.has_openmp and sys.platform.startswith("linux") else []
+    if not (torch._C.has_openmp and sys.platform.startswith("linux")):
+        return []
+    try:
+        gcc = cpp_extension.check_compiler_is_gcc(cpp_extension.get_cxx_compiler())
+    except Exception:  # no compiler: the build itself reports that
+        gcc = False
+    return ["-fopenmp"] if gcc else []
 
 
 OPENMP_FLAGS = _openmp_flags()
@@ -38,7 +46,9 @@ CXX_FLAGS = ["-O3"] + OPENMP_FLAGS
 LD_FLAGS = list(OPENMP_FLAGS)
 CUDA_ARCHS = ("80", "90")
 NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)
-GENCODE = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]  # ahead-of-time builds
+# Ahead-of-time builds: sm_80 and sm_90 code plus compute_90 PTX, which newer GPUs compile at load time.
+GENCODE = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS] + [
+    f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}"]
 
 
 def cuda_unavailable_reason() -> Optional[str]:
@@ -64,6 +74,8 @@ def extension():
 
     with_cuda = cuda_unavailable_reason() is None and os.environ.get("MEGA_KERNELS_BUILD_CUDA", "1") != "0"
     kind = CUDAExtension if with_cuda else CppExtension
-    flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + GENCODE} if with_cuda else {"cxx": CXX_FLAGS}
+    # TORCH_CUDA_ARCH_LIST, when set, picks the targets instead (torch drops it once a flag names an arch).
+    gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else GENCODE
+    flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + gencode} if with_cuda else {"cxx": CXX_FLAGS}
     ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags, extra_link_args=LD_FLAGS)
     return [ext], {"build_ext": BuildExtension}

@@ -62,12 +62,14 @@ def _cuda_targets(with_cuda: bool) -> str:
 
 
 def _prebuilt_is_stale(path: Optional[str]) -> bool:
-    """In a source checkout, a prebuilt library older than any source it was built from is stale."""
-    if not path or not _build.CSRC.is_dir():
+    """In a source checkout (an editable install), a prebuilt library older than any source it was built from,
+    or than the build flags (_build.py), is stale. An installed package is never: its csrc/ copy was shipped
+    with the library, and the installer does not keep file times (the copy often looks newer)."""
+    if not path or _build.ROOT != _build.PACKAGE.parent:
         return False
     built = Path(path).stat().st_mtime
-    return any((_build.ROOT / f).exists() and (_build.ROOT / f).stat().st_mtime > built
-               for f in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.HEADERS)
+    files = [_build.ROOT / f for f in _build.CPU_SOURCES + _build.CUDA_SOURCES + _build.HEADERS]
+    return any(f.exists() and f.stat().st_mtime > built for f in files + [Path(_build.__file__)])
 
 
 def _try_prebuilt() -> Optional[dict]:
@@ -83,10 +85,10 @@ def _try_prebuilt() -> Optional[dict]:
         return None
     try:
         mod = importlib.import_module("mega_kernels._C")
-    except ImportError:
-        return None
-    except Exception as exc:  # e.g. built against another torch: fall back to the JIT build
-        logger.warning("mega_kernels: ignoring the prebuilt extension (%s: %s)", type(exc).__name__, exc)
+    except Exception as exc:  # e.g. built against another torch (undefined symbol): fall back to the JIT build
+        logger.warning("mega_kernels: ignoring the prebuilt extension %s (%s: %s); rebuild it with "
+                       "MEGA_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .", spec.origin,
+                       type(exc).__name__, exc)
         return None
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key("mega_kernels::ema_fwd", "CUDA")
     return {"ok": True, "how": "prebuilt", "path": getattr(mod, "__file__", None), "cuda": cuda,
@@ -169,7 +171,25 @@ def load() -> dict:
                 _STATE = {"ok": False, "reason": f"building the extension failed ({_first_error(exc)}); a C++20 "
                                                  "compiler and ninja are needed"}
                 logger.warning("mega_kernels: %s", _STATE["reason"])
+            if _STATE["ok"]:
+                _warn_if_single_threaded()
         return _STATE
+
+
+def cpu_threads() -> Optional[int]:
+    """How many threads the loaded extension's CPU kernels spread over (None: a library without the counter)."""
+    try:
+        return torch.ops.mega_kernels.cpu_parallel_threads()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _warn_if_single_threaded() -> None:
+    threads = cpu_threads()
+    if threads is not None and threads < torch.get_num_threads():
+        logger.warning("mega_kernels: the CPU kernels run on %d of %d threads: the extension was built without "
+                       "OpenMP (mega_kernels/_build.py adds -fopenmp for GCC on Linux)", threads,
+                       torch.get_num_threads())
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -194,7 +214,7 @@ def summary() -> str:
     state = load()
     if not state["ok"]:
         return f"unavailable: {state['reason']}"
-    threads = torch.ops.mega_kernels.cpu_parallel_threads()
+    threads = cpu_threads()
     how = "prebuilt" if state["how"] == "prebuilt" else "JIT-built"
     cuda = "CUDA kernels built" if state["cuda"] else f"no CUDA kernels ({state['cuda_reason']})"
     return f"{how} ({state['path']}); {cuda}; CPU kernels on {threads} of {torch.get_num_threads()} torch threads"

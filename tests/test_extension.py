@@ -237,3 +237,31 @@ def test_cache_key_names_the_gpu_architectures(monkeypatch):
         keys[archs] = (_ext._digest(files, True), _ext._digest(files, False))
     assert len({cuda for cuda, _ in keys.values()}) == 3
     assert len({cpu for _, cpu in keys.values()}) == 1
+
+
+def test_prebuilt_library_is_stale_only_in_a_source_checkout(tmp_path, monkeypatch):
+    """A prebuilt library older than csrc/ or _build.py is rebuilt in a checkout; an installed package's shipped
+    csrc/ copy (whose file times the installer does not keep) never makes its own library stale."""
+    import time
+
+    from mega_kernels import _build
+
+    lib = tmp_path / "_C.so"
+    lib.write_bytes(b"")
+    os.utime(lib, (0, 0))
+    assert _ext._prebuilt_is_stale(str(lib))
+    os.utime(lib, (time.time() + 3600,) * 2)
+    assert not _ext._prebuilt_is_stale(str(lib))
+    os.utime(lib, (0, 0))
+    monkeypatch.setattr(_build, "ROOT", _build.PACKAGE / "_csrc_root")
+    assert not _ext._prebuilt_is_stale(str(lib))
+
+
+@needs_ext
+def test_a_single_threaded_build_is_reported(monkeypatch, caplog):
+    """A build whose CPU kernels reach fewer threads than torch has (no OpenMP) is logged when it loads."""
+    _ext._warn_if_single_threaded()
+    assert "built without OpenMP" not in caplog.text
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4 * _ext.cpu_threads())
+    _ext._warn_if_single_threaded()
+    assert "built without OpenMP" in caplog.text
