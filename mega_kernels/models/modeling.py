@@ -436,7 +436,7 @@ class MegaModel(MegaPreTrainedModel):
         checkpointing = self._checkpoint_kwargs is not None and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             args = (hidden, padding_mask, c.is_decoder, encoder_hidden_states, encoder_attention_mask,
-                    None if past_key_values is None else past_key_values[i], output_attentions, bool(use_cache))
+                    None if past_key_values is None else past_key_values[i], output_attentions, bool(use_cache), past)
             if checkpointing:
                 hidden, self_w, cross_w, layer_cache = torch.utils.checkpoint.checkpoint(
                     layer, *args, use_reentrant=False, context_fn=functools.partial(_checkpoint_contexts, layer),

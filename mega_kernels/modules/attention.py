@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import backends
 from ..ops.attention import block_length
 from ..reference.attention import attention_and_weights
 from .common import init_gated_attention
@@ -90,6 +91,11 @@ class MegaMovingAverageGatedAttention(nn.Module):
         qk, gate = torch.split(F.silu(zr), [z, e], dim=-1)
         query = qk * self.qk_weight[0] + self.qk_bias[0]
         key = qk * self.qk_weight[1] + self.qk_bias[1]
+        cast = backends.autocast_dtype(qk)
+        if cast is not None and key.dtype != torch.float64:
+            # Under autocast q and k come out float32 (qk_weight is), and ops.attention casts them to `cast`:
+            # cast once here, so the K cache holds that dtype and a decoding step does not recast it whole.
+            query, key = query.to(cast), key.to(cast)
         if cache is not None:
             key = torch.cat([cache[0].to(key.dtype), key], dim=1)
             value = torch.cat([cache[1].to(value.dtype), value], dim=1)

@@ -61,10 +61,14 @@ class MegaBlock(nn.Module):
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, causal: bool = False,
                 encoder_hidden_states: Optional[Tensor] = None, encoder_attention_mask: Optional[Tensor] = None,
                 cache: Optional[Tuple[Tensor, ...]] = None, output_attentions: bool = False,
-                use_cache: bool = False):
-        """x (B, L, D); padding_mask (B, past + L) bool. Returns (x, self weights, cross weights, new cache)."""
+                use_cache: bool = False, past: Optional[int] = None):
+        """x (B, L, D); padding_mask (B, past + L) bool. Returns (x, self weights, cross weights, new cache).
+
+        past: the cached length, which the model reads once for all layers (reading it from the cache's
+        position entry here would sync a GPU in every layer)."""
         bsz, length, _ = x.shape
-        past = 0 if cache is None else int(cache[3].max()) if cache[3].numel() else 0
+        if past is None:
+            past = 0 if cache is None else int(cache[3].max()) if cache[3].numel() else 0
         x, self_w, self_cache = self.mega_layer(x, padding_mask, causal, None if cache is None else cache[:3],
                                                 output_attentions, use_cache)
         cross_w, cross_cache = None, None
