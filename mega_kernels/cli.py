@@ -19,6 +19,8 @@ import torch
 
 from . import __version__, _ext
 from .ops import backends
+from .ops.attention import TRITON_ATTENTION_MAX_Z, TRITON_ATTENTION_MIN_BLOCK
+from .ops.ema import CUDA_MAX_N
 from .reference.attention import attention as attention_ref
 from .reference.ema import ema_coefficients, ema_fft
 from .testing import ema_params, error_and_bound
@@ -52,6 +54,14 @@ def _devices() -> List[torch.device]:
     return devs
 
 
+# auto's own limits, applied per call by the ops (ops.attention.resolve, ops.ema._resolve)
+_AUTO_LIMITS = {
+    ("attention", "triton"): f" for blocks of more than {TRITON_ATTENTION_MIN_BLOCK} keys and Z <= "
+                             f"{TRITON_ATTENTION_MAX_Z}; the reference otherwise",
+    ("ema", "cuda"): f" for N <= {CUDA_MAX_N}; the reference otherwise",
+}
+
+
 def cmd_info(args) -> int:
     for name, value in _versions():
         print(f"{name:<14}{value}")
@@ -67,7 +77,7 @@ def cmd_info(args) -> int:
                 print(f"  {op:<10}auto: {err}")
             for name, reason in backends.available_backends(op, dev).items():
                 status = "available" if reason is None else f"unavailable: {reason}"
-                mark = "  <- auto" if name == auto else ""
+                mark = f"  <- auto{_AUTO_LIMITS.get((op, name), '')}" if name == auto else ""
                 print(f"  {op:<10}{name:<10}{status}{mark}")
     return 0
 

@@ -99,3 +99,15 @@ def test_check_runs_the_backends_inside_models(monkeypatch, capsys):
     _fake_backend(monkeypatch, wrong)
     assert cli.main(["check", "--device", "cpu", "--op", "model", "--backend", "cpu"]) == 1
     assert capsys.readouterr().out.count("FAIL") == 4
+
+
+def test_info_states_the_auto_limits(monkeypatch, capsys):
+    """Where auto applies its own per-call limits (attention's short blocks and wide Z, the CUDA EMA's N), info
+    says so beside the mark instead of claiming the kernel for every call."""
+    monkeypatch.setattr(cli, "_devices", lambda: [torch.device("cpu")])
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
+    monkeypatch.setitem(backends._REGISTRY["attention"], "triton", backends._Entry("x", "y", lambda d: None))
+    assert cli.main(["info"]) == 0
+    assert "attention triton    available  <- auto for blocks of more than 4096 keys and Z <= 256; the reference " \
+           "otherwise" in capsys.readouterr().out
