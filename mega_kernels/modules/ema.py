@@ -15,6 +15,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -75,12 +76,13 @@ class MegaMultiDimensionDampedEma(nn.Module):
     def _windowed(self, x: Tensor, mask: Optional[Tensor], window: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         bsz, length, dim = x.shape
         keep = self.truncation - 1
-        if window is None:
-            window = x.new_zeros(bsz, keep, dim)
+        xm = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        if window is None:  # a first call (prefill): no past inputs, so the plain truncated EMA of x
+            y = ops.ema(x, *self._params(), mask=mask, truncation=self.truncation, backend=self.backend)
+            return y, F.pad(xm[:, max(0, length - keep):], (0, 0, max(0, keep - length), 0))
         if tuple(window.shape) != (bsz, keep, dim):
             raise ValueError(f"EMA: the truncated-EMA cache must be (B, truncation - 1, D) = ({bsz}, {keep}, {dim}), "
                              f"got {tuple(window.shape)}")
-        xm = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
         full = torch.cat([window.to(x.dtype), x], dim=1)
         full_mask = None
         if mask is not None:
