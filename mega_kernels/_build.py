@@ -6,10 +6,12 @@ first use. CUDA sources join only when torch has CUDA and nvcc is found (`cuda_u
 """
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 PACKAGE = Path(__file__).resolve().parent
 # A source checkout (or editable install) has csrc/ beside the package; a wheel ships it inside (setup.py).
@@ -23,27 +25,38 @@ HEADERS = ["csrc/ema/ema_kernels.cuh", "csrc/ema/ema_checks.h", "csrc/ema/ema_cu
            "csrc/ema/ema_cuda_threads.cuh", "csrc/ema/ema_cuda_threads_bwd.cuh", "csrc/ema/ema_cuda_launch.cuh"]
 
 
-def _openmp_flags() -> List[str]:
-    """-fopenmp when torch's own parallel backend is OpenMP (every Linux wheel): at::parallel_for is a header
-    template that splits work only when the including file is compiled with OpenMP (_OPENMP defined), and
-    otherwise runs the whole range on the calling thread. Linked with it, the extension shares the libgomp
-    that torch has already loaded (same soname), so torch.set_num_threads governs both. GCC only: clang's
-    -fopenmp links another runtime (libomp), whose threads would each see libgomp's thread number 0."""
+@functools.lru_cache(maxsize=None)
+def openmp_flags() -> Tuple[str, ...]:
+    """("-fopenmp",) when torch's own parallel backend is OpenMP (every Linux wheel) and the C++ compiler is GCC.
+
+    at::parallel_for is a header template that splits work only when the including file is compiled with
+    OpenMP (_OPENMP defined), and otherwise runs the whole range on the calling thread. Linked with it, the
+    extension binds to the libgomp that torch has already loaded (same soname), so torch.set_num_threads governs
+    both. Not with clang: its -fopenmp links another runtime (libomp), a second thread pool that
+    torch.set_num_threads does not size. `mega-kernels info` shows the threads a build reaches."""
     import torch
     from torch.utils import cpp_extension
 
     if not (torch._C.has_openmp and sys.platform.startswith("linux")):
-        return []
-    try:
-        gcc = cpp_extension.check_compiler_is_gcc(cpp_extension.get_cxx_compiler())
+        return ()
+    try:  # `c++ --version` names clang when it is clang; GCC says "(GCC)" or "Free Software Foundation"
+        out = subprocess.run([cpp_extension.get_cxx_compiler(), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
     except Exception:  # no compiler: the build itself reports that
-        gcc = False
-    return ["-fopenmp"] if gcc else []
+        return ()
+    out = out.lower()
+    gcc = "clang" not in out and ("gcc" in out or "free software foundation" in out)
+    return ("-fopenmp",) if gcc else ()
 
 
-OPENMP_FLAGS = _openmp_flags()
-CXX_FLAGS = ["-O3"] + OPENMP_FLAGS
-LD_FLAGS = list(OPENMP_FLAGS)
+def cxx_flags() -> List[str]:
+    return ["-O3", *openmp_flags()]
+
+
+def ld_flags() -> List[str]:
+    return list(openmp_flags())
+
+
 CUDA_ARCHS = ("80", "90")
 NVCC_FLAGS = ["-O3"]  # the JIT build targets this machine's GPU (or TORCH_CUDA_ARCH_LIST)
 # Ahead-of-time builds: sm_80 and sm_90 code plus compute_90 PTX, which newer GPUs compile at load time.
@@ -76,6 +89,6 @@ def extension():
     kind = CUDAExtension if with_cuda else CppExtension
     # TORCH_CUDA_ARCH_LIST, when set, picks the targets instead (torch drops it once a flag names an arch).
     gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else GENCODE
-    flags = {"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS + gencode} if with_cuda else {"cxx": CXX_FLAGS}
-    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags, extra_link_args=LD_FLAGS)
+    flags = {"cxx": cxx_flags(), "nvcc": NVCC_FLAGS + gencode} if with_cuda else {"cxx": cxx_flags()}
+    ext = kind("mega_kernels._C", sources(with_cuda), extra_compile_args=flags, extra_link_args=ld_flags())
     return [ext], {"build_ext": BuildExtension}

@@ -40,7 +40,7 @@ def _digest(files, with_cuda: bool) -> str:
     for rel in sorted(set(files)):
         h.update(rel.encode())
         h.update((_build.ROOT / rel).read_bytes())
-    flags = _build.CXX_FLAGS + _build.LD_FLAGS + (_build.NVCC_FLAGS if with_cuda else [])
+    flags = _build.cxx_flags() + _build.ld_flags() + (_build.NVCC_FLAGS if with_cuda else [])
     h.update(f"{torch.__version__}|{torch.version.cuda}|{with_cuda}|{flags}|{_cuda_targets(with_cuda)}".encode())
     return h.hexdigest()[:16]
 
@@ -80,7 +80,7 @@ def _try_prebuilt() -> Optional[dict]:
     if spec is None:
         return None
     if _prebuilt_is_stale(spec.origin):
-        logger.warning("mega_kernels: %s is older than csrc/; using a JIT build instead (rebuild with "
+        logger.warning("mega_kernels: %s is older than csrc/ or _build.py; using a JIT build instead (rebuild with "
                        "MEGA_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .)", spec.origin)
         return None
     try:
@@ -152,7 +152,7 @@ def _jit_build_with(with_cuda: bool, cuda_reason: Optional[str]) -> dict:
     with _build_lock(build_dir):
         cpp_extension.load(
             name=f"mega_kernels_C_{tag}", sources=[str(_build.ROOT / s) for s in srcs],
-            extra_cflags=_build.CXX_FLAGS, extra_cuda_cflags=_build.NVCC_FLAGS, extra_ldflags=_build.LD_FLAGS,
+            extra_cflags=_build.cxx_flags(), extra_cuda_cflags=_build.NVCC_FLAGS, extra_ldflags=_build.ld_flags(),
             build_directory=str(build_dir), is_python_module=False, with_cuda=with_cuda, verbose=False)
     return {"ok": True, "how": "jit", "path": str(build_dir), "cuda": with_cuda, "cuda_reason": cuda_reason,
             "reason": None}
@@ -185,11 +185,14 @@ def cpu_threads() -> Optional[int]:
 
 
 def _warn_if_single_threaded() -> None:
-    threads = cpu_threads()
-    if threads is not None and threads < torch.get_num_threads():
+    threads, torch_threads = cpu_threads(), torch.get_num_threads()
+    if threads is not None and threads < torch_threads:
         logger.warning("mega_kernels: the CPU kernels run on %d of %d threads: the extension was built without "
-                       "OpenMP (mega_kernels/_build.py adds -fopenmp for GCC on Linux)", threads,
-                       torch.get_num_threads())
+                       "OpenMP (mega_kernels/_build.py adds -fopenmp for GCC on Linux)", threads, torch_threads)
+    elif threads is not None and threads > torch_threads:
+        logger.warning("mega_kernels: the CPU kernels run on %d threads, torch on %d: the extension uses another "
+                       "OpenMP runtime than torch's, which torch.set_num_threads does not size", threads,
+                       torch_threads)
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -217,4 +220,6 @@ def summary() -> str:
     threads = cpu_threads()
     how = "prebuilt" if state["how"] == "prebuilt" else "JIT-built"
     cuda = "CUDA kernels built" if state["cuda"] else f"no CUDA kernels ({state['cuda_reason']})"
-    return f"{how} ({state['path']}); {cuda}; CPU kernels on {threads} of {torch.get_num_threads()} torch threads"
+    cpu = "CPU kernels' threads unknown (an older build)" if threads is None else \
+        f"CPU kernels on {threads} of {torch.get_num_threads()} torch threads"
+    return f"{how} ({state['path']}); {cuda}; {cpu}"

@@ -22,12 +22,13 @@ def test_info_lists_every_backend(capsys):
 
 
 def test_info_shows_the_extension_and_its_threads(capsys):
-    from mega_kernels import _ext
+    from mega_kernels import _build, _ext
 
     assert cli.main(["info"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("extension"))
     if _ext.load()["ok"]:
-        assert f"CPU kernels on {torch.get_num_threads()} of {torch.get_num_threads()} torch threads" in line
+        threads = torch.get_num_threads() if _build.openmp_flags() else 1
+        assert f"CPU kernels on {threads} of {torch.get_num_threads()} torch threads" in line
     else:
         assert "unavailable: " in line
 

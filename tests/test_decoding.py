@@ -100,7 +100,8 @@ def test_decoding_on_gpu(activation):
 def test_autocast_caches_keys_in_the_autocast_dtype():
     """Under autocast the attention runs in bfloat16 (ops.attention casts q, k, v): the K cache is kept in that
     dtype, like the V cache, instead of float32 that every later step would cast again whole; the cached steps
-    equal the uncached pass under the same autocast."""
+    equal the uncached pass under the same autocast (to bfloat16 rounding: GEMMs of other row counts may round
+    differently; on this machine they agree bit for bit)."""
     model = decoder().float()
     ids = torch.randint(3, 50, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -109,4 +110,4 @@ def test_autocast_caches_keys_in_the_autocast_dtype():
         last = model(ids[:, 5:], past_key_values=first.past_key_values, use_cache=True)
     for layer in last.past_key_values:
         assert layer[0].dtype == layer[1].dtype == torch.bfloat16
-    torch.testing.assert_close(torch.cat([first.logits, last.logits], 1), full, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([first.logits, last.logits], 1), full)

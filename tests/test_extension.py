@@ -260,8 +260,19 @@ def test_prebuilt_library_is_stale_only_in_a_source_checkout(tmp_path, monkeypat
 @needs_ext
 def test_a_single_threaded_build_is_reported(monkeypatch, caplog):
     """A build whose CPU kernels reach fewer threads than torch has (no OpenMP) is logged when it loads."""
+    from mega_kernels import _build
+
     _ext._warn_if_single_threaded()
-    assert "built without OpenMP" not in caplog.text
+    assert ("built without OpenMP" in caplog.text) == (not _build.openmp_flags() and torch.get_num_threads() > 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4 * _ext.cpu_threads())
     _ext._warn_if_single_threaded()
     assert "built without OpenMP" in caplog.text
+
+
+def test_ci_builds_with_openmp():
+    """CI runs GCC on Linux with an OpenMP torch: there the CPU kernels must be built to use every thread."""
+    from mega_kernels import _build
+
+    if not in_ci():
+        pytest.skip("CI only: other machines may lack GCC or an OpenMP torch")
+    assert _build.openmp_flags() == ("-fopenmp",)

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "ema_checks.h"
@@ -363,11 +364,17 @@ std::tuple<at::Tensor, at::Tensor> ema_step_cpu(const at::Tensor& x, const at::T
 // The number of threads at::parallel_for spreads this file's tasks over: torch's thread count when the file is
 // compiled with OpenMP (-fopenmp, mega_kernels/_build.py), 1 when it is not, since parallel_for is a header
 // template that otherwise runs the whole range on the calling thread. `mega-kernels info` shows it.
+// Thread numbers past torch's count (a second OpenMP runtime, which torch.set_num_threads does not size) count
+// too, so a caller can tell both faults apart from the expected count.
 int64_t cpu_parallel_threads() {
   const int64_t n = at::get_num_threads();
-  std::vector<char> seen(n, 0);
-  at::parallel_for(0, 4 * n, 1, [&](int64_t, int64_t) { seen[at::get_thread_num()] = 1; });
-  return std::count(seen.begin(), seen.end(), char(1));
+  std::vector<char> seen(n, 0);  // one byte per thread number: threads never write the same one
+  std::atomic<int64_t> beyond{0};
+  at::parallel_for(0, 4 * n, 1, [&](int64_t, int64_t) {
+    const int tid = at::get_thread_num();
+    if (tid >= 0 && tid < n) seen[tid] = 1; else beyond.fetch_add(1);
+  });
+  return beyond.load() + std::count(seen.begin(), seen.end(), char(1));
 }
 
 }  // namespace
