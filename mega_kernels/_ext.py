@@ -36,7 +36,11 @@ def cache_root() -> Path:
 
 
 def _digest(files, with_cuda: bool) -> str:
-    h = hashlib.sha256()
+    """The cache folder's name: the sources' contents, the flags, torch, the GPU targets and where the sources
+    are. Two copies of the same sources (two checkouts, two environments) get folders of their own: ninja rebuilds
+    when a compile command changes, and the commands name the sources by path, so one shared folder would be
+    rebuilt (minutes) each time the other copy loads."""
+    h = hashlib.sha256(str(_build.ROOT.resolve()).encode())
     for rel in sorted(set(files)):
         h.update(rel.encode())
         h.update((_build.ROOT / rel).read_bytes())

@@ -239,6 +239,23 @@ def test_cache_key_names_the_gpu_architectures(monkeypatch):
     assert len({cpu for _, cpu in keys.values()}) == 1
 
 
+def test_cache_key_names_the_source_folder(tmp_path, monkeypatch):
+    """Two copies of the same sources build in folders of their own (ninja would rebuild a shared one whenever the
+    other copy loads, as its commands name the sources by path); the key of one copy is stable."""
+    import shutil
+
+    from mega_kernels import _build
+
+    files = _build.sources(False) + _build.HEADERS
+    for rel in files:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_build.ROOT / rel, tmp_path / rel)
+    here = _ext._digest(files, False)
+    monkeypatch.setattr(_build, "ROOT", tmp_path)
+    there = _ext._digest(files, False)
+    assert there != here and there == _ext._digest(files, False)
+
+
 def test_prebuilt_library_is_stale_only_in_a_source_checkout(tmp_path, monkeypatch):
     """A prebuilt library older than csrc/ or _build.py is rebuilt in a checkout; an installed package's shipped
     csrc/ copy (whose file times the installer does not keep) never makes its own library stale."""

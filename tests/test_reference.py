@@ -7,9 +7,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import ema_params, random_mask
-from mega_kernels.reference.attention import attention, attention_and_weights, attention_weights, laplace, relu2
+from mega_kernels.reference.attention import (ACTIVATIONS, attention, attention_and_weights, attention_weights, laplace,
+                                              relu2)
 from mega_kernels.reference.ema import ema_coefficients, ema_fft, ema_kernel, ema_recurrent, ema_step
 
 
@@ -194,6 +196,25 @@ def test_attention_and_weights_is_one_pass_of_both(lq):
     dense_mask = torch.stack(dense)[:, 10 - lq: 10, :10]
     torch.testing.assert_close(dropped, (w * dense_mask) @ v, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(dropped, out)
+
+
+@pytest.mark.parametrize("length,chunk", [(10, 4), (12, 4), (10, None), (3, 8), (1, 4)])
+def test_blocked_weights_are_the_dense_diagonal_blocks(length, chunk):
+    """blocked=True gives the diagonal blocks (B, blocks, S, S) of the dense weights, zero past the sequence end
+    (the last block's padding), for every activation; the output is unchanged."""
+    q, k, v = (torch.randn(2, length, d, dtype=torch.float64) for d in (4, 4, 6))
+    rel_bias = torch.randn(23, dtype=torch.float64)
+    for act in ACTIVATIONS:
+        for causal in (False, True):
+            kw = dict(activation=act, chunk_size=chunk, causal=causal, key_padding_mask=random_mask(2, length))
+            out, dense = attention_and_weights(q, k, v, rel_bias, **kw)
+            out_b, blocks = attention_and_weights(q, k, v, rel_bias, blocked=True, **kw)
+            size = chunk if chunk and chunk < length else length
+            n = -(-length // size)
+            padded = F.pad(dense, (0, n * size - length, 0, n * size - length)).view(2, n, size, n, size)
+            assert blocks.shape == (2, n, size, size)
+            assert torch.equal(blocks, torch.stack([padded[:, i, :, i] for i in range(n)], 1))
+            assert torch.equal(out_b, out)
 
 
 def test_attention_rejects_a_bias_shorter_than_the_block():

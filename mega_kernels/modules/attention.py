@@ -41,19 +41,6 @@ from .embeddings import make_relative_bias
 Tensor = torch.Tensor
 
 
-def blocked_weights(weights: Tensor, chunk_size: Optional[int]) -> Tensor:
-    """Dense weights (B, Lq, Lk) -> transformers' layout: (B, n_chunks, C, C) when chunking cuts a square
-    input (padded to a multiple of C), else (B, 1, Lq, Lk)."""
-    bsz, lq, lk = weights.shape
-    if not chunk_size or chunk_size >= lk or lq != lk:
-        return weights.unsqueeze(1)
-    n = -(-lk // chunk_size)
-    total = n * chunk_size
-    dense = F.pad(weights, (0, total - lk, 0, total - lq)).view(bsz, n, chunk_size, n, chunk_size)
-    idx = torch.arange(n, device=weights.device)
-    return dense[:, idx, :, idx, :].transpose(0, 1)
-
-
 class MegaMovingAverageGatedAttention(nn.Module):
     """One MEGA attention layer with transformers' parameter names (spec section 8)."""
 
@@ -121,5 +108,7 @@ class MegaMovingAverageGatedAttention(nn.Module):
         if not (output_attentions or drop):
             return ops.attention(query, key, value, bias, backend=self.backend, **kwargs), None
         h, weights = attention_and_weights(query, key, value, bias, dropout=self.attention_dropout if drop else None,
-                                           need_weights=output_attentions, **kwargs)
-        return h, None if weights is None else blocked_weights(weights, self.chunk_size)
+                                           need_weights=output_attentions, blocked=True, **kwargs)
+        # transformers' layout: (B, blocks, C, C) for a square call (one block of L when not chunking), else
+        # (B, 1, Lq, Lk) (cached decoding)
+        return h, weights if weights is None or weights.dim() == 4 else weights.unsqueeze(1)

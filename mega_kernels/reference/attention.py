@@ -134,18 +134,26 @@ def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, 
                           chunk_size: Optional[int] = None, causal: bool = False,
                           key_padding_mask: Optional[Tensor] = None,
                           dropout: Optional[Callable[[Tensor], Tensor]] = None,
-                          need_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-    """One materialized pass: (out (B, Lq, E) in v's dtype, the attention matrix (B, Lq, Lk) or None).
+                          need_weights: bool = True, blocked: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """One materialized pass: (out (B, Lq, E) in v's dtype, the attention weights or None).
 
     dropout (training's attention dropout) is applied to the blocked probabilities (B * blocks, S, S) before
-    their product with v, so memory stays O(L S) however long L; the weights returned are those before it,
-    zero outside each query's block, in v's dtype (output_attentions).
+    their product with v, so memory stays O(L S) however long L; the weights returned are those before it, in
+    v's dtype (output_attentions): the matrix (B, Lq, Lk), zero outside each query's block, or with `blocked`
+    and Lq = Lk only its diagonal blocks (B, blocks, S, S) (transformers' layout, also O(L S)), the last block
+    padded with zeros beyond Lk.
     """
     p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
                                                           key_padding_mask)
     pv = p.to(v.dtype)
     out = torch.matmul(pv if dropout is None else dropout(pv), vb).reshape(bsz, total, vb.shape[-1])
-    weights = _spread(pv, bsz, lq, lk, size, nblocks, total) if need_weights else None
+    weights = None
+    if need_weights and blocked and lq == lk > 0:
+        # rows are query positions; those past Lk (the zero queries of the padding) get zero weights
+        rows = pv.reshape(bsz, total, size)
+        weights = F.pad(rows[:, :lk], (0, 0, 0, total - lk)).view(bsz, nblocks, size, size)
+    elif need_weights:
+        weights = _spread(pv, bsz, lq, lk, size, nblocks, total)
     return out[:, lk - lq: lk], weights
 
 
