@@ -50,6 +50,40 @@ def test_rotary_bias_is_exact_in_float64():
     assert (ours(length) - expected).abs().max() < 1e-12
 
 
+def test_rotary_tables_are_kept_and_sliced(monkeypatch):
+    """The cos / sin tables are kept per (Z, device) and grown by doubling; every width, smaller or larger than
+    the table, gives the vector of the formula; a table made under inference_mode serves a training step; a
+    table over the size limit is computed for its call only."""
+    from mega_kernels.modules import embeddings
+
+    monkeypatch.setattr(embeddings, "_TABLES", {})
+    _, ours = pair(hf.MegaRotaryRelativePositionalBias, MegaRotaryRelativePositionalBias)
+    ours = ours.double()
+    half = ours.embed_dim // 2
+    a, b = ours.alpha.detach().view(-1), ours.b_param.detach().view(-1)
+    freqs = torch.exp(torch.arange(half).float() * -(torch.log(torch.tensor(10000.0)) / half)).double()
+
+    def expected(width):
+        t = torch.arange(-(width - 1), width, dtype=torch.float64)[:, None] * freqs
+        return t.cos() @ (a[:half] * b[:half] + a[half:] * b[half:]) + t.sin() @ (a[half:] * b[:half] -
+                                                                                  a[:half] * b[half:])
+
+    with torch.inference_mode():
+        ours.vector(5)
+    rows = []
+    for width in (5, 3, 9, 2, 20, 1):
+        vec = ours.vector(width)
+        assert vec.shape == (2 * width - 1,)
+        torch.testing.assert_close(vec, expected(width), rtol=1e-12, atol=1e-12)
+        rows.append(embeddings._TABLES[(half, torch.device("cpu"))].shape[0])
+    assert rows == [9, 9, 19, 19, 39, 39]  # n = 5, then doubled to 10 and 20 (2 n - 1 rows)
+    ours.vector(7).sum().backward()  # the table from inference_mode is a plain tensor
+    assert ours.alpha.grad is not None and ours.alpha.grad.abs().sum() > 0
+    monkeypatch.setattr(embeddings, "_TABLE_LIMIT", 2 * half * 50)
+    torch.testing.assert_close(ours.vector(30), expected(30), rtol=1e-12, atol=1e-12)
+    assert embeddings._TABLES[(half, torch.device("cpu"))].shape[0] == 39
+
+
 @pytest.mark.parametrize("chunk_size, length", [(-1, 7), (-1, 32), (8, 8), (8, 3)])
 def test_simple_bias_matches_transformers(chunk_size, length):
     theirs, ours = pair(hf.MegaSimpleRelativePositionalBias, MegaSimpleRelativePositionalBias, chunk_size=chunk_size)

@@ -10,11 +10,13 @@ rotary:  bias[i, j] = rot_i(alpha) . rot_j(b), with rot_t rotating the halves of
              bias(d = j - i) = sum_k (a1_k b1_k + a2_k b2_k) cos(d f_k) + (a2_k b1_k - a1_k b2_k) sin(d f_k),
          so the vector is computed directly for d = -(W-1)..W-1, in float64 with transformers' float32
          frequencies (its own float32 angles t * f lose digits for large t; ours do not), then cast back.
+         The cos / sin tables depend on no parameter: they are kept per (Z, device) and sliced (a decoding
+         step asks for a new W each token), so a call costs one (2W - 1, Z) matrix-vector product.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,6 +91,34 @@ class MegaSimpleRelativePositionalBias(_RelativeBias):
         return self.rel_pos_bias[self.max_positions - width: self.max_positions + width - 1]
 
 
+# [cos | sin](d f_k) per (Z / 2, device), offsets d = -(n - 1)..n - 1, float64; grown by doubling n. A table over
+# _TABLE_LIMIT elements (n ~ 16K at Z 128, 64 MiB) is computed for its call and not kept.
+_TABLES: Dict[Tuple[int, torch.device], Tensor] = {}
+_TABLE_LIMIT = 1 << 23
+
+
+def _angle_table(half: int, n: int, device: torch.device) -> Tensor:
+    freqs = torch.exp(torch.arange(half, device=device).float() * -(math.log(10000) / half))  # as transformers
+    angles = torch.arange(-(n - 1), n, device=device, dtype=torch.float64)[:, None] * freqs.double()[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rotary_table(half: int, width: int, device: torch.device) -> Tensor:
+    """(2 width - 1, 2 half) float64: [cos(d f_k) | sin(d f_k)] for d = -(width - 1)..width - 1."""
+    key = (half, torch.device(device))
+    table = None if torch.compiler.is_compiling() else _TABLES.get(key)
+    if table is None or table.shape[0] < 2 * width - 1:
+        n = width if table is None else max(width, table.shape[0] + 1)  # (rows + 1 = 2 n_old: doubling)
+        if (2 * n - 1) * 2 * half > _TABLE_LIMIT:
+            n = width
+        with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable later in training too
+            table = _angle_table(half, n, device)
+        if not torch.compiler.is_compiling() and table.numel() <= _TABLE_LIMIT:
+            _TABLES[key] = table
+    middle = (table.shape[0] - 1) // 2
+    return table[middle - (width - 1): middle + width]
+
+
 class MegaRotaryRelativePositionalBias(_RelativeBias):
     """Rotary bias rot(alpha) @ rot(b)^T: parameters `alpha`, `b_param` (1, Z), buffer `_float_tensor` [0.]."""
 
@@ -107,10 +137,7 @@ class MegaRotaryRelativePositionalBias(_RelativeBias):
         a = self.alpha.double().view(-1)
         b = self.b_param.double().view(-1)
         a1, a2, b1, b2 = a[:half], a[half:], b[:half], b[half:]
-        freqs = torch.exp(torch.arange(half, device=a.device).float() * -(math.log(10000) / half))  # as transformers
-        d = torch.arange(-(width - 1), width, device=a.device, dtype=torch.float64)
-        angles = d[:, None] * freqs.double()[None, :]
-        vec = torch.cos(angles) @ (a1 * b1 + a2 * b2) + torch.sin(angles) @ (a2 * b1 - a1 * b2)
+        vec = rotary_table(half, width, a.device) @ torch.cat([a1 * b1 + a2 * b2, a2 * b1 - a1 * b2])
         return vec.to(self.alpha.dtype)
 
 
