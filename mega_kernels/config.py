@@ -146,13 +146,17 @@ class MegaConfig:
         if not set(backends) <= {"ema", "attention"} or not all(v in KERNEL_BACKENDS for v in backends.values()):
             bad("kernel_backend", "is not supported",
                 f"use one of {KERNEL_BACKENDS}, or a dict {{'ema': ..., 'attention': ...}} of them")
-        if isinstance(self.kernel_backend, str):  # one name for both ops: both must have it
-            from .ops import backends as registry
+        from .ops import backends as registry
 
+        if isinstance(self.kernel_backend, str):  # one name for both ops: both must have it
             lacking = [op for op in ("ema", "attention") if self.kernel_backend not in registry.implemented(op)]
             if self.kernel_backend != "auto" and lacking:
                 bad("kernel_backend", f"names no kernels for {' or '.join(lacking)}",
                     f"name it per op, e.g. {{'ema': {self.kernel_backend!r}}} (a missing op is 'auto')")
+        for op, name in backends.items() if isinstance(self.kernel_backend, dict) else ():
+            if name != "auto" and name not in registry.implemented(op):
+                bad("kernel_backend", f"names {name!r} for {op}, which has no such kernels",
+                    f"use one of {('auto',) + tuple(registry.implemented(op))} for {op!r}")
         for name in ("dropout_prob", "hidden_dropout_prob", "attention_probs_dropout_prob",
                      "nffn_activation_dropout_prob", "classifier_dropout"):
             value = getattr(self, name)

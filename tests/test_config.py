@@ -108,6 +108,9 @@ def test_a_torch_dtype_attribute_serialises_by_name(tmp_path):
     (dict(kernel_backend={"ema": "cuda", "attn": "triton"}), ["kernel_backend", "'attention'"]),
     (dict(kernel_backend="cpu"), ["kernel_backend='cpu' names no kernels for attention", "{'ema': 'cpu'}"]),
     (dict(kernel_backend="cuda"), ["kernel_backend='cuda' names no kernels for attention", "{'ema': 'cuda'}"]),
+    (dict(kernel_backend={"attention": "cpu"}), ["names 'cpu' for attention, which has no such kernels",
+                                                 "'reference'"]),
+    (dict(kernel_backend={"ema": "reference", "attention": "cuda"}), ["'cuda' for attention"]),
     (dict(relative_positional_bias="simple", chunk_size=64, max_positions=32), ["chunk_size", "max_positions"]),
     (dict(problem_type="ranking"), ["problem_type", "regression"]),
     (dict(use_chunking="False", chunk_size=4), ["use_chunking", "a bool, not a string"]),
@@ -161,6 +164,25 @@ def test_modules_pass_the_configured_backend_to_the_ops(monkeypatch):
     with pytest.raises(ValueError, match="kernel_backend"):
         model.set_kernel_backend("fast")
     assert model.config.kernel_backend == "reference"
+    seen.clear()
+    model.config.kernel_backend = {"attention": "reference"}  # assigned after building: the next call applies it
+    model(torch.randint(0, 20, (1, 3)))
+    assert set(seen) == {("ema", "auto"), ("attention", "reference")}
+    model.config.kernel_backend["ema"] = "reference"  # changed in place
+    seen.clear()
+    model(torch.randint(0, 20, (1, 3)))
+    assert set(seen) == {("ema", "reference"), ("attention", "reference")}
+    model.config.kernel_backend = {"attention": "cpu"}
+    with pytest.raises(ValueError, match="'cpu' for attention"):
+        model(torch.randint(0, 20, (1, 3)))
+
+
+def test_preload_refuses_a_per_op_backend_the_op_lacks():
+    from mega_kernels.ops import backends
+
+    with pytest.raises(ValueError, match=r"\{'attention': 'cpu'\} names no kernels of attention"):
+        backends.preload("cpu", {"attention": "cpu"})
+    assert backends.preload("cpu", "cpu")["attention"] == "reference"  # one name: the ops that lack it take auto
 
 
 def test_set_kernel_backend_reaches_cross_attention():

@@ -148,7 +148,7 @@ def test_python_guard_refuses_n33_on_cuda_with_the_cpp_message():
     from mega_kernels.ops import ema_ext
 
     a = torch.zeros(8, 33)
-    with pytest.raises(RuntimeError, match="N = 33 exceeds the CUDA kernels' maximum of 32 .*backend='triton'"):
+    with pytest.raises(ValueError, match="N = 33 exceeds the CUDA kernels' maximum of 32 .*backend='triton'"):
         ema_ext._check_cuda_n(types.SimpleNamespace(is_cuda=True), a)
     ema_ext._check_cuda_n(types.SimpleNamespace(is_cuda=True), a[:, :32])  # N = 32 is fine
     ema_ext._check_cuda_n(torch.zeros(1, 5, 8), a)  # the CPU kernels have no limit on N

@@ -103,31 +103,33 @@ inline void check_device_type(const char* op, const at::Tensor& x, at::DeviceTyp
 
 // What the CUDA kernels take (csrc/ema/ema_cuda.cu), after check_ema_args: x (B, L, D) float32, float16 or
 // bfloat16; a (kd, N) with 1 <= N <= kMaxN; sizes within the launch grids (scan: the ema_fwd / ema_bwd
-// kernels; otherwise the decoding step, x (B, 1, D)). Runs before any allocation or launch.
+// kernels; otherwise the decoding step, x (B, 1, D)). Runs before any allocation or launch. Valid input these
+// kernels do not take raises TypeError (the dtype) or ValueError (a size), as the Python layers' refusals do.
 inline void check_cuda_args(const char* op, const at::Tensor& x, const at::Tensor& a, bool bidirectional,
                             bool scan) {
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              " (cuda): x must be float32, float16 or bfloat16, got ", dt,
-              "; use backend='cpu' or 'reference' for float64");
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+                   " (cuda): x must be float32, float16 or bfloat16, got ", dt,
+                   "; use backend='cpu' or 'reference' for float64");
   const int64_t N = a.size(1);
-  TORCH_CHECK(N <= cuda::kMaxN, op, " (cuda): N = ", N, " exceeds the CUDA kernels' maximum of ", cuda::kMaxN,
-              " (N is the expansion size, a.size(1)); use backend='triton' or 'reference'");
-  TORCH_CHECK(a.size(0) * N <= INT32_MAX, op, " (cuda): a has ", a.size(0) * N,
-              " coefficients, more than the kernels' 32-bit index; split the channels");
+  TORCH_CHECK_VALUE(N <= cuda::kMaxN, op, " (cuda): N = ", N, " exceeds the CUDA kernels' maximum of ",
+                    cuda::kMaxN, " (N is the expansion size, a.size(1)); use backend='triton' or 'reference'");
+  TORCH_CHECK_VALUE(a.size(0) * N <= INT32_MAX, op, " (cuda): a has ", a.size(0) * N,
+                    " coefficients, more than the kernels' 32-bit index; split the channels");
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
   if (B == 0 || L == 0 || D == 0) return;  // nothing is launched
   const auto g = cuda::geometry(B, L, D, bidirectional);
   if (!scan) {
-    TORCH_CHECK(g.step_blocks <= cuda::kMaxGridX, op, " (cuda): B * D = ", B * D,
-                " exceeds the step kernel's grid; split the batch");
+    TORCH_CHECK_VALUE(g.step_blocks <= cuda::kMaxGridX, op, " (cuda): B * D = ", B * D,
+                      " exceeds the step kernel's grid; split the batch");
     return;
   }
-  TORCH_CHECK(g.rows <= cuda::kMaxGridYZ, op, " (cuda): B = ", B, bidirectional ? " (x 2 directions)" : "",
-              " exceeds the CUDA grid limit of ", cuda::kMaxGridYZ, " rows; split the batch");
-  TORCH_CHECK(g.fwd_chunks <= cuda::kMaxGridYZ && g.bwd_chunks <= cuda::kMaxGridYZ, op, " (cuda): L = ", L,
-              " needs ", std::max(g.fwd_chunks, g.bwd_chunks), " chunks, more than the CUDA grid limit of ",
-              cuda::kMaxGridYZ, "; split the sequence or use backend='triton'");
+  TORCH_CHECK_VALUE(g.rows <= cuda::kMaxGridYZ, op, " (cuda): B = ", B,
+                    bidirectional ? " (x 2 directions)" : "", " exceeds the CUDA grid limit of ", cuda::kMaxGridYZ,
+                    " rows; split the batch");
+  TORCH_CHECK_VALUE(g.fwd_chunks <= cuda::kMaxGridYZ && g.bwd_chunks <= cuda::kMaxGridYZ, op, " (cuda): L = ", L,
+                    " needs ", std::max(g.fwd_chunks, g.bwd_chunks), " chunks, more than the CUDA grid limit of ",
+                    cuda::kMaxGridYZ, "; split the sequence or use backend='triton'");
 }
 
 // A backend as the op entries check it: its name in messages, the device type of its tensors, and the limits of

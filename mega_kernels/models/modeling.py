@@ -9,6 +9,7 @@ transformers anywhere in this package.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from typing import Optional, Tuple
@@ -169,6 +170,7 @@ class MegaPreTrainedModel(nn.Module):
                 module.backend = self.config.backend_for("ema")
             elif isinstance(module, (MegaMovingAverageGatedAttention, MegaGatedCrossAttention)):
                 module.backend = self.config.backend_for("attention")
+        self.base_model._applied_backend = copy.deepcopy(self.config.kernel_backend)
 
     # -- gradient checkpointing -------------------------------------------------------------------------
     supports_gradient_checkpointing = True
@@ -319,6 +321,8 @@ class MegaModel(MegaPreTrainedModel):
         self.layers = nn.ModuleList([MegaBlock(config) for _ in range(config.num_hidden_layers)])
         self.pooler = MegaPooler(config) if add_pooling_layer else None
         self._checkpoint_kwargs: Optional[dict] = None  # gradient_checkpointing_enable
+        # the kernel_backend the modules hold: forward applies a config.kernel_backend assigned since
+        self._applied_backend = copy.deepcopy(config.kernel_backend)
         self.post_init()
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
@@ -388,6 +392,8 @@ class MegaModel(MegaPreTrainedModel):
         (last_hidden_state, pooler_output, hidden_states, past_key_values, attentions, cross_attentions).
         """
         c = self.config
+        if c.kernel_backend != self._applied_backend:  # model.config.kernel_backend = ... after building
+            self.set_kernel_backend(c.kernel_backend)
         output_attentions = c.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = c.use_return_dict if return_dict is None else return_dict

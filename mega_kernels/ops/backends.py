@@ -177,16 +177,19 @@ def preload(device, backend=None) -> Dict[str, str]:
     """Load the implementation each op resolves to on `device`, so that calls traced later by
     torch.compile(fullgraph=True) find it loaded. backend: what the calls will ask for, as a model's
     `config.kernel_backend` holds it: None or "auto" (auto's or MEGA_KERNELS_BACKEND's pick), one name (for the
-    ops that implement it; the others auto), or a per-op dict ({"ema": "cpu"}; a missing op is auto). An
-    explicit backend that cannot run on `device` raises BackendUnavailable, as the call would. Returns
-    {op: backend loaded}."""
+    ops that implement it; the others auto), or a per-op dict ({"ema": "cpu"}; a missing op is auto; a name the op
+    lacks raises ValueError). An explicit backend that cannot run on `device` raises BackendUnavailable, as the
+    call would. Returns {op: backend loaded}."""
     device = torch.device(device)
     chosen = {}
     for op in _REGISTRY:
         key = DISPATCHED_AS.get(op, op)
         asked = backend.get(key, "auto") if isinstance(backend, dict) else backend or "auto"
         if asked not in _REGISTRY.get(key, {}):
-            asked = "auto"
+            if isinstance(backend, dict) and asked != "auto":
+                raise ValueError(f"preload: backend {{{key!r}: {asked!r}}} names no kernels of {key}; use one of "
+                                 f"{('auto',) + implemented(key)}")
+            asked = "auto"  # (one name for every op: the ops that lack it take auto)
         name = resolve(key, asked, device)
         if name in _REGISTRY[op]:
             _REGISTRY[op][name].load()

@@ -49,7 +49,7 @@ def _check_cuda_n(x, a):
     csrc/ema/ema_checks.h). The C++ ops validate every input themselves before allocating or launching;
     this only says it earlier, before the autograd wrapper and the coefficient copies."""
     if x.is_cuda and a.shape[-1] > CUDA_MAX_N:
-        raise RuntimeError(f"ema (cuda): N = {a.shape[-1]} exceeds the CUDA kernels' maximum of {CUDA_MAX_N} "
+        raise ValueError(f"ema (cuda): N = {a.shape[-1]} exceeds the CUDA kernels' maximum of {CUDA_MAX_N} "
                            f"(N is the expansion size, a.size(1)); use backend='triton' or 'reference'")
 
 
