@@ -134,6 +134,10 @@ class MegaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 bad(name, "must be a positive int", f"set {name} to a positive integer")
+        pad = self.pad_token_id
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or not 0 <= pad < self.vocab_size):
+            bad("pad_token_id", f"must be None or a token id in [0, vocab_size={self.vocab_size})",
+                "use the tokenizer's pad id (or None), and a vocab_size above it")
         for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False", f"pass {name}=True or {name}=False (a bool, not a string)")

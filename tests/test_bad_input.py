@@ -35,6 +35,7 @@ def test_token_type_ids_out_of_range():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(input_ids=IDS.float()), TypeError, "input_ids must be a torch.long or torch.int"),
     (dict(input_ids=IDS.to(torch.uint8)), TypeError, r"input_ids must be a torch.long or torch.int .*ids.long\(\)"),
+    (dict(input_ids=IDS[0]), ValueError, r"input_ids must be \(B, L\), got shape \(7,\); .*ids\[None\]"),
     (dict(inputs_embeds=torch.randn(2, 7, 16, dtype=torch.float64)), TypeError, r"inputs_embeds is torch.float64"),
     (dict(inputs_embeds=torch.randn(2, 7, 15)), ValueError, r"inputs_embeds must be \(B, L, 16\)"),
     (dict(), ValueError, "exactly one of input_ids and inputs_embeds"),
@@ -84,6 +85,22 @@ def test_token_labels_must_match_the_tokens(head, labels):
     model("MegaForMaskedLM")(IDS, labels=IDS.reshape(-1))  # as transformers: any shape holding B * L ids
 
 
+@pytest.mark.parametrize("head", ["MegaForCausalLM", "MegaForMaskedLM", "MegaForSequenceClassification",
+                                  "MegaForTokenClassification", "MegaForMultipleChoice", "MegaForQuestionAnswering"])
+def test_int32_labels_give_the_long_labels_loss(head):
+    """Integer labels of either width (int32 ids are taken as input_ids too): the same loss as torch.long labels."""
+    net = model(head, **(DEC if head == "MegaForCausalLM" else {}), num_labels=3 if "Question" not in head else 2)
+    ids = IDS[None] if head == "MegaForMultipleChoice" else IDS
+    labels = {"MegaForSequenceClassification": dict(labels=torch.tensor([2, 0])),
+              "MegaForTokenClassification": dict(labels=torch.randint(0, 3, (2, 7))),
+              "MegaForMultipleChoice": dict(labels=torch.tensor([1])),
+              "MegaForQuestionAnswering": dict(start_positions=torch.tensor([1, 9]), end_positions=torch.tensor([3, 2]))
+              }.get(head, dict(labels=IDS))
+    want = net(ids, **labels).loss
+    got = net(ids, **{k: v.int() for k, v in labels.items()}).loss
+    assert torch.isfinite(want) and torch.equal(got, want)
+
+
 def test_cross_attention_inputs():
     dec = model(**DEC, add_cross_attention=True)
     with pytest.raises(ValueError, match="pass encoder_hidden_states"):
@@ -109,3 +126,8 @@ def test_config_of_the_wrong_type():
     with pytest.raises(TypeError, match=r"got transformers\..*MegaConfig; convert it with mega_kernels.MegaConfig"):
         mega_kernels.MegaModel(theirs)
     assert mega_kernels.MegaModel(mega_kernels.MegaConfig(**theirs.to_dict())).config.hidden_size == 16
+
+
+def test_question_answering_needs_two_labels():
+    with pytest.raises(ValueError, match="num_labels=3, but span extraction has two outputs.*set num_labels=2"):
+        model("MegaForQuestionAnswering", num_labels=3)

@@ -69,7 +69,7 @@ class MegaForCausalLM(_LMHeadModel, GenerationMixin):
         loss = None
         if labels is not None:
             _check_token_labels(labels, logits, shifted=True)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).long())
         if not return_dict:
             return _head_tuple(loss, (logits,), out)
         return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, past_key_values=out.past_key_values,
@@ -94,7 +94,7 @@ class MegaForMaskedLM(_LMHeadModel):
         loss = None
         if labels is not None:
             _check_token_labels(labels, logits, shifted=False)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long())
         return _logits_output(MaskedLMOutput, loss, logits, out, return_dict)
 
 
@@ -137,7 +137,7 @@ def _classification_loss(config, logits: Tensor, labels: Tensor) -> Tensor:
     if problem == "regression":
         return F.mse_loss(logits.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(logits, labels)
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, n), labels.view(-1))
+        return F.cross_entropy(logits.view(-1, n), labels.view(-1).long())
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
@@ -187,7 +187,7 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=True)
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, num_choices)
-        loss = None if labels is None else F.cross_entropy(logits, labels)
+        loss = None if labels is None else F.cross_entropy(logits, labels.long())
         return _logits_output(MultipleChoiceModelOutput, loss, logits, out, return_dict)
 
 
@@ -209,7 +209,7 @@ class MegaForTokenClassification(MegaPreTrainedModel):
         out = self.mega(input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions=output_attentions,
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
+        loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long())
         return _logits_output(TokenClassifierOutput, loss, logits, out, return_dict)
 
 
@@ -219,6 +219,9 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
 
     def __init__(self, config):
         super().__init__(config)
+        if config.num_labels != 2:
+            raise ValueError(f"MegaForQuestionAnswering: num_labels={config.num_labels}, but span extraction has "
+                             "two outputs per token (start and end logits); set num_labels=2")
         self.num_labels = config.num_labels
         self.mega = MegaModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
@@ -235,8 +238,8 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             ignored = start.size(1)
-            sp = start_positions.reshape(-1).clamp(0, ignored)
-            ep = end_positions.reshape(-1).clamp(0, ignored)
+            sp = start_positions.reshape(-1).long().clamp(0, ignored)
+            ep = end_positions.reshape(-1).long().clamp(0, ignored)
             loss = (F.cross_entropy(start, sp, ignore_index=ignored)
                     + F.cross_entropy(end, ep, ignore_index=ignored)) / 2
         if not return_dict:

@@ -333,9 +333,12 @@ class MegaModel(MegaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MegaModel: pass exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
-            if input_ids.dtype not in (torch.long, torch.int) or input_ids.dim() != 2:
+            if input_ids.dtype not in (torch.long, torch.int):
                 raise TypeError(f"input_ids must be a torch.long or torch.int (B, L) tensor, got {input_ids.dtype} "
                                 f"{tuple(input_ids.shape)}; pass token ids (e.g. ids.long())")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)}"
+                                 f"{'; add the batch dimension: ids[None]' if input_ids.dim() == 1 else ''}")
             if input_ids.numel() and not _compiling():
                 lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
                 if lo < 0 or hi >= c.vocab_size:
