@@ -168,7 +168,8 @@ def _run_model(kernels, head, cfg, state, ids, mask, grad, dtype, device):
 
 def _check_model(name, dtype, device):
     """Both MODEL_CASES with `name` for every op it can run here (the reference for the others)."""
-    kernels = {op: name for op in OPS if backends.available_backends(op, device).get(name, "") is None}
+    kernels = {op: name for op in OPS
+               if name in backends.implemented(op) and backends.unavailable_reason(op, name, device) is None}
     rows = []
     for head, overrides in MODEL_CASES:
         case = _model_case(head, overrides)
@@ -216,10 +217,14 @@ def cmd_check(args) -> int:
     results = []
     skipped = []
     ops = args.op or OPS + ("model",)
+
+    def wanted(op):  # the kernel backends to check (the reference is what they are checked against); only these
+        return [n for n in backends.implemented(op)  # are probed: probing cpu loads (or builds) the extension
+                if n != "reference" and (not args.backend or n in args.backend)]
+
     for op in (o for o in ops if o != "model"):
-        for name, reason in backends.available_backends(op, device).items():
-            if name == "reference" or (args.backend and name not in args.backend):
-                continue  # the reference is what the others are checked against
+        for name in wanted(op):
+            reason = backends.unavailable_reason(op, name, device)
             if reason is not None:
                 skipped.append(f"{op}/{name}: {reason}")
                 continue
@@ -232,8 +237,8 @@ def cmd_check(args) -> int:
                     results.append((f"{op}/{name}/{str(dtype)[6:]}", "error", float("nan"), float("nan"), False))
                     print(f"{op}/{name} {dtype}: {type(exc).__name__}: {exc}", file=sys.stderr)
     if "model" in ops:  # every kernel backend that runs here, inside whole models (float32, and cpu float64)
-        for name in dict.fromkeys(n for op in OPS for n, r in backends.available_backends(op, device).items()
-                                  if r is None and n != "reference" and (not args.backend or n in args.backend)):
+        for name in dict.fromkeys(n for op in OPS for n in wanted(op)
+                                  if backends.unavailable_reason(op, n, device) is None):
             for dtype in [torch.float32] + ([torch.float64] if name == "cpu" else []):
                 try:
                     results += _check_model(name, dtype, device)

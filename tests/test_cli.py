@@ -87,6 +87,18 @@ def test_check_of_a_backend_the_op_lacks_says_so(capsys):
         capsys.readouterr().out
 
 
+@pytest.mark.parametrize("op", ["ema", "model"])
+def test_check_probes_only_the_backends_asked_for(monkeypatch, capsys, op):
+    """check --backend triton never probes cpu (which would load, or build, the extension)."""
+    probed = []
+    entry = backends._Entry("unused", "unused", lambda d: probed.append(d) or "probed")
+    monkeypatch.setitem(backends._REGISTRY["ema"], "cpu", entry)
+    cli.main(["check", "--device", "cpu", "--op", op, "--backend", "triton"])
+    assert probed == []
+    cli.main(["check", "--device", "cpu", "--op", op, "--backend", "cpu"])
+    assert probed
+
+
 def test_check_runs_the_backends_inside_models(monkeypatch, capsys):
     assert cli.main(["check", "--device", "cpu", "--op", "model", "--backend", "cpu"]) == 0
     out = capsys.readouterr().out

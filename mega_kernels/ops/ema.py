@@ -1,7 +1,8 @@
 """Functional EMA op with backend dispatch (contract: DESIGN.md "Functional contracts").
 
     ema(x, delta, alpha, beta, gamma, omega, *, mask=None, bidirectional=False, truncation=None,
-        state=None, return_state=False, backend="auto")  -> y (B, L, D) [, state (B, D, N) float32]
+        state=None, return_state=False, backend="auto")  -> y (B, L, D) [, state (B, D, N) float32, float64 for
+        float64 x]
     ema_step(x, delta, alpha, beta, gamma, omega, state, *, mask=None, backend="auto") -> (y (B, D), state)
 
 The module parameters are turned into the recurrence coefficients (a, q, c) of
