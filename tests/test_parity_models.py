@@ -203,8 +203,8 @@ def _flat(out):
     return flat
 
 
-AUTOCAST_CASES = ("model-relu2-chunk-trunc", "causal-laplace-chunk-trunc-left", "causal-relu2-cross-simple",
-                  "seqcls-laplace-simple")
+AUTOCAST_CASES = ("model-chunk-whole-padded-chunk", "model-relu2-chunk-trunc", "causal-laplace-chunk-trunc-left",
+                  "causal-relu2-cross-simple", "seqcls-laplace-simple")  # (softmax: its unfused 16-bit path)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", {"ema": "cpu"}], ids=str)

@@ -140,11 +140,11 @@ def test_attention_equals_loop(activation, chunk, causal, lq):
     q = torch.randn(bsz, lq, zdim, dtype=torch.float64)
     k = torch.randn(bsz, lk, zdim, dtype=torch.float64)
     v = torch.randn(bsz, lk, edim, dtype=torch.float64)
-    rel_bias = torch.randn(2 * (chunk or lk) - 1, dtype=torch.float64)
     kpm = torch.ones(bsz, lk, dtype=torch.bool)
     kpm[0, :5] = False  # left padding, a whole first chunk of padding when chunked
     kpm[1, 7:] = False  # right padding
-    for mask in (None, kpm):
+    for mask, extra in ((None, 0), (kpm, 0), (kpm, 3)):  # extra: a bias longer than the block, used from its centre
+        rel_bias = torch.randn(2 * ((chunk or lk) + extra) - 1, dtype=torch.float64)
         got = attention(q, k, v, rel_bias, activation=activation, chunk_size=chunk, causal=causal,
                         key_padding_mask=mask)
         want = _loop_attention(q, k, v, rel_bias, activation, chunk, causal, mask)
@@ -226,9 +226,13 @@ def test_attention_rejects_a_bias_shorter_than_the_block():
 
 def test_attention_gradcheck():
     q, k, v = (torch.randn(1, 6, d, dtype=torch.float64, requires_grad=True) for d in (3, 3, 2))
-    rel_bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
     kpm = torch.tensor([[False, True, True, True, True, False]])
-    for act in ("softmax", "laplace", "relu2"):
-        assert torch.autograd.gradcheck(
-            lambda *t: attention(*t, activation=act, chunk_size=3, causal=True, key_padding_mask=kpm),
-            (q, k, v, rel_bias))
+    for taps in (5, 9):  # 9: a bias longer than the block, whose outer taps get zero gradient
+        rel_bias = torch.randn(taps, dtype=torch.float64, requires_grad=True)
+        for act in ("softmax", "laplace", "relu2"):
+            assert torch.autograd.gradcheck(
+                lambda *t: attention(*t, activation=act, chunk_size=3, causal=True, key_padding_mask=kpm),
+                (q, k, v, rel_bias))
+        attention(q, k, v, rel_bias, chunk_size=3).sum().backward()
+        outer = rel_bias.grad[:(taps - 5) // 2].abs().sum() + rel_bias.grad[taps - (taps - 5) // 2:].abs().sum()
+        assert outer == 0 and rel_bias.grad.abs().sum() > 0
