@@ -39,6 +39,8 @@ def openmp_flags() -> Tuple[str, ...]:
 
     if not (torch._C.has_openmp and sys.platform.startswith("linux")):
         return ()
+    # get_cxx_compiler ($CXX, else c++) compiles the C++ sources of the JIT build and of setup.py's build, which
+    # torch's BuildExtension runs through ninja (a ninja-less build would compile with setuptools' CC instead).
     try:  # `c++ --version` names clang when it is clang; GCC says "(GCC)" or "Free Software Foundation"
         out = subprocess.run([cpp_extension.get_cxx_compiler(), "--version"], capture_output=True, text=True,
                              timeout=30).stdout
