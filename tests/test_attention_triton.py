@@ -28,9 +28,11 @@ from mega_kernels.ops.attention_triton import attention as triton_attention  # n
 from mega_kernels.triton.attention_bwd import attention_bwd  # noqa: E402
 from mega_kernels.triton.attention_fwd import attention_fwd  # noqa: E402
 
-# ATTN_CASES plus: queries not aligned to the chunks (Lq < Lk, chunked), several key tiles in one block, and
-# a tile spanning many small chunks (chunk 5, the last one partial).
-CASES = ATTN_CASES + [(2, 37, 100, 16, 24, 32), (1, 70, 70, 24, 8, None), (3, 23, 23, 16, 8, 5)]
+# ATTN_CASES plus: queries not aligned to the chunks (Lq < Lk, chunked), several key tiles in one block, a
+# tile spanning many small chunks (chunk 5, the last one partial), and query tiles whose last rows' chunks reach
+# into a later key tile than their first row's (chunk 5 at L 70: the backward's key-tile range per query tile).
+CASES = ATTN_CASES + [(2, 37, 100, 16, 24, 32), (1, 70, 70, 24, 8, None), (3, 23, 23, 16, 8, 5),
+                      (2, 70, 70, 16, 8, 5)]
 # On a GPU every new (Z, E, stride divisibility, dtype, activation) compiles five kernels afresh: the tiny-shape
 # matrices run on a few cases there (the `gpu` tests add larger shapes), all of them under the interpreter.
 FP16_CASES = [ATTN_CASES[1], ATTN_CASES[3], ATTN_CASES[5]]
@@ -334,6 +336,20 @@ def test_decoding_token_by_token_equals_full_pass():
             low = reference(*x, key_padding_mask=mask[:, :t + 1], **kw)
             got = triton_attention(*x, key_padding_mask=mask[:, :t + 1], **kw)
             assert_close_to_reference(f"{activation} step {t}", got.cpu(), want, low.cpu())
+
+
+@pytest.mark.parametrize("activation", SOME_ACTIVATIONS)
+def test_decoding_split_walks_several_key_tiles(activation, monkeypatch):
+    """Lq = 1 with one key split per batch row (as a batch of 256 rows gets): that split walks all 100 keys tile
+    by tile, so the online softmax rescales its running sums (small batches get one key tile per split, where
+    no rescale happens)."""
+    from mega_kernels.triton import attention_fwd as fwd
+
+    monkeypatch.setattr(fwd, "DECODE_PROGRAMS", 1)
+    case = (2, 1, 100, 16, 8, None)
+    masks = padding_masks(case[0], case[2], None, device=DEVICE)
+    for causal, mname in ((True, "none"), (False, "left")):
+        check_case(case, activation, causal, masks[mname], label=mname)
 
 
 def test_rel_bias_longer_than_the_block_and_its_gradient():

@@ -302,13 +302,16 @@ def _launch_fwd(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     return out, lse
 
 
+DECODE_PROGRAMS = 256  # the decoding kernel's target program count: about one wave of the device
+
+
 def _launch_decode(q, k, v, rel_bias, pb: Problem, kpm, counts, has_mask):
     cfg = config("decode", pb, q.dtype)
     block_n, block_e = cfg["BLOCK_N"], cfg["BLOCK_E"]
     n_keys = pb.lk - (pb.lk - 1) // pb.size * pb.size                 # keys of the query's block
     n_e = triton.cdiv(pb.edim, block_e)
-    # enough programs to fill the device (~256 per wave), at least BLOCK_N keys per split
-    n_split = max(1, min(triton.cdiv(n_keys, block_n), triton.cdiv(256, pb.bsz * n_e)))
+    # enough programs to fill the device, at least BLOCK_N keys per split
+    n_split = max(1, min(triton.cdiv(n_keys, block_n), triton.cdiv(DECODE_PROGRAMS, pb.bsz * n_e)))
     per = triton.cdiv(triton.cdiv(n_keys, n_split), block_n) * block_n
     n_split = triton.cdiv(n_keys, per)
     acc = torch.empty(pb.bsz, n_split, pb.edim, dtype=torch.float32, device=q.device)
