@@ -43,7 +43,8 @@ def emulator():
     from torch.utils import cpp_extension
 
     flags = ["-O1"]  # builds in ~40 s instead of ~65 s at -O2; its tests run in ~1.5 s either way
-    digest = hashlib.sha256((torch.__version__ + str(flags)).encode())
+    # (the source folder too: ninja rebuilds a folder whose commands name other paths, see _ext._digest)
+    digest = hashlib.sha256((torch.__version__ + str(flags) + str(_build.ROOT.resolve())).encode())
     for rel in _EMULATOR_FILES:
         digest.update((_build.ROOT / rel).read_bytes())
     tag = digest.hexdigest()[:16]
@@ -75,6 +76,9 @@ EMULATOR_CASES = {  # (B, L, D, N, bidirectional, truncation, with_state)
     "window_across_chunks_bi": (3, 257, 20, 5, True, 40, False),
     "one_step_bi": (1, 1, 7, 3, True, 0, False),
     "n32_state": (2, 100, 5, 32, False, 0, True),
+    # N in 17..31, not a multiple of 8: a thread's second group of states is partial, and a write past N would
+    # land on the next channel's states
+    "n20_state": (2, 100, 5, 20, False, 0, True),
     "n1_bi_window": (1, 50, 3, 1, True, 7, False),
     # N > 16: the backward forms g first, then sums the states 16 at a time (and its prefix takes 8 per thread)
     "n32_bi": (2, 100, 5, 32, True, 0, False),
@@ -162,11 +166,13 @@ def _check_emulator(emulator, case, bsz, length, dim, ndim, bidirectional, trunc
         assert_close_to_reference(f"{case} {name}", o, r64, r32)
 
 
-def test_cuda_step_logic_on_cpu(emulator):
-    delta, alpha, beta, gamma, omega = ema_params(9, 16)
+@pytest.mark.parametrize("ndim", [16, 5, 20])
+def test_cuda_step_logic_on_cpu(emulator, ndim):
+    """The decoding step, with N filling its register array or not (5, 20: the loop must stop at N)."""
+    delta, alpha, beta, gamma, omega = ema_params(9, ndim)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     x = torch.randn(3, 9, dtype=torch.float64)
-    state = torch.randn(3, 9, 16, dtype=torch.float64)
+    state = torch.randn(3, 9, ndim, dtype=torch.float64)
     mask = torch.tensor([True, False, True])
     ref = ref_step(x, a, q, c, omega, state, mask)
     low = ref_step(x.float(), a.float(), q.float(), c.float(), omega.float(), state.float(), mask)
@@ -194,6 +200,20 @@ def test_cuda_checks_refuse_n33(emulator, entry):
             emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, False, 0)
         else:
             emulator.step(x[:, 0], co, omega, torch.randn(2, 5, 33), None)
+
+
+@pytest.mark.parametrize("bsz,length,bidirectional,match", [
+    (65536, 1, False, "B = 65536 exceeds the CUDA grid limit of 65535 rows"),
+    (32768, 1, True, r"B = 32768 \(x 2 directions\) exceeds the CUDA grid limit of 65535 rows"),
+    (1, 65536 * 32 + 1, False, "chunks, more than the CUDA grid limit of 65535"),
+])
+def test_cuda_checks_refuse_grids_past_the_limits(emulator, bsz, length, bidirectional, match):
+    """Inputs whose launch grid would exceed CUDA's limits are refused (ValueError) before anything runs."""
+    x, co, omega = _emulator_args(bsz, length, 1, 2, bidirectional)
+    with pytest.raises(ValueError, match=match):
+        emulator.fwd(x, co, omega, None, None, bidirectional, 0, False)
+    with pytest.raises(ValueError, match=match):
+        emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, bidirectional, 0)
 
 
 def test_cuda_checks_accept_n32_and_refuse_bad_grads(emulator):
