@@ -9,6 +9,7 @@ On a GPU (marked `gpu`): many chunks of the chunked forward scan, outputs poison
 bfloat16 shape of realistic size, opcheck and torch.compile on CUDA, determinism, non-contiguous input, a side
 stream, and the errors for what the backend does not take.
 """
+import contextlib
 import hashlib
 
 import pytest
@@ -155,15 +156,26 @@ def _check_emulator(emulator, case, bsz, length, dim, ndim, bidirectional, trunc
     ref64, ref32 = reference(torch.float64), reference(torch.float32)
     co = _coefs(a, q, c, truncation)
     f = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
-    y, final, plan = emulator.fwd(f(x), co, f(omega), mask, f(state), bidirectional, truncation, with_state)
-    grads = emulator.bwd(f(gy), f(gs), f(x), co, f(omega), mask, f(state), bidirectional, truncation)
-    if case.startswith("chunks") or case.startswith("window") or case.startswith("n2") or case.startswith("n32"):
-        assert plan[1] > 1, "the case must span several chunks"
-    got = [y] + ([final] if with_state else []) + list(grads[:5]) + ([grads[5]] if with_state else [])
     names = ["y"] + (["final_state"] if with_state else []) + ["dx", "da", "dq", "dc", "domega"] + \
         (["dstate"] if with_state else [])
-    for name, o, r64, r32 in zip(names, got, ref64, ref32):
-        assert_close_to_reference(f"{case} {name}", o, r64, r32)
+    for reverse in (False, True):  # threads and blocks of each launch in both orders (a stray write shows in one)
+        with _thread_order(emulator, reverse):
+            y, final, plan = emulator.fwd(f(x), co, f(omega), mask, f(state), bidirectional, truncation, with_state)
+            grads = emulator.bwd(f(gy), f(gs), f(x), co, f(omega), mask, f(state), bidirectional, truncation)
+        if case.startswith(("chunks", "window", "n2", "n32")):
+            assert plan[1] > 1, "the case must span several chunks"
+        got = [y] + ([final] if with_state else []) + list(grads[:5]) + ([grads[5]] if with_state else [])
+        for name, o, r64, r32 in zip(names, got, ref64, ref32):
+            assert_close_to_reference(f"{case} {name} reverse={reverse}", o, r64, r32)
+
+
+@contextlib.contextmanager
+def _thread_order(emulator, reverse):
+    emulator.set_reverse(reverse)
+    try:
+        yield
+    finally:
+        emulator.set_reverse(False)
 
 
 @pytest.mark.parametrize("ndim", [16, 5, 20])
@@ -176,9 +188,11 @@ def test_cuda_step_logic_on_cpu(emulator, ndim):
     mask = torch.tensor([True, False, True])
     ref = ref_step(x, a, q, c, omega, state, mask)
     low = ref_step(x.float(), a.float(), q.float(), c.float(), omega.float(), state.float(), mask)
-    got = emulator.step(x.float(), _coefs(a, q, c, 0), omega.float(), state.float(), mask)
-    for name, o, r64, r32 in zip(("y", "state"), got, ref, low):
-        assert_close_to_reference(name, o, r64, r32)
+    for reverse in (False, True):
+        with _thread_order(emulator, reverse):
+            got = emulator.step(x.float(), _coefs(a, q, c, 0), omega.float(), state.float(), mask)
+        for name, o, r64, r32 in zip(("y", "state"), got, ref, low):
+            assert_close_to_reference(f"{name} reverse={reverse}", o, r64, r32)
 
 
 def _emulator_args(bsz, length, dim, ndim, bidirectional=False):

@@ -3,7 +3,9 @@
 // backward sweeps, blocked sums, padding of N) on a machine without a GPU. float32 only; built by
 // tests/test_ema_cuda.py, never part of the package. Outputs start as NaN: anything left unwritten shows.
 // Each entry first runs the argument checks of the CUDA ops (ema_checks.h, as ema_cuda_ops.cpp does), so the
-// tests also see what the CUDA ops refuse (e.g. N > kMaxN), without a GPU.
+// tests also see what the CUDA ops refuse (e.g. N > kMaxN), without a GPU. `set_reverse(true)` runs the threads
+// and blocks of every launch in the reverse order: a thread that writes into a neighbour's outputs (past N, past
+// its channel) then shows, where the forward order has the neighbour overwrite the stray values.
 #include <torch/extension.h>
 
 #include <vector>
@@ -25,6 +27,15 @@ const bool* mask_ptr(const Opt& m) { return m ? m->data_ptr<bool>() : nullptr; }
 const float* fptr(const Opt& t) { return t ? t->data_ptr<float>() : nullptr; }
 torch::Tensor nans(at::IntArrayRef shape) { return torch::full(shape, NAN); }
 
+bool g_reverse = false;
+void set_reverse(bool reverse) { g_reverse = reverse; }
+// The indices 0..n-1 of a launch's threads (or blocks) in the order they run.
+std::vector<int> order(int n) {
+  std::vector<int> v(n);
+  for (int i = 0; i < n; ++i) v[i] = g_reverse ? n - 1 - i : i;
+  return v;
+}
+
 template <int NM>
 Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt state, bool bi, int64_t K, bool ret) {
   const int B = x.size(0), L = x.size(1), D = x.size(2), N = co[0].size(1), ndir = bi ? 2 : 1;
@@ -35,21 +46,21 @@ Tensors fwd_nm(torch::Tensor x, Tensors co, torch::Tensor omega, Opt mask, Opt s
   std::vector<float> ebuf(plan.chunk, NAN);
   mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {  // as fwd() in ema_cuda.cu
     constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
-    for (int c = 0; c < plan.nchunks; ++c) {
+    for (int c : order(plan.nchunks)) {
       if (bi && !TR) {
-        for (int b = 0; b < B; ++b)
-          for (int d = 0; d < D; ++d) mc::fwd_local_both_thread<float, NM, M>(p, plan, b, d, c);
+        for (int b : order(B))
+          for (int d : order(D)) mc::fwd_local_both_thread<float, NM, M>(p, plan, b, d, c);
         continue;
       }
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d) mc::fwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+      for (int bd : order(B * ndir))
+        for (int d : order(D)) mc::fwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
     }
     for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
-    for (int c = 0; c < plan.nchunks; ++c)
-      for (int b = 0; b < B; ++b)
-        for (int d = 0; d < D; ++d) {
+      for (int bd : order(B * ndir))
+        for (int d : order(D)) mc::fwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
+    for (int c : order(plan.nchunks))
+      for (int b : order(B))
+        for (int d : order(D)) {
           if (bi) mc::fwd_out_thread<float, NM, true, M, TR>(p, plan, b, d, c, ebuf.data(), 1);
           else mc::fwd_out_thread<float, NM, false, M, TR>(p, plan, b, d, c, ebuf.data(), 1);
         }
@@ -75,33 +86,33 @@ Tensors bwd_nm(torch::Tensor gy, Opt gs, torch::Tensor x, Tensors co, torch::Ten
   // the launches of ema_cuda.cu's bwd(), in order
   mc::pick_sweep(p.mask != nullptr, p.K > 0, [&](auto mask, auto trunc) {
     constexpr bool M = decltype(mask)::value, TR = decltype(trunc)::value;
-    for (int c = 0; c < C; ++c)
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d) mc::bwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    for (int c : order(C))
+      for (int bd : order(B * ndir))
+        for (int d : order(D)) mc::bwd_local_thread<float, NM, M, TR>(p, plan, bd / ndir, bd % ndir, d, c);
     for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
+      for (int bd : order(B * ndir))
+        for (int d : order(D)) mc::bwd_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
     if (bi)
-      for (int c = 0; c < C; ++c)
-        for (int b = 0; b < B; ++b)
-          for (int d = 0; d < D; ++d) mc::bwd_other_output_thread<float, NM, M, TR>(p, plan, b, d, c);
+      for (int c : order(C))
+        for (int b : order(B))
+          for (int d : order(D)) mc::bwd_other_output_thread<float, NM, M, TR>(p, plan, b, d, c);
     for (int dir_idx = 0; dir_idx < ndir; ++dir_idx)
       mc::pick_param_pass<TR>(p, dir_idx, [&](auto pass) {
-        for (int c = 0; c < C; ++c)
-          for (int b = 0; b < B; ++b)
-            for (int d = 0; d < D; ++d)
+        for (int c : order(C))
+          for (int b : order(B))
+            for (int d : order(D))
               mc::bwd_params_thread<float, NM, M, TR, decltype(pass)::value>(p, plan, b, d, c);
       });
-    for (int c = 0; c < C; ++c)
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d) mc::bwd_adjoint_local_thread<NM, TR>(p, plan, bd / ndir, bd % ndir, d, c);
+    for (int c : order(C))
+      for (int bd : order(B * ndir))
+        for (int d : order(D)) mc::bwd_adjoint_local_thread<NM, TR>(p, plan, bd / ndir, bd % ndir, d, c);
     for (int z = 0; z < mc::prefix_groups<NM>(); ++z)
-      for (int bd = 0; bd < B * ndir; ++bd)
-        for (int d = 0; d < D; ++d)
+      for (int bd : order(B * ndir))
+        for (int d : order(D))
           mc::bwd_adjoint_prefix_thread<NM>(p, plan, bd / ndir, bd % ndir, d, z * mc::kPrefixStates);
-    for (int c = 0; c < C; ++c)
-      for (int b = 0; b < B; ++b)
-        for (int d = 0; d < D; ++d) mc::bwd_dx_thread<float, NM, TR>(p, plan, b, d, c);
+    for (int c : order(C))
+      for (int b : order(B))
+        for (int d : order(D)) mc::bwd_dx_thread<float, NM, TR>(p, plan, b, d, c);
   });
   return {dx, pa.sum(0), pq.sum(0), pc.sum(0), pom.sum(0), ds};
 }
@@ -112,7 +123,8 @@ Tensors step_nm(torch::Tensor x, Tensors co, torch::Tensor omega, torch::Tensor 
   auto y = nans(x.sizes()), ns = nans({B, D, N});
   mc::StepParams p{x.data_ptr(), mask_ptr(mask), coefs(co), omega.data_ptr<float>(), state.data_ptr<float>(),
                    y.data_ptr(), ns.data_ptr<float>(), B, D, N};
-  for (int64_t i = 0; i < static_cast<int64_t>(B) * D; ++i) mc::step_thread<float, NM>(p, i);
+  const int64_t threads = static_cast<int64_t>(B) * D;
+  for (int64_t i = 0; i < threads; ++i) mc::step_thread<float, NM>(p, g_reverse ? threads - 1 - i : i);
   return {y, ns};
 }
 
@@ -157,4 +169,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "chunked forward: (y, final state, (chunk, nchunks))");
   m.def("bwd", &bwd, "backward: (dx, da, dq, dc, domega, dstate)");
   m.def("step", &step, "decoding step: (y, new state)");
+  m.def("set_reverse", &set_reverse, "run the threads and blocks of every launch in reverse order (or not)");
 }
