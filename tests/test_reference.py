@@ -191,11 +191,13 @@ def test_attention_and_weights_is_one_pass_of_both(lq):
 
     dropped, w2 = attention_and_weights(q, k, v, rel_bias, dropout=drop, **kw)
     assert torch.equal(w2, w)
-    blocks = scale["blocks"].reshape(2, 3, 4, 4)
-    dense = torch.block_diag(*blocks[0]), torch.block_diag(*blocks[1])
-    dense_mask = torch.stack(dense)[:, 10 - lq: 10, :10]
-    torch.testing.assert_close(dropped, (w * dense_mask) @ v, rtol=1e-12, atol=1e-12)
-    assert not torch.allclose(dropped, out)
+    if lq == 10:  # the three blocks of all ten queries
+        blocks = scale["blocks"].reshape(2, 3, 4, 4)
+        dense_mask = torch.stack([torch.block_diag(*blocks[0]), torch.block_diag(*blocks[1])])[:, :10, :10]
+        torch.testing.assert_close(dropped, (w * dense_mask) @ v, rtol=1e-12, atol=1e-12)
+        assert not torch.allclose(dropped, out)
+    halved, _ = attention_and_weights(q, k, v, rel_bias, dropout=lambda p: p * 0.5, **kw)
+    torch.testing.assert_close(halved, out * 0.5, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("length,chunk", [(10, 4), (12, 4), (10, None), (3, 8), (1, 4)])
@@ -236,3 +238,10 @@ def test_attention_gradcheck():
         attention(q, k, v, rel_bias, chunk_size=3).sum().backward()
         outer = rel_bias.grad[:(taps - 5) // 2].abs().sum() + rel_bias.grad[taps - (taps - 5) // 2:].abs().sum()
         assert outer == 0 and rel_bias.grad.abs().sum() > 0
+    tail = q[:, -2:].detach().requires_grad_()  # queries at the end of the keys, in one block: the query rows only
+    rel_bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    for chunk in (None, 4):
+        for act in ("softmax", "laplace"):
+            assert torch.autograd.gradcheck(
+                lambda *t: attention(*t, activation=act, chunk_size=chunk, causal=True, key_padding_mask=kpm),
+                (tail, k, v, rel_bias))

@@ -17,12 +17,14 @@ i, j the positions of query and key:
 laplace(x) = 0.5 * (1 + erf((x - mu) / (sigma sqrt 2))), mu = sqrt(1/2), sigma = sqrt(1/(4 pi));
 relu2(x) = relu(x)^2. Scores and probabilities are computed in float32 (float64 for float64 inputs).
 `attention` gives the output, `attention_weights` the (B, Lq, Lk) matrix for output_attentions, and
-`attention_and_weights` both from one pass, with training's attention dropout where asked.
+`attention_and_weights` both from one pass, with training's attention dropout where asked. Only the blocks that
+hold queries are computed, and when the queries all sit in one block (a cached decoding step) only their rows:
+a step against L cached keys costs O(L), not O(L^2).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,50 +57,82 @@ def _to_blocks(t: Tensor, size: int, offset: int, total: int) -> Tensor:
     return t.reshape(bsz * (total // size), size, width)
 
 
+def _toeplitz(rel_bias: Tensor, width: int, r0: int, r1: int, cols: int) -> Tensor:
+    """Rows r0..r1-1, columns 0..cols-1 of the Toeplitz matrix bias[i, j] = rel_bias[width - 1 + j - i].
+
+    The windows of the taps they use hold those rows in reverse order: an unfold view and one flip (a copy of
+    the (r1 - r0, cols) result only) give them (at S = 1024 its backward costs 2.5 ms, a gather's 6.6 ms)."""
+    return rel_bias[width - r1: width - 1 - r0 + cols].unfold(0, cols, 1).flip(0)
+
+
+class _Layout(NamedTuple):
+    """Where the probabilities of `_scores` sit. Keys before `start` (a block boundary) are in no query's block
+    and were left out. tail: every query is in one block, and p is (B, Lq, Lk - start), the query rows only (a
+    decoding step costs O(L), not O(L^2)); else p is (B * blocks, S, S), the blocks of positions [start, Lk)
+    with the queries at the end."""
+    bsz: int
+    lq: int
+    lk: int
+    size: int
+    nblocks: int
+    start: int
+    tail: bool
+
+
 def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask):
-    """Blocked probabilities: returns (p (G, S, S), v blocks (G, S, E), shapes) with G = B * blocks."""
+    """Probabilities and the values they weigh: (p, v (B * blocks, S, E) or (B, Lk - start, E), _Layout)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     bsz, lq, zdim = q.shape
     lk = k.shape[1]
     size = max(1, _blocks(lk, chunk_size))  # (no key: zero blocks of one position)
-    nblocks = -(-lk // size)
-    total = nblocks * size
     width = (rel_bias.shape[0] + 1) // 2
+    if width < size:
+        raise ValueError(f"attention: rel_bias covers blocks of {width} positions but the block length is {size}")
+    start = (lk - lq) // size * size if lq else 0  # the first block holding a query
+    if start:
+        k, v = k[:, start:], v[:, start:]
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask[:, start:]
+    keys = lk - start
+    nblocks = -(-keys // size)
+    tail = nblocks == 1
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
 
     if activation == "softmax":
         q = q * zdim ** -0.5
-    qb = _to_blocks(q, size, lk - lq, total)
-    kb = _to_blocks(k, size, 0, total)
-    vb = _to_blocks(v, size, 0, total)
-    pos = torch.arange(size, device=dev)
-    if width < size:
-        raise ValueError(f"attention: rel_bias covers blocks of {width} positions but the block length is {size}")
-    # Toeplitz (S, S): bias[i, j] = rel_bias[width - 1 + j - i]. The windows of the middle 2S - 1 taps hold it
-    # upside down; an unfold view and a flip back it (its backward costs 2.5 ms at S = 1024, a gather's 6.6).
-    bias = rel_bias.to(cd)[width - size: width + size - 1].unfold(0, size, 1).flip(0)
+    if tail:  # the query rows of the one block: positions keys - lq .. keys - 1 of it, all keys present
+        rows = torch.arange(keys - lq, keys, device=dev)
+        qb, kb, vb, total = q, k, v, keys
+        bias = _toeplitz(rel_bias.to(cd), width, keys - lq, keys, keys)
+    else:
+        total = nblocks * size
+        rows = torch.arange(size, device=dev)
+        qb = _to_blocks(q, size, keys - lq, total)
+        kb = _to_blocks(k, size, 0, total)
+        vb = _to_blocks(v, size, 0, total)
+        bias = _toeplitz(rel_bias.to(cd), width, 0, size, size)
+    cols = torch.arange(bias.shape[1], device=dev)
     fuse_bias = activation == "softmax" and qb.dtype == cd
     if fuse_bias:  # one pass: s = bias + q k^T
         s = torch.baddbmm(bias, qb, kb.transpose(1, 2))
     else:
         s = torch.matmul(qb, kb.transpose(1, 2)).to(cd)
 
-    # keep: (G, S) key present and not padding; None when every key is kept
+    # keep: (G, keys of a block) key present and not padding; None when every key is kept
     keep = None
-    if key_padding_mask is not None or total != lk:
-        exists = (torch.arange(total, device=dev) < lk).expand(bsz, total)
+    if key_padding_mask is not None or total != keys:
+        exists = (torch.arange(total, device=dev) < keys).expand(bsz, total)
         keep = exists if key_padding_mask is None else exists & F.pad(key_padding_mask.to(torch.bool),
-                                                                         (0, total - lk))
-        keep, exists = keep.reshape(-1, size), exists.reshape(-1, size)
-    causal_mask = torch.ones(size, size, dtype=torch.bool, device=dev).tril() if causal else None
+                                                                         (0, total - keys))
+        keep, exists = keep.reshape(-1, bias.shape[1]), exists.reshape(-1, bias.shape[1])
+    causal_mask = cols[None, :] <= rows[:, None] if causal else None
 
     if activation == "softmax":
         if not fuse_bias:
             s = s + bias
         if keep is None and causal_mask is None:
-            return torch.softmax(s, dim=-1), vb, (bsz, lq, lk, size, nblocks, total)
+            return torch.softmax(s, dim=-1), vb, _Layout(bsz, lq, lk, size, nblocks, start, tail)
         vis = causal_mask[None] if keep is None else exists[:, None, :] & torch.where(
             (keep.any(-1) | ~exists.any(-1))[:, None], keep, exists)[:, None, :]  # all-padding block: no padding
         if causal_mask is not None and keep is not None:
@@ -108,26 +142,39 @@ def _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
         p = torch.softmax(s.masked_fill(~vis, float("-inf")), dim=-1) * row_any
     else:
         if causal:
-            n = (pos + 1).to(cd)[None, :, None]
+            n = (rows + 1).to(cd)[None, :, None]
         elif keep is not None:
             n = keep.sum(-1).clamp(min=1).to(cd)[:, None, None]
         else:
-            n = float(size)
+            n = float(bias.shape[1])
         s = s / n + bias
         p = laplace(s) if activation == "laplace" else relu2(s)
         if keep is not None:
             p = p * keep[:, None, :]
         if causal_mask is not None:
             p = p * causal_mask
-    return p, vb, (bsz, lq, lk, size, nblocks, total)
+    return p, vb, _Layout(bsz, lq, lk, size, nblocks, start, tail)
 
 
-def _spread(p: Tensor, bsz: int, lq: int, lk: int, size: int, nblocks: int, total: int) -> Tensor:
-    """Blocked probabilities (B * blocks, S, S) -> the dense (B, Lq, Lk) matrix, zero outside the blocks."""
-    dense = p.new_zeros(bsz, nblocks, size, nblocks, size)
+def _output(pv: Tensor, vb: Tensor, at: _Layout) -> Tensor:
+    """(weighted) probabilities times values -> (B, Lq, E)."""
+    out = torch.matmul(pv, vb)
+    if at.tail:
+        return out
+    keys = at.lk - at.start
+    return out.reshape(at.bsz, at.nblocks * at.size, vb.shape[-1])[:, keys - at.lq: keys]
+
+
+def _dense(p: Tensor, at: _Layout) -> Tensor:
+    """Probabilities -> the dense (B, Lq, Lk) matrix, zero outside each query's block."""
+    if at.tail:
+        return F.pad(p, (at.start, 0))
+    size, nblocks = at.size, at.nblocks
+    keys, total = at.lk - at.start, nblocks * size
+    dense = p.new_zeros(at.bsz, nblocks, size, nblocks, size)
     idx = torch.arange(nblocks, device=p.device)
-    dense[:, idx, :, idx, :] = p.reshape(bsz, nblocks, size, size).transpose(0, 1)
-    return dense.reshape(bsz, total, total)[:, lk - lq: lk, :lk]
+    dense[:, idx, :, idx, :] = p.reshape(at.bsz, nblocks, size, size).transpose(0, 1)
+    return F.pad(dense.reshape(at.bsz, total, total)[:, keys - at.lq: keys, :keys], (at.start, 0))
 
 
 def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
@@ -143,18 +190,18 @@ def attention_and_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, 
     and Lq = Lk only its diagonal blocks (B, blocks, S, S) (transformers' layout, also O(L S)), the last block
     padded with zeros beyond Lk.
     """
-    p, vb, (bsz, lq, lk, size, nblocks, total) = _scores(q, k, v, rel_bias, activation, chunk_size, causal,
-                                                          key_padding_mask)
+    p, vb, at = _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
     pv = p.to(v.dtype)
-    out = torch.matmul(pv if dropout is None else dropout(pv), vb).reshape(bsz, total, vb.shape[-1])
+    out = _output(pv if dropout is None else dropout(pv), vb, at)
     weights = None
-    if need_weights and blocked and lq == lk > 0:
+    if need_weights and blocked and at.lq == at.lk > 0:
         # rows are query positions; those past Lk (the zero queries of the padding) get zero weights
-        rows = pv.reshape(bsz, total, size)
-        weights = F.pad(rows[:, :lk], (0, 0, 0, total - lk)).view(bsz, nblocks, size, size)
+        total = at.nblocks * at.size
+        rows = pv.reshape(at.bsz, total, at.size)
+        weights = F.pad(rows[:, :at.lk], (0, 0, 0, total - at.lk)).view(at.bsz, at.nblocks, at.size, at.size)
     elif need_weights:
-        weights = _spread(pv, bsz, lq, lk, size, nblocks, total)
-    return out[:, lk - lq: lk], weights
+        weights = _dense(pv, at)
+    return out, weights
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, activation: str = "softmax",
@@ -170,5 +217,5 @@ def attention_weights(q: Tensor, k: Tensor, v: Tensor, rel_bias: Tensor, *, acti
                       key_padding_mask: Optional[Tensor] = None) -> Tensor:
     """The attention matrix (B, Lq, Lk) in the scores' dtype (float32, float64 for float64 inputs), zero
     outside each query's block (for output_attentions)."""
-    p, _, shapes = _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
-    return _spread(p, *shapes)
+    p, _, at = _scores(q, k, v, rel_bias, activation, chunk_size, causal, key_padding_mask)
+    return _dense(p, at)
