@@ -10,6 +10,7 @@ import torch
 
 transformers_mega = pytest.importorskip("transformers.models.deprecated.mega")
 
+import mega_kernels  # noqa: E402
 from mega_kernels import MegaConfig, MegaModel  # noqa: E402
 
 CONFIG = dict(vocab_size=1000, hidden_size=128, num_hidden_layers=2, intermediate_size=256,
@@ -53,3 +54,37 @@ def test_model_cpu(benchmark, models, impl, mode):
         return out
 
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+DECODER = dict(CONFIG, is_decoder=True, bidirectional=False)
+CONTEXT = 1024  # cached tokens before the timed step
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    torch.manual_seed(0)
+    theirs = transformers_mega.MegaForCausalLM(transformers_mega.MegaConfig(**DECODER)).eval()
+    table = {"transformers": theirs}
+    for backend in ("auto", "reference"):
+        m = mega_kernels.MegaForCausalLM(MegaConfig(**DECODER, kernel_backend=backend)).eval()
+        m.load_state_dict(theirs.state_dict(), strict=True)
+        table[f"ours-{backend}"] = m
+    prompt = torch.randint(3, CONFIG["vocab_size"], (1, CONTEXT))
+    with torch.no_grad():
+        past = {name: m(prompt, use_cache=True).past_key_values for name, m in table.items()}
+    return table, past
+
+
+@pytest.mark.parametrize("impl", ["transformers", "ours-auto", "ours-reference"])
+def test_decode_step_cpu(benchmark, decoders, impl):
+    """One cached greedy step of MegaForCausalLM after CONTEXT tokens (B1, unchunked softmax)."""
+    table, past = decoders
+    benchmark.group = f"MegaForCausalLM decode step B1 context {CONTEXT} D{CONFIG['hidden_size']}"
+    token = torch.tensor([[5]])
+    mask = torch.ones(1, CONTEXT + 1, dtype=torch.long)
+
+    def run():
+        with torch.no_grad():
+            return table[impl](token, past_key_values=past[impl], attention_mask=mask, use_cache=True).logits
+
+    benchmark.pedantic(run, rounds=20, warmup_rounds=2)
