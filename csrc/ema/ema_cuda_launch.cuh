@@ -185,17 +185,13 @@ const char* bwd(const BwdParams& p, cudaStream_t s) {
       });
     }));
   }
-  if (p.K > 0) {
-    MK_LAUNCH(bwd_adjoint_local_kernel<NM, true><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
-  } else {
-    MK_LAUNCH(bwd_adjoint_local_kernel<NM, false><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan));
-  }
+  MK_LAUNCH(pick_flag(p.K > 0, [&](auto trunc) {
+    bwd_adjoint_local_kernel<NM, decltype(trunc)::value><<<dim3(xb, p.B * ndir, C), kThreads, 0, s>>>(p, plan);
+  }));
   MK_LAUNCH(bwd_adjoint_prefix_kernel<NM><<<dim3(xb, p.B * ndir, prefix_groups<NM>()), kThreads, 0, s>>>(p, plan));
-  if (p.K > 0) {
-    MK_LAUNCH(bwd_dx_kernel<T, NM, true><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
-  } else {
-    MK_LAUNCH(bwd_dx_kernel<T, NM, false><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan));
-  }
+  MK_LAUNCH(pick_flag(p.K > 0, [&](auto trunc) {
+    bwd_dx_kernel<T, NM, decltype(trunc)::value><<<dim3(xb, p.B, C), kThreads, 0, s>>>(p, plan);
+  }));
   return nullptr;
 }
 

@@ -200,14 +200,9 @@ MK_HD void sweep_rows(const Lanes<T>& in, const Sides<T>& sd, int dir, int i0, i
 
 // Host side (launchers, emulator): f(Flag<MASK>(), Flag<TRUNC>()) for a mask given or not and K > 0 or not,
 // so each caller instantiates the four cases of the sweep kernels the same way.
-template <bool B>
-struct Flag {
-  static constexpr bool value = B;
-};
 template <typename F>
 inline auto pick_sweep(bool mask, bool trunc, F&& f) -> decltype(f(Flag<false>(), Flag<false>())) {
-  if (mask) return trunc ? f(Flag<true>(), Flag<true>()) : f(Flag<true>(), Flag<false>());
-  return trunc ? f(Flag<false>(), Flag<true>()) : f(Flag<false>(), Flag<false>());
+  return pick_flag(mask, [&](auto m) { return pick_flag(trunc, [&](auto t) { return f(m, t); }); });
 }
 
 // The output sweep over positions [i0, i1) of direction dir from the state h entering it (h_{i0-1}), in

@@ -65,6 +65,17 @@
 namespace mega_kernels {
 namespace ema {
 
+// Host side: a runtime flag made compile-time. pick_flag(b, f) calls f(Flag<b>()), and f reads the value as
+// decltype(flag)::value, so one line instantiates both cases of a template (K > 0 or not, mask or not).
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+template <typename F>
+inline auto pick_flag(bool b, F&& f) -> decltype(f(Flag<false>())) {
+  return b ? f(Flag<true>()) : f(Flag<false>());
+}
+
 // -- scalar helpers ---------------------------------------------------------------------------------------
 template <typename A, typename T>
 MK_HD A to_acc(T v) { return static_cast<A>(v); }
@@ -314,13 +325,11 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
 }
 
 template <int W, int NM, typename T, typename A, typename Emit>
-MK_HD void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
-                    Emit emit) {
-  if (K > 0) {
-    scan_fwd_k<W, NM, true>(in, dir, i0, i1, K, N, cf, h, emit);
-  } else {
-    scan_fwd_k<W, NM, false>(in, dir, i0, i1, K, N, cf, h, emit);
-  }
+inline void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
+                     Emit emit) {
+  pick_flag(K > 0, [&](auto trunc) {
+    scan_fwd_k<W, NM, decltype(trunc)::value>(in, dir, i0, i1, K, N, cf, h, emit);
+  });
 }
 
 // Parameter-gradient sweep over [i0, i1) of direction `dir` (see "Backward" above). States h, H, P and
@@ -374,16 +383,13 @@ MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbu
 }
 
 template <int W, int NM, bool MAKE_G, typename T, typename A>
-MK_HD void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
-                       A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
-                       A* sc, A* sH, A* sP) {
-  if (K > 0) {
-    scan_params_k<W, NM, MAKE_G, true>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N, cf, h, H, P, sc,
-                                       sH, sP);
-  } else {
-    scan_params_k<W, NM, MAKE_G, false>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N, cf, h, H, P,
-                                        sc, sH, sP);
-  }
+inline void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
+                        A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
+                        A* sc, A* sH, A* sP) {
+  pick_flag(K > 0, [&](auto trunc) {
+    scan_params_k<W, NM, MAKE_G, decltype(trunc)::value>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N,
+                                                         cf, h, H, P, sc, sH, sP);
+  });
 }
 
 // Adjoint sweep against direction `dir`, positions i1-1 down to i0: carry r (N x W, r = q lam_{i+1}),
@@ -414,13 +420,11 @@ MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, in
 }
 
 template <int W, int NM, typename A>
-MK_HD void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
-                        const Coefs<A>& cf, A* r, bool accumulate) {
-  if (K > 0) {
-    scan_adjoint_k<W, NM, true>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
-  } else {
-    scan_adjoint_k<W, NM, false>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
-  }
+inline void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
+                         const Coefs<A>& cf, A* r, bool accumulate) {
+  pick_flag(K > 0, [&](auto trunc) {
+    scan_adjoint_k<W, NM, decltype(trunc)::value>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
+  });
 }
 
 // One decoding step of one channel: h = q s + a xm, returns z = sum_n c h + omega x (y = silu(z)); writes h to
