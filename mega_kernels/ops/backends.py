@@ -31,18 +31,10 @@ AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
     # results/gpu-run2/bench_ema-*.json): B8 L4096 D1024 N16 bf16 uni fwd 0.615 vs 0.756 ms, fwd+bwd 2.67 vs
     # 3.51 ms; fp32 bidirectional fwd 0.583 vs 2.17 ms, fwd+bwd 2.96 vs 7.34 ms. Both beat the FFT reference.
     ("ema", "cuda"): ("triton", "cuda"),
-    # cpu: C++ extension vs the FFT reference, B4 L4096 D256 N16 fp32, 2 cores (shared, loaded), same run
-    # (benchmarks/bench_ema_cpu.py, results/ema_cpu-cpu.json): fwd 16.7 vs 374 ms (22x), fwd+bwd 71.9 vs
-    # 856 ms (12x); bidirectional fwd 46 vs 1157 ms (25x), fwd+bwd 190 vs 2663 ms (14x); one decoding step
-    # 0.043 vs 0.046 ms (1.1x: both are dominated by the Python coefficient maths).
-    # Rerun on an idle machine (same benchmark): fwd 14.4 vs 172 ms (11.9x), fwd+bwd 52.9 vs 359 ms (6.8x),
-    # bidirectional fwd+bwd 116 vs 1794 ms (15.5x), decoding step 40.5 vs 42.4 us.
-    # Session 17 (faster sweeps, same machine kind, the reference itself also faster here): fwd 10.6 vs 70.6 ms
-    # (6.6x), fwd+bwd 58.0 vs 241 ms (4.2x), bidirectional fwd+bwd 101 vs 802 ms (8.0x); a decoding step 76 vs
-    # 72 us (0.95x: both are Python coefficient maths and dispatch; the step kernel itself went 25 -> 13 us).
-    # Every figure above ran the extension on one thread (it lacked -fopenmp). Session 18, on 2 threads: fwd
-    # 10.8 vs 81.2 ms (7.5x), fwd+bwd 41.4 vs 234 ms (5.6x), bidirectional fwd+bwd 58.8 vs 588 ms (10.0x);
-    # a decoding step 73.8 vs 74.3 us (1.0x).
+    # cpu: the C++ extension vs the FFT reference, B4 L4096 D256 N16 fp32, 2 threads, same run
+    # (benchmarks/bench_ema_cpu.py, results/ema_cpu-cpu.json, session 18): fwd 10.8 vs 81.2 ms (7.5x), fwd+bwd
+    # 41.4 vs 234 ms (5.6x), bidirectional fwd+bwd 58.8 vs 588 ms (10.0x); a decoding step 73.8 vs 74.3 us (1.0x:
+    # both are Python coefficient maths and dispatch). Every earlier run (this comment's git history) agrees.
     ("ema", "cpu"): ("cpu",),
     # attention on cuda: Triton, but only for blocks longer than TRITON_ATTENTION_MIN_BLOCK (ops/attention.py):
     # below that the materialized reference was faster in GPU run 2.
