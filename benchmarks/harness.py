@@ -57,7 +57,8 @@ def time_ms(fn: Callable[[], object], device, *, warmup: int = 25, rep: int = 10
     import torch.utils.benchmark as tb
 
     fn()
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(min_run_time=0.5)
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=0.5)
     return m.median * 1e3
 
 
@@ -99,15 +100,15 @@ def kernel_ms(fn: Callable[[], object], device, *, rep: int = 5, top: int = 10) 
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:top])
 
 
-def format_kernels(rows: List[Row]) -> str:
-    """The kernel breakdowns (extra["kernel_ms"]) of the rows that have one, a block each."""
+def format_kernels(rows: List[Row], top: Optional[int] = None) -> str:
+    """The kernel breakdowns (extra["kernel_ms"]) of the rows that have one, a block each (its `top` largest)."""
     lines = []
     for r in rows:
         split = r.extra.get("kernel_ms")
         if split:
             lines.append(f"# where the time goes: {r.op} {r.mode} {r.shape} {r.dtype} {r.backend} "
                          f"({r.ms:.3f} ms per call)" if r.ms else f"# {r.op} {r.mode} {r.shape} {r.backend}")
-            lines += [f"  {ms:9.3f} ms  {name[:90]}" for name, ms in split.items()]
+            lines += [f"  {ms:9.3f} ms  {name[:90]}" for name, ms in list(split.items())[:top]]
     return "\n".join(lines)
 
 
@@ -193,6 +194,12 @@ def save_rows(rows: List[Row], name: str, device, out_dir: Optional[str] = None,
         print(breakdown)
     print(f"# written to {path}")
     return path
+
+
+def load_rows(path: str) -> List[Row]:
+    """The rows of a results file written by `save_rows` (e.g. to judge the targets after a run cut short)."""
+    with open(path) as fh:
+        return [Row(**r) for r in json.load(fh)["rows"]]
 
 
 def fill_speedups(rows: List[Row], reference: Callable[[Row], str] = lambda r: "reference"):

@@ -71,13 +71,78 @@ def test_bench_ema_target_lines():
     assert verdict["triton fp32 fwd+bwd bidirectional / unidirectional <= 1.5"] == "FAIL"   # 2.0
     assert verdict[f"triton {uni} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "PASS"
     assert verdict[f"triton {bi} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "FAIL"
-    assert not any(f"{bi} bf16 fwd+bwd peak" in line for line in verdict)  # a variant's row is not the target
+    assert verdict[f"triton {bi} bf16 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "n/a "  # a variant's row is
+    # not the target's
+    assert not any("B1 L65536" in line for line in verdict)  # a shape the run did not reach has no lines
     assert verdict["triton B1 L1048576 bf16 fwd+bwd runs"] == "FAIL"
     assert verdict["(variant) triton[tc c256] bf16 fwd >= 0.70 of the copy floor"] == "PASS"
     assert verdict["(variant) triton[tc c256] fp32 fwd >= 0.70 of the copy floor"] == "n/a "
     assert verdict["(variant) triton[tc c256] fp32 fwd+bwd >= 20x the FFT reference"] == "PASS"
     slower = "cuda no slower than triton (5% noise allowed), " + uni + " fp32 fwd"
     assert verdict[slower] == "FAIL"   # 0.10 / 0.12 ms
+    assert verdict[slower + "+bwd"] == "n/a "   # no cuda row: a line that says so, not a missing line
+    assert verdict["(info) cuda fp32 fwd >= 25x the FFT reference"] == "n/a "
+    assert verdict[f"(info) cuda {uni} fp32 fwd+bwd peak <= 1.5x bytes(x, y, dx, dy)"] == "n/a "
+    # the long row: PASS once it ran, n/a when the run never reached it
+    rows[-1] = Row("ema", "fwd+bwd", "B1 L1048576 D1024 N16 uni", "bf16", "triton", 70.0)
+    assert "PASS  triton B1 L1048576 bf16 fwd+bwd runs: 70.0 ms" in check_targets(rows)
+    assert "n/a   triton B1 L1048576 bf16 fwd+bwd runs: not reached" in check_targets(rows[:-1])
+
+
+def test_bench_attention_target_lines():
+    """bench_attention's target check: made-up rows on both sides of each line; a case the run reached prints
+    every line (n/a where a row failed); the long case's peak must double at most with L."""
+    from benchmarks.bench_attention import check_targets
+    from benchmarks.harness import Row
+
+    def r(case, mode, backend, ms, **kw):
+        return Row("attention", mode, case, "bfloat16", backend, ms, extra={"case": case}, **kw)
+
+    rows = [r("LM", "fwd", "triton-softmax", 0.2, tflops=260.0), r("LM", "fwd+bwd", "triton-softmax", 1.0),
+            r("LM", "fwd+bwd", "reference-softmax", 1.9), r("LM", "fwd+bwd", "flex-softmax", 4.5),
+            r("LM", "fwd", "triton-laplace", 0.21), r("LM", "fwd", "triton-relu2", 0.3),
+            r("LM", "fwd+bwd", "triton-laplace", None, note="OOM"),
+            r("LRA", "fwd+bwd", "triton-softmax", 0.4), r("LRA", "fwd+bwd", "reference-softmax", 1.2),
+            r("long", "fwd+bwd", "triton-softmax", 40.0, peak_mib=241.0),
+            r("long-half", "fwd+bwd", "triton-softmax", 15.0, peak_mib=112.5)]
+    verdict = {line[6:].split(":")[0]: line[:4] for line in check_targets(rows)}
+    assert verdict["LM softmax fwd >= 250 useful TFLOP/s"] == "PASS"
+    assert verdict["LM fwd+bwd >= 2.0x faster than reference-softmax"] == "FAIL"   # 1.9x
+    assert verdict["LM fwd+bwd >= 4.0x faster than flex-softmax"] == "PASS"        # 4.5x
+    assert verdict["LRA fwd+bwd >= 2.5x faster than the reference"] == "PASS"      # 3x
+    assert verdict["LM fwd triton-laplace no slower than softmax (5% noise allowed)"] == "PASS"   # 0.21 vs 0.2
+    assert verdict["LM fwd triton-relu2 no slower than softmax (5% noise allowed)"] == "FAIL"
+    assert verdict["LM fwd+bwd triton-laplace no slower than softmax (5% noise allowed)"] == "n/a "  # it failed
+    assert verdict["LM fwd+bwd triton-relu2 no slower than softmax (5% noise allowed)"] == "n/a "   # never ran
+    assert not any(line.startswith("one-block") for line in verdict)   # not reached: no lines
+    assert verdict["long (B1 L16384 unchunked) fwd+bwd peak < 2 GiB"] == "PASS"
+    assert verdict["long fwd+bwd peak linear in L"] == "FAIL"   # 241 / 112.5 = 2.14: an L^2 term
+    rows[-1] = r("long-half", "fwd+bwd", "triton-softmax", 15.0, peak_mib=121.0)
+    assert "PASS  long fwd+bwd peak linear in L" in "\n".join(check_targets(rows))   # 1.99
+    # Flex without the bias gradient is the peer only when Flex could not train the bias
+    rows[3] = r("LM", "fwd+bwd", "flex-softmax-nobiasgrad", 3.0)
+    assert "FAIL  LM fwd+bwd >= 4.0x faster than flex-softmax-nobiasgrad" in "\n".join(check_targets(rows))
+
+
+def test_summaries_judge_a_saved_run(tmp_path, monkeypatch, capsys):
+    """--summary reads the JSON a run rewrites after each shape: a run cut short is still judged from it."""
+    from benchmarks import bench_attention, bench_ema
+    from benchmarks.harness import Row, load_rows, save_rows
+
+    monkeypatch.setenv("MEGA_GIT_COMMIT", "test")
+    uni = "B8 L4096 D1024 N16 uni"
+    rows = [Row("ema", "fwd", uni, "fp32", "triton", 0.1, floor_fraction=0.8, extra={"kernel_ms": {"k": 0.09}}),
+            Row("ema", "fwd", uni, "fp32", "reference", 2.5)]
+    path = save_rows(rows, "bench_ema", "cpu", out_dir=str(tmp_path), quiet=True)
+    assert load_rows(path) == rows
+    bench_ema.main(["--summary", path])
+    out = capsys.readouterr().out
+    assert "PASS  triton fp32 fwd >= 0.70 of the copy floor: 0.80" in out
+    assert "where the time goes: ema fwd " + uni in out and "reference" in out
+    rows = [Row("attention", "fwd", "S", "bfloat16", "triton-softmax", 0.2, tflops=100.0, extra={"case": "LM"})]
+    path = save_rows(rows, "attention", "cpu", out_dir=str(tmp_path), quiet=True)
+    assert bench_attention.main(["--summary", path]) == 0
+    assert "FAIL  LM softmax fwd >= 250 useful TFLOP/s: 100" in capsys.readouterr().out
 
 
 def test_memcheck_cases_run(monkeypatch, capsys):
