@@ -23,7 +23,10 @@ Kernels (no atomics anywhere, so every gradient is deterministic):
   diagonals into columns: column c of R sums diagonal m T + c (where i + c < T) and (m - 1) T + c (where
   i + c >= T). Consecutive query tiles step m down by one, so the second part is carried to the next tile and
   every segment (b, key tile, m) of T diagonals is written once into a zeroed float32 scratch; torch sums the
-  scratch over batch and key tiles (a fixed-order reduction).
+  scratch over batch and key tiles (a fixed-order reduction). That scratch holds B (L / T) (2 S / T) T floats,
+  L^2 for one long block; so a launch covers only a band of tile offsets m (`_bias_bands`: the scratch stays
+  under `BIAS_SCRATCH_BYTES`, or one offset per launch), each band's sums are added in order, and dk (kept in
+  float32 across the bands) is the sum of the bands' parts.
 - dq, two ways. When the tiles fit in `DS_SCRATCH_LIMIT_BYTES` (chunked attention: linear in L),
   `_dk_kernel` also stores each (c_i dS_ij) tile in the input dtype (what the dq matmul rounds to anyway) and
   `_dq_ds_kernel` (program = query tile) sums them against k: no second E-wide dP. Otherwise (long unchunked
@@ -185,12 +188,15 @@ def _dv_kernel(Q, K, BIAS, KPM, CNT, LSE, DO, DV,
 def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
                s_qb, s_qm, s_qz, s_kb, s_kn, s_kz, s_vb, s_vn, s_ve, s_db, s_dm, s_de, s_gb, s_gn, s_gz,
                s_mb, s_cb,
-               Lq, Lk, Z, E, S, W, scale, causal, has_mask, M_LO, NSEG, n_slots,
-               ACT: tl.constexpr, STORE_DS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               Lq, Lk, Z, E, S, W, scale, causal, has_mask, BAND_LO, BAND_HI, n_slots,
+               ACT: tl.constexpr, STORE_DS: tl.constexpr, BANDED: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Z: tl.constexpr, BLOCK_E: tl.constexpr,
                LAPLACE_MU: tl.constexpr, LAPLACE_C: tl.constexpr, LAPLACE_D: tl.constexpr):
-    """dk for key tile pid_n, and its bias-gradient segments GB[b, pid_n, m - M_LO, :] (BLOCK_M == BLOCK_N);
-    with STORE_DS also the tiles c_i dS_ij in DS[b, pid_n, query tile - first query tile, i, j] for `_dq_ds_kernel`."""
+    """dk for key tile pid_n and the bias-gradient segments GB[b, pid_n, m - (BAND_LO - 1), :] of its query tiles
+    (BLOCK_M == BLOCK_N). BANDED: one of several launches: only the query tiles at tile offsets BAND_LO <= m <=
+    BAND_HI, and dk is added to DK (float32); otherwise every query tile (the band holds all offsets), and dk
+    written. With STORE_DS also the tiles c_i dS_ij in DS[b, pid_n, query tile - first query tile, i, j] for
+    `_dq_ds_kernel`."""
     T: tl.constexpr = BLOCK_N
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -202,11 +208,18 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
                  mask=n_ok[None, :] & (offs_z[:, None] < Z), other=0.0)
     kp = load_key_pad(KPM + b * s_mb, offs_n, Lk, has_mask)
     start, hi = _query_range(pid_n, Lq, Lk, S, T, causal)
+    p_lo, p_hi = start, hi
+    if BANDED:  # the query tiles at offsets m = pid_n - p0 / T of the band. (sm_90: the single launch keeps its
+        # loop as it was; p_hi as p_lo + a length keeps this loop within 1% of it, where min(hi, ...) cost 7%)
+        p_lo = tl.maximum(start, (pid_n - BAND_HI) * T)
+        p_hi = p_lo + tl.maximum(tl.minimum(hi, (pid_n - BAND_LO + 1) * T) - p_lo, 0)
+    NSEG = BAND_HI - BAND_LO + 2                      # segments BAND_LO - 1 .. BAND_HI
+    M_LO = BAND_LO - 1
     gb_base = GB + (b * n_tiles + pid_n) * NSEG * T + tl.arange(0, T)
     carry = tl.zeros((T,), dtype=tl.float32)
-    m = pid_n - start // T
+    m = pid_n - p_lo // T
     dk = tl.zeros((T, BLOCK_Z), dtype=tl.float32)
-    for p0 in range(start, hi, T):
+    for p0 in range(p_lo, p_hi, T):
         pos = p0 + tl.arange(0, T)
         offs_m = pos - (Lk - Lq)
         row_ok = (offs_m >= 0) & (pos < Lk)
@@ -237,8 +250,11 @@ def _dk_kernel(Q, K, V, BIAS, KPM, CNT, LSE, DELTA, DO, DK, GB, DS,
         m -= 1
     idx = m - M_LO
     tl.store(gb_base + idx * T, carry, mask=(idx >= 0) & (idx < NSEG) & (tl.arange(0, T) >= 0))
-    tl.store(DK + b * s_gb + offs_n[:, None] * s_gn + offs_z[None, :] * s_gz, dk.to(DK.dtype.element_ty),
-             mask=n_ok[:, None] & (offs_z[None, :] < Z))
+    dk_ptr = DK + b * s_gb + offs_n[:, None] * s_gn + offs_z[None, :] * s_gz
+    dk_ok = n_ok[:, None] & (offs_z[None, :] < Z)
+    if BANDED:  # the earlier bands' part, read once the loop's registers are free
+        dk += tl.load(dk_ptr, mask=dk_ok, other=0.0).to(tl.float32)
+    tl.store(dk_ptr, dk.to(DK.dtype.element_ty), mask=dk_ok)
 
 
 @triton.jit
@@ -343,6 +359,19 @@ def _delta_kernel(DO, O, DELTA, s_db, s_dm, s_de, s_ob, s_om, s_oe, Lq, E,
 # attention: linear in L); otherwise (long unchunked blocks) `_dq_kernel` recomputes dS, costing a second
 # E-wide dP = dO v^T per tile pair but keeping memory linear in L.
 DS_SCRATCH_LIMIT_BYTES = 256 * 2**20
+# One dK launch's bias-gradient scratch stays under this (see the top of this file), however long the block.
+BIAS_SCRATCH_BYTES = 16 * 2**20
+
+
+def _bias_bands(pb, t, n_tiles, single):
+    """The bands (lo, hi) of tile offsets m = key tile - query tile that the dK launches cover, in order. A pair
+    of tiles in one block has |m| <= ceil((S - 1) / T), and m <= 0 when causal; each launch's scratch is
+    B n_tiles (hi - lo + 2) T floats. single: one launch (the stored dS tiles are indexed by query tile)."""
+    reach = -(-(pb.size - 1) // t)
+    top = 0 if pb.causal else reach
+    per_offset = pb.bsz * n_tiles * t * 4
+    width = reach + top + 1 if single else max(1, min(reach + top + 1, BIAS_SCRATCH_BYTES // per_offset - 1))
+    return [(lo, min(lo + width - 1, top)) for lo in range(-reach, top + 1, width)]
 
 
 def _query_slots(pb, t):
@@ -403,21 +432,28 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     cfg = config("dk", pb, q.dtype)
     t = cfg["BLOCK_N"]
     assert cfg["BLOCK_M"] == t, "the bias-gradient rotation needs square tiles"
-    reach = pb.size - 1                                     # pairs of a block have |j - i| <= S - 1
-    m_lo = -(-reach // t)                                   # segments m = -m_lo .. reach // t
-    nseg = reach // t + m_lo + 1
     n_tiles = triton.cdiv(pb.lk, t)
-    gb = torch.zeros(pb.bsz, n_tiles, nseg, t, dtype=torch.float32, device=q.device)
     n_slots = _query_slots(pb, t)
     store_ds = pb.bsz * n_tiles * n_slots * t * t * q.element_size() <= DS_SCRATCH_LIMIT_BYTES
     ds = torch.empty(pb.bsz * n_tiles * n_slots * t * t if store_ds else 1, dtype=q.dtype, device=q.device)
-    _dk_kernel[(n_tiles, pb.bsz)](q, k, v, bias, kpm, counts, stats, delta, do, dk, gb, ds,
-                                  *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *mstr,
-                                  *sizes, -m_lo, nseg, n_slots, STORE_DS=store_ds, **common, **cfg)
-    # segment s holds diagonals d = (s - m_lo) T + c, so diagonal d sits at flat index d + m_lo T
-    flat = gb.sum((0, 1)).reshape(-1)
-    dbias = flat[m_lo * t - reach: m_lo * t + reach + 1]
-    extra = pb.width - 1 - reach                            # rel_bias entries no block reaches get 0
+    bands = _bias_bands(pb, t, n_tiles, single=store_ds)
+    reach = -bands[0][0]                                    # tile offsets -reach .. reach
+    # segment m (m = -reach - 1 .. reach) holds diagonals d = m T + c, c < T: flat index d + (reach + 1) T
+    flat = torch.zeros((2 * reach + 2) * t, dtype=torch.float32, device=q.device)
+    dk_acc = dk if len(bands) == 1 else torch.zeros(dk.shape, dtype=torch.float32, device=q.device)
+    buf = torch.empty(pb.bsz * n_tiles * (bands[0][1] - bands[0][0] + 2) * t, dtype=torch.float32, device=q.device)
+    for lo, hi in bands:                                    # in order: the sums are deterministic
+        seg = buf[:pb.bsz * n_tiles * (hi - lo + 2) * t].view(pb.bsz, n_tiles, hi - lo + 2, t).zero_()
+        _dk_kernel[(n_tiles, pb.bsz)](q, k, v, bias, kpm, counts, stats, delta, do, dk_acc, seg, ds,
+                                      *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_acc.stride(),
+                                      *mstr, *sizes, lo, hi, n_slots, STORE_DS=store_ds, BANDED=len(bands) > 1,
+                                      **common, **cfg)
+        flat[(lo + reach) * t: (hi + reach + 2) * t] += seg.sum((0, 1)).reshape(-1)
+    if dk_acc is not dk:
+        dk.copy_(dk_acc)
+    span = pb.size - 1                                      # pairs of a block have |j - i| <= S - 1
+    dbias = flat[(reach + 1) * t - span: (reach + 1) * t + span + 1]
+    extra = pb.width - 1 - span                             # rel_bias entries no block reaches get 0
     dbias = torch.nn.functional.pad(dbias, (extra, extra)).to(rel_bias.dtype)
 
     if store_ds:

@@ -307,7 +307,7 @@ def mask_args(key_padding_mask, pb: Problem, device):
 
 # size arguments that only bound loops and row masks: not specialised by Triton (fewer compiled variants);
 # Z, E and the strides stay specialised (their divisibility lets the loads vectorise)
-NO_SPECIALIZE = ["Lq", "Lk", "S", "W", "causal", "has_mask", "M_LO", "NSEG", "keys_per_split", "n_split"]
+NO_SPECIALIZE = ["Lq", "Lk", "S", "W", "causal", "has_mask", "BAND_LO", "BAND_HI", "keys_per_split", "n_split"]
 
 
 def constants():
