@@ -6,10 +6,13 @@ The value tests cannot see an out-of-bounds read whose result is never stored (a
 a lane past D): the interpreter reads whatever lies there, and the results stay right. memcheck on a GPU
 reports every such access. The cases cover the EMA's chunked scans (carry, look-back, tensor cores,
 truncation, masks, both directions, odd sizes) and the attention kernels (each activation, causal chunked with
-left padding, queries not aligned to the chunks, one query against a cache, many small chunks). On a CPU the same
+left padding, queries not aligned to the chunks, one query against a cache, many small chunks, and a long
+block's backward: dS recomputed, the dK launches in bands of tile offsets). On a CPU the same
 script runs under TRITON_INTERPRET=1 as a smoke test (tests/test_benchmark_tools.py).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -59,22 +62,38 @@ def run_ema() -> int:
     return n + 1
 
 
-def run_attention() -> int:
+# The long-block backward (softmax only): its limits lowered so that a tiny case takes that path.
+BANDED_CASE = (2, 40, 70, 16, 40, None, True)
+
+
+def _attention_case(bsz, lq, lk, zdim, edim, chunk, causal, activations) -> int:
+    width = chunk if chunk and chunk < lk else lk
+    q, k = (torch.randn(bsz, length, zdim, device=DEVICE, requires_grad=True) for length in (lq, lk))
+    v = torch.randn(bsz, lk, edim, device=DEVICE, requires_grad=True)
+    bias = (0.1 * torch.randn(2 * width - 1, device=DEVICE)).requires_grad_()
+    kpm = torch.ones(bsz, lk, dtype=torch.bool, device=DEVICE)
+    kpm[0, : lk // 3] = False  # left padding: with causal, the first rows see no key
+    for activation in activations:
+        out = ops.attention(q, k, v, bias, activation=activation, chunk_size=chunk, causal=causal,
+                            key_padding_mask=kpm, backend="triton")
+        grads = torch.autograd.grad(out, (q, k, v, bias), torch.randn_like(out))
+        assert all(bool(torch.isfinite(t).all()) for t in (out, *grads)), (lq, lk, chunk, activation)
+    return len(activations)
+
+
+def run_attention(banded: bool = True) -> int:
+    from mega_kernels.triton import attention_bwd as bwd
+
     torch.manual_seed(0)
-    n = 0
-    for bsz, lq, lk, zdim, edim, chunk, causal in ATTENTION_CASES:
-        width = chunk if chunk and chunk < lk else lk
-        q, k = (torch.randn(bsz, length, zdim, device=DEVICE, requires_grad=True) for length in (lq, lk))
-        v = torch.randn(bsz, lk, edim, device=DEVICE, requires_grad=True)
-        bias = (0.1 * torch.randn(2 * width - 1, device=DEVICE)).requires_grad_()
-        kpm = torch.ones(bsz, lk, dtype=torch.bool, device=DEVICE)
-        kpm[0, : lk // 3] = False  # left padding: with causal, the first rows see no key
-        for activation in ("softmax", "laplace", "relu2"):
-            out = ops.attention(q, k, v, bias, activation=activation, chunk_size=chunk, causal=causal,
-                                key_padding_mask=kpm, backend="triton")
-            grads = torch.autograd.grad(out, (q, k, v, bias), torch.randn_like(out))
-            assert all(bool(torch.isfinite(t).all()) for t in (out, *grads)), (lq, lk, chunk, activation)
-            n += 1
+    n = sum(_attention_case(*case, activations=("softmax", "laplace", "relu2")) for case in ATTENTION_CASES)
+    if banded:
+        saved = bwd.DS_SCRATCH_LIMIT_BYTES, bwd._bias_bands
+        bwd.DS_SCRATCH_LIMIT_BYTES = 0                             # dS recomputed
+        bwd._bias_bands = functools.partial(saved[1], budget=1)    # one tile offset per dK launch
+        try:
+            n += _attention_case(*BANDED_CASE, activations=("softmax",))
+        finally:
+            bwd.DS_SCRATCH_LIMIT_BYTES, bwd._bias_bands = saved
     return n
 
 

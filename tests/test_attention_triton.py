@@ -128,29 +128,29 @@ def test_dq_recompute_path_matches_reference(activation, monkeypatch):
     check_case(unmasked, activation, False, None, label="none")
 
 
-@pytest.mark.parametrize("offsets", [1, 3])
-def test_bias_gradient_in_bands_matches_reference(offsets, monkeypatch):
+@pytest.mark.parametrize("offsets, dtype", [(1, torch.float32), (3, torch.float32), (2, torch.bfloat16)], ids=str)
+def test_bias_gradient_in_bands_matches_reference(offsets, dtype, monkeypatch):
     """Long blocks: the dK launches cover bands of `offsets` tile offsets each (their bias-gradient scratch would
     otherwise grow as L^2), dk summed over the bands in float32; all gradients stay the reference's."""
     from mega_kernels.triton import attention_bwd as bwd
 
     monkeypatch.setattr(bwd, "DS_SCRATCH_LIMIT_BYTES", 0)   # the path long blocks take
-    seen = []
+    seen, tiles = [], []
     real = bwd._bias_bands
 
     def spy(pb, t, n_tiles, single):
-        monkeypatch.setattr(bwd, "BIAS_SCRATCH_BYTES", pb.bsz * n_tiles * t * 4 * (offsets + 1))
-        seen.append(real(pb, t, n_tiles, single))
+        tiles.append(t)
+        seen.append(real(pb, t, n_tiles, single, budget=pb.bsz * n_tiles * t * 4 * (offsets + 1)))
         return seen[-1]
 
     monkeypatch.setattr(bwd, "_bias_bands", spy)
     unchunked = (1, 70, 70, 24, 8, None)
     for causal in (True, False):
-        check_case(unchunked, "softmax", causal, None, label="bands")
+        check_case(unchunked, "softmax", causal, None, label="bands", dtype=dtype)
     case = (2, 37, 100, 16, 24, 32)
     check_case(case, "laplace", True, padding_masks(case[0], case[2], case[5], device=DEVICE)["left"],
-               label="bands")
-    t = 32 if not HAS_CUDA else 64
+               label="bands", dtype=dtype)
+    t = tiles[0]   # (32 under the interpreter and in float32; 64 in 16 bit on a GPU)
     reach = -(-69 // t)
     assert seen[0] == [(lo, min(lo + offsets - 1, 0)) for lo in range(-reach, 1, offsets)]   # causal: m <= 0
     assert seen[1] == [(lo, min(lo + offsets - 1, reach)) for lo in range(-reach, reach + 1, offsets)]

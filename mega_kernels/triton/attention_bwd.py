@@ -25,8 +25,8 @@ Kernels (no atomics anywhere, so every gradient is deterministic):
   every segment (b, key tile, m) of T diagonals is written once into a zeroed float32 scratch; torch sums the
   scratch over batch and key tiles (a fixed-order reduction). That scratch holds B (L / T) (2 S / T) T floats,
   L^2 for one long block; so a launch covers only a band of tile offsets m (`_bias_bands`: the scratch stays
-  under `BIAS_SCRATCH_BYTES`, or one offset per launch), each band's sums are added in order, and dk (kept in
-  float32 across the bands) is the sum of the bands' parts.
+  under `BIAS_SCRATCH_BYTES` or the size of a float32 dk, whichever is larger: linear in L), each band's sums
+  are added in order, and dk (kept in float32 across the bands) is the sum of the bands' parts.
 - dq, two ways. When the tiles fit in `DS_SCRATCH_LIMIT_BYTES` (chunked attention: linear in L),
   `_dk_kernel` also stores each (c_i dS_ij) tile in the input dtype (what the dq matmul rounds to anyway) and
   `_dq_ds_kernel` (program = query tile) sums them against k: no second E-wide dP. Otherwise (long unchunked
@@ -359,18 +359,22 @@ def _delta_kernel(DO, O, DELTA, s_db, s_dm, s_de, s_ob, s_om, s_oe, Lq, E,
 # attention: linear in L); otherwise (long unchunked blocks) `_dq_kernel` recomputes dS, costing a second
 # E-wide dP = dO v^T per tile pair but keeping memory linear in L.
 DS_SCRATCH_LIMIT_BYTES = 256 * 2**20
-# One dK launch's bias-gradient scratch stays under this (see the top of this file), however long the block.
+# One dK launch's bias-gradient scratch stays under this or the size of a float32 dk (see the top of this file).
 BIAS_SCRATCH_BYTES = 16 * 2**20
 
 
-def _bias_bands(pb, t, n_tiles, single):
+def _bias_bands(pb, t, n_tiles, single, budget=None):
     """The bands (lo, hi) of tile offsets m = key tile - query tile that the dK launches cover, in order. A pair
     of tiles in one block has |m| <= ceil((S - 1) / T), and m <= 0 when causal; each launch's scratch is
-    B n_tiles (hi - lo + 2) T floats. single: one launch (the stored dS tiles are indexed by query tile)."""
+    B n_tiles (hi - lo + 2) T floats, at most `budget` bytes (by default the larger of BIAS_SCRATCH_BYTES and a
+    float32 dk, B Lk Z: linear in L, and about 2 Lk / (T Z) launches for one long block). single: one launch
+    (the stored dS tiles are indexed by query tile)."""
+    if budget is None:
+        budget = max(BIAS_SCRATCH_BYTES, 4 * pb.bsz * pb.lk * pb.zdim)
     reach = -(-(pb.size - 1) // t)
     top = 0 if pb.causal else reach
     per_offset = pb.bsz * n_tiles * t * 4
-    width = reach + top + 1 if single else max(1, min(reach + top + 1, BIAS_SCRATCH_BYTES // per_offset - 1))
+    width = reach + top + 1 if single else max(1, min(reach + top + 1, budget // per_offset - 1))
     return [(lo, min(lo + width - 1, top)) for lo in range(-reach, top + 1, width)]
 
 
@@ -440,7 +444,8 @@ def attention_bwd(grad_out, q, k, v, rel_bias, out, stats, activation: str, chun
     reach = -bands[0][0]                                    # tile offsets -reach .. reach
     # segment m (m = -reach - 1 .. reach) holds diagonals d = m T + c, c < T: flat index d + (reach + 1) T
     flat = torch.zeros((2 * reach + 2) * t, dtype=torch.float32, device=q.device)
-    dk_acc = dk if len(bands) == 1 else torch.zeros(dk.shape, dtype=torch.float32, device=q.device)
+    dk_acc = dk if len(bands) == 1 else dk.zero_() if dk.dtype == torch.float32 else torch.zeros(
+        dk.shape, dtype=torch.float32, device=q.device)
     buf = torch.empty(pb.bsz * n_tiles * (bands[0][1] - bands[0][0] + 2) * t, dtype=torch.float32, device=q.device)
     for lo, hi in bands:                                    # in order: the sums are deterministic
         seg = buf[:pb.bsz * n_tiles * (hi - lo + 2) * t].view(pb.bsz, n_tiles, hi - lo + 2, t).zero_()
