@@ -433,6 +433,56 @@ def test_long_backward_runs_in_segments(initial, final, dtype, saved, monkeypatc
     assert (state is None) == (grads[5].numel() == 0)
 
 
+@pytest.mark.parametrize("bidirectional,truncation,with_state,dtype,saved",
+                         [(False, 0, True, torch.float32, True), (True, 0, False, torch.bfloat16, True),
+                          (False, 9, False, torch.float32, False)], ids=["state-saved", "bi-bf16-saved", "trunc"])
+def test_backward_in_batch_groups(bidirectional, truncation, with_state, dtype, saved, monkeypatch):
+    """A backward whose float32 workspace exceeds its budget runs over groups of batch rows (here 2, 2 and 1 of
+    B = 5): every gradient, the initial state's too, against the float64 reference under the tolerance rule, from
+    the forward's saved chunk states or without them."""
+    from mega_kernels.triton import ema_bwd as bwd_mod
+
+    coefs, coefs64, x, mask, state, gy, gs = _case(5, 37, 5, 3, bidirectional, with_state, dtype=dtype)
+    per_row = 4 * (2 if bidirectional and dtype != torch.float32 else 1) * 37 * 5
+    assert bwd_mod.batch_rows(x, bidirectional, 2 * per_row) == 2
+    assert bwd_mod.batch_rows(x, bidirectional, 5 * per_row) == 5 and bwd_mod.batch_rows(x, bidirectional, 1) == 1
+    groups, real = [], bwd_mod._batched_bwd
+    monkeypatch.setattr(bwd_mod, "_batched_bwd", lambda rows, *a: groups.append(rows) or real(rows, *a))
+    *_, states = ema_fwd(x, *coefs, mask, state, bidirectional, truncation, gs is not None, return_states=True,
+                         chunk=8)
+    grads = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, truncation, states=states if saved else None,
+                    chunk=8, param_group_steps=16, workspace_budget=2 * per_row)
+    assert groups == [2]
+    ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, bidirectional,
+                     truncation)
+    low = _reference(x, coefs, mask, state, gy, gs, bidirectional, truncation)
+    for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], grads, ref[1], low[1]):
+        assert_close_to_reference(name, g, r, lo)
+    assert (state is None) == (grads[5].numel() == 0)
+
+
+def test_backward_workspace_budget_at_the_issue_shapes():
+    """Where issue 3's peak (1.5x the bytes of x, y, dx, dy) needs the backward split: 16-bit inputs at the target
+    shape by batch rows (g is twice the bytes of x; a bidirectional dx sum as much again), one long row into time
+    segments; float32 and small inputs in one piece."""
+    from mega_kernels.triton import ema_bwd as bwd_mod
+
+    def budget(x):  # as ema_bwd sizes it
+        return max(bwd_mod.WORKSPACE_FLOOR_BYTES, x.numel() * x.element_size())
+
+    for dtype, bi, rows in ((torch.bfloat16, False, 4), (torch.bfloat16, True, 2), (torch.float32, False, 8),
+                            (torch.float32, True, 8)):
+        x = torch.empty(8, 4096, 1024, dtype=dtype, device="meta")
+        assert bwd_mod.batch_rows(x, bi, budget(x)) == rows, (dtype, bi)
+    x = torch.empty(1, 65536, 1024, dtype=torch.bfloat16, device="meta")
+    assert bwd_mod.batch_rows(x, False, budget(x)) == 1
+    assert bwd_mod.segment_steps(x, False, 0, dict(chunk=256), budget(x)) == 32768
+    x = torch.empty(1, 1 << 20, 1024, dtype=torch.bfloat16, device="meta")
+    assert bwd_mod.segment_steps(x, False, 0, dict(chunk=256), budget(x)) == 1 << 18   # (SEGMENT_BYTES)
+    x = torch.empty(4, 512, 256, dtype=torch.bfloat16, device="meta")
+    assert bwd_mod.batch_rows(x, True, budget(x)) == 4
+
+
 def test_launches_make_the_inputs_device_current(monkeypatch):
     """Triton launches on the current device: the forward, backward and step ops enter x's device first (on a CPU
     tensor a no-op), so inputs on cuda:1 while cuda:0 is current run where they live."""

@@ -59,6 +59,11 @@ PARAM_GROUP_STEPS = 1024  # steps per program of the parameter sweep (a multiple
 # segment's g is alive at a time. B1 L1048576 D1024: 4 GiB of g in one piece, beside 8 GiB of x, y and their
 # bfloat16 gradients (the issue-3 peak, 1.5x those bytes, needs it).
 SEGMENT_BYTES = 1 << 30
+# The backward's float32 workspace (g, and the float32 sum of a bidirectional 16-bit dx) may take the bytes of x
+# or this much, whichever is more: issue 3's peak (x, y, dx, dy and the rest at most 1.5x the bytes of those four)
+# leaves room for one x-sized workspace. A larger one runs in groups of batch rows (contiguous slices: no copies,
+# `_batched_bwd`), else (one row, unidirectional, untruncated) in time segments of at most that much.
+WORKSPACE_FLOOR_BYTES = 64 << 20
 PARAM_SUB = 64  # steps per block of the parameter sweep's two-level sums (a whole number of unroll tiles)
 
 
@@ -311,8 +316,14 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
                          f"got {tuple(grad_state.shape)} {grad_state.dtype} on {grad_state.device}")
     if truncation >= x.shape[1]:
         truncation = 0
-    if segment_steps(x, bidirectional, truncation, tuning) < x.shape[1]:
-        return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning)
+    budget = tuning.pop("workspace_budget", None) or max(WORKSPACE_FLOOR_BYTES, x.numel() * x.element_size())
+    rows = batch_rows(x, bidirectional, budget)
+    if rows < x.shape[0]:
+        return _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation,
+                            states, dict(tuning, workspace_budget=budget))
+    if segment_steps(x, bidirectional, truncation, tuning, budget) < x.shape[1]:
+        return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states,
+                              dict(tuning, workspace_budget=budget))
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     tensor_cores = tuning.pop("tensor_cores", False)
@@ -346,15 +357,52 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     return dx, da, dq, dc, dom.sum((0, 1)), dstate
 
 
-def segment_steps(x: Tensor, bidirectional: bool, truncation: int, tuning: dict) -> int:
+def batch_rows(x: Tensor, bidirectional: bool, budget: int) -> int:
+    """Batch rows per backward pass: all of them when the float32 workspace (4 bytes per element of x for g, 4
+    more for a bidirectional 16-bit x's dx sum) fits in `budget` bytes, else as many as fit (at least one)."""
+    bsz = x.shape[0]
+    per_row = 4 * (2 if bidirectional and x.dtype != torch.float32 else 1) * x[:1].numel()
+    if bsz <= 1 or bsz * per_row <= budget:
+        return bsz
+    return max(1, budget // per_row)
+
+
+def segment_steps(x: Tensor, bidirectional: bool, truncation: int, tuning: dict, budget: Optional[int] = None) -> int:
     """Steps per backward segment: L unless a unidirectional, untruncated backward's float32 g exceeds
-    SEGMENT_BYTES, then the most whole chunks whose g fits (at least one chunk). A bidirectional or truncated EMA
-    has no state to hand between segments, and the tensor-core path keeps its own schedule: one piece."""
+    SEGMENT_BYTES (or `budget`, if less), then the most whole chunks whose g fits (at least one chunk). A
+    bidirectional or truncated EMA has no state to hand between segments, and the tensor-core path keeps its own
+    schedule: one piece."""
     bsz, length, dim = x.shape
     chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
-    if bidirectional or truncation or tuning.get("tensor_cores") or 4 * bsz * length * dim <= SEGMENT_BYTES:
+    limit = SEGMENT_BYTES if budget is None else min(SEGMENT_BYTES, budget)
+    if bidirectional or truncation or tuning.get("tensor_cores") or 4 * bsz * length * dim <= limit:
         return length
-    return max(chunk, SEGMENT_BYTES // (4 * bsz * dim) // chunk * chunk)
+    return max(chunk, limit // (4 * bsz * dim) // chunk * chunk)
+
+
+def _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation, states,
+                 tuning):
+    """ema_bwd over groups of `rows` batch rows in turn (contiguous slices of x, grad_y, mask and the states),
+    so that one group's float32 workspace is alive at a time. The parameter gradients add up in a fixed order
+    (deterministic)."""
+    saved = states is not None and states.numel() > 0
+    dx = torch.empty_like(x)
+    total, dstates = None, []
+    for b0 in range(0, x.shape[0], rows):
+        rs = slice(b0, b0 + rows)
+
+        def part(t):
+            return None if t is None else t[rs]
+
+        dxs, *pgrads, ds = ema_bwd(grad_y[rs], part(grad_state), x[rs], a, q, c, omega, part(mask), part(state),
+                                   bidirectional, truncation, states=states[:, rs].contiguous() if saved else None,
+                                   **tuning)
+        dx[rs] = dxs
+        del dxs
+        total = pgrads if total is None else [t + g for t, g in zip(total, pgrads)]
+        dstates.append(ds)
+    dstate = torch.cat(dstates) if state is not None else x.new_empty(0, dtype=torch.float32)
+    return (dx, *total, dstate)
 
 
 def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning):
@@ -364,7 +412,7 @@ def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, t
     them (`states`, (nc, B, N, kd): the state entering each chunk), else one more forward pass over x finds them
     (left to right, each segment's final state). The parameter gradients add up in a fixed order
     (deterministic)."""
-    seg = segment_steps(x, False, 0, tuning)
+    seg = segment_steps(x, False, 0, tuning, tuning.get("workspace_budget"))
     chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
     length = x.shape[1]
     starts = list(range(0, length, seg))
@@ -376,7 +424,7 @@ def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, t
     if saved:  # chunk 0 of a segment starts from its entering state, so its entry in the slice is never read
         entering = [state] + [states[t0 // chunk].transpose(1, 2).contiguous() for t0 in starts[1:]]
     else:
-        fwd_tuning = {k: v for k, v in tuning.items() if k not in ("param_group_steps", "lookback")}
+        fwd_tuning = {k: v for k, v in tuning.items() if k not in ("param_group_steps", "lookback", "workspace_budget")}
         entering = [state]
         for t0 in starts[:-1]:
             entering.append(_fwd.ema_fwd(part(x, t0), a, q, c, omega, part(mask, t0), entering[-1], False, 0, True,
