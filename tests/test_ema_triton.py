@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import mega_kernels.ops as ops
-from helpers import assert_close_to_reference, ema_params, guarded, random_mask, record_launches, triton_ema_gate
+from helpers import (assert_close_to_reference, ema_params, guarded, poison_empty, random_mask, record_launches,
+                     triton_ema_gate)
 from mega_kernels.reference.ema import ema_coefficients, ema_fft
 
 DEVICE, _REASON, pytestmark = triton_ema_gate()
@@ -394,6 +395,12 @@ def test_clear_errors():
     for unroll in (0, 3, 2.0):  # a tile's rows: tl.arange needs a power of two
         with pytest.raises(ValueError, match="ema_scan: unroll must be a power of two"):
             ema_fwd(x, a, q, c, omega, None, None, False, 0, False, unroll=unroll)
+    from mega_kernels.triton.ema_fwd import ema_scan
+    for out, tensor_cores in ((torch.empty(2, 5, 3, device=DEVICE), False), (torch.empty_like(x).half(), False),
+                              (torch.empty_like(x), True)):
+        with pytest.raises(ValueError, match="ema_scan: out must be a contiguous"):
+            ema_scan(x, a, q, c, omega, None, None, bidirectional=False, truncation=0, epilogue=0,
+                     out_dtype=torch.float32, out=out, tensor_cores=tensor_cores)
     # the parameter sweep sums blocks of 64 steps, each a whole number of tiles: 128-step tiles would count twice
     with pytest.raises(ValueError, match="ema_param_grads: unroll must be a power of two up to 64"):
         ema_bwd(x, None, x, a, q, c, omega, None, None, False, 0, unroll=128, chunk=256)
@@ -433,26 +440,39 @@ def test_long_backward_runs_in_segments(initial, final, dtype, saved, monkeypatc
     assert (state is None) == (grads[5].numel() == 0)
 
 
-@pytest.mark.parametrize("bidirectional,truncation,with_state,dtype,saved",
-                         [(False, 0, True, torch.float32, True), (True, 0, False, torch.bfloat16, True),
-                          (False, 9, False, torch.float32, False)], ids=["state-saved", "bi-bf16-saved", "trunc"])
-def test_backward_in_batch_groups(bidirectional, truncation, with_state, dtype, saved, monkeypatch):
+@pytest.mark.parametrize("bidirectional,truncation,with_state,dtype,saved,rows,tc",
+                         [(False, 0, True, torch.float32, True, 2, False),
+                          (True, 0, False, torch.bfloat16, True, 2, False),
+                          (False, 9, False, torch.float32, False, 2, False),
+                          (False, 0, True, torch.float32, True, 0, False),
+                          (False, 0, False, torch.float32, True, 2, True)],
+                         ids=["state-saved", "bi-bf16-saved", "trunc", "rows-in-segments", "tensor-cores"])
+def test_backward_in_batch_groups(bidirectional, truncation, with_state, dtype, saved, rows, tc, monkeypatch):
     """A backward whose float32 workspace exceeds its budget runs over groups of batch rows (here 2, 2 and 1 of
-    B = 5): every gradient, the initial state's too, against the float64 reference under the tolerance rule, from
-    the forward's saved chunk states or without them."""
+    B = 5; or one row at a time, each in time segments when even one row's exceeds it): every gradient, the
+    initial state's too, against the float64 reference under the tolerance rule, from the forward's saved chunk
+    states or without them. Every allocation starts as NaN: each group writes its rows of dx (the scans write
+    them in place)."""
     from mega_kernels.triton import ema_bwd as bwd_mod
 
     coefs, coefs64, x, mask, state, gy, gs = _case(5, 37, 5, 3, bidirectional, with_state, dtype=dtype)
+    poison_empty(monkeypatch)
+    monkeypatch.setattr(fwd_mod, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                                     dtype=dtype, device=device))
     per_row = 4 * (2 if bidirectional and dtype != torch.float32 else 1) * 37 * 5
     assert bwd_mod.batch_rows(x, bidirectional, 2 * per_row) == 2
     assert bwd_mod.batch_rows(x, bidirectional, 5 * per_row) == 5 and bwd_mod.batch_rows(x, bidirectional, 1) == 1
     groups, real = [], bwd_mod._batched_bwd
-    monkeypatch.setattr(bwd_mod, "_batched_bwd", lambda rows, *a: groups.append(rows) or real(rows, *a))
+    monkeypatch.setattr(bwd_mod, "_batched_bwd", lambda n, *a: groups.append(n) or real(n, *a))
+    segmented, real_seg = [], bwd_mod._segmented_bwd
+    monkeypatch.setattr(bwd_mod, "_segmented_bwd", lambda *a: segmented.append(a[2].shape) or real_seg(*a))
+    tuning = dict(chunk=16, tensor_cores=True) if tc else dict(chunk=8)
     *_, states = ema_fwd(x, *coefs, mask, state, bidirectional, truncation, gs is not None, return_states=True,
-                         chunk=8)
+                         **tuning)
     grads = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, truncation, states=states if saved else None,
-                    chunk=8, param_group_steps=16, workspace_budget=2 * per_row)
-    assert groups == [2]
+                    param_group_steps=16, workspace_budget=rows * per_row or per_row // 2, **tuning)
+    assert groups == [max(rows, 1)]
+    assert segmented == ([] if rows else [(1, 37, 5)] * 5)   # (segments of 16 steps: half a row's workspace)
     ref = _reference(x.double(), coefs64, mask, None if state is None else state.double(), gy, gs, bidirectional,
                      truncation)
     low = _reference(x, coefs, mask, state, gy, gs, bidirectional, truncation)

@@ -317,13 +317,14 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     if truncation >= x.shape[1]:
         truncation = 0
     budget = tuning.pop("workspace_budget", None) or max(WORKSPACE_FLOOR_BYTES, x.numel() * x.element_size())
+    dx_out = tuning.pop("dx_out", None)  # (`_batched_bwd`: this group's rows of the whole dx)
     rows = batch_rows(x, bidirectional, budget)
     if rows < x.shape[0]:
         return _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation,
                             states, dict(tuning, workspace_budget=budget))
     if segment_steps(x, bidirectional, truncation, tuning, budget) < x.shape[1]:
         return _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states,
-                              dict(tuning, workspace_budget=budget))
+                              dict(tuning, workspace_budget=budget), dx_out)
     keep = keep_of(mask)
     group_steps = tuning.pop("param_group_steps", PARAM_GROUP_STEPS)
     tensor_cores = tuning.pop("tensor_cores", False)
@@ -344,13 +345,14 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     # in a float32 buffer: for 16-bit x that buffer is dx itself, cast once g is freed, so g, the sum and a
     # 16-bit dx are never all alive (peak 8 instead of 10 bytes per element).
     wide_dx = bidirectional and x.dtype != torch.float32
+    direct = dx_out is not None and not wide_dx and not tensor_cores  # the scan writes into dx_out itself
     dx, lam0, *_ = ema_scan(g, c, q, a, omega, keep, grad_state, bidirectional=bidirectional, truncation=truncation,
                             epilogue=EPI_DX, out_dtype=torch.float32 if wide_dx else x.dtype, reverse=True,
                             mask_in=False, write_final=state is not None, local=adj if truncation == 0 else None,
-                            tensor_cores=tensor_cores, **dict(tuning, chunk=chunk))
+                            tensor_cores=tensor_cores, out=dx_out if direct else None, **dict(tuning, chunk=chunk))
     del g
-    if wide_dx:
-        dx = _fwd._empty(x.shape, x.dtype, x.device).copy_(dx)
+    if wide_dx or (dx_out is not None and not direct):
+        dx = (_fwd._empty(x.shape, x.dtype, x.device) if dx_out is None else dx_out).copy_(dx)
     dstate = q * lam0 if state is not None else x.new_empty(0, dtype=torch.float32)
     if state is not None and x.shape[1] == 0:  # no step ran: the final state was the initial one
         dstate = grad_state.clone() if grad_state is not None else torch.zeros_like(state)
@@ -394,24 +396,22 @@ def _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidir
         def part(t):
             return None if t is None else t[rs]
 
-        dxs, *pgrads, ds = ema_bwd(grad_y[rs], part(grad_state), x[rs], a, q, c, omega, part(mask), part(state),
-                                   bidirectional, truncation, states=states[:, rs].contiguous() if saved else None,
-                                   **tuning)
-        dx[rs] = dxs
-        del dxs
+        _, *pgrads, ds = ema_bwd(grad_y[rs], part(grad_state), x[rs], a, q, c, omega, part(mask), part(state),
+                                 bidirectional, truncation, states=states[:, rs].contiguous() if saved else None,
+                                 dx_out=dx[rs], **tuning)
         total = pgrads if total is None else [t + g for t, g in zip(total, pgrads)]
         dstates.append(ds)
     dstate = torch.cat(dstates) if state is not None else x.new_empty(0, dtype=torch.float32)
     return (dx, *total, dstate)
 
 
-def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning):
+def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, tuning, dx_out=None):
     """ema_bwd of a unidirectional, untruncated EMA in segments of `segment_steps` whole chunks, right to left:
     each segment's backward starts from the forward state entering it and hands the gradient of that state to
     the segment before as its grad_state. The entering states are the forward's chunk states where it saved
     them (`states`, (nc, B, N, kd): the state entering each chunk), else one more forward pass over x finds them
     (left to right, each segment's final state). The parameter gradients add up in a fixed order
-    (deterministic)."""
+    (deterministic). dx_out: where dx goes (else allocated)."""
     seg = segment_steps(x, False, 0, tuning, tuning.get("workspace_budget"))
     chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
     length = x.shape[1]
@@ -429,7 +429,7 @@ def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, t
         for t0 in starts[:-1]:
             entering.append(_fwd.ema_fwd(part(x, t0), a, q, c, omega, part(mask, t0), entering[-1], False, 0, True,
                                          **fwd_tuning)[1])
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if dx_out is None else dx_out
     total = None
     for t0, s in zip(reversed(starts), reversed(entering)):
         seg_states = states[t0 // chunk:(t0 + seg) // chunk] if saved else None

@@ -345,7 +345,8 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
              write_final: bool = False, chunk: Optional[int] = None, lookback: Optional[bool] = None,
              block_d: Optional[int] = None, num_warps: Optional[int] = None, unroll: int = 4,
              local: Optional[Tensor] = None, states: Optional[Tensor] = None, tensor_cores: bool = False,
-             cols: int = 16, tc_precision: str = "split", register_cap: bool = True) -> Scan:
+             cols: int = 16, tc_precision: str = "split", register_cap: bool = True,
+             out: Optional[Tensor] = None) -> Scan:
     """Run the chunked scan of u (B, L, D) (what it returns: `Scan`).
 
     a (input coefficient), q, c (output coefficient): (kd, N) float32. keep: (B, L) uint8 or None, applied to
@@ -362,8 +363,13 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     passes as batched dots over sub-chunks of 16 steps (ema_tc.py; block_d channels (default: ema_tc's
     default_block_d) x cols columns per program, dots at tc_precision; with lookback, one launch for the
     forward's one direction); every epilogue but EPI_STORE, no truncation (refused). register_cap: the sweeps
-    launch with a register cap where `_register_cap` allows one; False leaves registers to the compiler.
+    launch with a register cap where `_register_cap` allows one; False leaves registers to the compiler. out: a
+    contiguous (B, L, D) out_dtype tensor the output is written into (the sweeps only; else allocated).
     """
+    if out is not None and (tensor_cores or tuple(out.shape) != tuple(u.shape) or out.dtype != out_dtype
+                            or not out.is_contiguous() or out.device != u.device):
+        raise ValueError(f"ema_scan: out must be a contiguous {tuple(u.shape)} {out_dtype} tensor on {u.device} "
+                         "(and the sweeps, not tensor_cores)")
     if tensor_cores:
         return _tensor_core_scan(u, a, q, c, omega, keep, s0, bidirectional, truncation, epilogue, out_dtype, reverse,
                                  mask_in, write_final, chunk, lookback, block_d, num_warps, local, states, gy, cols,
@@ -385,7 +391,7 @@ def ema_scan(u: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, keep: Op
     carry = nc > 1 and not lookback
     num_warps = num_warps or max(1, block_d // 32)
     block_n = _block_n(ndim)
-    out = _empty(u.shape, out_dtype, u.device)
+    out = _empty(u.shape, out_dtype, u.device) if out is None else out
     acc = None
     if bidirectional:
         acc = out if out_dtype == torch.float32 else _empty(u.shape, torch.float32, u.device)
