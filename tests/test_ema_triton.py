@@ -479,6 +479,16 @@ def test_backward_in_batch_groups(bidirectional, truncation, with_state, dtype, 
     for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], grads, ref[1], low[1]):
         assert_close_to_reference(name, g, r, lo)
     assert (state is None) == (grads[5].numel() == 0)
+    if rows == 2 and not tc:  # without param_group_steps: a group's parameter sweep keeps the whole batch's
+        # program count (steps per program scaled by 2 / 5, a whole number of chunks)
+        steps, real_pg = [], bwd_mod.ema_param_grads
+        monkeypatch.setattr(bwd_mod, "ema_param_grads", lambda *a, **k: steps.append(k["group_steps"])
+                            or real_pg(*a, **k))
+        again = ema_bwd(gy, gs, x, *coefs, mask, state, bidirectional, truncation, workspace_budget=2 * per_row,
+                        **tuning)
+        assert steps == [bwd_mod.PARAM_GROUP_STEPS * 2 // 5 // 8 * 8] * 3
+        for name, g, r, lo in zip(["dx", "da", "dq", "dc", "domega", "dstate"], again, ref[1], low[1]):
+            assert_close_to_reference(name, g, r, lo)
 
 
 def test_backward_workspace_budget_at_the_issue_shapes():
@@ -501,6 +511,8 @@ def test_backward_workspace_budget_at_the_issue_shapes():
     assert bwd_mod.segment_steps(x, False, 0, dict(chunk=256), budget(x)) == 1 << 18   # (SEGMENT_BYTES)
     x = torch.empty(4, 512, 256, dtype=torch.bfloat16, device="meta")
     assert bwd_mod.batch_rows(x, True, budget(x)) == 4
+    x = torch.empty(16, 65536, 1024, dtype=torch.bfloat16, device="meta")  # groups stay within SEGMENT_BYTES too
+    assert bwd_mod.batch_rows(x, False, budget(x)) == 4                  # (a group in segments would copy)
 
 
 def test_launches_make_the_inputs_device_current(monkeypatch):

@@ -302,8 +302,11 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     (return_states=True, the same tuning; empty or None: recomputed). tuning: ema_scan's, and param_group_steps;
     tensor_cores=True runs the backward on tensor cores: the two scans through ema_tc.py (split TF32 products
     whatever tc_precision asks) and the parameter sweep through ema_tc_bwd.py (no truncation, chunk a multiple
-    of 16: refused otherwise). A unidirectional, untruncated backward whose float32 g would pass SEGMENT_BYTES
-    runs in segments (`segment_steps`): the same gradients with one segment's g alive at a time."""
+    of 16: refused otherwise). The float32 workspace stays within `workspace_budget` bytes (default: the bytes of
+    x, at least WORKSPACE_FLOOR_BYTES): a larger backward runs over groups of batch rows (`batch_rows`,
+    `_batched_bwd`), and a single unidirectional, untruncated row whose g would pass it (or SEGMENT_BYTES) in
+    time segments (`segment_steps`, `_segmented_bwd`): the same gradients with one piece's workspace alive at a
+    time. dx_out: a contiguous (B, L, D) tensor in x's dtype that receives dx (the pieces' rows of the whole)."""
     check_inputs("ema_bwd", x, a, q, c, omega, mask, state, bidirectional, truncation)
     if tuple(grad_y.shape) != tuple(x.shape) or not grad_y.is_contiguous() or grad_y.device != x.device \
             or not grad_y.dtype.is_floating_point:
@@ -320,6 +323,7 @@ def ema_bwd(grad_y: Tensor, grad_state: Optional[Tensor], x: Tensor, a: Tensor, 
     dx_out = tuning.pop("dx_out", None)  # (`_batched_bwd`: this group's rows of the whole dx)
     rows = batch_rows(x, bidirectional, budget)
     if rows < x.shape[0]:
+        assert dx_out is None, "a piece of a split backward fits its budget: it never splits again"
         return _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidirectional, truncation,
                             states, dict(tuning, workspace_budget=budget))
     if segment_steps(x, bidirectional, truncation, tuning, budget) < x.shape[1]:
@@ -366,7 +370,7 @@ def batch_rows(x: Tensor, bidirectional: bool, budget: int) -> int:
     per_row = 4 * (2 if bidirectional and x.dtype != torch.float32 else 1) * x[:1].numel()
     if bsz <= 1 or bsz * per_row <= budget:
         return bsz
-    return max(1, budget // per_row)
+    return max(1, min(budget, SEGMENT_BYTES) // per_row)  # (past SEGMENT_BYTES a group would segment, copying)
 
 
 def segment_steps(x: Tensor, bidirectional: bool, truncation: int, tuning: dict, budget: Optional[int] = None) -> int:
@@ -390,6 +394,10 @@ def _batched_bwd(rows, grad_y, grad_state, x, a, q, c, omega, mask, state, bidir
     saved = states is not None and states.numel() > 0
     dx = torch.empty_like(x)
     total, dstates = None, []
+    if "param_group_steps" not in tuning:  # as many parameter-sweep programs per launch as the whole batch had
+        chunk = int(tuning.get("chunk") or _fwd.DEFAULT_CHUNK)
+        steps = PARAM_GROUP_STEPS * rows // x.shape[0] // chunk * chunk
+        tuning = dict(tuning, param_group_steps=max(chunk, steps))
     for b0 in range(0, x.shape[0], rows):
         rs = slice(b0, b0 + rows)
 
@@ -433,10 +441,14 @@ def _segmented_bwd(grad_y, grad_state, x, a, q, c, omega, mask, state, states, t
     total = None
     for t0, s in zip(reversed(starts), reversed(entering)):
         seg_states = states[t0 // chunk:(t0 + seg) // chunk] if saved else None
-        dxs, *pgrads, ds = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0), s,
-                                   False, 0, states=seg_states, **tuning)
-        dx[:, t0:t0 + seg] = dxs
-        del dxs  # (one segment's dx at a time)
+        if x.shape[0] == 1:  # the segment's rows of dx are contiguous: its scan writes them in place
+            _, *pgrads, ds = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0), s,
+                                     False, 0, states=seg_states, dx_out=dx[:, t0:t0 + seg], **tuning)
+        else:
+            dxs, *pgrads, ds = ema_bwd(part(grad_y, t0), grad_state, part(x, t0), a, q, c, omega, part(mask, t0),
+                                       s, False, 0, states=seg_states, **tuning)
+            dx[:, t0:t0 + seg] = dxs
+            del dxs  # (one segment's dx at a time)
         total = pgrads if total is None else [t + g for t, g in zip(total, pgrads)]
         grad_state = ds if s is not None else None
     dstate = grad_state if state is not None else x.new_empty(0, dtype=torch.float32)
