@@ -219,13 +219,13 @@ def reference_of(rows):
 def check_targets(rows) -> list:
     """Print (and return) the issue's targets (H100/H200) against this run: PASS / FAIL / n/a lines. Every line of
     a case the run reached is printed, so a row that failed or never ran reads n/a, never as a missing line."""
-    def ms(case, mode, backend):
-        return next((r.ms for r in rows if r.extra.get("case") == case and r.mode == mode and r.backend == backend
-                     and r.ms), None)
-
     def row(case, mode, backend):
         return next((r for r in rows if r.extra.get("case") == case and r.mode == mode and r.backend == backend
                      and r.ms), None)
+
+    def ms(case, mode, backend):
+        r = row(case, mode, backend)
+        return r and r.ms
 
     reached = {r.extra.get("case") for r in rows}
     lines = []

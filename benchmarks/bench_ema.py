@@ -170,8 +170,9 @@ def bench_shape(rows, shape, backends, device, variants, profile=None):
             r = measure(rows, fn, device, op="ema", mode=mode, shape=label, dtype=DT[dtype], backend=name)
             if r.ms:
                 r.floor_fraction = floors[mode] / r.ms
-                if peak_ratio(r) is not None:
-                    r.extra["peak_over_x_y_dx_dy"] = peak_ratio(r)
+                ratio = peak_ratio(r)
+                if ratio is not None:
+                    r.extra["peak_over_x_y_dx_dy"] = ratio
                 if profile is not None and (tuning is None or name == "triton[tc c256]") and backend in ("triton",
                                                                                                     "cuda"):
                     profile.append((r, fn))
