@@ -68,17 +68,20 @@ def _inputs(bsz, length, dim, ndim, bidirectional, dtype, device, masked, with_s
     return x, params, mask, state, gy, gs
 
 
-def _run(backend, x, params, mask, state, gy, gs, **kw):
+def _run(backend, x, params, mask, state, gy, gs, return_state=None, **kw):
     """(outputs, gradients) of ops.ema: outputs = (y, final state or None); gradients of x, the 5 parameters
-    and the state (when given) for the loss <y, gy> + <final, gs>."""
+    and the state (when given) for the loss <y, gy> + <final, gs> (a term whose cotangent is None left out).
+    return_state: default whether gs is given."""
+    return_state = gs is not None if return_state is None else return_state
     leaves = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params]
     st = None if state is None else state.detach().requires_grad_()
-    out = ops.ema(leaves[0], *leaves[1:], mask=mask, state=st, return_state=gs is not None, backend=backend, **kw)
-    y, final = out if gs is not None else (out, None)
-    loss = (y.double() * gy.double()).sum()
+    out = ops.ema(leaves[0], *leaves[1:], mask=mask, state=st, return_state=return_state, backend=backend, **kw)
+    y, final = out if return_state else (out, None)
+    loss = (y.double() * gy.double()).sum() if gy is not None else 0
     if gs is not None:
         loss = loss + (final.double() * gs.double()).sum()
-    grads = torch.autograd.grad(loss, leaves + ([st] if st is not None else []))
+    grads = torch.autograd.grad(loss, leaves + ([st] if st is not None else []), allow_unused=True,
+                                materialize_grads=True)  # (gamma and omega: unused by a loss on the state alone)
     return (y.detach(), None if final is None else final.detach()), grads
 
 
@@ -179,6 +182,17 @@ def test_split_sequence_equals_one_call(backend):
     assert_close_to_reference("split state", s2, ref[1], low[1])
     assert_close_to_reference("one-call y", y, ref[0], low[0])
     assert_close_to_reference("one-call state", final, ref[1], low[1])
+
+
+@pytest.mark.parametrize("loss_on", ["state", "y"])
+def test_loss_on_one_of_y_and_state(backend, loss_on):
+    """return_state=True with a loss on one output only: the other output's gradient reaches the backward as
+    None (autograd allocates no zeros for it, nor for the Triton forward's saved chunk states), which the
+    backward takes as zero; the gradients equal the reference's."""
+    name, device = backend
+    x, params, mask, state, gy, gs = _inputs(2, 9, 24, 3, False, torch.float32, device, True, True)
+    gy, gs = (None, gs) if loss_on == "state" else (gy, None)
+    _check_against_reference(name, x, params, mask, state, gy, gs, return_state=True)
 
 
 def test_decode_steps_equal_full_pass(backend):

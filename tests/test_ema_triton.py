@@ -262,6 +262,26 @@ def test_backward_reuses_the_forward_chunk_states(chunk_state_launches, short_ch
     assert len(launches) == 2  # without saved states the backward computes its own
 
 
+def test_backward_gets_none_for_an_unused_output(monkeypatch):
+    """Autograd makes no zeros for an output the loss does not use (set_materialize_grads(False) in
+    register_ema_autograd): with return_state=True and a loss on y, the backward gets grad_state None. (The
+    saved chunk states' gradient, never used, is None the same way: B * D * N * L / chunk floats not allocated.)"""
+    import mega_kernels.ops.ema_triton as backend_mod
+
+    seen, real = [], backend_mod._ema_bwd
+
+    def recording(grad_y, grad_state, *rest, **kw):
+        seen.append(grad_state)
+        return real(grad_y, grad_state, *rest, **kw)
+
+    monkeypatch.setattr(backend_mod, "_ema_bwd", recording)
+    params = [p.float().to(DEVICE).requires_grad_() for p in ema_params(4, 2, False)]
+    x = torch.randn(2, 5, 4, device=DEVICE, requires_grad=True)
+    y, _ = ops.ema(x, *params, state=torch.zeros(2, 4, 2, device=DEVICE), return_state=True, backend="triton")
+    y.sum().backward()
+    assert seen == [None]
+
+
 def test_backward_is_deterministic():
     coefs, _, x, mask, _, gy, _ = _case(3, 37, 5, 3, True, False)
     first = ema_bwd(gy, None, x, *coefs, mask, None, True, 0, chunk=8)

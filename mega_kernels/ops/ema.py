@@ -57,11 +57,18 @@ def register_ema_autograd(fwd_op, bwd_op, saves: bool = False) -> Callable:
         x, a, q, c, omega, mask, state, bidirectional, truncation, return_state = inputs
         ctx.save_for_backward(x, a, q, c, omega, mask, state, output[2] if saves else None)
         ctx.flags = (bidirectional, truncation, return_state)
+        if saves:
+            ctx.mark_non_differentiable(output[2])
+        # An output without a gradient reaches backward as None, not as zeros autograd would allocate (the saved
+        # chunk states' zeros alone are B * D * N * L / chunk floats, alive at the backward's peak).
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, grad_y, grad_state, *_):
         x, a, q, c, omega, mask, state, saved = ctx.saved_tensors
         bidirectional, truncation, return_state = ctx.flags
         gs = grad_state if return_state else None
+        if grad_y is None:  # a loss on the final state alone
+            grad_y = torch.zeros_like(x)
         if torch.is_grad_enabled():  # create_graph=True: differentiable gradients (ops/autograd.py)
             def recompute(x, a, q, c, omega, state):
                 out = ema_fft(x, a, q, c, omega, mask=mask, bidirectional=bidirectional,
