@@ -74,15 +74,40 @@ def test_bad_cache_and_mask_with_cache():
         dec(IDS[:, :1], past_key_values=as_transformers)
     with pytest.raises(ValueError, match=r"attention_mask must be \(B, L\) = \(2, 8\)"):
         dec(IDS[:, :1], past_key_values=past, attention_mask=torch.ones(2, 1))
+    cross = model("MegaForCausalLM", **DEC, add_cross_attention=True)
+    enc = torch.randn(2, 3, 16)
+    past = cross(IDS, encoder_hidden_states=enc, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"got entries of \[4\] items"):  # the cross K, V dropped
+        cross(IDS[:, :1], encoder_hidden_states=enc, past_key_values=tuple(layer[:4] for layer in past))
 
 
 @pytest.mark.parametrize("head,labels", [("MegaForCausalLM", IDS[:, :5]), ("MegaForCausalLM", IDS.reshape(-1)),
                                          ("MegaForMaskedLM", IDS[:, :5]), ("MegaForMaskedLM", IDS.float())])
 def test_token_labels_must_match_the_tokens(head, labels):
     overrides = DEC if head == "MegaForCausalLM" else {}
-    with pytest.raises(ValueError, match=r"labels must be integer token ids of shape \(B, L\) = \(2, 7\)"):
+    with pytest.raises(ValueError, match=r"labels must be integer ids of shape \(B, L\) = \(2, 7\)"):
         model(head, **overrides)(IDS, labels=labels)
     model("MegaForMaskedLM")(IDS, labels=IDS.reshape(-1))  # as transformers: any shape holding B * L ids
+
+
+@pytest.mark.parametrize("head,kwargs,name", [
+    ("MegaForTokenClassification", dict(labels=torch.full((2, 7), 1.7)), "labels"),
+    ("MegaForTokenClassification", dict(labels=torch.ones(2, 5, dtype=torch.long)), "labels"),
+    ("MegaForMultipleChoice", dict(labels=torch.tensor([1.7])), "labels"),
+    ("MegaForSequenceClassification", dict(labels=torch.tensor([1.7, 0.0]),
+                                           problem_type="single_label_classification"), "labels"),
+    ("MegaForQuestionAnswering", dict(start_positions=torch.tensor([1.7, 2.0]), end_positions=torch.tensor([3, 2])),
+     "start_positions"),
+    ("MegaForQuestionAnswering", dict(start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([3.5, 2])),
+     "end_positions")], ids=["token-float", "token-shape", "choice", "sequence", "qa-start", "qa-end"])
+def test_class_labels_must_be_integer_ids(head, kwargs, name):
+    """Float class labels are refused, not truncated to ids (transformers' cross-entropy raises on them too); token
+    classification labels must hold one id per token."""
+    kwargs = dict(kwargs)
+    problem = kwargs.pop("problem_type", None)
+    net = model(head, num_labels=2 if "Question" in head else 3, problem_type=problem)
+    with pytest.raises(ValueError, match=rf"^{name} must be integer"):
+        net(IDS[None] if head == "MegaForMultipleChoice" else IDS, **kwargs)
 
 
 @pytest.mark.parametrize("head", ["MegaForCausalLM", "MegaForMaskedLM", "MegaForSequenceClassification",

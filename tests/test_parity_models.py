@@ -191,6 +191,20 @@ def test_cache_layout_and_values_match_transformers():
     assert torch.allclose(step_o, step_h, atol=1e-5, rtol=1e-5)
 
 
+def test_training_cross_attention_cache_holds_values_before_dropout():
+    """A decoder in train() mode with hidden dropout returns transformers' cross K, V cache: the values as
+    projected, not with this step's dropout already applied (a later step applies its own)."""
+    cfg = config_dict(**DEC, add_cross_attention=True, hidden_dropout_prob=0.5)
+    hf_model, ours = build_pair("MegaForCausalLM", cfg)
+    hf_model.train(), ours.train()
+    ids, enc = torch.randint(0, 50, (2, 5)), torch.randn(2, 4, cfg["hidden_size"])
+    theirs = hf_model(ids, encoder_hidden_states=enc, use_cache=True).past_key_values
+    mine = ours(ids, encoder_hidden_states=enc, use_cache=True).past_key_values
+    for layer_h, layer_o in zip(theirs, mine):
+        for a, b in zip(layer_o[4:], layer_h[3:]):
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 def _flat(out):
     """The floating tensors of a model output, in order (nested tuples flattened)."""
     items = out.to_tuple() if hasattr(out, "to_tuple") else out

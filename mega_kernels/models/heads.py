@@ -119,8 +119,16 @@ def _check_token_labels(labels: Tensor, logits: Tensor, shifted: bool) -> None:
     shape = tuple(logits.shape[:2])
     fits = tuple(labels.shape) == shape if shifted else labels.numel() == shape[0] * shape[1]
     if not fits or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be integer token ids of shape (B, L) = {tuple(logits.shape[:2])}, got "
+        raise ValueError(f"labels must be integer ids of shape (B, L) = {shape}, one per token, got "
                          f"{labels.dtype} {tuple(labels.shape)}; use -100 where no loss is wanted")
+
+
+def _class_ids(name: str, labels: Tensor, what: str) -> Tensor:
+    """Integer class ids as int64 for cross-entropy; floating labels are refused (transformers' loss raises on
+    them too) rather than truncated."""
+    if labels.dtype.is_floating_point or labels.is_complex():
+        raise ValueError(f"{name} must be integer {what}, got {labels.dtype}; pass a torch.long tensor")
+    return labels.long()
 
 
 def _classification_loss(config, logits: Tensor, labels: Tensor) -> Tensor:
@@ -137,7 +145,9 @@ def _classification_loss(config, logits: Tensor, labels: Tensor) -> Tensor:
     if problem == "regression":
         return F.mse_loss(logits.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(logits, labels)
     if problem == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, n), labels.view(-1).long())
+        ids = _class_ids("labels", labels, "class ids for problem_type='single_label_classification' (float "
+                                           "targets: problem_type='multi_label_classification' or 'regression')")
+        return F.cross_entropy(logits.view(-1, n), ids.view(-1))
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
@@ -187,7 +197,7 @@ class MegaForMultipleChoice(MegaPreTrainedModel):
                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                         return_dict=True)
         logits = self.classifier(self.dropout(out.pooler_output)).view(-1, num_choices)
-        loss = None if labels is None else F.cross_entropy(logits, labels.long())
+        loss = None if labels is None else F.cross_entropy(logits, _class_ids("labels", labels, "choice indices (B,)"))
         return _logits_output(MultipleChoiceModelOutput, loss, logits, out, return_dict)
 
 
@@ -209,7 +219,10 @@ class MegaForTokenClassification(MegaPreTrainedModel):
         out = self.mega(input_ids, attention_mask, token_type_ids, inputs_embeds, output_attentions=output_attentions,
                         output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1).long())
+        loss = None
+        if labels is not None:
+            _check_token_labels(labels, logits, shifted=False)
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.reshape(-1).long())
         return _logits_output(TokenClassifierOutput, loss, logits, out, return_dict)
 
 
@@ -238,8 +251,8 @@ class MegaForQuestionAnswering(MegaPreTrainedModel):
         loss = None
         if start_positions is not None and end_positions is not None:
             ignored = start.size(1)
-            sp = start_positions.reshape(-1).long().clamp(0, ignored)
-            ep = end_positions.reshape(-1).long().clamp(0, ignored)
+            sp = _class_ids("start_positions", start_positions, "token positions").reshape(-1).clamp(0, ignored)
+            ep = _class_ids("end_positions", end_positions, "token positions").reshape(-1).clamp(0, ignored)
             loss = (F.cross_entropy(start, sp, ignore_index=ignored)
                     + F.cross_entropy(end, ep, ignore_index=ignored)) / 2
         if not return_dict:

@@ -415,7 +415,7 @@ class MegaModel(MegaPreTrainedModel):
                                  f"{c.num_hidden_layers}; pass the past_key_values returned by this model")
             want = 6 if c.add_cross_attention else 4
             sizes = sorted({len(layer) if isinstance(layer, (tuple, list)) else -1 for layer in past_key_values})
-            if any(n not in (4, want) for n in sizes):
+            if sizes != [want]:
                 raise ValueError("past_key_values: each layer's entry must be the (self_k, self_v, ema_cache, "
                                  f"position[, cross_k, cross_v]) tuple this model returns, got entries of {sizes} "
                                  "items (-1: not a tuple); transformers' MEGA cache (no position entry: README "

@@ -130,6 +130,7 @@ class MegaGatedCrossAttention(nn.Module):
         if key_mask is not None and tuple(key_mask.shape) != tuple(key.shape[:2]):
             raise ValueError(f"encoder_attention_mask must be (B, S) = {tuple(key.shape[:2])}, "
                              f"got {tuple(key_mask.shape)}")
+        cached = (key, value) if use_cache else None  # before dropout: a later step applies its own
         value = self.hidden_dropout(value)
         weights = None
         drop = self.training and self.attention_dropout.p > 0
@@ -143,4 +144,4 @@ class MegaGatedCrossAttention(nn.Module):
         out = torch.addcmul(query, u, out - query)
         if not self.prenorm:
             out = self.norm(out)
-        return out, (weights if output_attentions else None), ((key, value) if use_cache else None)
+        return out, (weights if output_attentions else None), cached
