@@ -41,9 +41,19 @@ def test_fullgraph_dynamic_compile_equals_eager(head, overrides, backend, monkey
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_compiling_before_loading_a_backend_says_what_to_call(monkeypatch):
+@pytest.mark.parametrize("backend", [{"ema": "cpu"}, "auto"], ids=str)
+@pytest.mark.parametrize("extension_probed", [True, False], ids=["extension-probed", "fresh-process"])
+def test_compiling_before_loading_a_backend_says_what_to_call(monkeypatch, backend, extension_probed):
+    """Fresh process: the extension not even probed (its probe would load it under a lock, which tracing cannot
+    enter); auto must say the same, not fall back to the reference."""
+    from mega_kernels import _ext
+
     monkeypatch.setattr(backends._REGISTRY["ema"]["cpu"], "_impl", None)
-    model = mega_kernels.MegaModel(MegaConfig(**config_dict(kernel_backend={"ema": "cpu"}))).eval()
+    if extension_probed:
+        _ext.load()
+    else:
+        monkeypatch.setattr(_ext, "_STATE", None)
+    model = mega_kernels.MegaModel(MegaConfig(**config_dict(kernel_backend=backend))).eval()
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match=r"preload\(device, 'cpu'\) \(a model: preload\(device, model.config."):
         compiled(torch.randint(3, 50, (2, 7)))

@@ -168,6 +168,32 @@ def test_silu_of_huge_negative_inputs(backend):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-30)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # (the interpreter's numpy)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padded_inputs_never_enter_the_sums(backend, bidirectional):
+    """NaN and inf at padded positions: every other output (and the final state, and a decoding step's new state)
+    is what zeros there give, on the backend and on the reference (which zeroes them, not multiplies by 0)."""
+    name, device = backend
+    x, params, mask, _, _, _ = _inputs(2, 9, 5, 3, bidirectional, torch.float32, device, False, False)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    mask[0, 3], mask[1, 8], mask[1, 0] = False, False, False
+    poisoned = x.clone()
+    poisoned[0, 3], poisoned[1, 8], poisoned[1, 0, :2] = float("nan"), float("inf"), float("-inf")
+    clean = torch.where(mask[..., None], x, 0)
+    kw = dict(mask=mask, bidirectional=bidirectional, return_state=not bidirectional)
+    for which in (name, "reference"):
+        got = ops.ema(poisoned, *params, backend=which, **kw)
+        want = ops.ema(clean, *params, backend=which, **kw)
+        got, want = (got, want) if not bidirectional else ((got, None), (want, None))
+        torch.testing.assert_close(got[0][mask], want[0][mask], msg=which)
+        if not bidirectional:
+            torch.testing.assert_close(got[1], want[1], msg=which)
+            state = torch.randn(2, 5, 3, device=device)
+            _, s = ops.ema_step(poisoned[:, 3], *params, state, mask=mask[:, 3], backend=which)
+            _, s_clean = ops.ema_step(clean[:, 3], *params, state, mask=mask[:, 3], backend=which)
+            torch.testing.assert_close(s, s_clean, msg=which)
+
+
 def test_split_sequence_equals_one_call(backend):
     """Two calls chained through the state give the output and final state of one call over the whole sequence."""
     name, device = backend

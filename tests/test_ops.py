@@ -33,12 +33,37 @@ def test_unavailable_backend_raises_not_falls_back(monkeypatch):
         ops.attention(q, k, v, bias, backend="triton")
 
 
-def test_auto_falls_back_to_reference(monkeypatch):
+def test_auto_falls_back_to_reference(monkeypatch, caplog):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_LOGGED", set())
     monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))
     monkeypatch.setitem(backends._REGISTRY["attention"], "triton",
                         backends._Entry("x", "y", lambda d: "pretend it is missing"))
-    assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+        assert backends.resolve("attention", "auto", torch.device("cpu")) == "reference"
+    assert [r.getMessage() for r in caplog.records] == [
+        "mega_kernels attention on cpu falls back to the reference (triton: pretend it is missing)"]  # once
+
+
+def test_auto_logs_a_fallback_for_what_the_kernel_cannot_take(monkeypatch, caplog):
+    """Z above the Triton attention's limit: auto takes the reference and says so (once); a block too short to gain
+    from the kernel is a measured speed choice, not logged."""
+    import sys
+
+    attention_mod = sys.modules["mega_kernels.ops.attention"]
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_LOGGED", set())
+    monkeypatch.setitem(backends.AUTO_ORDER, ("attention", "cpu"), ("triton",))  # (triton runs interpreted here)
+    long_block = attention_mod.TRITON_ATTENTION_MIN_BLOCK + 1
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        assert attention_mod.resolve("auto", torch.zeros(1, 1, 64), long_block) == "triton"
+        assert attention_mod.resolve("auto", torch.zeros(1, 1, 64), 16) == "reference"
+        assert caplog.text == ""
+        for _ in range(2):
+            assert attention_mod.resolve("auto", torch.zeros(1, 1, 257), long_block) == "reference"
+    assert [r.getMessage() for r in caplog.records] == [
+        "mega_kernels attention on cpu falls back to the reference (triton: Z = 257 > 256)"]
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -49,6 +74,8 @@ def test_auto_falls_back_to_reference(monkeypatch):
     (dict(truncation=0), "truncation must be"),
     (dict(bidirectional=True), "gamma must be"),
     (dict(return_state=True, truncation=2), "truncated EMA"),
+    (dict(return_state=True, truncation=3), "truncated EMA"),  # K = L: still no state to continue from
+    (dict(state=torch.zeros(1, 4, 3), truncation=9), "truncated EMA"),  # K > L + 1: the state's inputs not dropped
     (dict(state=torch.zeros(1, 4, 2)), "state must be"),
     (dict(omega=[0.0] * 4), "omega must be a tensor"),
     (dict(omega=None), "omega must be a tensor, got NoneType"),

@@ -76,7 +76,7 @@ class MegaMultiDimensionDampedEma(nn.Module):
     def _windowed(self, x: Tensor, mask: Optional[Tensor], window: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         bsz, length, dim = x.shape
         keep = self.truncation - 1
-        xm = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        xm = x if mask is None else torch.where(mask.unsqueeze(-1), x, 0)  # (a NaN at a padded position stays out)
         if window is None:  # a first call (prefill): no past inputs, so the plain truncated EMA of x
             y = ops.ema(x, *self._params(), mask=mask, truncation=self.truncation, backend=self.backend)
             return y, F.pad(xm[:, max(0, length - keep):], (0, 0, max(0, keep - length), 0))

@@ -102,9 +102,12 @@ def resolve(backend: Optional[str], q: Tensor, block: int) -> str:
     """The backend a call runs on: the request resolved for q's device and dtype; `auto` keeps the reference
     for blocks of at most TRITON_ATTENTION_MIN_BLOCK keys and for Z above TRITON_ATTENTION_MAX_Z."""
     name = backends.resolve("attention", backend, q.device, q.dtype)
-    if name == "triton" and backends.is_auto("attention", backend) and (
-            block <= TRITON_ATTENTION_MIN_BLOCK or q.shape[2] > TRITON_ATTENTION_MAX_Z):
-        return "reference"
+    if name == "triton" and backends.is_auto("attention", backend):
+        if q.shape[2] > TRITON_ATTENTION_MAX_Z:
+            backends.note_fallback("attention", q.device, f"triton: Z = {q.shape[2]} > {TRITON_ATTENTION_MAX_Z}")
+            return "reference"
+        if block <= TRITON_ATTENTION_MIN_BLOCK:
+            return "reference"  # measured: the reference is faster there (a speed choice, not logged)
     return name
 
 

@@ -6,7 +6,7 @@ never compiles or loads a kernel. `resolve(op, requested, device)` turns a reque
 
 - an explicit name is used if available for that device, else a `BackendUnavailable` error says why;
 - "auto" (or None) takes `MEGA_KERNELS_BACKEND` when set, else the first available entry of `AUTO_ORDER`
-  for the device type, else "reference" (logged once per op and device).
+  for the device type, else "reference" (logged once per op, device type and reason).
 """
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ AUTO_ORDER: Dict[Tuple[str, str], Tuple[str, ...]] = {
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here; the message says why and what to do."""
+
+
+class NotLoadedWhileTracing(RuntimeError):
+    """Raised by a probe that would have to load or build something (it has not yet) while torch.compile /
+    torch.export traces: tracing cannot do that, and the answer must not silently become "unavailable"."""
+
+
+def _preload_message(op: str, backend: str) -> str:
+    return (f"{op}: the {backend!r} backend is not loaded yet and torch.compile / torch.export cannot trace its "
+            f"import; call mega_kernels.ops.backends.preload(device, {backend!r}) (a model: preload(device, "
+            f"model.config.kernel_backend)) or run once eagerly before compiling or exporting")
 
 
 @dataclass
@@ -87,6 +98,8 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> Optional[
         return f"no {backend!r} implementation of {op!r} exists"
     try:
         return entry.probe(torch.device(device))
+    except NotLoadedWhileTracing:
+        raise RuntimeError(_preload_message(op, backend)) from None
     except Exception as exc:  # a probe must never crash the caller
         return f"{type(exc).__name__}: {exc}"
 
@@ -125,11 +138,18 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
         if reason is None:
             return cand
         tried.append(f"{cand}: {reason}")
-    key = (op, device.type)
-    if tried and key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.warning("mega_kernels %s on %s falls back to the reference (%s)", op, device.type, "; ".join(tried))
+    if tried:
+        note_fallback(op, device, "; ".join(tried))
     return "reference"
+
+
+def note_fallback(op: str, device: torch.device, why: str) -> None:
+    """Log once per (op, device type, reason) that auto runs `op` on the reference because no kernel can take the
+    call (not for auto's measured speed choices). Not while torch.compile traces (the eager call logs it)."""
+    key = (op, torch.device(device).type, why)
+    if key not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add(key)
+        logger.warning("mega_kernels %s on %s falls back to the reference (%s)", op, key[1], why)
 
 
 def is_auto(op: str, requested: Optional[str]) -> bool:
@@ -158,10 +178,7 @@ def autocast_dtype(t) -> Optional[torch.dtype]:
 def implementation(op: str, backend: str) -> Callable:
     entry = _REGISTRY[op][backend]
     if entry._impl is None and torch.compiler.is_compiling():
-        raise RuntimeError(f"{op}: the {backend!r} backend is not loaded yet and torch.compile / torch.export "
-                           f"cannot trace its import; call mega_kernels.ops.backends.preload(device, {backend!r}) "
-                           f"(a model: preload(device, model.config.kernel_backend)) or run once eagerly before "
-                           f"compiling or exporting")
+        raise RuntimeError(_preload_message(op, backend))
     return entry.load()
 
 
@@ -220,14 +237,18 @@ def probe_triton(device: torch.device) -> Optional[str]:
 def probe_extension_cpu(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"the cpu backend runs CPU tensors only (got {device.type}); use 'cuda' or 'triton' there"
+    return _extension_reason(device)
+
+
+def _extension_reason(device: torch.device) -> Optional[str]:
     from .. import _ext
 
+    if _ext._STATE is None and torch.compiler.is_compiling():  # loading (or building) it takes a lock: untraceable
+        raise NotLoadedWhileTracing()
     return _ext.unavailable_reason(device)
 
 
 def probe_extension_cuda(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the cuda backend runs CUDA tensors only (got {device.type}); use 'cpu' there"
-    from .. import _ext
-
-    return _ext.unavailable_reason(device)
+    return _extension_reason(device)

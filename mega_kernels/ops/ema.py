@@ -162,7 +162,9 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
     if (state is not None or return_state) and bidirectional:
         raise ValueError(f"{fn}: a state (state= or return_state=True) exists only for a unidirectional EMA; "
                          "pass bidirectional=False or drop the state arguments")
-    if (state is not None or return_state) and truncation is not None and truncation < length + (state is not None):
+    if (state is not None or return_state) and truncation is not None:
+        # (even with truncation >= L: a state may stand for any number of earlier inputs, and continuing from one
+        # would not drop them, so the result would silently not be the truncated EMA)
         raise ValueError(f"{fn}: a truncated EMA has no finite recurrent state; drop truncation= or keep the last "
                          "`truncation` inputs and recompute (the models do this for cached decoding)")
     if state is not None:
@@ -177,7 +179,9 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
 def _resolve(backend, x, gamma) -> str:
     name = backends.resolve("ema", backend, x.device, x.dtype)
     if name == "cuda" and backends.is_auto("ema", backend) and gamma.shape[1] > CUDA_MAX_N:
-        return "reference"  # (auto tries triton before cuda: it is unavailable here)
+        # (auto tries triton before cuda: it is unavailable here)
+        backends.note_fallback("ema", x.device, f"cuda: N = {gamma.shape[1]} > {CUDA_MAX_N}")
+        return "reference"
     return name
 
 
@@ -196,7 +200,7 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
                        truncation=truncation, state=state, return_state=return_state, backend=backend)
     _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncation, state, return_state)
     mask = _bool_mask(mask)
-    if truncation is not None and truncation >= x.shape[1] + (state is not None):
+    if truncation is not None and truncation >= x.shape[1]:
         truncation = None  # K >= L taps: the plain EMA
     name = _resolve(backend, x, gamma)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)

@@ -97,8 +97,14 @@ def _check_state_args(truncation: Optional[int], bidirectional: bool, state: Opt
 def _prepare(x, mask, a, q, c, omega):
     cd = _compute_dtype(x)
     xc = x.to(cd)
-    xm = xc if mask is None else xc * mask.to(cd).unsqueeze(-1)
+    xm = _masked(xc, mask)
     return xc, xm, a.to(cd), q.to(cd), c.to(cd), omega.to(cd)
+
+
+def _masked(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """x with padded positions set to zero (not multiplied by 0: a NaN or inf there must not enter the sums,
+    as in the kernels)."""
+    return x if mask is None else torch.where(mask.to(torch.bool).unsqueeze(-1), x, 0)
 
 
 def _state_terms(q: Tensor, c: Tensor, state: Tensor, length: int) -> Tensor:
@@ -192,7 +198,7 @@ def ema_step(x: Tensor, a: Tensor, q: Tensor, c: Tensor, omega: Tensor, state: T
     """
     cd = _compute_dtype(x)
     xc = x.to(cd)
-    xm = xc if mask is None else xc * mask.to(cd).unsqueeze(-1)
+    xm = _masked(xc, mask)
     h = q.to(cd) * state.to(cd) + a.to(cd) * xm.unsqueeze(-1)
     y = F.silu((h * c.to(cd)).sum(-1) + omega.to(cd) * xc).to(x.dtype)
     return y, (h if cd == torch.float64 else h.float())
