@@ -81,6 +81,14 @@ def test_bad_cache_and_mask_with_cache():
         cross(IDS[:, :1], encoder_hidden_states=enc, past_key_values=tuple(layer[:4] for layer in past))
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 16), (2, 3, 8), (3, 16)], ids=["batch", "width", "2d"])
+def test_encoder_states_must_have_a_row_per_input_row(shape):
+    """transformers raises on these too; broadcasting one row would leave a cache that beam search cannot use."""
+    cross = model("MegaForCausalLM", **DEC, add_cross_attention=True)
+    with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(B, S, D\) = \(2, S, 16\)"):
+        cross(IDS, encoder_hidden_states=torch.randn(*shape))
+
+
 @pytest.mark.parametrize("head,labels", [("MegaForCausalLM", IDS[:, :5]), ("MegaForCausalLM", IDS.reshape(-1)),
                                          ("MegaForMaskedLM", IDS[:, :5]), ("MegaForMaskedLM", IDS.float())])
 def test_token_labels_must_match_the_tokens(head, labels):

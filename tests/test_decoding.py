@@ -67,6 +67,16 @@ def test_cross_attention_decoding_equals_full_pass(overrides):
     assert (got - full).abs()[mask.bool()].max() < 1e-10
 
 
+def test_truncated_step_output_is_contiguous():
+    """The truncated EMA's cached step returns a contiguous y: a strided one takes another matmul path in the next
+    projection, so a 16-bit cached step would round differently from the full pass."""
+    model = decoder(truncation=3)
+    ema = model.mega.layers[0].mega_layer.ema_gate
+    _, window = ema(torch.randn(2, 5, 16), use_cache=True)
+    y, _ = ema(torch.randn(2, 1, 16), cache=window, use_cache=True)
+    assert y.is_contiguous()
+
+
 def test_reorder_cache_selects_rows():
     model = decoder(truncation=3)
     ids = torch.randint(3, 50, (3, 5))

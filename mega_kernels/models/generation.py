@@ -16,6 +16,7 @@ transformers' generation processors, so the same settings draw from the same dis
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,7 +37,7 @@ def _int_at_least(name: str, value, low: int) -> int:
 
 
 def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
-                    min_new_tokens, early_stopping):
+                    min_new_tokens, early_stopping, length_penalty):
     _int_at_least("min_new_tokens", min_new_tokens, 0)
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
@@ -48,11 +49,16 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
     if repetition_penalty is not None and not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty}")
+    _int_at_least("num_return_sequences", num_return_sequences, 1)
     if _int_at_least("num_beams", num_beams, 1) > 1:
+        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+                or not math.isfinite(length_penalty):
+            raise ValueError(f"length_penalty must be a finite number (1.0: the mean log-probability per token, "
+                             f"as transformers), got {length_penalty!r}")
         if num_return_sequences > num_beams:
             raise ValueError(f"num_return_sequences={num_return_sequences} is more than num_beams={num_beams}: "
                              "beam search returns at most num_beams sequences per prompt")
-    elif _int_at_least("num_return_sequences", num_return_sequences, 1) > 1 and not do_sample:
+    elif num_return_sequences > 1 and not do_sample:
         raise ValueError("num_return_sequences > 1 needs do_sample=True or num_beams >= num_return_sequences "
                          "(greedy decoding would repeat one sequence)")
 
@@ -220,7 +226,7 @@ class GenerationMixin:
                              "prompt pass ids[None]")
         model_kwargs = _model_kwargs(model_kwargs)
         _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
-                        min_new_tokens, early_stopping)
+                        min_new_tokens, early_stopping, length_penalty)
         steps = _new_token_count(max_new_tokens, max_length, input_ids.shape[1])
         if eos_token_id is not None and pad_token_id is None and self.config.pad_token_id is None:
             raise ValueError("eos_token_id needs a pad_token_id to fill finished sequences with; pass pad_token_id")

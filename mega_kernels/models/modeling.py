@@ -431,6 +431,12 @@ class MegaModel(MegaPreTrainedModel):
             if encoder_hidden_states is not None and encoder_hidden_states.dtype != self.dtype:
                 raise TypeError(f"encoder_hidden_states is {encoder_hidden_states.dtype} but the model is "
                                 f"{self.dtype}; convert it with .to({self.dtype})")
+            if encoder_hidden_states is not None and (
+                    encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != bsz
+                    or encoder_hidden_states.shape[2] != c.hidden_size):
+                raise ValueError(f"encoder_hidden_states must be (B, S, D) = ({bsz}, S, {c.hidden_size}), one "
+                                 f"row per input row, got {tuple(encoder_hidden_states.shape)}; repeat it per "
+                                 "row (expand) where one source serves several rows")
             if encoder_attention_mask is not None:
                 src = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else \
                     past_key_values[0][4].shape[1]

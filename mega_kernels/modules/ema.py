@@ -89,4 +89,5 @@ class MegaMultiDimensionDampedEma(nn.Module):
             full_mask = torch.cat([mask.new_ones(bsz, keep), mask], dim=1)
         y = ops.ema(full, *self._params(), mask=full_mask, truncation=self.truncation, backend=self.backend)
         new_window = torch.cat([window.to(x.dtype), xm], dim=1)[:, full.shape[1] - keep:]
-        return y[:, keep:], new_window
+        return y[:, keep:].contiguous(), new_window  # (a strided y would take another matmul path next: a
+        # 16-bit cached step would then round differently from the full pass)
