@@ -42,7 +42,7 @@ setup(
     python_requires=">=3.10",
     # torch is deliberately not pinned here beyond a floor that any installed torch satisfies, so pip never
     # replaces a CPU or preinstalled torch with a multi-GB CUDA download.
-    install_requires=["torch>=2.4", "ninja", "packaging"],
+    install_requires=["torch>=2.4", "ninja"],
     extras_require={
         "triton": ["triton>=3.0"],
         "hub": ["huggingface_hub"],

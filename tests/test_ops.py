@@ -66,6 +66,28 @@ def test_auto_logs_a_fallback_for_what_the_kernel_cannot_take(monkeypatch, caplo
         "mega_kernels attention on cpu falls back to the reference (triton: Z = 257 > 256)"]
 
 
+def test_auto_keeps_truncated_ema_off_the_gpu_kernels(monkeypatch, caplog):
+    """The GPU kernels' truncated EMA loses precision for slow decays (test_ema_backends,
+    test_truncation_with_slow_decay): auto runs truncated calls on the reference there, logged once, and an
+    explicit request runs the kernel with a warning, once."""
+    import sys
+
+    ema_mod = sys.modules["mega_kernels.ops.ema"]
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.setattr(backends, "_LOGGED", set())
+    monkeypatch.setitem(backends.AUTO_ORDER, ("ema", "cpu"), ("triton",))  # (triton runs interpreted here)
+    x, gamma = torch.zeros(1, 8, 4), torch.zeros(4, 3)
+    with caplog.at_level("WARNING", logger="mega_kernels"):
+        assert ema_mod._resolve("auto", x, gamma) == "triton"
+        assert caplog.text == ""
+        for _ in range(2):
+            assert ema_mod._resolve("auto", x, gamma, truncation=5) == "reference"
+            assert ema_mod._resolve("triton", x, gamma, truncation=5) == "triton"
+    assert [r.getMessage()[:58] for r in caplog.records] == [
+        "mega_kernels ema on cpu falls back to the reference (a tru",
+        "mega_kernels: ema: backend='triton': a truncated EMA loses"]
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(x=torch.randn(2, 3)), "must be a \\(B, L, D\\)"),
     (dict(x=torch.randint(0, 3, (1, 3, 4))), "float16, bfloat16"),

@@ -48,10 +48,10 @@ struct Args {
   A *pc, *pa, *pq, *pomega;                                        // per-batch partial gradients
   int64_t B, L, D, N; int K; bool bi;
   int64_t tasks(int W) const { return B * ((D + W - 1) / W); }
-  // Scratch per thread: fwd_task's e rows (bidirectional only), coefficients and state; bwd_task's g and dx
-  // rows, coefficients, states, sums and omega.
-  int64_t fwd_work(int W) const { return ((bi ? L : 0) + 7 * N) * W; }
-  int64_t bwd_work(int W) const { return (2 * L + 16 * N + 1) * W; }
+  // Scratch per thread: fwd_task's e rows (bidirectional only), coefficients, state and restarted scan;
+  // bwd_task's g and dx rows, coefficients, states, restarted scans, sums and omega.
+  int64_t fwd_work(int W) const { return ((bi ? L : 0) + 8 * N) * W; }
+  int64_t bwd_work(int W) const { return (2 * L + 19 * N + 1) * W; }
 };
 
 // Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
@@ -99,13 +99,15 @@ MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
   A* ebuf = work;  // the forward rows' e, while the backward rows run (bidirectional only)
   A* cw = ebuf + (p.bi ? L * W : 0);
   A* h = cw + 6 * N * W;
+  A* rs = h + N * W;  // the truncated sweeps' restarted scan (ema_kernels.cuh, "Anchoring"), 0 at the start
   A om[W];
   for (int w = 0; w < W; ++w) om[w] = w < nw ? p.omega[d0 + w] : A(0);
   // The last sweep forms y_t while x_t is in cache (no pass of its own).
   T* y = p.y + b * L * p.D + d0;
   Coefs<A> cf = gather<W>(p, 0, d0, nw, cw);
   load_state<W>(h, p.state, b, d0, nw, p.D, N);
-  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
+  std::fill(rs, rs + N * W, A(0));
+  scan_fwd<W, 0>(in, +1, 0, in.L, p.K, static_cast<int>(N), cf, h, rs, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
     if (p.bi) {
       for (int w = 0; w < W; ++w) ebuf[t * W + w] = e[w];
     } else {
@@ -116,7 +118,8 @@ MK_HD void fwd_task(const Args<T, A>& p, int64_t task, A* work) {
   if (p.bi) {
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h,
+    std::fill(rs, rs + N * W, A(0));
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, static_cast<int>(N), cf, h, rs,
                    [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
                      store_output<W>(y + t * p.D, in.x + t * p.D, nw, ebuf + t * W, e, om);
                    });
@@ -136,7 +139,8 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   A* cw = dxm + L * W;
   A *h = cw + 6 * s, *H = h + s, *P = H + s, *sc = P + s, *sH = sc + s, *sP = sH + s, *r = sP + s;
   A *tc = r + s, *tH = tc + s, *tP = tH + s;  // totals of sc, sH, sP over the blocks of kSumBlock steps
-  A* om = tP + s;                             // omega of the lane group
+  A* rh = tP + s;  // 3 N x W for the truncated sweeps' restarted scans (ema_kernels.cuh, "Anchoring")
+  A* om = rh + 3 * s;                         // omega of the lane group
   A somega[W], tomega[W];
   for (int w = 0; w < W; ++w) {
     om[w] = w < nw ? p.omega[d0 + w] : A(0);
@@ -146,7 +150,8 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   if (p.bi) {  // the backward direction's output enters z: keep it in gbuf, where the first sweep reads it
     cf = gather<W>(p, p.D, d0, nw, cw);
     load_state<W, A>(h, nullptr, b, d0, nw, p.D, N);
-    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
+    std::fill(rh, rh + s, A(0));
+    scan_fwd<W, 0>(in, -1, 0, in.L, p.K, Ni, cf, h, rh, [&](int64_t t, const A* e) MK_INLINE_LAMBDA {
       for (int w = 0; w < W; ++w) gbuf[t * W + w] = e[w];
     });
   }
@@ -156,15 +161,15 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     cf = gather<W>(p, row0, d0, nw, cw);
     load_state<W>(h, dir > 0 ? p.state : nullptr, b, d0, nw, p.D, N);
     std::fill(H, H + 5 * s, A(0));    // H, P, sc, sH, sP
-    std::fill(tc, tc + 3 * s, A(0));  // tc, tH, tP
+    std::fill(tc, tc + 6 * s, A(0));  // tc, tH, tP, rh, rH, rP
     for (int i0 = 0; i0 < in.L; i0 += kSumBlock) {
       const int i1 = std::min(in.L, i0 + kSumBlock);
       if (dir > 0) {
         scan_params<W, 0, true>(in, gy, p.bi ? static_cast<const A*>(gbuf) : nullptr, gbuf, W, om, somega, +1, i0,
-                                i1, p.K, Ni, cf, h, H, P, sc, sH, sP);
+                                i1, p.K, Ni, cf, h, H, P, rh, sc, sH, sP);
       } else {
         scan_params<W, 0, false>(in, gy, static_cast<const A*>(nullptr), gbuf, W, om, somega, -1, i0, i1, p.K, Ni,
-                                 cf, h, H, P, sc, sH, sP);
+                                 cf, h, H, P, rh, sc, sH, sP);
       }
       fold_sums(tc, sc, 3 * s);  // sc, sH, sP are contiguous, as are tc, tH, tP
       fold_sums(tomega, somega, W);
@@ -174,12 +179,13 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     for (int64_t n = 0; n < N; ++n) {
       for (int w = 0; w < nw; ++w) {
         const int64_t j = n * W + w, o = (b * 2 * p.D + row0 + d0 + w) * N + n;
-        p.pc[o] = tc[j];
+        p.pc[o] = p.K > 0 ? cf.a[j] * tH[j] : tc[j];  // (truncated: h = a H, see scan_params)
         p.pa[o] = cf.c[j] * tH[j] + r[j] * H[j];
         p.pq[o] = cf.c[j] * tP[j] + r[j] * P[j];
       }
     }
-    scan_adjoint<W, 0>(gbuf, dxm, W, in.L, dir, 0, in.L, p.K, Ni, cf, r, dir < 0);
+    std::copy(r, r + s, rh);  // the restarted carry starts where r does (G = 0: no state with truncation)
+    scan_adjoint<W, 0>(gbuf, dxm, W, in.L, dir, 0, in.L, p.K, Ni, cf, r, rh, dir < 0);
     if (dir > 0 && p.dstate) store_state<W>(p.dstate, r, b, d0, nw, p.D, N);
   }
   A out[W];

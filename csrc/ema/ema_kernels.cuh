@@ -7,6 +7,14 @@
 //   forward:   h_t = q h_{t-1} + a xm_t - a q^K xm_{t-K}        (h_{-1} = state s, 0 when truncated)
 //              e_t = sum_n c h_t,   z_t = e_t [+ e'_t of the other direction] + omega x_t,   y_t = silu(z_t)
 // The truncated form keeps exactly the taps k[l] = sum_n c a q^l, l < K, of the convolution.
+// Anchoring (the host sweeps below): the tap that leaves the window is subtracted as a q^K xm_{t-K}, but what
+//   entered h K steps earlier was rounded at every step since, so each subtraction leaves a rounding residue
+//   that decays only as q^t: for q near 1 (1 - q << 1 / K) residues pile up over ~min(L, 1 / (1 - q)) steps,
+//   and the parameter sweep's P sums them again (a float32 dq off by 1e-3 to 1e-1 at 1 - q = 1e-4..1e-6, K 16-100,
+//   L 8192-20000). So a truncated sweep also carries the restarted scan R, the same recurrence without the
+//   subtraction, restarted from 0 at every block of K positions along the sweep (i = 0, K, 2K, ...). At a
+//   block's last position the window is exactly that block: h (and H, P; the adjoint's lam) take R's value and
+//   R restarts, so no residue lives longer than K steps. (The CUDA sweeps do not anchor yet: README.)
 // Scaled state (the CUDA sweeps that only need e): with a' = a, or kScaledTiny where |a| < kScaledTiny,
 //   g = h / a':  g_t = q g_{t-1} + xm_t - q^K xm_{t-K},   e_t = sum_n (c a') g_t,   h_t = a' g_t,
 //   one multiply-add per state for g (xm_t is shared by the N states) and one for e, against three for h.
@@ -196,22 +204,42 @@ MK_HD void make_g(const A* MK_R e, const A* MK_R omega, const A* MK_R x, const A
 }
 
 // -- one n of each sweep, over the W lanes (restrict pointers: see MK_R) ------------------------------------
-template <int W, bool TRUNC, typename A>
-MK_HD void step_h(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R c, const A* MK_R xv,
-                  const A* MK_R xo, A* MK_R h, A* MK_R e) {
+template <int W, typename A>
+MK_HD void step_h(const A* MK_R q, const A* MK_R a, const A* MK_R c, const A* MK_R xv, A* MK_R h, A* MK_R e) {
   for (int w = 0; w < W; ++w) {
-    const A hv = q[w] * h[w] + a[w] * xv[w] - (TRUNC ? aqk[w] * xo[w] : A(0));
+    const A hv = q[w] * h[w] + a[w] * xv[w];
     h[w] = hv;
     e[w] += c[w] * hv;
   }
 }
 
+// step_h of a truncated sweep with its restarted scan rs (see "Anchoring"): at a block's last position (`end`)
+// h takes the restarted value and rs restarts.
+template <int W, typename A>
+MK_HD void step_h_anchored(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R c, const A* MK_R xv,
+                           const A* MK_R xo, A* MK_R h, A* MK_R rs, A* MK_R e, bool end) {
+  if (end) {
+    for (int w = 0; w < W; ++w) {
+      const A hv = q[w] * rs[w] + a[w] * xv[w];
+      h[w] = hv;
+      rs[w] = A(0);
+      e[w] += c[w] * hv;
+    }
+  } else {
+    for (int w = 0; w < W; ++w) {
+      const A hv = q[w] * h[w] + a[w] * xv[w] - aqk[w] * xo[w];
+      rs[w] = q[w] * rs[w] + a[w] * xv[w];
+      h[w] = hv;
+      e[w] += c[w] * hv;
+    }
+  }
+}
+
 // One n of the parameter sweep. ACC: first add gp (g of the previous step) times the states held, which are
 // that step's h, H, P: the sums of step t are added at step t + 1, so each state is read once per step.
-template <int W, bool TRUNC, bool ACC, typename A>
-MK_HD void step_hHP(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A* MK_R qk, const A* MK_R kaqk1,
-                    const A* MK_R c, const A* MK_R xv, const A* MK_R xo, const A* MK_R gp, A* MK_R h, A* MK_R H,
-                    A* MK_R P, A* MK_R e, A* MK_R sc, A* MK_R sH, A* MK_R sP) {
+template <int W, bool ACC, typename A>
+MK_HD void step_hHP(const A* MK_R q, const A* MK_R a, const A* MK_R c, const A* MK_R xv, const A* MK_R gp, A* MK_R h,
+                    A* MK_R H, A* MK_R P, A* MK_R e, A* MK_R sc, A* MK_R sH, A* MK_R sP) {
   for (int w = 0; w < W; ++w) {
     const A hp = h[w], Hp = H[w], Pp = P[w];
     if (ACC) {
@@ -219,11 +247,54 @@ MK_HD void step_hHP(const A* MK_R q, const A* MK_R a, const A* MK_R aqk, const A
       sH[w] += gp[w] * Hp;
       sP[w] += gp[w] * Pp;
     }
-    const A hv = q[w] * hp + a[w] * xv[w] - (TRUNC ? aqk[w] * xo[w] : A(0));
-    H[w] = q[w] * Hp + xv[w] - (TRUNC ? qk[w] * xo[w] : A(0));
-    P[w] = q[w] * Pp + hp - (TRUNC ? kaqk1[w] * xo[w] : A(0));
+    const A hv = q[w] * hp + a[w] * xv[w];
+    H[w] = q[w] * Hp + xv[w];
+    P[w] = q[w] * Pp + hp;
     h[w] = hv;
     e[w] += c[w] * hv;
+  }
+}
+
+// The same for a truncated EMA, which has no initial state, so h = a H exactly: only H and P are kept (sc is
+// a sH), with their restarted scans rH, rP (rP_t = q rP_{t-1} + a rH_{t-1}, the derivative of a rH in q),
+// taken over at a block's last position (`end`; see "Anchoring").
+template <int W, bool ACC, typename A>
+MK_HD void step_HP_anchored(const A* MK_R q, const A* MK_R a, const A* MK_R qk, const A* MK_R kaqk1,
+                            const A* MK_R c, const A* MK_R xv, const A* MK_R xo, const A* MK_R gp, A* MK_R H,
+                            A* MK_R P, A* MK_R rH, A* MK_R rP, bool end, A* MK_R e, A* MK_R sH, A* MK_R sP) {
+  if (ACC) {
+    for (int w = 0; w < W; ++w) {
+      sH[w] += gp[w] * H[w];
+      sP[w] += gp[w] * P[w];
+    }
+  }
+  if (end) {  // (a branch per step, not a select per lane: the selects cost the sweep 40%)
+    for (int w = 0; w < W; ++w) {
+      const A Hv = q[w] * rH[w] + xv[w];
+      P[w] = q[w] * rP[w] + a[w] * rH[w];
+      H[w] = Hv;
+      rH[w] = A(0);
+      rP[w] = A(0);
+      e[w] += c[w] * a[w] * Hv;
+    }
+  } else {
+    for (int w = 0; w < W; ++w) {
+      const A Hp = H[w], rHp = rH[w];
+      const A Hv = q[w] * Hp + xv[w] - qk[w] * xo[w];
+      P[w] = q[w] * P[w] + a[w] * Hp - kaqk1[w] * xo[w];
+      H[w] = Hv;
+      rP[w] = q[w] * rP[w] + a[w] * rHp;
+      rH[w] = q[w] * rHp + xv[w];
+      e[w] += c[w] * a[w] * Hv;
+    }
+  }
+}
+
+template <int W, typename A>
+MK_HD void accumulate2(const A* MK_R g, const A* MK_R H, const A* MK_R P, A* MK_R sH, A* MK_R sP) {
+  for (int w = 0; w < W; ++w) {
+    sH[w] += g[w] * H[w];
+    sP[w] += g[w] * P[w];
   }
 }
 
@@ -237,13 +308,25 @@ MK_HD void accumulate3(const A* MK_R g, const A* MK_R h, const A* MK_R H, const 
   }
 }
 
+// TRUNC: rr is the restarted carry (see "Anchoring"; blocks of K positions counted from the sweep's start at
+// i = L - 1): at a block's last position (`end`) lam takes the restarted value and rr restarts.
 template <int W, bool TRUNC, typename A>
 MK_HD void step_adjoint(const A* MK_R q, const A* MK_R a, const A* MK_R c, const A* MK_R qk, const A* MK_R g,
-                        const A* MK_R go, A* MK_R r, A* MK_R d) {
-  for (int w = 0; w < W; ++w) {
-    const A lam = r[w] + c[w] * g[w] - (TRUNC ? c[w] * qk[w] * go[w] : A(0));
-    d[w] += a[w] * lam;
-    r[w] = q[w] * lam;
+                        const A* MK_R go, A* MK_R r, A* MK_R rr, bool end, A* MK_R d) {
+  if (TRUNC && end) {
+    for (int w = 0; w < W; ++w) {
+      const A lam = rr[w] + c[w] * g[w];
+      rr[w] = A(0);
+      d[w] += a[w] * lam;
+      r[w] = q[w] * lam;
+    }
+  } else {
+    for (int w = 0; w < W; ++w) {
+      const A lam = r[w] + c[w] * g[w] - (TRUNC ? c[w] * qk[w] * go[w] : A(0));
+      if (TRUNC) rr[w] = q[w] * (rr[w] + c[w] * g[w]);
+      d[w] += a[w] * lam;
+      r[w] = q[w] * lam;
+    }
   }
 }
 
@@ -299,15 +382,17 @@ MK_HD void load_xm(A* dst, const Lanes<T>& in, int i, int dir) {
 
 // Forward sweep over positions [i0, i1) of direction `dir`: updates h (N x W) in place and calls
 // emit(t, e) with e[w] = sum_n c h_t for each step (emit may do nothing). TRUNC: K > 0 (compile-time, so
-// the plain EMA does not pay for the window's subtraction).
+// the plain EMA does not pay for the window's subtraction); rs (N x W) is then the restarted scan
+// ("Anchoring"), 0 at i0, which is a multiple of K (rs is unused otherwise).
 template <int W, int NM, bool TRUNC, typename T, typename A, typename Emit>
 MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
-                      Emit emit) {
+                      A* rs, Emit emit) {
   const int nn = NM > 0 ? NM : N;
   constexpr int U = MK_TIME_UNROLL;
   for (int ib = i0; ib < i1; ib += U) {
     A xv[U][W], xo[U][W], e[W];
     prefetch_row(in.x, in, ib + kPrefetchSteps, dir);
+    if (TRUNC && ib + kPrefetchSteps >= K) prefetch_row(in.x, in, ib + kPrefetchSteps - K, dir);
     MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
       load_xm<W>(xv[k], in, ib + k < i1 ? ib + k : -1, dir);
       if (TRUNC) load_xm<W>(xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
@@ -315,9 +400,14 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
     MK_UNROLL for (int k = 0; k < U; ++k) {
       if (ib + k >= i1) break;
       for (int w = 0; w < W; ++w) e[w] = A(0);
+      const bool end = TRUNC && (ib + k + 1) % K == 0;
       MK_UNROLL for (int n = 0; n < nn; ++n) {
         const int j = n * W;
-        step_h<W, TRUNC>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv[k], xo[k], h + j, e);
+        if (TRUNC) {
+          step_h_anchored<W>(cf.q + j, cf.a + j, cf.aqk + j, cf.c + j, xv[k], xo[k], h + j, rs + j, e, end);
+        } else {
+          step_h<W>(cf.q + j, cf.a + j, cf.c + j, xv[k], h + j, e);
+        }
       }
       emit(time_of(ib + k, dir, in.L), e);
     }
@@ -325,42 +415,60 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
 }
 
 template <int W, int NM, typename T, typename A, typename Emit>
-inline void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h,
+inline void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* rs,
                      Emit emit) {
   pick_flag(K > 0, [&](auto trunc) {
-    scan_fwd_k<W, NM, decltype(trunc)::value>(in, dir, i0, i1, K, N, cf, h, emit);
+    scan_fwd_k<W, NM, decltype(trunc)::value>(in, dir, i0, i1, K, N, cf, h, rs, emit);
   });
 }
 
 // Parameter-gradient sweep over [i0, i1) of direction `dir` (see "Backward" above). States h, H, P and
-// sums sc += g h, sH += g H, sP += g P are N x W. With MAKE_G the sweep also forms g_t itself:
+// sums sc += g h, sH += g H, sP += g P are N x W. TRUNC (no initial state): h is not kept (h = a H) and sc is
+// left to the caller (a sH); rH, rP (N x W each, contiguous from rH) are the restarted scans ("Anchoring"), 0 at
+// position 0 and carried between calls like H, P. With MAKE_G the
+// sweep also forms g_t itself:
 //   z = e + extra[t] + omega x_t, g = gy_t silu'(z); it stores g_t into gbuf[t] (extra may alias gbuf)
 //   and adds g x to somega. Without MAKE_G it reads g_t from gbuf.
 template <int W, int NM, bool MAKE_G, bool TRUNC, typename T, typename A>
 MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
                          A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
-                         A* sc, A* sH, A* sP) {
+                         A* rH, A* sc, A* sH, A* sP) {
   const int nn = NM > 0 ? NM : N;
+  A* rP = rH + nn * W;
   A gv[W];
   for (int i = i0; i < i1; ++i) {
     const int t = time_of(i, dir, in.L);
     A xv[W], xo[W], e[W];
     prefetch_row(in.x, in, i + kPrefetchSteps, dir);
+    if (TRUNC && i + kPrefetchSteps >= K) prefetch_row(in.x, in, i + kPrefetchSteps - K, dir);  // x_{t-K}, K back
     if (MAKE_G) prefetch_row(gy, in, i + kPrefetchSteps, dir);
     load_xm<W>(xv, in, i, dir);
     load_xm<W>(xo, in, TRUNC ? i - K : -1, dir);
     for (int w = 0; w < W; ++w) e[w] = A(0);
-    if (i == i0) {  // no previous step in this call: its sums were added by the call before
+    const bool end = TRUNC && (i + 1) % K == 0;
+    if (TRUNC) {
+      if (i == i0) {  // no previous step in this call: its sums were added by the call before
+        MK_UNROLL for (int n = 0; n < nn; ++n) {
+          const int j = n * W;
+          step_HP_anchored<W, false>(cf.q + j, cf.a + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv, H + j, P + j,
+                                     rH + j, rP + j, end, e, sH + j, sP + j);
+        }
+      } else {
+        MK_UNROLL for (int n = 0; n < nn; ++n) {
+          const int j = n * W;
+          step_HP_anchored<W, true>(cf.q + j, cf.a + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv, H + j, P + j,
+                                    rH + j, rP + j, end, e, sH + j, sP + j);
+        }
+      }
+    } else if (i == i0) {
       MK_UNROLL for (int n = 0; n < nn; ++n) {
         const int j = n * W;
-        step_hHP<W, TRUNC, false>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv,
-                                  h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
+        step_hHP<W, false>(cf.q + j, cf.a + j, cf.c + j, xv, gv, h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
       }
     } else {
       MK_UNROLL for (int n = 0; n < nn; ++n) {
         const int j = n * W;
-        step_hHP<W, TRUNC, true>(cf.q + j, cf.a + j, cf.aqk + j, cf.qk + j, cf.kaqk1 + j, cf.c + j, xv, xo, gv,
-                                 h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
+        step_hHP<W, true>(cf.q + j, cf.a + j, cf.c + j, xv, gv, h + j, H + j, P + j, e, sc + j, sH + j, sP + j);
       }
     }
     A* gt = gbuf + t * gts;
@@ -378,26 +486,31 @@ MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbu
   if (i1 <= i0) return;
   MK_UNROLL for (int n = 0; n < nn; ++n) {  // the last step's sums
     const int j = n * W;
-    accumulate3<W>(gv, h + j, H + j, P + j, sc + j, sH + j, sP + j);
+    if (TRUNC) {
+      accumulate2<W>(gv, H + j, P + j, sH + j, sP + j);
+    } else {
+      accumulate3<W>(gv, h + j, H + j, P + j, sc + j, sH + j, sP + j);
+    }
   }
 }
 
 template <int W, int NM, bool MAKE_G, typename T, typename A>
 inline void scan_params(const Lanes<T>& in, const T* gy, const A* extra, A* gbuf, int64_t gts, const A* omega,
                         A* somega, int dir, int i0, int i1, int K, int N, const Coefs<A>& cf, A* h, A* H, A* P,
-                        A* sc, A* sH, A* sP) {
+                        A* rH, A* sc, A* sH, A* sP) {
   pick_flag(K > 0, [&](auto trunc) {
     scan_params_k<W, NM, MAKE_G, decltype(trunc)::value>(in, gy, extra, gbuf, gts, omega, somega, dir, i0, i1, K, N,
-                                                         cf, h, H, P, sc, sH, sP);
+                                                         cf, h, H, P, rH, sc, sH, sP);
   });
 }
 
 // Adjoint sweep against direction `dir`, positions i1-1 down to i0: carry r (N x W, r = q lam_{i+1}),
-// writes (or adds, `accumulate`) sum_n a lam_i to dxm[t]. Leaves r = q lam_{i0}. (The cpu backward's; the CUDA
-// backward runs its adjoint in ema_cuda_threads_bwd.cuh.)
+// writes (or adds, `accumulate`) sum_n a lam_i to dxm[t]. Leaves r = q lam_{i0}. TRUNC: rr (N x W) is the
+// restarted carry ("Anchoring"), 0 at i1 = L. (The cpu backward's; the CUDA backward runs its adjoint in
+// ema_cuda_threads_bwd.cuh.)
 template <int W, int NM, bool TRUNC, typename A>
 MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
-                          const Coefs<A>& cf, A* r, bool accumulate) {
+                          const Coefs<A>& cf, A* r, A* rr, bool accumulate) {
   const int nn = NM > 0 ? NM : N;
   for (int i = i1 - 1; i >= i0; --i) {
     const int t = time_of(i, dir, L);
@@ -410,9 +523,10 @@ MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, in
       gov[w] = far ? go[w] : A(0);
       d[w] = A(0);
     }
+    const bool end = TRUNC && (L - i) % K == 0;  // (the (L - 1 - i)-th position of the sweep ends a block)
     MK_UNROLL for (int n = 0; n < nn; ++n) {
       const int j = n * W;
-      step_adjoint<W, TRUNC>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, d);
+      step_adjoint<W, TRUNC>(cf.q + j, cf.a + j, cf.c + j, cf.qk + j, gv, gov, r + j, rr + j, end, d);
     }
     A* out = dxm + t * gts;
     for (int w = 0; w < W; ++w) out[w] = accumulate ? out[w] + d[w] : d[w];
@@ -421,9 +535,9 @@ MK_HD void scan_adjoint_k(const A* gbuf, A* dxm, int64_t gts, int L, int dir, in
 
 template <int W, int NM, typename A>
 inline void scan_adjoint(const A* gbuf, A* dxm, int64_t gts, int L, int dir, int i0, int i1, int K, int N,
-                         const Coefs<A>& cf, A* r, bool accumulate) {
+                         const Coefs<A>& cf, A* r, A* rr, bool accumulate) {
   pick_flag(K > 0, [&](auto trunc) {
-    scan_adjoint_k<W, NM, decltype(trunc)::value>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, accumulate);
+    scan_adjoint_k<W, NM, decltype(trunc)::value>(gbuf, dxm, gts, L, dir, i0, i1, K, N, cf, r, rr, accumulate);
   });
 }
 

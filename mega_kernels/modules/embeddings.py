@@ -92,7 +92,7 @@ class MegaSimpleRelativePositionalBias(_RelativeBias):
 
 
 # [cos | sin](d f_k) per (Z / 2, device), offsets d = -(n - 1)..n - 1, float64; grown by doubling n. A table over
-# _TABLE_LIMIT elements (n ~ 16K at Z 128, 64 MiB) is computed for its call and not kept.
+# _TABLE_LIMIT elements (n ~ 32K at Z 128, 16K at Z 256; 64 MiB) is computed for its call and not kept.
 _TABLES: Dict[Tuple[int, torch.device], Tensor] = {}
 _TABLE_LIMIT = 1 << 23
 

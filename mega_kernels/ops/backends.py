@@ -143,6 +143,13 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
     return "reference"
 
 
+def warn_once(key, message: str) -> None:
+    """Log `message` as a warning the first time `key` is seen (not while torch.compile traces)."""
+    if key not in _LOGGED and not torch.compiler.is_compiling():
+        _LOGGED.add(key)
+        logger.warning("mega_kernels: %s", message)
+
+
 def note_fallback(op: str, device: torch.device, why: str) -> None:
     """Log once per (op, device type, reason) that auto runs `op` on the reference because no kernel can take the
     call (not for auto's measured speed choices). Not while torch.compile traces (the eager call logs it)."""

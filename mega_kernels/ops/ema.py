@@ -176,12 +176,27 @@ def _validate(x, delta, alpha, beta, gamma, omega, mask, bidirectional, truncati
             raise TypeError(f"{fn}: state must be a floating tensor, got {state.dtype}")
 
 
-def _resolve(backend, x, gamma) -> str:
+# The GPU kernels' truncated EMA subtracts the tap leaving the window from a running state, and the rounding
+# each subtraction leaves decays only as q^t: where 1 - q << 1 / K their errors grow to far beyond the
+# reference's (a float32 d alpha off by 1e-4 .. 1e-2; the cpu kernels anchor the state every K steps and are
+# exact, ema_kernels.cuh "Anchoring"). Until the GPU kernels anchor too, auto runs truncated calls there on the
+# reference, and an explicit request warns once.
+GPU_TRUNCATION_NOTE = ("a truncated EMA loses precision on the {} kernels where 1 - q << 1 / truncation (slow "
+                       "decays); the reference is exact there (README, known limits)")
+
+
+def _resolve(backend, x, gamma, truncation=None) -> str:
     name = backends.resolve("ema", backend, x.device, x.dtype)
-    if name == "cuda" and backends.is_auto("ema", backend) and gamma.shape[1] > CUDA_MAX_N:
+    auto = backends.is_auto("ema", backend)
+    if name == "cuda" and auto and gamma.shape[1] > CUDA_MAX_N:
         # (auto tries triton before cuda: it is unavailable here)
         backends.note_fallback("ema", x.device, f"cuda: N = {gamma.shape[1]} > {CUDA_MAX_N}")
         return "reference"
+    if name in ("triton", "cuda") and truncation is not None:
+        if auto:
+            backends.note_fallback("ema", x.device, GPU_TRUNCATION_NOTE.format(name))
+            return "reference"
+        backends.warn_once(("ema", name, "truncation"), f"ema: backend={name!r}: " + GPU_TRUNCATION_NOTE.format(name))
     return name
 
 
@@ -202,7 +217,7 @@ def ema(x: Tensor, delta: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, om
     mask = _bool_mask(mask)
     if truncation is not None and truncation >= x.shape[1]:
         truncation = None  # K >= L taps: the plain EMA
-    name = _resolve(backend, x, gamma)
+    name = _resolve(backend, x, gamma, truncation)
     a, q, c = ema_coefficients(delta, alpha, beta, gamma)
     impl = backends.implementation("ema", name)
     return impl(x, a, q, c, omega, mask=mask, bidirectional=bidirectional, truncation=truncation, state=state,
