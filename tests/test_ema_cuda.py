@@ -230,6 +230,18 @@ def test_cuda_checks_refuse_grids_past_the_limits(emulator, bsz, length, bidirec
         emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, bidirectional, 0)
 
 
+def test_cuda_chunk_limit_is_each_passs_own(emulator):
+    """B1 L 65536 * 256 + 1 D4: the forward's plan takes chunks of 288 steps (58255 chunks, within the grid),
+    the backward's at most 256 (65537, beyond it). The forward runs (inference was refused for the backward's
+    plan); the backward is refused."""
+    length = 65536 * 256 + 1
+    x, co, omega = _emulator_args(1, length, 4, 1, False)
+    y, _, plan = emulator.fwd(x, co, omega, None, None, False, 0, False)
+    assert plan[1] <= 65535 and torch.isfinite(y[0, -4:]).all()
+    with pytest.raises(ValueError, match="ema_bwd \\(cuda\\): L = 16777217 needs 65537 chunks"):
+        emulator.bwd(torch.randn_like(x), None, x, co, omega, None, None, False, 0)
+
+
 def test_cuda_checks_accept_n32_and_refuse_bad_grads(emulator):
     x, co, omega = _emulator_args(2, 9, 5, 32)
     y, _, _ = emulator.fwd(x, co, omega, None, None, False, 0, False)

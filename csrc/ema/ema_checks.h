@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "ema_cuda.h"  // the CUDA kernels' limits (torch- and CUDA-free)
 
@@ -129,9 +130,11 @@ inline void check_cuda_args(const char* op, const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(g.rows <= cuda::kMaxGridYZ, op, " (cuda): B = ", B,
                     bidirectional ? " (x 2 directions)" : "", " exceeds the CUDA grid limit of ", cuda::kMaxGridYZ,
                     " rows; split the batch");
-  TORCH_CHECK_VALUE(g.fwd_chunks <= cuda::kMaxGridYZ && g.bwd_chunks <= cuda::kMaxGridYZ, op, " (cuda): L = ", L,
-                    " needs ", std::max(g.fwd_chunks, g.bwd_chunks), " chunks, more than the CUDA grid limit of ",
-                    cuda::kMaxGridYZ, "; split the sequence or use backend='triton'");
+  // (each pass by its own plan: a forward-only call is not refused for the backward's finer chunks)
+  const int64_t chunks = std::strcmp(op, "ema_bwd") == 0 ? g.bwd_chunks : g.fwd_chunks;
+  TORCH_CHECK_VALUE(chunks <= cuda::kMaxGridYZ, op, " (cuda): L = ", L, " needs ", chunks,
+                    " chunks, more than the CUDA grid limit of ", cuda::kMaxGridYZ,
+                    "; split the sequence or use backend='triton'");
 }
 
 // A backend as the op entries check it: its name in messages, the device type of its tensors, and the limits of
