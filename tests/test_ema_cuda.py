@@ -52,8 +52,9 @@ def emulator():
     build_dir = _ext.cache_root() / f"emulator-{tag}"
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return cpp_extension.load(name=f"mega_kernels_cuda_emulator_{tag}", build_directory=str(build_dir),
-                                  sources=[str(_build.ROOT / _EMULATOR_FILES[0])], extra_cflags=flags)
+        with _ext._build_lock(build_dir):  # (xdist workers build it once; a killed build's `lock` is removed)
+            return cpp_extension.load(name=f"mega_kernels_cuda_emulator_{tag}", build_directory=str(build_dir),
+                                      sources=[str(_build.ROOT / _EMULATOR_FILES[0])], extra_cflags=flags)
     except Exception as exc:
         if in_ci():
             raise
