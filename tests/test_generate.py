@@ -4,6 +4,7 @@ loop of full passes written here; lengths, several sequences per prompt, token t
 the refusals of settings it does not take."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,6 +222,14 @@ def test_generate_needs_a_decoder():
 def test_generate_refuses_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         decoder().generate(torch.randint(3, 50, (1, 3)), **kwargs)
+
+
+@pytest.mark.parametrize("penalty", [np.float32(0.5), torch.tensor(0.5), 0.5, 1])
+def test_beam_search_takes_any_real_length_penalty(penalty):
+    """transformers' beam scorer only raises the length to it: numpy scalars and 0-d tensors are numbers too."""
+    ids = torch.randint(3, 50, (2, 4))
+    got = decoder().generate(ids, num_beams=2, max_new_tokens=3, length_penalty=penalty)
+    assert torch.equal(got, decoder().generate(ids, num_beams=2, max_new_tokens=3, length_penalty=float(penalty)))
 
 
 def test_generate_needs_a_batch_of_prompts():

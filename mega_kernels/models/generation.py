@@ -17,6 +17,7 @@ transformers' generation processors, so the same settings draw from the same dis
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -36,6 +37,16 @@ def _int_at_least(name: str, value, low: int) -> int:
     return value
 
 
+def _finite_number(value) -> bool:
+    """A finite real number: a Python or numpy number or a one-element tensor, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, RuntimeError):  # (a tensor of several elements)
+        return False
+
+
 def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences, num_beams,
                     min_new_tokens, early_stopping, length_penalty):
     _int_at_least("min_new_tokens", min_new_tokens, 0)
@@ -51,8 +62,7 @@ def _check_settings(do_sample, temperature, top_k, top_p, repetition_penalty, nu
         raise ValueError(f"repetition_penalty must be > 0 or None, got {repetition_penalty}")
     _int_at_least("num_return_sequences", num_return_sequences, 1)
     if _int_at_least("num_beams", num_beams, 1) > 1:
-        if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-                or not math.isfinite(length_penalty):
+        if not _finite_number(length_penalty):
             raise ValueError(f"length_penalty must be a finite number (1.0: the mean log-probability per token, "
                              f"as transformers), got {length_penalty!r}")
         if num_return_sequences > num_beams:
