@@ -51,7 +51,7 @@ struct Args {
   // Scratch per thread: fwd_task's e rows (bidirectional only), coefficients, state and restarted scan;
   // bwd_task's g and dx rows, coefficients, states, restarted scans, sums and omega.
   int64_t fwd_work(int W) const { return ((bi ? L : 0) + 8 * N) * W; }
-  int64_t bwd_work(int W) const { return (2 * L + 19 * N + 1) * W; }
+  int64_t bwd_work(int W) const { return (2 * L + 18 * N + 1) * W; }
 };
 
 // Copies rows [row0 + d0, row0 + d0 + nw) of the (kd, N) coefficient tensors into [n * W + w] blocks.
@@ -139,8 +139,8 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
   A* cw = dxm + L * W;
   A *h = cw + 6 * s, *H = h + s, *P = H + s, *sc = P + s, *sH = sc + s, *sP = sH + s, *r = sP + s;
   A *tc = r + s, *tH = tc + s, *tP = tH + s;  // totals of sc, sH, sP over the blocks of kSumBlock steps
-  A* rh = tP + s;  // 3 N x W for the truncated sweeps' restarted scans (ema_kernels.cuh, "Anchoring")
-  A* om = rh + 3 * s;                         // omega of the lane group
+  A* rh = tP + s;  // 2 N x W for the truncated sweeps' restarted scans (ema_kernels.cuh, "Anchoring")
+  A* om = rh + 2 * s;                         // omega of the lane group
   A somega[W], tomega[W];
   for (int w = 0; w < W; ++w) {
     om[w] = w < nw ? p.omega[d0 + w] : A(0);
@@ -161,7 +161,7 @@ MK_HD void bwd_task(const Args<T, A>& p, int64_t task, A* work) {
     cf = gather<W>(p, row0, d0, nw, cw);
     load_state<W>(h, dir > 0 ? p.state : nullptr, b, d0, nw, p.D, N);
     std::fill(H, H + 5 * s, A(0));    // H, P, sc, sH, sP
-    std::fill(tc, tc + 6 * s, A(0));  // tc, tH, tP, rh, rH, rP
+    std::fill(tc, tc + 5 * s, A(0));  // tc, tH, tP and the restarted rH, rP
     for (int i0 = 0; i0 < in.L; i0 += kSumBlock) {
       const int i1 = std::min(in.L, i0 + kSumBlock);
       if (dir > 0) {

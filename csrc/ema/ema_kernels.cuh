@@ -392,7 +392,6 @@ MK_HD void scan_fwd_k(const Lanes<T>& in, int dir, int i0, int i1, int K, int N,
   for (int ib = i0; ib < i1; ib += U) {
     A xv[U][W], xo[U][W], e[W];
     prefetch_row(in.x, in, ib + kPrefetchSteps, dir);
-    if (TRUNC && ib + kPrefetchSteps >= K) prefetch_row(in.x, in, ib + kPrefetchSteps - K, dir);
     MK_UNROLL for (int k = 0; k < U; ++k) {  // the loads of U steps first
       load_xm<W>(xv[k], in, ib + k < i1 ? ib + k : -1, dir);
       if (TRUNC) load_xm<W>(xo[k], in, ib + k < i1 ? ib + k - K : -1, dir);
@@ -425,8 +424,7 @@ inline void scan_fwd(const Lanes<T>& in, int dir, int i0, int i1, int K, int N, 
 // Parameter-gradient sweep over [i0, i1) of direction `dir` (see "Backward" above). States h, H, P and
 // sums sc += g h, sH += g H, sP += g P are N x W. TRUNC (no initial state): h is not kept (h = a H) and sc is
 // left to the caller (a sH); rH, rP (N x W each, contiguous from rH) are the restarted scans ("Anchoring"), 0 at
-// position 0 and carried between calls like H, P. With MAKE_G the
-// sweep also forms g_t itself:
+// position 0 and carried between calls like H, P. With MAKE_G the sweep also forms g_t itself:
 //   z = e + extra[t] + omega x_t, g = gy_t silu'(z); it stores g_t into gbuf[t] (extra may alias gbuf)
 //   and adds g x to somega. Without MAKE_G it reads g_t from gbuf.
 template <int W, int NM, bool MAKE_G, bool TRUNC, typename T, typename A>
@@ -440,7 +438,6 @@ MK_HD void scan_params_k(const Lanes<T>& in, const T* gy, const A* extra, A* gbu
     const int t = time_of(i, dir, in.L);
     A xv[W], xo[W], e[W];
     prefetch_row(in.x, in, i + kPrefetchSteps, dir);
-    if (TRUNC && i + kPrefetchSteps >= K) prefetch_row(in.x, in, i + kPrefetchSteps - K, dir);  // x_{t-K}, K back
     if (MAKE_G) prefetch_row(gy, in, i + kPrefetchSteps, dir);
     load_xm<W>(xv, in, i, dir);
     load_xm<W>(xo, in, TRUNC ? i - K : -1, dir);

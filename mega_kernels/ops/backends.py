@@ -144,19 +144,18 @@ def resolve(op: str, requested: Optional[str], device: torch.device, dtype: Opti
 
 
 def warn_once(key, message: str) -> None:
-    """Log `message` as a warning the first time `key` is seen (not while torch.compile traces)."""
+    """Log `message` as a warning the first time `key` is seen (not while torch.compile traces: the eager call
+    logs it)."""
     if key not in _LOGGED and not torch.compiler.is_compiling():
         _LOGGED.add(key)
-        logger.warning("mega_kernels: %s", message)
+        logger.warning("%s", message)
 
 
 def note_fallback(op: str, device: torch.device, why: str) -> None:
     """Log once per (op, device type, reason) that auto runs `op` on the reference because no kernel can take the
-    call (not for auto's measured speed choices). Not while torch.compile traces (the eager call logs it)."""
-    key = (op, torch.device(device).type, why)
-    if key not in _LOGGED and not torch.compiler.is_compiling():
-        _LOGGED.add(key)
-        logger.warning("mega_kernels %s on %s falls back to the reference (%s)", op, key[1], why)
+    call (not for auto's measured speed choices)."""
+    kind = torch.device(device).type
+    warn_once((op, kind, why), f"mega_kernels {op} on {kind} falls back to the reference ({why})")
 
 
 def is_auto(op: str, requested: Optional[str]) -> bool:

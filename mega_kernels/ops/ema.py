@@ -196,7 +196,8 @@ def _resolve(backend, x, gamma, truncation=None) -> str:
         if auto:
             backends.note_fallback("ema", x.device, GPU_TRUNCATION_NOTE.format(name))
             return "reference"
-        backends.warn_once(("ema", name, "truncation"), f"ema: backend={name!r}: " + GPU_TRUNCATION_NOTE.format(name))
+        backends.warn_once(("ema", name, "truncation"),
+                           f"mega_kernels: ema: backend={name!r}: " + GPU_TRUNCATION_NOTE.format(name))
     return name
 
 
